@@ -1,0 +1,346 @@
+"""Command line: ``onnx-lowrank compress|inspect``.
+
+A thin layer over the Python API: it parses arguments, renders progress and tables, and turns
+every ``OnnxLowRankError`` into one line on stderr and an exit code. It is the only place that
+configures logging.
+
+Exit codes: 0 success (or nothing to compress), 2 bad input or options, 3 validation failed,
+1 internal error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from . import __version__
+from .config import DEVICES, ERROR_MEASURES, METHODS, CompressionConfig, parse_input_shape
+from .errors import ConfigError, OnnxLowRankError, OutputPathError
+from .pipeline import compress, inspect
+from .report import format_layers, format_summary, write_json
+
+__all__ = ["main"]
+
+log = logging.getLogger("onnx_lowrank")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, like every other error of the tool."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{message}; see '{self.prog} --help'")
+
+
+def _fraction(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}") from None
+
+
+def _shape(text: str) -> tuple[str, tuple[int, ...]]:
+    try:
+        return parse_input_shape(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="onnx-lowrank",
+        description="Compress ONNX models after export by grouped low-rank factorization.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = commands.add_parser("compress", help="compress a model to a budget")
+    run.add_argument("input", help="the .onnx model to compress (never modified)")
+    run.add_argument("-o", "--output", required=True, help="where to write the compressed model")
+    budget = run.add_argument_group("budget (at least one; both must hold when both are given)")
+    budget.add_argument(
+        "--params",
+        type=_fraction,
+        metavar="F",
+        help="fraction of the model's total parameters to keep, in (0, 1]",
+    )
+    budget.add_argument(
+        "--flops",
+        type=_fraction,
+        metavar="F",
+        help="fraction of the model's MACs (Conv/Gemm/MatMul) to keep, in (0, 1]",
+    )
+    method = run.add_argument_group("method")
+    method.add_argument(
+        "--method",
+        default=CompressionConfig.method,
+        choices=METHODS,
+        help="allocation method (default: %(default)s)",
+    )
+    method.add_argument(
+        "--error",
+        default=CompressionConfig.error,
+        choices=ERROR_MEASURES,
+        help="layer error measure (default: %(default)s)",
+    )
+    method.add_argument(
+        "--max-groups",
+        type=int,
+        default=CompressionConfig.max_groups,
+        metavar="N",
+        help="largest channel-group count tried (default: %(default)s)",
+    )
+    method.add_argument(
+        "--groups",
+        type=int,
+        default=CompressionConfig.groups,
+        metavar="N",
+        help="fixed group count of methods that do not search it",
+    )
+    method.add_argument(
+        "--rank-multiple",
+        type=int,
+        default=CompressionConfig.rank_multiple,
+        metavar="N",
+        help="make every groups*rank a multiple of N (e.g. 8)",
+    )
+    method.add_argument(
+        "--device",
+        default=CompressionConfig.device,
+        choices=DEVICES,
+        help="where spectra and validation run (default: %(default)s)",
+    )
+    method.add_argument(
+        "--seed",
+        type=int,
+        default=CompressionConfig.seed,
+        help="seed of random inputs and randomized methods",
+    )
+    _add_shape_options(run)
+    check = run.add_argument_group("validation")
+    check.add_argument(
+        "--no-validate",
+        dest="validate",
+        action="store_false",
+        help="skip the ONNX Runtime comparison",
+    )
+    check.add_argument(
+        "--inputs",
+        metavar="FILE.npz",
+        help="validation inputs keyed by input name (default: random)",
+    )
+    check.add_argument(
+        "--max-rel-error",
+        type=float,
+        metavar="X",
+        help="fail when an output's relative L2 error exceeds X",
+    )
+    check.add_argument(
+        "--min-cosine",
+        type=float,
+        metavar="X",
+        help="fail when an output's cosine similarity is below X",
+    )
+    check.add_argument(
+        "--min-top1",
+        type=float,
+        metavar="X",
+        help="fail when an output's top-1 agreement is below X",
+    )
+    check.add_argument(
+        "--latency-runs",
+        type=int,
+        default=CompressionConfig.latency_runs,
+        metavar="N",
+        help="timed runs per model (default: %(default)s)",
+    )
+    out = run.add_argument_group("output")
+    out.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
+    out.add_argument(
+        "--external-data",
+        action="store_true",
+        help="store the weights in OUTPUT.data beside the model",
+    )
+    out.add_argument(
+        "--overwrite", action="store_true", help="allow OUTPUT to be the same file as INPUT"
+    )
+    out.add_argument("--timings", action="store_true", help="print the time of every stage")
+    _add_common(run)
+
+    show = commands.add_parser("inspect", help="list layers, shapes, params, MACs, skip reasons")
+    show.add_argument("input", help="the .onnx model")
+    _add_shape_options(show)
+    show.add_argument("--report", metavar="FILE.json", help="write the listing as JSON")
+    _add_common(show)
+    return parser
+
+
+def _add_shape_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--input-shape",
+        type=_shape,
+        action="append",
+        default=[],
+        metavar="NAME:D1,D2,...",
+        help="concrete shape of a dynamic input (repeat per input)",
+    )
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--force", action="store_true", help="go on with a model that fails the ONNX checker"
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print progress details")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+
+
+class _ProgressBars:
+    """Renders ``progress(stage, done, total)`` callbacks as tqdm bars on stderr."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bars: dict[str, object] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        bar = self.bars.get(stage)
+        if bar is None:
+            bar = self.bars[stage] = tqdm(
+                total=total, desc=stage, unit="layer", leave=False, file=sys.stderr, disable=None
+            )
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def _config(args: argparse.Namespace, **extra) -> CompressionConfig:
+    shapes = dict(args.input_shape)
+    return CompressionConfig(input_shapes=shapes, force=args.force, **extra)
+
+
+def _compress(args: argparse.Namespace) -> int:
+    config = _config(
+        args,
+        params=args.params,
+        flops=args.flops,
+        method=args.method,
+        error=args.error,
+        max_groups=args.max_groups,
+        groups=args.groups,
+        rank_multiple=args.rank_multiple,
+        device=args.device,
+        validate=args.validate,
+        inputs=args.inputs,
+        max_rel_error=args.max_rel_error,
+        min_cosine=args.min_cosine,
+        min_top1=args.min_top1,
+        latency_runs=args.latency_runs,
+        seed=args.seed,
+    )
+    _check_output(Path(args.input), Path(args.output), args.overwrite)
+    if args.report:
+        _check_output(Path(args.input), Path(args.report), False)
+    bars = _ProgressBars(enabled=not args.quiet)
+    try:
+        result = compress(args.input, config, progress=bars)
+    finally:
+        bars.close()
+    report = result.report
+    validation = report.validation
+    saved = validation is None or validation.passed
+    if saved:
+        result.save(args.output, external_data=args.external_data)
+    if args.report:
+        write_json(report.to_dict(), args.report)
+    if not args.quiet:
+        print(format_layers(report.layers))
+        print()
+        print(format_summary(report))
+        if args.timings:
+            print("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in report.timings.items()))
+        if saved:
+            print(f"wrote {args.output}")
+    if not saved:
+        failures = "; ".join(validation.failures)
+        print(
+            f"onnx-lowrank: validation failed: {failures}; model not written (loosen the "
+            "tolerances, or pass --no-validate to write it unchecked)",
+            file=sys.stderr,
+        )
+        return 3
+    return 0
+
+
+def _check_output(source: Path, target: Path, overwrite: bool) -> None:
+    if (
+        target.exists()
+        and source.exists()
+        and target.resolve() == source.resolve()
+        and not overwrite
+    ):
+        raise OutputPathError(
+            f"output {target} is the input model; choose another path or pass --overwrite"
+        )
+    if target.is_dir():
+        raise OutputPathError(f"output {target} is a directory; give a file name")
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputPathError(f"output folder {folder} does not exist; create it first")
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    listing = inspect(args.input, _config(args))
+    if args.report:
+        write_json(listing.to_dict(), args.report)
+    if not args.quiet:
+        print(format_layers(listing.layers, compression=False))
+        print()
+        compressible = sum(1 for layer in listing.layers if layer.skipped_reason is None)
+        print(
+            f"{listing.source}: {listing.params:,} parameters, {listing.macs:,} MACs, "
+            f"{compressible} compressible layer(s) of {len(listing.layers)}"
+        )
+        for note in listing.notes:
+            print(f"note: {note}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI and return its exit code."""
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+        level = logging.ERROR if args.quiet else logging.INFO if args.verbose else logging.WARNING
+        logging.basicConfig(level=level, format="onnx-lowrank: %(levelname)s: %(message)s")
+        if args.command == "compress":
+            return _compress(args)
+        return _inspect(args)
+    except OnnxLowRankError as exc:
+        print(f"onnx-lowrank: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("onnx-lowrank: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: one line, unless --debug asks for the traceback
+        if debug:
+            traceback.print_exc()
+        message = " ".join(str(exc).split())[:300]
+        print(
+            f"onnx-lowrank: internal error: {type(exc).__name__}: {message} (rerun with "
+            "--debug for the traceback and please report it)",
+            file=sys.stderr,
+        )
+        return 1

@@ -1,0 +1,160 @@
+"""CompressionConfig: every option of a compression run, validated in one place.
+
+The config is frozen plain data. It is written into every report, so a run can be repeated from
+its report alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+__all__ = [
+    "DEVICES",
+    "ERROR_MEASURES",
+    "METHODS",
+    "CompressionConfig",
+    "parse_input_shape",
+]
+
+#: Allocation methods, in the order the docs list them. ``allocate.SOLVERS`` implements each.
+METHODS: tuple[str, ...] = ("svd",)
+#: Layer error measures (DESIGN.md §3): the valid upper bound, or the reference code's lower bound.
+ERROR_MEASURES: tuple[str, ...] = ("bound", "max-group")
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """Options of one compression run.
+
+    Attributes:
+        params: fraction in (0, 1] of the model's total parameter count to keep, or None.
+        flops: fraction in (0, 1] of the model's total MACs (Conv/Gemm/MatMul) to keep, or None.
+        method: allocation method, one of ``METHODS``.
+        error: layer error measure, one of ``ERROR_MEASURES``.
+        max_groups: largest channel-group count tried per layer (divisors of the input channels).
+        groups: the fixed group count of methods that do not search groups.
+        rank_multiple: every factorized layer's ``groups * rank`` is a multiple of this.
+        device: ``"auto"`` (GPU when CuPy and a device are present), ``"cpu"`` or ``"cuda"``.
+        input_shapes: concrete shapes for graph inputs with dynamic dimensions.
+        validate: compare the compressed model with the original in ONNX Runtime.
+        inputs: an ``.npz`` file of validation inputs keyed by graph input name.
+        max_rel_error: fail validation when an output's relative L2 error exceeds this.
+        min_cosine: fail validation when an output's cosine similarity is below this.
+        min_top1: fail validation when an output's top-1 agreement is below this.
+        latency_runs: timed runs per model for the latency median.
+        seed: seed of the random validation inputs and of randomized solvers.
+        force: go on with a model that fails the ONNX checker.
+    """
+
+    params: float | None = None
+    flops: float | None = None
+    method: str = "svd"
+    error: str = "bound"
+    max_groups: int = 8
+    groups: int = 1
+    rank_multiple: int = 1
+    device: Device = "auto"
+    input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    validate: bool = True
+    inputs: str | None = None
+    max_rel_error: float | None = None
+    min_cosine: float | None = None
+    min_top1: float | None = None
+    latency_runs: int = 10
+    seed: int = 0
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("params", "flops"):
+            value = getattr(self, name)
+            if value is not None and not (_is_number(value) and 0 < value <= 1):
+                raise ConfigError(
+                    f"--{name} must be a fraction in (0, 1], got {value!r}; "
+                    f"for example --{name} 0.5 keeps half"
+                )
+        _check_choice("method", self.method, METHODS)
+        _check_choice("error", self.error, ERROR_MEASURES)
+        _check_choice("device", self.device, DEVICES)
+        for name in ("max_groups", "groups", "rank_multiple", "latency_runs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"--{_flag(name)} must be a positive integer, got {value!r}")
+        if self.groups > self.max_groups:
+            raise ConfigError(
+                f"--groups {self.groups} exceeds --max-groups {self.max_groups}; "
+                "raise --max-groups or lower --groups"
+            )
+        for name in ("max_rel_error", "min_cosine", "min_top1"):
+            value = getattr(self, name)
+            if value is not None and not (_is_number(value) and value >= 0):
+                raise ConfigError(f"--{_flag(name)} must be a non-negative number, got {value!r}")
+        shapes = {}
+        for name, shape in dict(self.input_shapes).items():
+            dims = tuple(shape)
+            if not dims or not all(isinstance(d, int) and d > 0 for d in dims):
+                raise ConfigError(
+                    f"input shape for {name!r} must be positive integers, got {shape!r}; "
+                    "use --input-shape NAME:D1,D2,..."
+                )
+            shapes[str(name)] = dims
+        object.__setattr__(self, "input_shapes", shapes)
+
+    @property
+    def has_budget(self) -> bool:
+        """True when at least one of ``params`` and ``flops`` is set."""
+        return self.params is not None or self.flops is not None
+
+    def replace(self, **changes: Any) -> CompressionConfig:
+        """A copy with some fields changed, validated again."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as JSON-ready plain data."""
+        data = dataclasses.asdict(self)
+        data["input_shapes"] = {k: list(v) for k, v in self.input_shapes.items()}
+        return data
+
+
+def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    """Parse ``NAME:D1,D2,...`` into ``(NAME, (D1, D2, ...))``.
+
+    The name may itself contain colons (tf2onnx names inputs ``input_1:0``); the last colon
+    separates it from the dimensions.
+    """
+    name, sep, dims_text = text.rpartition(":")
+    try:
+        dims = tuple(int(d) for d in dims_text.split(","))
+    except ValueError:
+        dims = ()
+    if not sep or not name or not dims or any(d <= 0 for d in dims):
+        raise ConfigError(
+            f"bad --input-shape {text!r}: expected NAME:D1,D2,... with positive integer "
+            "dimensions, for example input:1,3,224,224"
+        )
+    return name, dims
+
+
+def _is_number(value: object) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(float(value))
+    )
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"--{name} must be one of {', '.join(allowed)}; got {value!r}")

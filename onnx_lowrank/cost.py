@@ -1,0 +1,241 @@
+"""Parameter and MAC counts: of whole models, of layers, and of factorization candidates.
+
+A candidate factorization of a layer with ``f`` outputs, ``c`` input channels and a kernel of
+``κ`` taps into ``g`` channel groups of rank ``r`` has
+
+    params(g, r) = r · (g·f + c·κ)          (first, grouped layer: g·r·(c/g)·κ; second: f·g·r)
+    MACs(g, r)   = params(g, r) · P
+
+where ``P`` is the number of output positions (batch × spatial size for a Conv, rows for a
+Gemm/MatMul). Both layers of the pair are counted, the grouped one included. The bias is
+unchanged and is not part of either count.
+
+Shapes come from ONNX shape inference on a light copy of the model (large weights replaced by
+typed graph inputs), with dynamic input dimensions fixed by the user's ``input_shapes``. A leading
+(batch) dimension left dynamic is taken as 1, so MACs are per sample; it does not change any MAC
+*fraction*. Any other dynamic dimension stays unknown.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import onnx
+
+from .errors import ConfigError
+from .graphs import FLOAT_TYPES, attribute, iter_graphs, iter_tensors
+
+__all__ = [
+    "ShapeInfo",
+    "candidate_macs",
+    "candidate_params",
+    "count_macs",
+    "count_parameters",
+    "infer_shapes",
+]
+
+log = logging.getLogger(__name__)
+
+Shape = tuple[int | None, ...]
+
+#: Initializers with at most this many elements are kept in the shape-inference copy, so that
+#: shape tensors (Reshape targets and the like) still propagate.
+_SMALL_TENSOR = 64
+
+
+@dataclass(frozen=True)
+class ShapeInfo:
+    """Inferred shapes of a model's tensors.
+
+    Attributes:
+        shapes: tensor name -> shape, with None for an unknown dimension. Tensors whose rank is
+            unknown are absent.
+        assumed: human-readable notes of the assumptions made (a dynamic batch taken as 1).
+        input_shapes: the concrete shapes used for graph inputs where they are fully known.
+    """
+
+    shapes: dict[str, Shape] = field(default_factory=dict)
+    assumed: tuple[str, ...] = ()
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def get(self, name: str) -> Shape | None:
+        return self.shapes.get(name)
+
+
+def candidate_params(out_channels: int, cols: int, groups: int, rank: int) -> int:
+    """Weights of the factorized pair: ``r·(g·f + c·κ)``, with ``cols = c·κ``."""
+    return rank * (groups * out_channels + cols)
+
+
+def candidate_macs(out_channels: int, cols: int, groups: int, rank: int, positions: int) -> int:
+    """MACs of the factorized pair: ``params(g, r) · P``."""
+    return candidate_params(out_channels, cols, groups, rank) * positions
+
+
+def count_parameters(model: onnx.ModelProto) -> int:
+    """Number of floating-point constant values in the model: initializers and Constant-node
+    tensors in every graph and function. Integer tensors (shapes, indices, quantized data) are
+    not parameters. A tensor stored once is counted once however many nodes use it."""
+    total = 0
+    for tensor in iter_tensors(model):
+        if tensor.data_type in FLOAT_TYPES:
+            total += math.prod(tensor.dims)
+    return total
+
+
+def infer_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> ShapeInfo:
+    """Shapes of every tensor ONNX shape inference can reach.
+
+    Args:
+        model: the model. It is not modified.
+        input_shapes: concrete shapes for graph inputs, overriding what the model declares.
+
+    Raises:
+        ConfigError: an ``input_shapes`` name is not a graph input, or its rank is wrong.
+    """
+    light = _light_copy(model)
+    assumed = _fix_input_shapes(light.graph, model, input_shapes)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
+    except Exception as exc:  # custom ops or broken models: fall back to declared shapes only
+        log.warning("shape inference failed (%s); MACs of some layers are unknown", exc)
+        inferred = light
+    shapes: dict[str, Shape] = {}
+    for graph in iter_graphs(inferred.graph):
+        for info in (*graph.input, *graph.value_info, *graph.output):
+            shape = _shape_of(info)
+            if shape is not None:
+                shapes[info.name] = shape
+    for graph in iter_graphs(model.graph):
+        for tensor in graph.initializer:
+            shapes[tensor.name] = tuple(tensor.dims)
+    concrete = {
+        info.name: shapes[info.name]
+        for info in light.graph.input
+        if info.name in shapes and all(d is not None for d in shapes[info.name])
+    }
+    return ShapeInfo(shapes=shapes, assumed=tuple(assumed), input_shapes=concrete)
+
+
+def count_macs(model: onnx.ModelProto, shapes: ShapeInfo) -> tuple[int, list[str]]:
+    """Multiply-accumulates of every Conv, ConvTranspose, Gemm and MatMul, counted node by node.
+
+    Other operators are not counted. Returns the total and the names of nodes whose MACs are
+    unknown because a shape is dynamic (those contribute 0).
+    """
+    total = 0
+    unknown: list[str] = []
+    for graph in iter_graphs(model.graph):
+        for index, node in enumerate(graph.node):
+            if node.domain not in ("", "ai.onnx"):
+                continue
+            macs = node_macs(node, shapes)
+            if macs is None:
+                if node.op_type in _MAC_OPS:
+                    unknown.append(node.name or f"{node.op_type}_{index}")
+                continue
+            total += macs
+    return total, unknown
+
+
+_MAC_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+
+def node_macs(node: onnx.NodeProto, shapes: ShapeInfo) -> int | None:
+    """MACs of one node, or None when it is not a MAC op or a needed shape is unknown."""
+    if node.op_type not in _MAC_OPS or len(node.input) < 2:
+        return None
+    weight = shapes.get(node.input[1])
+    out = shapes.get(node.output[0])
+    if weight is None or out is None or None in weight or None in out:
+        return None
+    if node.op_type == "Conv":
+        # every output value needs (c/group)·κ products: weight is (f, c/group, k...)
+        return math.prod(out) * math.prod(weight[1:])
+    if node.op_type == "ConvTranspose":
+        x = shapes.get(node.input[0])
+        if x is None or None in x:
+            return None
+        # every input value is spread over (f/group)·κ outputs: weight is (c, f/group, k...)
+        return math.prod(x) * math.prod(weight[1:])
+    if node.op_type == "Gemm":
+        inner = weight[1] if attribute(node, "transB", 0) else weight[0]
+        return math.prod(out) * inner
+    x = shapes.get(node.input[0])
+    if x is None or None in x or not x:
+        return None
+    return math.prod(out) * x[-1]  # MatMul: every output value is a dot product of length K
+
+
+def _shape_of(info: onnx.ValueInfoProto) -> Shape | None:
+    if not info.type.HasField("tensor_type") or not info.type.tensor_type.HasField("shape"):
+        return None
+    return tuple(
+        dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else None
+        for dim in info.type.tensor_type.shape.dim
+    )
+
+
+def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy for shape inference in which large initializers are graph inputs with their
+    type and shape only, so inference costs little memory on large models."""
+    light = onnx.ModelProto()
+    light.ir_version = max(model.ir_version, 4)
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    graph = light.graph
+    source = model.graph
+    graph.name = source.name
+    graph.node.extend(source.node)
+    graph.input.extend(source.input)
+    graph.output.extend(source.output)
+    graph.value_info.extend(source.value_info)
+    declared = {info.name for info in source.input}
+    for tensor in source.initializer:
+        if tensor.data_type not in FLOAT_TYPES or math.prod(tensor.dims) <= _SMALL_TENSOR:
+            graph.initializer.append(tensor)
+        elif tensor.name not in declared:
+            graph.input.append(
+                onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
+            )
+    return light
+
+
+def _fix_input_shapes(
+    graph: onnx.GraphProto, model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]
+) -> list[str]:
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    real_inputs = [
+        info
+        for info in graph.input
+        if info.name in {i.name for i in model.graph.input} and info.name not in initializers
+    ]
+    names = {info.name for info in real_inputs}
+    for name in input_shapes:
+        if name not in names:
+            raise ConfigError(
+                f"--input-shape names {name!r}, which is not a graph input; inputs are: "
+                + ", ".join(sorted(names))
+            )
+    assumed = []
+    for info in real_inputs:
+        dims = info.type.tensor_type.shape.dim
+        if info.name in input_shapes:
+            shape = input_shapes[info.name]
+            if info.type.tensor_type.HasField("shape") and len(dims) != len(shape):
+                raise ConfigError(
+                    f"--input-shape gives {len(shape)} dimensions for {info.name!r}, "
+                    f"which has rank {len(dims)}"
+                )
+            del info.type.tensor_type.shape.dim[:]
+            for size in shape:
+                info.type.tensor_type.shape.dim.add().dim_value = size
+        elif dims and not dims[0].HasField("dim_value"):
+            label = dims[0].dim_param or "?"
+            dims[0].Clear()
+            dims[0].dim_value = 1
+            assumed.append(f"{info.name}: dynamic batch dimension {label!r} taken as 1")
+    return assumed

@@ -1,0 +1,86 @@
+"""One exception hierarchy for everything onnx-lowrank reports to its users.
+
+Every error carries a message that names the problem and the fix. The CLI prints ``str(error)``
+on one line and exits with ``error.exit_code``; the Python API simply raises.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CalibrationError",
+    "ConfigError",
+    "InfeasibleBudgetError",
+    "InvalidModelError",
+    "ModelFileError",
+    "OnnxLowRankError",
+    "OutputPathError",
+    "RuntimeMissingError",
+    "ShapeError",
+    "UnsupportedModelError",
+    "ValidationFailedError",
+]
+
+
+class OnnxLowRankError(Exception):
+    """Base class of every error raised on purpose by onnx-lowrank."""
+
+    exit_code: int = 2
+
+
+class ConfigError(OnnxLowRankError, ValueError):
+    """An option or a combination of options is invalid."""
+
+
+class ModelFileError(OnnxLowRankError):
+    """The model path does not exist, is a directory, or cannot be read."""
+
+
+class InvalidModelError(OnnxLowRankError):
+    """The file is not a readable ONNX model (not protobuf, truncated, fails the checker)."""
+
+
+class UnsupportedModelError(OnnxLowRankError):
+    """The model is valid ONNX but uses something onnx-lowrank cannot handle."""
+
+
+class ShapeError(OnnxLowRankError):
+    """A shape is needed (FLOP budget, random inputs) but the model leaves it dynamic."""
+
+
+class InfeasibleBudgetError(OnnxLowRankError):
+    """No allocation meets the budget.
+
+    Attributes:
+        smallest_fraction: the smallest fraction of the budgeted quantity that can be reached,
+            keyed by budget kind (``"params"`` or ``"flops"``).
+    """
+
+    def __init__(self, message: str, smallest_fraction: dict[str, float]):
+        super().__init__(message)
+        self.smallest_fraction = dict(smallest_fraction)
+
+
+class OutputPathError(OnnxLowRankError):
+    """The output path cannot be written, or would overwrite the input."""
+
+
+class RuntimeMissingError(OnnxLowRankError):
+    """ONNX Runtime (or CuPy for ``device='cuda'``) is needed but not installed or usable."""
+
+
+class CalibrationError(OnnxLowRankError):
+    """Calibration data does not match the model's inputs."""
+
+
+class ValidationFailedError(OnnxLowRankError):
+    """The compressed model failed validation against the original.
+
+    Attributes:
+        report: the validation report (a ``ValidationReport``) that says which output failed.
+    """
+
+    exit_code = 3
+
+    def __init__(self, message: str, report: object):
+        super().__init__(message)
+        self.report = report

@@ -1,0 +1,348 @@
+"""compress() and inspect(): the only place that knows the order of the stages.
+
+load ─▶ discover ─▶ spectra ─▶ allocate ─▶ factorize ─▶ rewrite ─▶ validate ─▶ save
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .allocate import BudgetLimit, CandidateTable, allocate, build_table
+from .backend import get_backend
+from .config import CompressionConfig
+from .cost import count_macs, count_parameters
+from .discover import Discovery, Layer, discover
+from .errors import ConfigError, ShapeError, ValidationFailedError
+from .factorize import Factors, factorize, relative_error
+from .load import ModelSource, load_model, model_file_size, save_model, source_path
+from .report import CompressionReport, InspectionReport, LayerReport
+from .rewrite import rewrite
+from .spectra import LayerSpectrum, compute_spectra, error_table
+from .validate import validate
+
+__all__ = ["CompressionResult", "Progress", "compress", "inspect"]
+
+log = logging.getLogger(__name__)
+
+#: ``progress(stage, done, total)`` is called as long stages advance.
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class CompressionResult:
+    """The compressed model and the report of how it was made.
+
+    Attributes:
+        model: the compressed model.
+        report: what was done and measured.
+    """
+
+    model: onnx.ModelProto
+    report: CompressionReport
+
+    def save(
+        self, path: str | os.PathLike, *, external_data: bool = False, force: bool = False
+    ) -> Path:
+        """Write the model atomically.
+
+        Raises:
+            ValidationFailedError: the model failed validation and ``force`` is False.
+        """
+        validation = self.report.validation
+        if validation is not None and not validation.passed and not force:
+            raise ValidationFailedError(
+                "refusing to save a model that failed validation: "
+                + "; ".join(validation.failures),
+                validation,
+            )
+        started = time.perf_counter()
+        written = save_model(self.model, path, external_data=external_data)
+        self.report.timings["save"] = time.perf_counter() - started
+        self.report.size_bytes_after = model_file_size(written)
+        return written
+
+
+def _package_version() -> str:
+    try:
+        return version("onnx-lowrank")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - started
+
+
+def _source_label(source: ModelSource) -> str:
+    path = source_path(source)
+    return str(path) if path is not None else "<in-memory model>"
+
+
+def _source_size(source: ModelSource, model: onnx.ModelProto) -> int:
+    path = source_path(source)
+    return model_file_size(path) if path is not None else model.ByteSize()
+
+
+def inspect(source: ModelSource, config: CompressionConfig | None = None) -> InspectionReport:
+    """List the model's layers, their shapes, parameters and MACs, and why any is skipped."""
+    config = config or CompressionConfig()
+    model = load_model(source, force=config.force)
+    discovery = discover(model, config.input_shapes)
+    macs, unknown = count_macs(model, discovery.shapes)
+    layers = [_dense_record(layer, None) for layer in discovery.layers]
+    layers += [_skipped_record(skipped) for skipped in discovery.skipped]
+    return InspectionReport(
+        source=_source_label(source),
+        params=count_parameters(model),
+        macs=macs,
+        layers=_in_graph_order(layers, model),
+        notes=_shape_notes(discovery, unknown),
+    )
+
+
+def compress(
+    source: ModelSource,
+    config: CompressionConfig,
+    *,
+    progress: Progress | None = None,
+) -> CompressionResult:
+    """Compress a model to the budget of ``config``.
+
+    Args:
+        source: path to an ``.onnx`` file, its bytes, or a ModelProto (never modified).
+        config: budget, method and options.
+        progress: optional callback ``(stage, done, total)``.
+
+    Returns:
+        The compressed model and its report. When validation ran and failed, the report says
+        why and ``CompressionResult.save`` refuses to write the model.
+
+    Raises:
+        OnnxLowRankError: any subclass, for bad input, options or budgets.
+    """
+    if not config.has_budget:
+        raise ConfigError("no budget given; pass --params F and/or --flops F, e.g. --params 0.5")
+    timer = _Timer()
+    with timer.stage("load"):
+        model = load_model(source, force=config.force)
+    with timer.stage("discover"):
+        discovery = discover(model, config.input_shapes)
+        params_total = count_parameters(model)
+        macs_total, unknown_macs = count_macs(model, discovery.shapes)
+    if config.flops is not None:
+        _require_macs(discovery, unknown_macs)
+    backend = get_backend(config.device)
+    with timer.stage("spectra"):
+        spectra = compute_spectra(discovery, config.max_groups, backend, progress)
+    with timer.stage("allocate"):
+        tables = [
+            build_table(
+                layer, spectra[layer.name], config.error, config.max_groups, config.rank_multiple
+            )
+            for layer in discovery.layers
+        ]
+        budgets = _budgets(config, discovery, params_total, macs_total)
+        choices = allocate(tables, budgets, config)
+    with timer.stage("factorize"):
+        factors = _factorize(discovery, tables, choices, spectra, backend, progress)
+    with timer.stage("rewrite"):
+        compressed = rewrite(
+            model, [(discovery.layer(name), f) for name, (f, _) in factors.items()]
+        )
+    with timer.stage("discover"):
+        params_after = count_parameters(compressed)
+        macs_after, _ = count_macs(compressed, _shapes_of(compressed, config))
+    validation = None
+    if config.validate:
+        with timer.stage("validate"):
+            validation = validate(model, compressed, config)
+    layers = _layer_records(discovery, tables, choices, spectra, factors, config)
+    factorized = [layer for layer in layers if layer.rank is not None]
+    report = CompressionReport(
+        source=_source_label(source),
+        version=_package_version(),
+        config=config.to_dict(),
+        params_before=params_total,
+        params_after=params_after,
+        macs_before=macs_total,
+        macs_after=macs_after,
+        size_bytes_before=_source_size(source, model),
+        size_bytes_after=compressed.ByteSize(),
+        max_error_bound=max((layer.error_bound or 0.0 for layer in factorized), default=0.0),
+        max_error_actual=max((layer.error_actual or 0.0 for layer in factorized), default=0.0),
+        layers=_in_graph_order(layers, model),
+        validation=validation,
+        timings=timer.timings,
+        notes=_shape_notes(discovery, unknown_macs),
+    )
+    return CompressionResult(model=compressed, report=report)
+
+
+def _shapes_of(model: onnx.ModelProto, config: CompressionConfig):
+    from .cost import infer_shapes
+
+    return infer_shapes(model, config.input_shapes)
+
+
+def _require_macs(discovery: Discovery, unknown: list[str]) -> None:
+    missing = [layer.name for layer in discovery.layers if layer.output_positions is None]
+    missing += [name for name in unknown if name not in missing]
+    if missing:
+        raise ShapeError(
+            f"--flops needs every layer's output shape, but {len(missing)} are dynamic "
+            f"(e.g. {missing[0]}); give concrete input sizes with --input-shape NAME:D1,D2,..."
+        )
+
+
+def _budgets(
+    config: CompressionConfig, discovery: Discovery, params_total: int, macs_total: int
+) -> list[BudgetLimit]:
+    budgets = []
+    if config.params is not None:
+        fixed = params_total - sum(layer.params for layer in discovery.layers)
+        budgets.append(BudgetLimit("params", config.params, params_total, fixed))
+    if config.flops is not None:
+        fixed = macs_total - sum(layer.macs or 0 for layer in discovery.layers)
+        budgets.append(BudgetLimit("macs", config.flops, macs_total, fixed))
+    return budgets
+
+
+def _factorize(
+    discovery: Discovery,
+    tables: list[CandidateTable],
+    choices: list[int],
+    spectra: dict[str, LayerSpectrum],
+    backend,
+    progress: Progress | None,
+) -> dict[str, tuple[Factors, float]]:
+    """Factors and actual relative error of every layer the allocation factorizes."""
+    chosen = [
+        (layer, table, row)
+        for layer, table, row in zip(discovery.layers, tables, choices, strict=True)
+        if table.groups[row] > 0
+    ]
+    result: dict[str, tuple[Factors, float]] = {}
+    for done, (layer, table, row) in enumerate(chosen):
+        weight = discovery.weight(layer)
+        factors = factorize(weight, int(table.groups[row]), int(table.ranks[row]), backend)
+        error = relative_error(weight, factors, spectra[layer.name].spectral_norm)
+        result[layer.name] = (factors, error)
+        if progress is not None:
+            progress("factorize", done + 1, len(chosen))
+    return result
+
+
+def _layer_records(
+    discovery: Discovery,
+    tables: list[CandidateTable],
+    choices: list[int],
+    spectra: dict[str, LayerSpectrum],
+    factors: dict[str, tuple[Factors, float]],
+    config: CompressionConfig,
+) -> list[LayerReport]:
+    records = []
+    for layer, table, row in zip(discovery.layers, tables, choices, strict=True):
+        if layer.name not in factors:
+            reason = (
+                "no candidate saves weights under the candidate constraints"
+                if len(table) == 1
+                else "kept dense by the allocation"
+            )
+            records.append(_dense_record(layer, reason))
+            continue
+        groups, rank = int(table.groups[row]), int(table.ranks[row])
+        params = int(table.costs[row, 0])
+        bound = float(error_table(spectra[layer.name], groups, "bound")[rank])
+        records.append(
+            LayerReport(
+                name=layer.name,
+                op_type=layer.op_type,
+                weight_shape=layer.weight_shape,
+                groups=groups,
+                rank=rank,
+                params_before=layer.params,
+                params_after=params,
+                macs_before=layer.macs,
+                macs_after=None
+                if layer.output_positions is None
+                else params * layer.output_positions,
+                error_bound=bound,
+                error_actual=factors[layer.name][1],
+                skipped_reason=None,
+            )
+        )
+    records += [_skipped_record(skipped) for skipped in discovery.skipped]
+    return records
+
+
+def _dense_record(layer: Layer, reason: str | None) -> LayerReport:
+    return LayerReport(
+        name=layer.name,
+        op_type=layer.op_type,
+        weight_shape=layer.weight_shape,
+        groups=None,
+        rank=None,
+        params_before=layer.params,
+        params_after=layer.params,
+        macs_before=layer.macs,
+        macs_after=layer.macs,
+        error_bound=0.0,
+        error_actual=0.0,
+        skipped_reason=reason,
+    )
+
+
+def _skipped_record(skipped) -> LayerReport:
+    return LayerReport(
+        name=skipped.name,
+        op_type=skipped.op_type,
+        weight_shape=skipped.weight_shape,
+        groups=None,
+        rank=None,
+        params_before=skipped.params,
+        params_after=skipped.params,
+        macs_before=skipped.macs,
+        macs_after=skipped.macs,
+        error_bound=None,
+        error_actual=None,
+        skipped_reason=skipped.reason,
+    )
+
+
+def _in_graph_order(layers: list[LayerReport], model: onnx.ModelProto) -> list[LayerReport]:
+    order = {node.name or f"{node.op_type}_{i}": i for i, node in enumerate(model.graph.node)}
+    return sorted(layers, key=lambda layer: order.get(layer.name, len(order)))
+
+
+def _shape_notes(discovery: Discovery, unknown: list[str]) -> list[str]:
+    notes = list(discovery.shapes.assumed)
+    if unknown:
+        notes.append(
+            f"MACs unknown (dynamic shapes) for {len(unknown)} node(s): "
+            + ", ".join(unknown[:5])
+            + ("..." if len(unknown) > 5 else "")
+        )
+    return notes
+
+
+# numpy is imported for type checkers reading the table arrays in this module
+_ = np

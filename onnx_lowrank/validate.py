@@ -1,0 +1,385 @@
+"""Compare a compressed model with its original in ONNX Runtime.
+
+Both models run on the same inputs: the user's (an ``.npz`` keyed by input name) or random ones
+shaped by the model's inputs and ``--input-shape``. For every output the report gives the max
+absolute error, the relative L2 error ``‖a − b‖ / ‖a‖``, the cosine similarity, and, for
+``(batch, classes)`` score outputs, the top-1 agreement. It also gives the median latency of
+both models, measured alternately on the same inputs.
+
+A compressed model fails validation when ONNX Runtime cannot load or run it, when an output's
+shape differs or holds NaN/Inf where the original does not, or when a metric crosses a
+tolerance the user set.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import math
+import os
+import statistics
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+from .backend import cuda_available
+from .config import CompressionConfig
+from .errors import CalibrationError, RuntimeMissingError, ShapeError, UnsupportedModelError
+
+__all__ = [
+    "OutputComparison",
+    "ValidationReport",
+    "check_feeds",
+    "graph_inputs",
+    "load_npz",
+    "providers_for",
+    "random_inputs",
+    "validate",
+]
+
+log = logging.getLogger(__name__)
+
+#: Batch size of random validation inputs when the model's batch dimension is dynamic.
+RANDOM_BATCH = 8
+
+
+@dataclass(frozen=True)
+class OutputComparison:
+    """How one output of the compressed model compares with the original."""
+
+    name: str
+    shape: tuple[int, ...]
+    max_abs_error: float
+    rel_l2_error: float
+    cosine_similarity: float
+    top1_agreement: float | None
+    failures: tuple[str, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """Result of ``validate``.
+
+    Attributes:
+        provider: the ONNX Runtime execution provider used.
+        inputs: where the inputs came from.
+        outputs: one comparison per graph output.
+        latency_ms_before: median latency of the original model, in milliseconds.
+        latency_ms_after: median latency of the compressed model.
+        failures: every reason the compressed model failed; empty when it passed.
+    """
+
+    provider: str
+    inputs: str
+    outputs: tuple[OutputComparison, ...] = ()
+    latency_ms_before: float | None = None
+    latency_ms_after: float | None = None
+    failures: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["passed"] = self.passed
+        for item, output in zip(data["outputs"], self.outputs, strict=True):
+            item["passed"] = output.passed
+        return data
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise RuntimeMissingError(
+            "onnxruntime is not installed; install it with pip install 'onnx-lowrank[cpu]' "
+            "(or [gpu]), or pass --no-validate"
+        ) from exc
+    return onnxruntime
+
+
+def _both_runtimes_installed() -> bool:
+    found = set()
+    for name in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            importlib.metadata.version(name)
+            found.add(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return len(found) == 2
+
+
+def providers_for(device: str) -> list[str]:
+    """ONNX Runtime providers for ``device``: CUDA first when usable, else CPU only."""
+    ort = _ort()
+    available = ort.get_available_providers()
+    if device != "cpu" and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda" or (device == "auto" and cuda_available()):
+        hint = (
+            (
+                " (onnxruntime and onnxruntime-gpu are both installed and clash; "
+                "uninstall both, then install onnxruntime-gpu)"
+            )
+            if _both_runtimes_installed()
+            else ""
+        )
+        log.warning("CUDA execution provider not available%s; validating on the CPU", hint)
+    return ["CPUExecutionProvider"]
+
+
+def _session(model: onnx.ModelProto | str | os.PathLike, providers: list[str]):
+    ort = _ort()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(source, options, providers=providers)
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The graph inputs that must be fed (initializers listed as inputs excluded)."""
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    return [info for info in model.graph.input if info.name not in initializers]
+
+
+def _declared(info: onnx.ValueInfoProto) -> tuple[np.dtype, list[int | None]]:
+    tensor_type = info.type.tensor_type
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+    dims = [
+        d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+        for d in tensor_type.shape.dim
+    ]
+    return np.dtype(dtype), dims
+
+
+def random_inputs(
+    model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]], seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Random inputs for every graph input.
+
+    Float inputs are standard normal, integer inputs uniform in [0, 10), booleans fair coins.
+    A dynamic leading dimension becomes ``RANDOM_BATCH``; other dynamic dimensions need
+    ``input_shapes``.
+
+    Raises:
+        ShapeError: a dynamic dimension other than the batch has no given size.
+    """
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for info in graph_inputs(model):
+        if not info.type.HasField("tensor_type"):
+            raise UnsupportedModelError(
+                f"input {info.name!r} is not a tensor; pass validation inputs with --inputs "
+                "or use --no-validate"
+            )
+        dtype, dims = _declared(info)
+        if info.name in input_shapes:
+            shape = tuple(input_shapes[info.name])
+        else:
+            if dims and dims[0] is None:
+                dims[0] = RANDOM_BATCH
+            missing = [i for i, d in enumerate(dims) if d is None]
+            if missing:
+                raise ShapeError(
+                    f"input {info.name!r} has dynamic dimension(s) {missing}; give sizes with "
+                    f"--input-shape {info.name}:D1,D2,... or real inputs with --inputs FILE.npz"
+                )
+            shape = tuple(dims)
+        if np.issubdtype(dtype, np.floating) or dtype.kind == "V":
+            feeds[info.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype == np.bool_:
+            feeds[info.name] = rng.integers(0, 2, shape).astype(bool)
+        else:
+            feeds[info.name] = rng.integers(0, 10, shape).astype(dtype)
+    return feeds
+
+
+def load_npz(path: str | os.PathLike, what: str = "--inputs") -> dict[str, np.ndarray]:
+    """Arrays of an ``.npz`` file, with a clear error when it cannot be read."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except FileNotFoundError as exc:
+        raise CalibrationError(f"{what} file not found: {path}") from exc
+    except (OSError, ValueError) as exc:
+        raise CalibrationError(
+            f"{what} file {path} is not a readable .npz ({exc}); save it with numpy.savez"
+        ) from exc
+
+
+def check_feeds(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], label: str) -> None:
+    """Check that ``feeds`` match the model's inputs in names, dtypes and fixed dimensions.
+
+    Raises:
+        CalibrationError: naming the first mismatch and how to fix it.
+    """
+    expected = {info.name: info for info in graph_inputs(model)}
+    missing = sorted(set(expected) - set(feeds))
+    extra = sorted(set(feeds) - set(expected))
+    if missing or extra:
+        raise CalibrationError(
+            f"{label} does not match the model's inputs: "
+            + "; ".join(
+                part
+                for part in (
+                    f"missing {', '.join(missing)}" if missing else "",
+                    f"unknown {', '.join(extra)}" if extra else "",
+                )
+                if part
+            )
+            + f" (model inputs: {', '.join(expected)})"
+        )
+    for name, info in expected.items():
+        array = feeds[name]
+        dtype, dims = _declared(info)
+        if array.dtype != dtype:
+            raise CalibrationError(
+                f"{label}: input {name!r} is {array.dtype} but the model expects {dtype}; "
+                f"convert it with .astype(numpy.{dtype})"
+            )
+        if len(array.shape) != len(dims) or any(
+            d is not None and d != s for d, s in zip(dims, array.shape, strict=True)
+        ):
+            want = ",".join("?" if d is None else str(d) for d in dims)
+            raise CalibrationError(
+                f"{label}: input {name!r} has shape {tuple(array.shape)} but the model "
+                f"expects ({want})"
+            )
+
+
+def compare_output(
+    name: str, reference: np.ndarray, candidate: np.ndarray, config: CompressionConfig
+) -> OutputComparison:
+    """Metrics and tolerance failures of one output."""
+    failures: list[str] = []
+    if reference.shape != candidate.shape:
+        return OutputComparison(
+            name,
+            tuple(candidate.shape),
+            math.inf,
+            math.inf,
+            0.0,
+            None,
+            (f"{name}: shape {candidate.shape} != original {reference.shape}",),
+        )
+    a = reference.astype(np.float64).ravel()
+    b = candidate.astype(np.float64).ravel()
+    if np.any(np.isfinite(a) & ~np.isfinite(b)):
+        failures.append(f"{name}: NaN or Inf where the original is finite")
+    finite = np.isfinite(a) & np.isfinite(b)
+    a, b = a[finite], b[finite]
+    diff = a - b
+    max_abs = float(np.max(np.abs(diff))) if diff.size else 0.0
+    norm_a, norm_b = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    rel = float(np.linalg.norm(diff) / norm_a) if norm_a > 0 else float(np.linalg.norm(diff))
+    cosine = (
+        float(a @ b / (norm_a * norm_b)) if norm_a > 0 and norm_b > 0 else float(norm_a == norm_b)
+    )
+    top1 = None
+    if (
+        reference.ndim == 2
+        and reference.shape[1] >= 2
+        and np.issubdtype(reference.dtype, np.floating)
+    ):
+        top1 = float(np.mean(reference.argmax(axis=1) == candidate.argmax(axis=1)))
+    if config.max_rel_error is not None and rel > config.max_rel_error:
+        failures.append(
+            f"{name}: relative L2 error {rel:.4g} > --max-rel-error {config.max_rel_error:g}"
+        )
+    if config.min_cosine is not None and cosine < config.min_cosine:
+        failures.append(
+            f"{name}: cosine similarity {cosine:.4g} < --min-cosine {config.min_cosine:g}"
+        )
+    if config.min_top1 is not None and top1 is not None and top1 < config.min_top1:
+        failures.append(f"{name}: top-1 agreement {top1:.4g} < --min-top1 {config.min_top1:g}")
+    return OutputComparison(
+        name, tuple(candidate.shape), max_abs, rel, cosine, top1, tuple(failures)
+    )
+
+
+def validate(
+    original: onnx.ModelProto | str | os.PathLike,
+    compressed: onnx.ModelProto | str | os.PathLike,
+    config: CompressionConfig,
+    feeds: Mapping[str, np.ndarray] | None = None,
+) -> ValidationReport:
+    """Run both models in ONNX Runtime on the same inputs and compare their outputs.
+
+    Args:
+        original: the uncompressed model (ModelProto or path).
+        compressed: the compressed model (ModelProto or path).
+        config: tolerances, device, seed, latency runs, input shapes and ``inputs`` (.npz).
+        feeds: inputs to use instead of ``config.inputs`` or random ones.
+
+    Raises:
+        UnsupportedModelError: the *original* model does not run in ONNX Runtime.
+        ShapeError, CalibrationError: inputs cannot be made or do not match.
+    """
+    reference_model = (
+        original
+        if isinstance(original, onnx.ModelProto)
+        else onnx.load(str(original), load_external_data=False)
+    )
+    if feeds is not None:
+        label = "given inputs"
+    elif config.inputs is not None:
+        feeds = load_npz(config.inputs)
+        label = str(config.inputs)
+    else:
+        feeds = random_inputs(reference_model, config.input_shapes, config.seed)
+        label = f"random (seed {config.seed})"
+    check_feeds(reference_model, feeds, label)
+    providers = providers_for(config.device)
+    provider = providers[0]
+    try:
+        reference_session = _session(original, providers)
+        reference = reference_session.run(None, dict(feeds))
+    except Exception as exc:
+        raise UnsupportedModelError(
+            f"the original model does not run in ONNX Runtime ({_first_line(exc)}); "
+            "pass valid --inputs or use --no-validate"
+        ) from exc
+    try:
+        session = _session(compressed, providers)
+        outputs = session.run(None, dict(feeds))
+    except Exception as exc:
+        return ValidationReport(
+            provider,
+            label,
+            failures=(f"ONNX Runtime cannot run the compressed model: {_first_line(exc)}",),
+        )
+    names = [output.name for output in reference_session.get_outputs()]
+    comparisons = tuple(
+        compare_output(name, ref, out, config)
+        for name, ref, out in zip(names, reference, outputs, strict=True)
+    )
+    before, after = _latencies(reference_session, session, feeds, config.latency_runs)
+    failures = tuple(f for c in comparisons for f in c.failures)
+    return ValidationReport(provider, label, comparisons, before, after, failures)
+
+
+def _latencies(first, second, feeds: Mapping[str, np.ndarray], runs: int) -> tuple[float, float]:
+    """Median latency in ms of two sessions, timed alternately after one warm-up run each."""
+    first.run(None, dict(feeds))
+    second.run(None, dict(feeds))
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(runs):
+        for session, bucket in ((first, times[0]), (second, times[1])):
+            start = time.perf_counter()
+            session.run(None, dict(feeds))
+            bucket.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:300]

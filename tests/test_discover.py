@@ -1,0 +1,100 @@
+"""Layer discovery on tiny and real models: what is found, folded, and skipped, and why."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from builders import MNIST, MODELS, conv_model, gemm_model, make_model, matmul_model
+from onnx import helper
+
+from onnx_lowrank.discover import discover
+
+
+def test_mnist_layers_and_shapes():
+    discovery = discover(onnx.load(MNIST))
+    assert [
+        (layer.op_type, layer.out_channels, layer.in_channels, layer.kernel_shape)
+        for layer in discovery.layers
+    ] == [
+        ("Conv", 32, 1, (3, 3)),
+        ("Conv", 64, 32, (3, 3)),
+        ("Gemm", 128, 3136, ()),
+        ("Gemm", 10, 128, ()),
+    ]
+    # batch taken as 1: output positions are spatial sizes (28², 14²) and 1 row
+    assert [layer.output_positions for layer in discovery.layers] == [784, 196, 1, 1]
+    assert discovery.skipped == []
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_gemm_folding_respects_trans_b(trans_b):
+    weight = np.arange(12, dtype=np.float32).reshape(3, 4)  # W: f=3 × c=4
+    model = gemm_model(weight if trans_b else weight.T.copy(), trans_b=trans_b)
+    discovery = discover(model)
+    np.testing.assert_array_equal(discovery.weight(discovery.layers[0]), weight)
+
+
+def test_conv_folding_is_channel_major():
+    weight = np.arange(2 * 3 * 2 * 2, dtype=np.float32).reshape(2, 3, 2, 2)
+    discovery = discover(conv_model(weight, (4, 4)))
+    folded = discovery.weight(discovery.layers[0])
+    assert folded.shape == (2, 12)
+    np.testing.assert_array_equal(folded[1, 4:8], weight[1, 1].ravel())
+
+
+def test_skip_reasons():
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Conv", ["x", "Wd"], ["d"], name="depthwise", group=4),
+        helper.make_node("ConvTranspose", ["d", "Wt"], ["t"], name="deconv"),
+        helper.make_node("Conv", ["t", "Wx"], ["u"], name="dynamic_weight"),
+        helper.make_node("Conv", ["u", "Ws"], ["s1"], name="shared_a"),
+        helper.make_node("Conv", ["u", "Ws"], ["s2"], name="shared_b"),
+        helper.make_node("Add", ["s1", "s2"], ["y"], name="add"),
+    ]
+    model = make_model(
+        nodes,
+        [("x", [1, 4, 8, 8]), ("Wx", [4, 4, 1, 1])],
+        [("y", None)],
+        {
+            "Wd": rng.standard_normal((4, 1, 3, 3)).astype(np.float32),
+            "Wt": rng.standard_normal((4, 4, 2, 2)).astype(np.float32),
+            "Ws": rng.standard_normal((4, 4, 3, 3)).astype(np.float32),
+        },
+    )
+    discovery = discover(model)
+    assert discovery.layers == []
+    reasons = {skipped.name: skipped.reason for skipped in discovery.skipped}
+    assert "depthwise" in reasons["depthwise"]
+    assert "ConvTranspose" in reasons["deconv"]
+    assert "graph input" in reasons["dynamic_weight"]
+    assert "shared" in reasons["shared_a"] and "shared_b" in reasons["shared_a"]
+
+
+def test_too_small_layer_is_skipped():
+    model = matmul_model(np.ones((5, 1), np.float32), [3])  # f = 1: rank 1 saves nothing
+    discovery = discover(model)
+    assert discovery.layers == []
+    assert "too small" in discovery.skipped[0].reason
+
+
+def test_left_constant_operand_is_skipped():
+    node = helper.make_node("MatMul", ["B", "x"], ["y"], name="left")
+    model = make_model([node], [("x", [6, 3])], [("y", None)], {"B": np.ones((4, 6), np.float32)})
+    assert "left operand" in discover(model).skipped[0].reason
+
+
+def test_paddle_constant_node_weights_are_found():
+    discovery = discover(onnx.load(MODELS / "ppocr_mobile_v2.0_cls.onnx"))
+    reasons = [skipped.reason for skipped in discovery.skipped]
+    assert len(discovery.layers) == 53 - 11 + 1  # 42 dense convs + the MatMul
+    assert sum("depthwise" in reason for reason in reasons) == 11
+    assert all(layer.weight_source for layer in discovery.layers)
+
+
+def test_matmul_weights_and_positions_on_mtcnn():
+    discovery = discover(onnx.load(MODELS / "mtcnn_onet.onnx"))
+    ops = [layer.op_type for layer in discovery.layers]
+    assert ops.count("Conv") == 4
+    assert ops.count("MatMul") >= 2

@@ -1,0 +1,126 @@
+"""compress() and inspect() end to end on the real MNIST sample and on tiny models."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from builders import MNIST, MODELS, check_model, conv_model, low_rank, rel_l2, run
+
+import onnx_lowrank
+from onnx_lowrank import CompressionConfig, compress
+from onnx_lowrank.cost import count_parameters
+
+
+def mnist_feeds(count: int = 256) -> dict[str, np.ndarray]:
+    data = np.load(MNIST.parent / "mnist_test.npz")
+    images = data["images"][:count].astype(np.float32) / 255.0
+    return {"input": ((images - 0.1307) / 0.3081)[:, None]}
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.3])
+def test_mnist_params_budget_is_met_and_reported_truthfully(fraction):
+    result = compress(MNIST, CompressionConfig(params=fraction, latency_runs=2))
+    report = result.report
+    real = count_parameters(result.model)
+    assert report.params_after == real
+    assert report.params_before == count_parameters(onnx.load(MNIST)) == 421_642
+    assert real <= fraction * report.params_before * 1.01
+    assert real >= fraction * report.params_before * 0.9  # the budget is used, not wasted
+    check_model(result.model)
+    assert report.validation is not None and report.validation.passed
+    layer_sum = sum(layer.params_after for layer in report.layers)
+    biases = 32 + 64 + 128 + 10
+    assert layer_sum + biases == real
+
+
+def test_mnist_accuracy_stays_close_under_light_compression():
+    result = compress(MNIST, CompressionConfig(params=0.9, validate=False))
+    data = np.load(MNIST.parent / "mnist_test.npz")
+    feeds = mnist_feeds(1000)
+    labels = data["labels"][:1000]
+    (before,), (after,) = run(onnx.load(MNIST), feeds), run(result.model, feeds)
+    accuracy_before = np.mean(before.argmax(1) == labels)
+    accuracy_after = np.mean(after.argmax(1) == labels)
+    assert accuracy_before > 0.98
+    assert accuracy_after > accuracy_before - 0.03
+
+
+def test_full_budget_factorizes_nothing():
+    result = compress(MNIST, CompressionConfig(params=1.0, validate=False))
+    assert result.report.params_after == result.report.params_before
+    assert result.report.compressed_layers == []
+
+
+def test_exact_low_rank_model_is_reproduced_under_a_fitting_budget():
+    weight = low_rank(32, 16 * 9, 4).reshape(32, 16, 3, 3)
+    model = conv_model(weight, (10, 10), pads=[1, 1, 1, 1])
+    dense = 32 * 16 * 9
+    fraction = (4 * (32 + 16 * 9) + 32) / (dense + 32) + 1e-6  # rank 4 plus the bias fits
+    result = compress(model, CompressionConfig(params=fraction, latency_runs=2))
+    assert [layer.rank for layer in result.report.compressed_layers] == [4]
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 16, 10, 10)).astype(np.float32)}
+    assert rel_l2(run(model, feeds)[0], run(result.model, feeds)[0]) < 1e-4
+    assert result.report.validation.outputs[0].rel_l2_error < 1e-4
+
+
+def test_input_model_object_is_not_modified():
+    model = onnx.load(MNIST)
+    before = model.SerializeToString()
+    compress(model, CompressionConfig(params=0.5, validate=False))
+    assert model.SerializeToString() == before
+
+
+def test_same_input_gives_byte_identical_output(tmp_path):
+    config = CompressionConfig(params=0.4, validate=False)
+    first = compress(MNIST, config).model.SerializeToString()
+    second = compress(MNIST, config).model.SerializeToString()
+    assert first == second
+
+
+def test_validation_with_real_inputs_and_tolerances(tmp_path):
+    path = tmp_path / "inputs.npz"
+    np.savez(path, **mnist_feeds(64))
+    result = compress(MNIST, CompressionConfig(params=0.8, inputs=str(path), latency_runs=2))
+    output = result.report.validation.outputs[0]
+    assert output.top1_agreement is not None and output.top1_agreement > 0.9
+    strict = CompressionConfig(params=0.2, inputs=str(path), max_rel_error=1e-6, latency_runs=1)
+    failed = compress(MNIST, strict)
+    assert not failed.report.validation.passed
+    assert "logits" in failed.report.validation.failures[0]
+    with pytest.raises(onnx_lowrank.ValidationFailedError):
+        failed.save(tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_inspect_lists_layers_and_skips():
+    listing = onnx_lowrank.inspect(MODELS / "ppocr_mobile_v2.0_cls.onnx")
+    reasons = [layer.skipped_reason for layer in listing.layers if layer.skipped_reason]
+    assert len(reasons) == 11 and all("depthwise" in reason for reason in reasons)
+    assert listing.params == count_parameters(onnx.load(MODELS / "ppocr_mobile_v2.0_cls.onnx"))
+
+
+def test_public_api_is_pinned():
+    assert sorted(onnx_lowrank.__all__) == sorted(
+        [
+            "CalibrationError",
+            "CompressionConfig",
+            "CompressionReport",
+            "CompressionResult",
+            "ConfigError",
+            "InfeasibleBudgetError",
+            "InspectionReport",
+            "InvalidModelError",
+            "LayerReport",
+            "ModelFileError",
+            "OnnxLowRankError",
+            "OutputPathError",
+            "RuntimeMissingError",
+            "ShapeError",
+            "UnsupportedModelError",
+            "ValidationFailedError",
+            "__version__",
+            "compress",
+            "inspect",
+        ]
+    )

@@ -1,0 +1,235 @@
+"""The rewrite of every layer form: checker, ONNX Runtime, structure, and exactness.
+
+For a weight whose every channel group has exact rank r, factorizing with (g, r) must reproduce
+the original outputs to float tolerance; so must full-rank factorization of any weight.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx
+import pytest
+from builders import (
+    check_model,
+    conv_model,
+    gemm_model,
+    low_rank,
+    make_model,
+    matmul_model,
+    op_types,
+    random_feed,
+    rel_l2,
+    run,
+)
+from onnx import helper
+
+from onnx_lowrank.discover import discover
+from onnx_lowrank.factorize import factorize
+from onnx_lowrank.rewrite import rewrite
+
+TOLERANCE = 1e-4
+
+
+def factorized(model: onnx.ModelProto, groups: int, rank: int | None = None) -> onnx.ModelProto:
+    """Rewrite the model's only layer with (groups, rank); rank None means full rank."""
+    discovery = discover(model)
+    assert len(discovery.layers) == 1, discovery.skipped
+    layer = discovery.layers[0]
+    weight = discovery.weight(layer)
+    full = min(layer.out_channels, layer.cols // groups)
+    factors = factorize(weight, groups, full if rank is None else rank)
+    return rewrite(model, [(layer, factors)])
+
+
+def assert_same_outputs(original, compressed, feeds):
+    check_model(compressed)
+    for before, after in zip(run(original, feeds), run(compressed, feeds), strict=True):
+        assert after.shape == before.shape
+        assert rel_l2(before, after) < TOLERANCE
+
+
+def conv_weight(f, c, kernel, groups, rank, seed=0):
+    kappa = int(np.prod(kernel))
+    return low_rank(f, c * kappa, rank, seed, groups).reshape(f, c, *kernel)
+
+
+CONV_CASES = {
+    "2d-pad": ((3, 3), (9, 9), {"pads": [1, 1, 1, 1]}),
+    "2d-stride": ((3, 3), (11, 10), {"strides": [2, 2], "pads": [1, 0, 1, 0]}),
+    "2d-dilation": ((3, 3), (12, 12), {"dilations": [2, 2]}),
+    "2d-same-upper": ((3, 2), (7, 8), {"auto_pad": "SAME_UPPER", "strides": [2, 1]}),
+    "2d-same-lower": ((2, 3), (7, 8), {"auto_pad": "SAME_LOWER"}),
+    "2d-valid": ((3, 3), (8, 8), {"auto_pad": "VALID"}),
+    "2d-asym-pads": ((3, 3), (8, 8), {"pads": [0, 2, 1, 0]}),
+    "2d-1x1": ((1, 1), (5, 5), {}),
+    "1d": ((5,), (30,), {"strides": [2], "pads": [2, 1]}),
+    "1d-tall": ((16,), (40,), {"dilations": [2]}),
+    "3d": ((3, 3, 3), (5, 6, 5), {"pads": [1, 1, 1, 1, 1, 1], "strides": [1, 2, 1]}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONV_CASES))
+@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_exact_low_rank(case, groups, bias):
+    kernel, spatial, attributes = CONV_CASES[case]
+    f, c, rank = 12, 8, 2
+    model = conv_model(conv_weight(f, c, kernel, groups, rank), spatial, bias=bias, **attributes)
+    compressed = factorized(model, groups, rank)
+    assert_same_outputs(model, compressed, {"x": random_feed([2, c, *spatial])})
+    first, second = compressed.graph.node
+    assert op_types(compressed) == ["Conv", "Conv"]
+    attrs = {a.name: helper.get_attribute_value(a) for a in first.attribute}
+    assert attrs["group"] == groups
+    assert list(attrs["kernel_shape"]) == list(kernel)
+    for name, value in attributes.items():
+        assert attrs[name] == (value.encode() if isinstance(value, str) else value)
+    weights = {t.name: t for t in compressed.graph.initializer}
+    assert list(weights[first.input[1]].dims) == [groups * rank, c // groups, *kernel]
+    assert list(weights[second.input[1]].dims) == [f, groups * rank, *[1] * len(kernel)]
+    assert list(second.input[2:]) == (["B"] if bias else [])
+    assert second.output[0] == "y"
+
+
+@pytest.mark.parametrize("case", sorted(CONV_CASES))
+@pytest.mark.parametrize("groups", [1, 2])
+def test_conv_full_rank_reproduces_any_weight(case, groups):
+    kernel, spatial, attributes = CONV_CASES[case]
+    weight = np.random.default_rng(3).standard_normal((6, 4, *kernel)).astype(np.float32)
+    model = conv_model(weight, spatial, **attributes)
+    assert_same_outputs(model, factorized(model, groups), {"x": random_feed([2, 4, *spatial])})
+
+
+GEMM_BIASES = {
+    "none": None,
+    "vector": lambda f: np.linspace(-1, 1, f).astype(np.float32),
+    "row": lambda f: np.linspace(-1, 1, f).astype(np.float32)[None, :],
+    "scalar": lambda f: np.array(0.5, dtype=np.float32),
+}
+
+
+@pytest.mark.parametrize(("trans_a", "trans_b"), list(itertools.product([0, 1], [0, 1])))
+@pytest.mark.parametrize("bias", sorted(GEMM_BIASES))
+@pytest.mark.parametrize("groups", [1, 3])
+def test_gemm_exact_low_rank(trans_a, trans_b, bias, groups):
+    f, c, rank = 10, 12, 2
+    weight = low_rank(f, c, rank, seed=1, groups=groups)  # W is f × c
+    stored = weight if trans_b else weight.T
+    make_bias = GEMM_BIASES[bias]
+    model = gemm_model(
+        stored,
+        trans_a=trans_a,
+        trans_b=trans_b,
+        alpha=0.7,
+        beta=1.3,
+        bias=None if make_bias is None else make_bias(f),
+    )
+    a = random_feed([c, 5] if trans_a else [5, c])
+    compressed = factorized(model, groups, rank)
+    assert_same_outputs(model, compressed, {"a": a})
+    last = compressed.graph.node[-1]
+    assert last.op_type == "Gemm" and last.output[0] == "y"
+    attrs = {x.name: helper.get_attribute_value(x) for x in last.attribute}
+    assert attrs["alpha"] == pytest.approx(0.7) and attrs["beta"] == pytest.approx(1.3)
+    assert ("Transpose" in op_types(compressed)) == bool(trans_a)
+    assert op_types(compressed).count("Reshape") == (2 if groups > 1 else 0)
+    full = factorized(model, groups)
+    assert_same_outputs(model, full, {"a": a})
+
+
+def test_gemm_opset_9_keeps_required_bias():
+    weight = low_rank(6, 8, 2).T
+    model = gemm_model(weight, bias=np.ones(6, np.float32), opset=9)
+    compressed = factorized(model, 1, 2)
+    assert_same_outputs(model, compressed, {"a": random_feed([3, 8])})
+
+
+@pytest.mark.parametrize("lead", [(), (5,), (2, 5), (2, 3, 4)])
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_matmul_exact_low_rank(lead, groups):
+    f, c, rank = 6, 16, 2
+    weight = low_rank(f, c, rank, seed=2, groups=groups)
+    model = matmul_model(weight.T.copy(), list(lead))
+    feeds = {"x": random_feed([*lead, c])}
+    compressed = factorized(model, groups, rank)
+    assert_same_outputs(model, compressed, feeds)
+    assert compressed.graph.node[-1].output[0] == "y"
+    assert_same_outputs(model, factorized(model, groups), feeds)
+
+
+def test_matmul_dynamic_leading_dimensions():
+    weight = low_rank(6, 8, 2, groups=2).T.copy()
+    model = matmul_model(weight, ["batch", "seq"])
+    compressed = factorized(model, 2, 2)
+    for shape in ([1, 3, 8], [4, 7, 8]):
+        assert_same_outputs(model, compressed, {"x": random_feed(shape)})
+
+
+def test_untouched_nodes_and_model_fields_are_kept():
+    weight = low_rank(8, 4 * 9, 2).reshape(8, 4, 3, 3)
+    conv = helper.make_node("Conv", ["x", "W"], ["h"], name="conv", pads=[1, 1, 1, 1])
+    relu = helper.make_node("Relu", ["h"], ["y"], name="relu", doc_string="keep me")
+    model = make_model([conv, relu], [("x", ["N", 4, 6, 6])], [("y", None)], {"W": weight})
+    model.doc_string = "model doc"
+    model.producer_version = "9.9"
+    helper.set_model_props(model, {"author": "tests"})
+    compressed = factorized(model, 1, 2)
+    assert compressed.graph.node[-1] == relu
+    assert compressed.ir_version == model.ir_version
+    assert compressed.opset_import == model.opset_import
+    assert compressed.metadata_props == model.metadata_props
+    assert (compressed.producer_name, compressed.producer_version, compressed.doc_string) == (
+        model.producer_name,
+        model.producer_version,
+        model.doc_string,
+    )
+    assert [i.name for i in compressed.graph.input] == ["x"]
+    assert [o.name for o in compressed.graph.output] == ["y"]
+    assert "W" not in {t.name for t in compressed.graph.initializer}
+    assert model.graph.node[0] == conv  # the input model is not modified
+
+
+def test_fp16_weights_are_written_back_as_fp16():
+    weight = low_rank(8, 12, 3).astype(np.float16)
+    node = helper.make_node("MatMul", ["x", "B"], ["y"], name="mm")
+    model = make_model(
+        [node],
+        [("x", [4, 12])],
+        [("y", None)],
+        {"B": weight.T.copy()},
+        dtype=onnx.TensorProto.FLOAT16,
+    )
+    compressed = factorized(model, 1, 3)
+    check_model(compressed)
+    types = {t.data_type for t in compressed.graph.initializer}
+    assert types == {onnx.TensorProto.FLOAT16}
+    x = random_feed([4, 12], dtype=np.float16)
+    (before,), (after,) = run(model, {"x": x}), run(compressed, {"x": x})
+    assert rel_l2(before, after) < 5e-3  # fp16 rounding of the factors
+
+
+def test_constant_node_weight_is_replaced_and_removed():
+    weight = low_rank(6, 10, 2)
+    const = helper.make_node(
+        "Constant", [], ["B"], name="weight", value=onnx.numpy_helper.from_array(weight.T.copy())
+    )
+    mm = helper.make_node("MatMul", ["x", "B"], ["y"], name="mm")
+    model = make_model([const, mm], [("x", [3, 10])], [("y", None)])
+    compressed = factorized(model, 1, 2)
+    assert "Constant" not in op_types(compressed)
+    assert_same_outputs(model, compressed, {"x": random_feed([3, 10])})
+
+
+def test_weight_behind_transpose_and_cast():
+    weight = low_rank(6, 10, 2)  # W (f × c); MatMul reads Transpose(W) = (c × f)
+    nodes = [
+        helper.make_node("Cast", ["W16"], ["W32"], name="cast", to=onnx.TensorProto.FLOAT),
+        helper.make_node("Transpose", ["W32"], ["B"], name="transpose", perm=[1, 0]),
+        helper.make_node("MatMul", ["x", "B"], ["y"], name="mm"),
+    ]
+    model = make_model(nodes, [("x", [3, 10])], [("y", None)], {"W16": weight.astype(np.float16)})
+    compressed = factorized(model, 1, 2)
+    assert op_types(compressed) == ["MatMul", "MatMul"]
+    assert_same_outputs(model, compressed, {"x": random_feed([3, 10])})
