@@ -329,7 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _compress(args)
         return _inspect(args)
     except OnnxLowRankError as exc:
-        print(f"onnx-lowrank: error: {exc}", file=sys.stderr)
+        prefix = "onnx-lowrank: " if exc.exit_code == 0 else "onnx-lowrank: error: "
+        print(f"{prefix}{exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("onnx-lowrank: interrupted; nothing was written", file=sys.stderr)

@@ -12,6 +12,7 @@ __all__ = [
     "InfeasibleBudgetError",
     "InvalidModelError",
     "ModelFileError",
+    "NothingToCompressError",
     "OnnxLowRankError",
     "OutputPathError",
     "RuntimeMissingError",
@@ -58,6 +59,12 @@ class InfeasibleBudgetError(OnnxLowRankError):
     def __init__(self, message: str, smallest_fraction: dict[str, float]):
         super().__init__(message)
         self.smallest_fraction = dict(smallest_fraction)
+
+
+class NothingToCompressError(OnnxLowRankError):
+    """The model has no layer that can be factorized. Not a failure: the CLI exits 0."""
+
+    exit_code = 0
 
 
 class OutputPathError(OnnxLowRankError):

@@ -14,15 +14,14 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from .allocate import BudgetLimit, CandidateTable, allocate, build_table
-from .backend import get_backend
+from .backend import Backend, get_backend
 from .config import CompressionConfig
-from .cost import count_macs, count_parameters
+from .cost import count_macs, count_parameters, infer_shapes
 from .discover import Discovery, Layer, discover
-from .errors import ConfigError, ShapeError, ValidationFailedError
+from .errors import ConfigError, NothingToCompressError, ShapeError, ValidationFailedError
 from .factorize import Factors, factorize, relative_error
 from .load import ModelSource, load_model, model_file_size, save_model, source_path
 from .report import CompressionReport, InspectionReport, LayerReport
@@ -30,7 +29,17 @@ from .rewrite import rewrite
 from .spectra import LayerSpectrum, compute_spectra, error_table
 from .validate import validate
 
-__all__ = ["CompressionResult", "Progress", "compress", "inspect"]
+__all__ = [
+    "Analysis",
+    "CompressionResult",
+    "Progress",
+    "analyze",
+    "candidate_tables",
+    "choose",
+    "compress",
+    "inspect",
+    "realize",
+]
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +128,154 @@ def inspect(source: ModelSource, config: CompressionConfig | None = None) -> Ins
     )
 
 
+@dataclass
+class Analysis:
+    """Everything about a model that does not depend on the budget or the method.
+
+    ``analyze`` computes it once; ``candidate_tables``, ``allocate`` and ``realize`` then turn
+    it into compressed models for any number of budgets (``compress`` does one).
+
+    Attributes:
+        source: a label of where the model came from.
+        model: the loaded original model (owned by the pipeline; never modified).
+        discovery: the compressible and skipped layers.
+        spectra: singular values per layer and group count.
+        params_total: the model's parameter count.
+        macs_total: the model's MACs (Conv/Gemm/MatMul).
+        unknown_macs: nodes whose MACs are unknown (dynamic shapes).
+        size_bytes: size of the original model file(s).
+        timings: seconds per stage so far.
+    """
+
+    source: str
+    model: onnx.ModelProto
+    discovery: Discovery
+    spectra: dict[str, LayerSpectrum]
+    params_total: int
+    macs_total: int
+    unknown_macs: list[str]
+    size_bytes: int
+    backend: Backend
+    timings: dict[str, float]
+
+
+def analyze(
+    source: ModelSource, config: CompressionConfig, *, progress: Progress | None = None
+) -> Analysis:
+    """Load the model, discover its layers, and compute their spectra.
+
+    Raises:
+        NothingToCompressError: the model has no compressible layer.
+        OnnxLowRankError: any other subclass, for bad input or options.
+    """
+    timer = _Timer()
+    with timer.stage("load"):
+        model = load_model(source, force=config.force)
+    with timer.stage("discover"):
+        discovery = discover(model, config.input_shapes)
+        params_total = count_parameters(model)
+        macs_total, unknown_macs = count_macs(model, discovery.shapes)
+    label = _source_label(source)
+    if not discovery.layers:
+        raise NothingToCompressError(
+            f"nothing to compress in {label}: no Conv/Gemm/MatMul with a constant weight can be "
+            f"factorized ({len(discovery.skipped)} skipped); run 'onnx-lowrank inspect' for "
+            "the reasons"
+        )
+    if config.flops is not None:
+        _require_macs(discovery, unknown_macs)
+    backend = get_backend(config.device)
+    with timer.stage("spectra"):
+        spectra = compute_spectra(discovery, config.max_groups, backend, progress)
+    return Analysis(
+        source=label,
+        model=model,
+        discovery=discovery,
+        spectra=spectra,
+        params_total=params_total,
+        macs_total=macs_total,
+        unknown_macs=unknown_macs,
+        size_bytes=_source_size(source, model),
+        backend=backend,
+        timings=timer.timings,
+    )
+
+
+def candidate_tables(analysis: Analysis, config: CompressionConfig) -> list[CandidateTable]:
+    """One candidate table per layer, for the error measure and constraints of ``config``."""
+    return [
+        build_table(
+            layer,
+            analysis.spectra[layer.name],
+            config.error,
+            config.max_groups,
+            config.rank_multiple,
+        )
+        for layer in analysis.discovery.layers
+    ]
+
+
+def choose(
+    analysis: Analysis, tables: list[CandidateTable], config: CompressionConfig
+) -> list[int]:
+    """Row of each table chosen by ``config.method`` under the budgets of ``config``."""
+    if not config.has_budget:
+        raise ConfigError("no budget given; pass --params F and/or --flops F, e.g. --params 0.5")
+    if config.flops is not None:
+        _require_macs(analysis.discovery, analysis.unknown_macs)
+    budgets = _budgets(config, analysis.discovery, analysis.params_total, analysis.macs_total)
+    return allocate(tables, budgets, config)
+
+
+def realize(
+    analysis: Analysis,
+    tables: list[CandidateTable],
+    choices: list[int],
+    config: CompressionConfig,
+    *,
+    progress: Progress | None = None,
+) -> CompressionResult:
+    """Factorize the chosen layers, rewrite the model, validate it, and report."""
+    timer = _Timer()
+    timer.timings.update(analysis.timings)
+    discovery, model = analysis.discovery, analysis.model
+    with timer.stage("factorize"):
+        factors = _factorize(
+            discovery, tables, choices, analysis.spectra, analysis.backend, progress
+        )
+    with timer.stage("rewrite"):
+        compressed = rewrite(
+            model, [(discovery.layer(name), f) for name, (f, _) in factors.items()]
+        )
+    with timer.stage("discover"):
+        params_after = count_parameters(compressed)
+        macs_after, _ = count_macs(compressed, infer_shapes(compressed, config.input_shapes))
+    validation = None
+    if config.validate:
+        with timer.stage("validate"):
+            validation = validate(model, compressed, config)
+    layers = _layer_records(discovery, tables, choices, analysis.spectra, factors)
+    factorized = [layer for layer in layers if layer.rank is not None]
+    report = CompressionReport(
+        source=analysis.source,
+        version=_package_version(),
+        config=config.to_dict(),
+        params_before=analysis.params_total,
+        params_after=params_after,
+        macs_before=analysis.macs_total,
+        macs_after=macs_after,
+        size_bytes_before=analysis.size_bytes,
+        size_bytes_after=compressed.ByteSize(),
+        max_error_bound=max((layer.error_bound or 0.0 for layer in factorized), default=0.0),
+        max_error_actual=max((layer.error_actual or 0.0 for layer in factorized), default=0.0),
+        layers=_in_graph_order(layers, model),
+        validation=validation,
+        timings=timer.timings,
+        notes=_shape_notes(discovery, analysis.unknown_macs),
+    )
+    return CompressionResult(model=compressed, report=report)
+
+
 def compress(
     source: ModelSource,
     config: CompressionConfig,
@@ -137,70 +294,17 @@ def compress(
         why and ``CompressionResult.save`` refuses to write the model.
 
     Raises:
-        OnnxLowRankError: any subclass, for bad input, options or budgets.
+        NothingToCompressError: the model has no compressible layer.
+        OnnxLowRankError: any other subclass, for bad input, options or budgets.
     """
     if not config.has_budget:
         raise ConfigError("no budget given; pass --params F and/or --flops F, e.g. --params 0.5")
-    timer = _Timer()
-    with timer.stage("load"):
-        model = load_model(source, force=config.force)
-    with timer.stage("discover"):
-        discovery = discover(model, config.input_shapes)
-        params_total = count_parameters(model)
-        macs_total, unknown_macs = count_macs(model, discovery.shapes)
-    if config.flops is not None:
-        _require_macs(discovery, unknown_macs)
-    backend = get_backend(config.device)
-    with timer.stage("spectra"):
-        spectra = compute_spectra(discovery, config.max_groups, backend, progress)
-    with timer.stage("allocate"):
-        tables = [
-            build_table(
-                layer, spectra[layer.name], config.error, config.max_groups, config.rank_multiple
-            )
-            for layer in discovery.layers
-        ]
-        budgets = _budgets(config, discovery, params_total, macs_total)
-        choices = allocate(tables, budgets, config)
-    with timer.stage("factorize"):
-        factors = _factorize(discovery, tables, choices, spectra, backend, progress)
-    with timer.stage("rewrite"):
-        compressed = rewrite(
-            model, [(discovery.layer(name), f) for name, (f, _) in factors.items()]
-        )
-    with timer.stage("discover"):
-        params_after = count_parameters(compressed)
-        macs_after, _ = count_macs(compressed, _shapes_of(compressed, config))
-    validation = None
-    if config.validate:
-        with timer.stage("validate"):
-            validation = validate(model, compressed, config)
-    layers = _layer_records(discovery, tables, choices, spectra, factors, config)
-    factorized = [layer for layer in layers if layer.rank is not None]
-    report = CompressionReport(
-        source=_source_label(source),
-        version=_package_version(),
-        config=config.to_dict(),
-        params_before=params_total,
-        params_after=params_after,
-        macs_before=macs_total,
-        macs_after=macs_after,
-        size_bytes_before=_source_size(source, model),
-        size_bytes_after=compressed.ByteSize(),
-        max_error_bound=max((layer.error_bound or 0.0 for layer in factorized), default=0.0),
-        max_error_actual=max((layer.error_actual or 0.0 for layer in factorized), default=0.0),
-        layers=_in_graph_order(layers, model),
-        validation=validation,
-        timings=timer.timings,
-        notes=_shape_notes(discovery, unknown_macs),
-    )
-    return CompressionResult(model=compressed, report=report)
-
-
-def _shapes_of(model: onnx.ModelProto, config: CompressionConfig):
-    from .cost import infer_shapes
-
-    return infer_shapes(model, config.input_shapes)
+    analysis = analyze(source, config, progress=progress)
+    tables = candidate_tables(analysis, config)
+    started = time.perf_counter()
+    choices = choose(analysis, tables, config)
+    analysis.timings["allocate"] = time.perf_counter() - started
+    return realize(analysis, tables, choices, config, progress=progress)
 
 
 def _require_macs(discovery: Discovery, unknown: list[str]) -> None:
@@ -257,7 +361,6 @@ def _layer_records(
     choices: list[int],
     spectra: dict[str, LayerSpectrum],
     factors: dict[str, tuple[Factors, float]],
-    config: CompressionConfig,
 ) -> list[LayerReport]:
     records = []
     for layer, table, row in zip(discovery.layers, tables, choices, strict=True):
@@ -342,7 +445,3 @@ def _shape_notes(discovery: Discovery, unknown: list[str]) -> list[str]:
             + ("..." if len(unknown) > 5 else "")
         )
     return notes
-
-
-# numpy is imported for type checkers reading the table arrays in this module
-_ = np
