@@ -40,12 +40,12 @@ class Backend:
         return self.xp.asarray(np.asarray(array, dtype=np.float64))
 
     def to_numpy(self, array: Any) -> np.ndarray:
-        """Bring a backend array back to NumPy."""
+        """Bring a backend array back to NumPy (a device-to-host copy for CuPy)."""
         if self.name == "cupy":
             return array.get()
-        if isinstance(array, np.ndarray):
-            return array
-        return np.asarray(array)
+        if isinstance(array, (np.ndarray, np.generic)):
+            return np.asarray(array)
+        return np.from_dlpack(array)
 
     def free(self) -> None:
         """Release cached device memory between layers (a no-op on the CPU)."""
