@@ -41,7 +41,7 @@ import numpy as np
 
 from .backend import Backend, numpy_backend
 
-__all__ = ["Factors", "factorize", "reconstruct", "relative_error"]
+__all__ = ["Factors", "factorize", "factorize_with_error", "reconstruct", "relative_error"]
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,44 @@ def factorize(
     Raises:
         ValueError: ``groups`` does not divide the columns or ``rank`` is out of range.
     """
-    backend = backend or numpy_backend()
+    return _factorize(weight, groups, rank, backend or numpy_backend(), with_error=False)[0]
+
+
+def factorize_with_error(
+    weight: np.ndarray,
+    groups: int,
+    rank: int,
+    spectral_norm: float,
+    backend: Backend | None = None,
+) -> tuple[Factors, float]:
+    """``factorize``, and the actual relative error ``‖W − Ŵ‖₂ / ‖W‖₂`` of the factors.
+
+    The error comes from the same eigendecompositions ``G_i = Q Λ Qᵀ`` as the factors, at
+    little extra cost. With ``Q_⊥``, ``Λ_⊥`` the eigenpairs left out of group ``i``, its
+    residual is ``E_i = Q_⊥Q_⊥ᵀ W_i`` (``f`` side) or ``W_i Q_⊥Q_⊥ᵀ`` (column side), so
+
+        ‖E‖₂² = ‖Σ_i E_i E_iᵀ‖₂ = ‖K‖₂²,  K = [K_1 … K_g],
+        K_i = Q_⊥ Λ_⊥^{1/2}  (f side)   or   K_i = W_i Q_⊥  (column side),
+
+    and for ``g = 1`` simply ``‖E‖₂² = max Λ_⊥ = λ_{r+1}``. ``‖K‖₂`` is the square root of the
+    largest eigenvalue of the smaller Gram matrix of ``K``. Nothing is subtracted, so there is
+    no cancellation; the result agrees with ``relative_error`` of the same factors to the
+    Gram-path tolerance (``tests/test_factorize.py``). Use ``relative_error`` for factors
+    computed any other way.
+
+    Args:
+        weight, groups, rank, backend: as for ``factorize``.
+        spectral_norm: ``‖W‖₂``.
+    """
+    factors, residual = _factorize(
+        weight, groups, rank, backend or numpy_backend(), with_error=True
+    )
+    return factors, (residual / spectral_norm if spectral_norm > 0 else 0.0)
+
+
+def _factorize(
+    weight: np.ndarray, groups: int, rank: int, backend: Backend, with_error: bool
+) -> tuple[Factors, float]:
     xp = backend.xp
     rows, cols = weight.shape
     width = cols // groups
@@ -83,29 +120,56 @@ def factorize(
         raise ValueError(
             f"cannot factorize a {rows}×{cols} weight into {groups} groups of rank {rank}"
         )
-    blocks = xp.permute_dims(xp.reshape(backend.asarray(weight), (rows, groups, width)), (1, 0, 2))
-    if rows <= width:
-        basis = _top_eigenvectors(xp.matmul(blocks, xp.matrix_transpose(blocks)), rank, xp)
-        projected = xp.matmul(xp.matrix_transpose(basis), blocks)  # (g, r, width) = Σ V̂ᵀ
-        root = _sqrt_norms(projected, -1, xp)  # (g, r)
-        u = basis * root[:, None, :]
-        v = projected / _nonzero(root, xp)[:, :, None]
-    else:
-        basis = _top_eigenvectors(xp.matmul(xp.matrix_transpose(blocks), blocks), rank, xp)
-        projected = xp.matmul(blocks, basis)  # (g, f, r) = Û Σ
-        root = _sqrt_norms(projected, -2, xp)
-        u = projected / _nonzero(root, xp)[:, None, :]
-        v = xp.matrix_transpose(basis) * root[:, :, None]
+    row_side = rows <= width
+    with backend.parallel() as executor:
+        blocks = xp.permute_dims(
+            xp.reshape(backend.asarray(weight), (rows, groups, width)), (1, 0, 2)
+        )
+        transposed = xp.matrix_transpose(blocks)
+        grams = xp.matmul(blocks, transposed) if row_side else xp.matmul(transposed, blocks)
+        values, vectors = backend.split_map(executor, lambda part: _eigh(part, xp), grams)
+        size = vectors.shape[-1]
+        basis = xp.flip(vectors[:, :, size - rank :], axis=-1)  # top r, largest first
+        if row_side:
+            projected = xp.matmul(xp.matrix_transpose(basis), blocks)  # (g, r, width) = Σ V̂ᵀ
+            root = _sqrt_norms(projected, -1, xp)  # (g, r)
+            u = basis * root[:, None, :]
+            v = projected / _nonzero(root, xp)[:, :, None]
+        else:
+            projected = xp.matmul(blocks, basis)  # (g, f, r) = Û Σ
+            root = _sqrt_norms(projected, -2, xp)
+            u = projected / _nonzero(root, xp)[:, None, :]
+            v = xp.matrix_transpose(basis) * root[:, :, None]
+        residual = 0.0
+        if with_error and size > rank:
+            residual = _residual_norm(values, vectors, blocks, size - rank, row_side, xp, backend)
     u, v = _fix_signs(backend.to_numpy(u), backend.to_numpy(v))
     second = np.ascontiguousarray(np.transpose(u, (1, 0, 2)).reshape(rows, groups * rank))
-    return Factors(groups=groups, rank=rank, first=np.ascontiguousarray(v), second=second)
+    factors = Factors(groups=groups, rank=rank, first=np.ascontiguousarray(v), second=second)
+    return factors, residual
 
 
-def _top_eigenvectors(grams: Any, rank: int, xp: Any) -> Any:
-    """``(g, n, rank)``: eigenvectors of the ``rank`` largest eigenvalues, largest first."""
-    vectors = xp.linalg.eigh(grams).eigenvectors  # ascending eigenvalues
-    size = vectors.shape[-1]
-    return xp.flip(vectors[:, :, size - rank :], axis=-1)
+def _eigh(grams: Any, xp: Any) -> tuple[Any, Any]:
+    result = xp.linalg.eigh(grams)  # ascending eigenvalues
+    return result.eigenvalues, result.eigenvectors
+
+
+def _residual_norm(
+    values: Any, vectors: Any, blocks: Any, left: int, row_side: bool, xp: Any, backend: Backend
+) -> float:
+    """``‖E‖₂`` from the ``left`` eigenpairs each group leaves out (see factorize_with_error)."""
+    dropped = xp.clip(values[:, :left], 0.0, None)  # (g, left), ascending
+    if values.shape[0] == 1:
+        return float(backend.to_numpy(xp.sqrt(xp.max(dropped))))
+    rest = vectors[:, :, :left]
+    # (g, f, left): Q_⊥ Λ_⊥^{1/2} on the f side, W_i Q_⊥ on the column side
+    parts = rest * xp.sqrt(dropped)[:, None, :] if row_side else xp.matmul(blocks, rest)
+    count, rows, _ = parts.shape
+    matrix = xp.reshape(xp.permute_dims(parts, (1, 0, 2)), (rows, count * left))  # K
+    transposed = xp.matrix_transpose(matrix)
+    small = xp.matmul(matrix, transposed) if rows <= count * left else xp.matmul(transposed, matrix)
+    largest = float(backend.to_numpy(xp.max(xp.linalg.eigvalsh(small))))
+    return float(np.sqrt(max(largest, 0.0)))
 
 
 def _sqrt_norms(array: Any, axis: int, xp: Any) -> Any:
@@ -166,10 +230,11 @@ def relative_error(
         return 0.0
     backend = backend or numpy_backend()
     xp = backend.xp
-    matrix = backend.asarray(residual)
-    if residual.shape[0] <= residual.shape[1]:
-        gram = xp.matmul(matrix, xp.matrix_transpose(matrix))
-    else:
-        gram = xp.matmul(xp.matrix_transpose(matrix), matrix)
-    largest = float(backend.to_numpy(xp.max(xp.linalg.eigvalsh(gram))))
+    with backend.parallel():
+        matrix = backend.asarray(residual)
+        if residual.shape[0] <= residual.shape[1]:
+            gram = xp.matmul(matrix, xp.matrix_transpose(matrix))
+        else:
+            gram = xp.matmul(xp.matrix_transpose(matrix), matrix)
+        largest = float(backend.to_numpy(xp.max(xp.linalg.eigvalsh(gram))))
     return float(np.sqrt(max(largest, 0.0))) / spectral_norm

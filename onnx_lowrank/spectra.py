@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,60 +176,106 @@ def _singular_values(grams: Any, backend: Backend) -> np.ndarray:
     return np.ascontiguousarray(backend.to_numpy(values))
 
 
-class _Batches:
-    """Gram stacks waiting for a batched ``eigvalsh``, grouped by matrix size."""
+_Key = tuple[int, int]  # (layer index, group count)
+_Piece = tuple[_Key, Any, int, int]  # key, Gram stack, first and last+1 matrix of it
 
-    def __init__(self, backend: Backend, batch_bytes: int):
+
+class _Batches:
+    """Gram stacks waiting for a batched ``eigvalsh``, grouped by matrix size.
+
+    ``add`` collects stacks. ``flush`` cuts everything pending into calls of equal-sized
+    matrices (at most ``batch_bytes`` of input each, and at least one per worker when there are
+    enough matrices), hands them to the executor, and yields the results of every earlier
+    flush as they complete. So the workers decompose one batch while the caller forms the
+    Grams of the next, and at most two batches are alive at a time.
+    """
+
+    def __init__(self, backend: Backend, batch_bytes: int, executor: Executor):
         self.backend = backend
         self.batch_bytes = batch_bytes
-        self.pending: dict[int, list[tuple[Any, Any]]] = {}
+        self.executor = executor
+        self.pending: dict[int, list[tuple[_Key, Any]]] = {}
         self.pending_bytes = 0
+        self.inflight: list[Future[list[tuple[_Key, int, np.ndarray]]]] = []
+        self.parts: dict[_Key, list[tuple[int, np.ndarray]]] = {}
+        self.remaining: dict[_Key, int] = {}
 
-    def add(self, key: Any, stack: Any) -> None:
+    def add(self, key: _Key, stack: Any) -> None:
         size = stack.shape[-1]
         self.pending.setdefault(size, []).append((key, stack))
         self.pending_bytes += stack.shape[0] * size * size * _FLOAT64_BYTES
+        self.remaining[key] = stack.shape[0]
+        self.parts[key] = []
 
     @property
     def full(self) -> bool:
         return self.pending_bytes >= self.batch_bytes
 
-    def flush(self) -> Iterator[tuple[Any, np.ndarray]]:
-        """Decompose everything pending; yield ``(key, singular values)`` per added stack."""
+    def flush(self, final: bool = False) -> Iterator[tuple[_Key, np.ndarray]]:
+        """Submit everything pending; yield ``(key, singular values)`` of finished stacks.
+
+        Waits for the batches of earlier flushes, and with ``final`` for this one too.
+        """
+        earlier, self.inflight = self.inflight, []
         for size, items in self.pending.items():
-            per_call = max(1, self.batch_bytes // (size * size * _FLOAT64_BYTES))
-            chunk: list[tuple[Any, Any]] = []
-            count = 0
-            for key, stack in items:
-                if chunk and count + stack.shape[0] > per_call:
-                    yield from self._decompose(chunk)
-                    chunk, count = [], 0
-                if stack.shape[0] > per_call:  # one stack over the budget: split it
-                    parts = [
-                        self._values([stack[start : start + per_call, ...]])
-                        for start in range(0, stack.shape[0], per_call)
-                    ]
-                    yield key, np.concatenate(parts, axis=0)
-                    continue
-                chunk.append((key, stack))
-                count += stack.shape[0]
-            if chunk:
-                yield from self._decompose(chunk)
+            for chunk in self._chunks(size, items):
+                self.inflight.append(self.executor.submit(self._decompose, chunk))
         self.pending.clear()
         self.pending_bytes = 0
+        for future in earlier + (self.inflight if final else []):
+            yield from self._collect(future.result())
+        if final:
+            self.inflight = []
         self.backend.free()
 
-    def _decompose(self, chunk: list[tuple[Any, Any]]) -> Iterator[tuple[Any, np.ndarray]]:
-        values = self._values([stack for _, stack in chunk])
-        start = 0
-        for key, stack in chunk:
-            yield key, values[start : start + stack.shape[0]]
-            start += stack.shape[0]
+    def _chunks(self, size: int, items: list[tuple[_Key, Any]]) -> list[list[_Piece]]:
+        count = sum(stack.shape[0] for _, stack in items)
+        by_bytes = max(1, self.batch_bytes // (size * size * _FLOAT64_BYTES))
+        per_call = max(1, min(by_bytes, -(-count // self.backend.workers)))
+        chunks: list[list[_Piece]] = []
+        current: list[_Piece] = []
+        filled = 0
+        for key, stack in items:
+            start = 0
+            while start < stack.shape[0]:
+                take = min(stack.shape[0] - start, per_call - filled)
+                current.append((key, stack, start, start + take))
+                start += take
+                filled += take
+                if filled == per_call:
+                    chunks.append(current)
+                    current, filled = [], 0
+        if current:
+            chunks.append(current)
+        return chunks
 
-    def _values(self, stacks: list[Any]) -> np.ndarray:
+    def _decompose(self, chunk: list[_Piece]) -> list[tuple[_Key, int, np.ndarray]]:
         xp = self.backend.xp
-        grams = stacks[0] if len(stacks) == 1 else xp.concat(stacks, axis=0)
-        return _singular_values(grams, self.backend)
+        parts = [
+            stack if (start, stop) == (0, stack.shape[0]) else stack[start:stop, ...]
+            for _, stack, start, stop in chunk
+        ]
+        if self.backend.name == "numpy":  # LAPACK loops over a stack anyway: skip the copy
+            values = np.concatenate([_singular_values(part, self.backend) for part in parts])
+        else:  # one kernel launch for the whole batch
+            grams = parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
+            values = _singular_values(grams, self.backend)
+        results, offset = [], 0
+        for key, _, start, stop in chunk:
+            results.append((key, start, values[offset : offset + stop - start]))
+            offset += stop - start
+        return results
+
+    def _collect(
+        self, results: list[tuple[_Key, int, np.ndarray]]
+    ) -> Iterator[tuple[_Key, np.ndarray]]:
+        for key, start, values in results:
+            self.parts[key].append((start, values))
+            self.remaining[key] -= values.shape[0]
+            if self.remaining[key] == 0:
+                parts = sorted(self.parts.pop(key), key=lambda part: part[0])
+                del self.remaining[key]
+                yield key, np.concatenate([part for _, part in parts], axis=0)
 
 
 def layer_spectrum(
@@ -239,11 +286,19 @@ def layer_spectrum(
     backend: Backend | None = None,
 ) -> LayerSpectrum:
     """The spectrum of one folded weight for the given group counts (``1`` must be one)."""
-    backend = backend or numpy_backend()
+    values = _grouped_values(weight, in_channels, counts, backend or numpy_backend())
+    return _assemble(name, _frobenius_sq(weight), values)
+
+
+def _grouped_values(
+    weight: np.ndarray, in_channels: int, counts: list[int], backend: Backend
+) -> dict[int, np.ndarray]:
     _check_groups(weight.shape, in_channels, counts)
-    grams = _gram_stacks(backend.asarray(weight), counts, backend.xp)
-    values = {groups: _singular_values(stack, backend) for groups, stack in grams.items()}
-    return _assemble(name, _frobenius_sq(weight), {g: values[g] for g in counts})
+    with backend.parallel() as executor:
+        batches = _Batches(backend, BATCH_BYTES, executor)
+        for groups, stack in _gram_stacks(backend.asarray(weight), counts, backend.xp).items():
+            batches.add((0, groups), stack)
+        return {groups: result for (_, groups), result in batches.flush(final=True)}
 
 
 def _frobenius_sq(weight: np.ndarray) -> float:
@@ -274,10 +329,7 @@ def grouped_singular_values(
     Returns:
         NumPy array ``(g, min(f, c·κ/g))``, each row in descending order.
     """
-    backend = backend or numpy_backend()
-    _check_groups(weight.shape, in_channels, [groups])
-    grams = _gram_stacks(backend.asarray(weight), [groups], backend.xp)
-    return _singular_values(grams[groups], backend)
+    return _grouped_values(weight, in_channels, [groups], backend or numpy_backend())[groups]
 
 
 def compute_spectra(
@@ -290,28 +342,28 @@ def compute_spectra(
 ) -> dict[str, LayerSpectrum]:
     """Singular values of every layer of ``discovery`` for each candidate group count.
 
-    Layers are read one at a time; their Gram matrices are batched by size across layers
-    (see the module docstring for the byte budget and the tolerance).
+    Layers are read one at a time; their Gram matrices are batched by size across layers and
+    decomposed by the backend's workers (see the module docstring for the byte budget and the
+    tolerance).
 
     Args:
         discovery: the layers and their weights.
         max_groups: largest candidate group count.
         backend: array backend (NumPy when None); results come back as NumPy arrays.
         progress: called with ``("spectra", done, total)`` as layers complete.
-        batch_bytes: byte budget of the Gram matrices of one batched eigenvalue call.
+        batch_bytes: byte budget of the Gram matrices of one batch.
     """
     backend = backend or numpy_backend()
     if batch_bytes < 1:
         raise ValueError(f"batch_bytes must be positive, got {batch_bytes}")
     layers = discovery.layers
-    batches = _Batches(backend, batch_bytes)
     values: list[dict[int, np.ndarray]] = [{} for _ in layers]
     waiting = [0] * len(layers)
     frobenius_sq = [0.0] * len(layers)
     spectra: dict[str, LayerSpectrum] = {}
 
-    def collect() -> None:
-        for (index, groups), result in batches.flush():
+    def collect(results: Iterator[tuple[_Key, np.ndarray]]) -> None:
+        for (index, groups), result in results:
             values[index][groups] = result
             waiting[index] -= 1
             if waiting[index] == 0:
@@ -321,18 +373,20 @@ def compute_spectra(
                 if progress is not None:
                     progress("spectra", len(spectra), len(layers))
 
-    for index, layer in enumerate(layers):
-        weight = discovery.weight(layer)
-        counts = group_counts(layer, max_groups)
-        _check_groups(weight.shape, layer.in_channels, counts)
-        grams = _gram_stacks(backend.asarray(weight), counts, backend.xp)
-        frobenius_sq[index] = _frobenius_sq(weight)
-        waiting[index] = len(grams)
-        for groups, stack in grams.items():
-            batches.add((index, groups), stack)
-        if batches.full:
-            collect()
-    collect()
+    with backend.parallel() as executor:
+        batches = _Batches(backend, batch_bytes, executor)
+        for index, layer in enumerate(layers):
+            weight = discovery.weight(layer)
+            counts = group_counts(layer, max_groups)
+            _check_groups(weight.shape, layer.in_channels, counts)
+            frobenius_sq[index] = _frobenius_sq(weight)
+            grams = _gram_stacks(backend.asarray(weight), counts, backend.xp)
+            waiting[index] = len(grams)
+            for groups, stack in grams.items():
+                batches.add((index, groups), stack)
+            if batches.full:
+                collect(batches.flush())
+        collect(batches.flush(final=True))
     log.debug("spectra of %d layers", len(spectra))
     return {layer.name: spectra[layer.name] for layer in layers}
 

@@ -56,7 +56,7 @@ RANDOM_BATCH = 8
 #: Samples per latency run when every input's leading dimension is dynamic.
 LATENCY_BATCH = 1
 #: Seconds of timed runs after which the latency measurement stops early.
-LATENCY_BUDGET_S = 2.0
+LATENCY_BUDGET_S = 1.0
 
 
 @dataclass(frozen=True)

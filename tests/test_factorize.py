@@ -15,12 +15,27 @@ from builders import MODELS
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from test_spectra import matrix, tau
+from threadpoolctl import threadpool_limits
 
 from onnx_lowrank.backend import Backend
 from onnx_lowrank.discover import discover
-from onnx_lowrank.factorize import Factors, factorize, reconstruct, relative_error
+from onnx_lowrank.factorize import (
+    Factors,
+    factorize,
+    factorize_with_error,
+    reconstruct,
+    relative_error,
+)
 
 STRICT = Backend("array_api_strict", array_api_strict)
+
+
+@pytest.fixture(autouse=True)
+def single_threaded_reference_blas():
+    """The float64 SVDs the tests compare against run with one BLAS thread, like the code under
+    test: OpenBLAS threads spin while waiting and crawl on a machine with busy cores."""
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 def svd_truncation(weight: np.ndarray, groups: int, rank: int):
@@ -155,6 +170,27 @@ def test_relative_error_is_the_exact_spectral_norm_of_the_residual():
     assert relative_error(np.zeros((3, 4)), factorize(np.zeros((3, 4)), 1, 1), 0.0) == 0.0
 
 
+@pytest.mark.parametrize(
+    "shape, groups, rank",
+    [((30, 90), 1, 4), ((30, 90), 3, 4), ((90, 30), 1, 6), ((90, 30), 2, 6), ((16, 48), 2, 16)],
+    ids=["f-side", "f-side-groups", "column-side", "column-side-groups", "full-rank"],
+)
+def test_error_from_the_eigendecomposition_equals_the_explicit_residual_norm(shape, groups, rank):
+    for kind in ("gaussian", "ill-conditioned", "low-rank"):
+        weight = matrix(kind, *shape, 3, np.random.default_rng(8))
+        norm = np.linalg.norm(weight, 2)
+        factors, error = factorize_with_error(weight, groups, rank, norm)
+        plain = factorize(weight, groups, rank)
+        assert np.array_equal(factors.first, plain.first)
+        assert np.array_equal(factors.second, plain.second)
+        explicit = np.linalg.norm(weight - reconstruct(factors), 2) / norm
+        longer = max(shape[0], shape[1] // groups)
+        # both are exact up to the Gram-path tolerance: |a² − b²| ≤ τ (relative to ‖W‖²)
+        assert abs(error**2 - explicit**2) <= 4 * tau(longer)
+        if explicit > 1e-3:
+            assert error == pytest.approx(explicit, rel=1e-9)
+
+
 def test_strict_array_namespace_gives_the_numpy_factors():
     """factorize and relative_error use only the array API standard, on both Gram sides."""
     rng = np.random.default_rng(6)
@@ -168,6 +204,8 @@ def test_strict_array_namespace_gives_the_numpy_factors():
         assert relative_error(weight, got, norm, STRICT) == pytest.approx(
             relative_error(weight, expected, norm), rel=1e-12
         )
+        _, error = factorize_with_error(weight, groups, rank, norm, STRICT)
+        assert error == pytest.approx(factorize_with_error(weight, groups, rank, norm)[1])
 
 
 def test_real_model_layers_meet_the_guarantees():
@@ -177,8 +215,12 @@ def test_real_model_layers_meet_the_guarantees():
         weight = discovery.weight(layer)
         groups = 2 if layer.in_channels % 2 == 0 else 1
         full = min(layer.out_channels, layer.cols // groups)
+        norm = np.linalg.norm(weight, 2)
         for rank in sorted({1, max(1, full // 3), full}):
-            assert_truncated_svd(weight, factorize(weight, groups, rank))
+            factors, error = factorize_with_error(weight, groups, rank, norm)
+            assert_truncated_svd(weight, factors)
+            explicit = relative_error(weight, factors, norm)
+            assert error == pytest.approx(explicit, rel=1e-9, abs=1e-7)
 
 
 def test_bad_arguments_are_rejected():
