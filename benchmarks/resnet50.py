@@ -60,10 +60,11 @@ def naive_spectra(discovery, max_groups: int) -> None:
                 np.linalg.svd(weight[:, index * width : (index + 1) * width], compute_uv=False)
 
 
-def timed(function, *args) -> float:
-    started = time.perf_counter()
+def timed(function, *args) -> tuple[float, float]:
+    """Wall and CPU seconds (all threads of this process) of one call."""
+    started, cpu = time.perf_counter(), time.process_time()
     function(*args)
-    return time.perf_counter() - started
+    return time.perf_counter() - started, time.process_time() - cpu
 
 
 def naive_one_thread(discovery, max_groups: int) -> None:
@@ -82,15 +83,23 @@ def bench_spectra(
     backend = get_backend(device)
     rows = []
     for limit in max_groups:
-        times: dict[str, list[float]] = {"naive_one_thread": [], "gram": []}
-        if threaded_naive:
-            times["naive_threaded"] = []
+        names = ["naive_one_thread", "naive_threaded", "gram"]
+        if not threaded_naive:
+            names.remove("naive_threaded")
+        times: dict[str, list[float]] = {name: [] for name in names}
+        cpu: dict[str, list[float]] = {name: [] for name in names}
+        calls = {
+            "naive_one_thread": (naive_one_thread, discovery, limit),
+            "naive_threaded": (naive_spectra, discovery, limit),
+            "gram": (compute_spectra, discovery, limit, backend),
+        }
         for _ in range(repeat):
-            times["naive_one_thread"].append(timed(naive_one_thread, discovery, limit))
-            if threaded_naive:
-                times["naive_threaded"].append(timed(naive_spectra, discovery, limit))
-            times["gram"].append(timed(compute_spectra, discovery, limit, backend))
+            for name in names:
+                wall, used = timed(*calls[name])
+                times[name].append(wall)
+                cpu[name].append(used)
         medians = {key: statistics.median(values) for key, values in times.items()}
+        cpu_medians = {key: statistics.median(values) for key, values in cpu.items()}
         baseline = min(value for key, value in medians.items() if key != "gram")
         rows.append(
             {
@@ -99,7 +108,9 @@ def bench_spectra(
                     groups for layer in discovery.layers for groups in group_counts(layer, limit)
                 ),
                 **{f"{key}_s": value for key, value in medians.items()},
+                **{f"{key}_cpu_s": value for key, value in cpu_medians.items()},
                 "speedup": baseline / medians["gram"],
+                "cpu_speedup": cpu_medians["naive_one_thread"] / cpu_medians["gram"],
                 "backend": f"{backend.name} ({backend.workers} workers)",
                 "all_s": times,
             }
@@ -171,6 +182,7 @@ def run_compress(model_path: Path, folder: Path, extra: list[str]) -> dict:
     validation = data["validation"] or {}
     return {
         "wall_s": wall,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
         "peak_rss_mb": usage.ru_maxrss / 1024,  # kilobytes on Linux
         "timings": timings,
         "params_fraction": data["params_fraction"],
@@ -216,16 +228,20 @@ def machine() -> dict:
 
 def markdown(results: dict) -> str:
     threaded = any("naive_threaded_s" in row for row in results["spectra"])
-    header = "| max-groups | group matrices | naive, 1 BLAS thread (s) |"
-    header += " naive, default BLAS threads (s) |" if threaded else ""
-    header += " Gram path (s) | speed-up |"
-    lines = [header, "|---:" * (6 if threaded else 5) + "|"]
+    header = "| max-groups | group matrices | naive, 1 BLAS thread: wall (CPU) s |"
+    header += " naive, default BLAS threads: wall s |" if threaded else ""
+    header += " Gram path: wall (CPU) s | speed-up, wall | speed-up, CPU |"
+    lines = [header, "|---:" * (7 if threaded else 6) + "|"]
     for row in results["spectra"]:
         cells = [str(row["max_groups"]), str(row["group_matrices"])]
-        cells.append(f"{row['naive_one_thread_s']:.2f}")
+        cells.append(f"{row['naive_one_thread_s']:.2f} ({row['naive_one_thread_cpu_s']:.2f})")
         if threaded:
             cells.append(f"{row['naive_threaded_s']:.2f}")
-        cells += [f"{row['gram_s']:.2f}", f"{row['speedup']:.1f}×"]
+        cells += [
+            f"{row['gram_s']:.2f} ({row['gram_cpu_s']:.2f})",
+            f"{row['speedup']:.1f}×",
+            f"{row['cpu_speedup']:.1f}×",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     big = results.get("big_layer")
     if big:
@@ -243,6 +259,7 @@ def markdown(results: dict) -> str:
     for stage, seconds in run["timings"].items():
         lines.append(f"| {stage} | {seconds:.2f} | {seconds / total:.0%} |")
     lines.append(f"| **total (wall)** | **{total:.2f}** | |")
+    lines.append(f"| total CPU time of the process | {run['cpu_s']:.2f} | |")
     lines.append("")
     lines.append(
         f"peak RSS {run['max_peak_rss_mb']:.0f} MB; wall times of all runs: "

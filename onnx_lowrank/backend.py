@@ -114,7 +114,7 @@ class Backend:
         """
         count = stack.shape[0]
         parts = min(self.workers, count)
-        if parts <= 1:
+        if parts <= 1 or isinstance(executor, _InlineExecutor):
             return function(stack)
         bounds = [count * part // parts for part in range(parts + 1)]
         futures = [

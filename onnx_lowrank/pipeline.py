@@ -345,7 +345,7 @@ def _factorize(
         if table.groups[row] > 0
     ]
 
-    def work(item) -> tuple[str, tuple[Factors, float]]:
+    def work(item: tuple[Layer, CandidateTable, int]) -> tuple[str, tuple[Factors, float]]:
         layer, table, row = item
         weight = discovery.weight(layer)
         groups, rank = int(table.groups[row]), int(table.ranks[row])

@@ -16,6 +16,7 @@ import onnx
 import onnxruntime
 import pytest
 from builders import MNIST, REPO
+from threadpoolctl import threadpool_info
 
 from onnx_lowrank import RuntimeMissingError
 from onnx_lowrank.backend import cuda_available, get_backend, numpy_backend
@@ -70,6 +71,38 @@ def test_importing_and_compressing_on_cpu_never_imports_cupy(tmp_path):
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert result.stdout.split() == ["False", "True"]
+
+
+def blas_threads() -> list[int]:
+    return [info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"]
+
+
+def test_parallel_work_limits_blas_and_restores_it_even_when_nested():
+    before = blas_threads()
+    backend = numpy_backend(2)
+    with backend.parallel() as executor:
+        assert all(count == 1 for count in blas_threads())
+        inner = executor.submit(lambda: list(backend.map(lambda x: x * x, range(5)))).result()
+        assert inner == [0, 1, 4, 9, 16]
+    assert blas_threads() == before
+    assert list(backend.map(lambda x: -x, range(7))) == [0, -1, -2, -3, -4, -5, -6]
+    assert blas_threads() == before
+
+
+def test_results_do_not_depend_on_the_number_of_workers():
+    """Every matrix is decomposed on its own, so outputs are bit-identical for any core count."""
+    discovery = discover(onnx.load(MNIST))
+    one, two = numpy_backend(1), numpy_backend(2)
+    spectra_one, spectra_two = (
+        compute_spectra(discovery, 8, one),
+        compute_spectra(discovery, 8, two),
+    )
+    for name, spectrum in spectra_one.items():
+        for groups, values in spectrum.singular_values.items():
+            assert np.array_equal(spectra_two[name].singular_values[groups], values)
+    weight = discovery.weight(discovery.layers[1])
+    a, b = factorize(weight, 4, 5, one), factorize(weight, 4, 5, two)
+    assert np.array_equal(a.first, b.first) and np.array_equal(a.second, b.second)
 
 
 def test_provider_choice_with_the_installed_onnx_runtime(caplog):
