@@ -418,9 +418,10 @@ def latency_feeds(
     infos = graph_inputs(model)
     leading = {int(feeds[info.name].shape[0]) for info in infos if feeds[info.name].ndim}
     dynamic = all(_declared(info)[1][:1] == [None] and feeds[info.name].ndim for info in infos)
-    if not infos or not dynamic or len(leading) != 1 or leading.pop() <= LATENCY_BATCH:
+    if not infos or not dynamic or len(leading) != 1:
         return None, dict(feeds)
-    return LATENCY_BATCH, {name: array[:LATENCY_BATCH] for name, array in feeds.items()}
+    batch = min(LATENCY_BATCH, leading.pop())
+    return batch, {name: array[:batch] for name, array in feeds.items()}
 
 
 def _latencies(
