@@ -158,7 +158,7 @@ def _residual_norm(
     values: Any, vectors: Any, blocks: Any, left: int, row_side: bool, xp: Any, backend: Backend
 ) -> float:
     """``‖E‖₂`` from the ``left`` eigenpairs each group leaves out (see factorize_with_error)."""
-    dropped = xp.clip(values[:, :left], 0.0, None)  # (g, left), ascending
+    dropped = xp.maximum(values[:, :left], 0.0)  # (g, left), ascending
     if values.shape[0] == 1:
         return float(backend.to_numpy(xp.sqrt(xp.max(dropped))))
     rest = vectors[:, :, :left]

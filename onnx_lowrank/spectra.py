@@ -172,7 +172,7 @@ def _singular_values(grams: Any, backend: Backend) -> np.ndarray:
     """``σ = sqrt(max(λ, 0))`` of a stack of Gram matrices, descending, as NumPy."""
     xp = backend.xp
     eigenvalues = xp.linalg.eigvalsh(grams)  # ascending
-    values = xp.flip(xp.sqrt(xp.clip(eigenvalues, 0.0, None)), axis=-1)
+    values = xp.flip(xp.sqrt(xp.maximum(eigenvalues, 0.0)), axis=-1)
     return np.ascontiguousarray(backend.to_numpy(values))
 
 
