@@ -27,11 +27,13 @@ candidate counts 1, 2, 4, 8 only the eight finest Grams are multiplied out. On t
 a finer group's Gram is a diagonal block of a coarser one's (``W_iᵀ W_i`` is the ``i``-th
 diagonal block of ``W_aᵀ W_a``), so only the coarsest is multiplied out.
 
-All Gram matrices of one size, of all group counts and across layers, are decomposed in one
-batched ``eigvalsh`` call. The Gram matrices waiting for a call never hold more than
-``batch_bytes`` (default ``BATCH_BYTES``, 64 MiB) beyond those of the layer being read, and no
-single call gets more than ``batch_bytes`` of input (a lone matrix larger than that gets its
-own call).
+**Batches.** Gram matrices of one size, of all group counts and across layers, are collected
+until they hold ``batch_bytes`` (default ``BATCH_BYTES``, 64 MiB), then cut into calls of at
+most ``batch_bytes`` of input and at least one per worker of the backend (a lone matrix larger
+than the budget gets its own call). The workers decompose one batch while the caller reads the
+next layers and forms their Grams, so at most two batches, plus the Grams of the layer being
+read, are alive at a time. On CuPy a call is one batched kernel; on NumPy, whose LAPACK loops
+over a stack anyway, the stacks of a call are decomposed one after the other without a copy.
 
 **Tolerance of the Gram path.** Forming ``G_i`` in float64 and ``eigvalsh`` are both backward
 stable, so every computed eigenvalue is within ``‖δG‖₂`` of an exact one; rounding in the
@@ -47,8 +49,7 @@ error-table entry is a norm of dropped singular values over ``σ_1``, so it is e
 ``√τ`` absolute: far below anything an allocation can tell apart, and below the precision of
 float32 weights. ``tests/test_spectra.py`` checks the first inequality against float64
 ``numpy.linalg.svd`` on random, ill-conditioned (``σ_1/σ_n = 10¹²``) and exactly low-rank
-matrices; on 3000 such matrices the largest error seen was 0.65 of ``τ·σ_1²``, and it shrinks
-as ``m`` grows (below 0.15 for ``m ≥ 100``).
+matrices; on 3000 such matrices (sides 1–320) the largest error seen was 0.30 of ``τ·σ_1²``.
 """
 
 from __future__ import annotations
