@@ -22,7 +22,7 @@ from .config import CompressionConfig
 from .cost import count_macs, count_parameters, infer_shapes
 from .discover import Discovery, Layer, discover
 from .errors import ConfigError, NothingToCompressError, ShapeError, ValidationFailedError
-from .factorize import Factors, factorize, relative_error
+from .factorize import Factors, factorize_with_error
 from .load import ModelSource, load_model, model_file_size, save_model, source_path
 from .report import CompressionReport, InspectionReport, LayerReport
 from .rewrite import rewrite
@@ -344,12 +344,17 @@ def _factorize(
         for layer, table, row in zip(discovery.layers, tables, choices, strict=True)
         if table.groups[row] > 0
     ]
-    result: dict[str, tuple[Factors, float]] = {}
-    for done, (layer, table, row) in enumerate(chosen):
+
+    def work(item: tuple[Layer, CandidateTable, int]) -> tuple[str, tuple[Factors, float]]:
+        layer, table, row = item
         weight = discovery.weight(layer)
-        factors = factorize(weight, int(table.groups[row]), int(table.ranks[row]), backend)
-        error = relative_error(weight, factors, spectra[layer.name].spectral_norm)
-        result[layer.name] = (factors, error)
+        groups, rank = int(table.groups[row]), int(table.ranks[row])
+        norm = spectra[layer.name].spectral_norm
+        return layer.name, factorize_with_error(weight, groups, rank, norm, backend)
+
+    result: dict[str, tuple[Factors, float]] = {}
+    for done, (name, value) in enumerate(backend.map(work, chosen)):  # layers in parallel
+        result[name] = value
         if progress is not None:
             progress("factorize", done + 1, len(chosen))
     return result

@@ -227,9 +227,10 @@ def format_validation(validation: ValidationReport | None) -> str:
             f"{output.rel_l2_error:.4g}, cosine {output.cosine_similarity:.6f}{top1}"
         )
     if validation.latency_ms_before is not None and validation.latency_ms_after is not None:
+        batch = "" if validation.latency_batch is None else f", batch {validation.latency_batch}"
         lines.append(
-            f"  latency (median): {validation.latency_ms_before:.3f} ms -> "
-            f"{validation.latency_ms_after:.3f} ms"
+            f"  latency (median of {validation.latency_runs} runs{batch}): "
+            f"{validation.latency_ms_before:.3f} ms -> {validation.latency_ms_after:.3f} ms"
         )
     lines += [f"  FAILED: {failure}" for failure in validation.failures]
     return "\n".join(lines)

@@ -6,6 +6,13 @@ absolute error, the relative L2 error ``‖a − b‖ / ‖a‖``, the cosine si
 ``(batch, classes)`` score outputs, the top-1 agreement. It also gives the median latency of
 both models, measured alternately on the same inputs.
 
+Latency is timed on ``LATENCY_BATCH`` (1) sample: the first row of every input, when every
+input's leading (batch) dimension is dynamic; otherwise on the full inputs, which a static
+batch requires. The accuracy metrics always use all inputs. After one warm-up run per model,
+the two models run alternately for ``config.latency_runs`` pairs, or until the timed runs have
+taken ``LATENCY_BUDGET_S`` seconds (at least one pair runs), so validating a large model on a
+small machine stays quick; the report records the batch and the number of pairs.
+
 A compressed model fails validation when ONNX Runtime cannot load or run it, when an output's
 shape differs or holds NaN/Inf where the original does not, or when a metric crosses a
 tolerance the user set.
@@ -35,6 +42,7 @@ __all__ = [
     "ValidationReport",
     "check_feeds",
     "graph_inputs",
+    "latency_feeds",
     "load_npz",
     "providers_for",
     "random_inputs",
@@ -45,6 +53,10 @@ log = logging.getLogger(__name__)
 
 #: Batch size of random validation inputs when the model's batch dimension is dynamic.
 RANDOM_BATCH = 8
+#: Samples per latency run when every input's leading dimension is dynamic.
+LATENCY_BATCH = 1
+#: Seconds of timed runs after which the latency measurement stops early.
+LATENCY_BUDGET_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -75,6 +87,8 @@ class ValidationReport:
         latency_ms_before: median latency of the original model, in milliseconds.
         latency_ms_after: median latency of the compressed model.
         failures: every reason the compressed model failed; empty when it passed.
+        latency_batch: samples per latency run (None when the inputs were not split).
+        latency_runs: timed runs per model behind each median.
     """
 
     provider: str
@@ -83,6 +97,8 @@ class ValidationReport:
     latency_ms_before: float | None = None
     latency_ms_after: float | None = None
     failures: tuple[str, ...] = field(default_factory=tuple)
+    latency_batch: int | None = None
+    latency_runs: int = 0
 
     @property
     def passed(self) -> bool:
@@ -119,7 +135,14 @@ def _both_runtimes_installed() -> bool:
 
 
 def providers_for(device: str) -> list[str]:
-    """ONNX Runtime providers for ``device``: CUDA first when usable, else CPU only."""
+    """ONNX Runtime providers for ``device``: CUDA first when usable, else CPU only.
+
+    ``cpu`` always gets the CPU EP. ``auto`` and ``cuda`` get the CUDA EP first when the
+    installed ONNX Runtime offers it (onnxruntime-gpu); otherwise the CPU EP, with a one-line
+    warning when a GPU was asked for (``cuda``) or CuPy sees one (``auto``). Whether the CUDA EP
+    really starts is only known once a session exists; ``validate`` reports the provider the
+    session got and warns when it fell back to the CPU.
+    """
     ort = _ort()
     available = ort.get_available_providers()
     if device != "cpu" and "CUDAExecutionProvider" in available:
@@ -339,7 +362,6 @@ def validate(
         label = f"random (seed {config.seed})"
     check_feeds(reference_model, feeds, label)
     providers = providers_for(config.device)
-    provider = providers[0]
     try:
         reference_session = _session(original, providers)
         reference = reference_session.run(None, dict(feeds))
@@ -348,6 +370,10 @@ def validate(
             f"the original model does not run in ONNX Runtime ({_first_line(exc)}); "
             "pass valid --inputs or use --no-validate"
         ) from exc
+    provider = reference_session.get_providers()[0]
+    if provider != providers[0]:
+        log.warning("%s did not start; validating on %s", providers[0], provider)
+        providers = [provider]
     try:
         session = _session(compressed, providers)
         outputs = session.run(None, dict(feeds))
@@ -362,22 +388,61 @@ def validate(
         compare_output(name, ref, out, config)
         for name, ref, out in zip(names, reference, outputs, strict=True)
     )
-    before, after = _latencies(reference_session, session, feeds, config.latency_runs)
+    batch, timed = latency_feeds(reference_model, feeds)
+    try:
+        before, after, runs = _latencies(reference_session, session, timed, config.latency_runs)
+    except Exception:  # a graph that only runs at its full batch (e.g. a fixed Reshape)
+        batch = None
+        before, after, runs = _latencies(reference_session, session, feeds, config.latency_runs)
     failures = tuple(f for c in comparisons for f in c.failures)
-    return ValidationReport(provider, label, comparisons, before, after, failures)
+    return ValidationReport(
+        provider,
+        label,
+        comparisons,
+        before,
+        after,
+        failures,
+        latency_batch=batch,
+        latency_runs=runs,
+    )
 
 
-def _latencies(first, second, feeds: Mapping[str, np.ndarray], runs: int) -> tuple[float, float]:
-    """Median latency in ms of two sessions, timed alternately after one warm-up run each."""
+def latency_feeds(
+    model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]
+) -> tuple[int | None, dict[str, np.ndarray]]:
+    """The inputs latency is timed on, and their batch size (None: the full inputs).
+
+    The first ``LATENCY_BATCH`` rows of every input when every input's leading dimension is
+    dynamic and all inputs have the same number of rows; otherwise the full inputs.
+    """
+    infos = graph_inputs(model)
+    leading = {int(feeds[info.name].shape[0]) for info in infos if feeds[info.name].ndim}
+    dynamic = all(_declared(info)[1][:1] == [None] and feeds[info.name].ndim for info in infos)
+    if not infos or not dynamic or len(leading) != 1:
+        return None, dict(feeds)
+    batch = min(LATENCY_BATCH, leading.pop())
+    return batch, {name: array[:batch] for name, array in feeds.items()}
+
+
+def _latencies(
+    first, second, feeds: Mapping[str, np.ndarray], runs: int
+) -> tuple[float, float, int]:
+    """Median latency in ms of two sessions, timed alternately after one warm-up run each.
+
+    Stops after ``runs`` pairs, or earlier once the timed runs took ``LATENCY_BUDGET_S``.
+    """
     first.run(None, dict(feeds))
     second.run(None, dict(feeds))
     times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(runs):
+    spent = 0.0
+    while len(times[0]) < runs and (not times[0] or spent < LATENCY_BUDGET_S):
         for session, bucket in ((first, times[0]), (second, times[1])):
             start = time.perf_counter()
             session.run(None, dict(feeds))
-            bucket.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times[0]), statistics.median(times[1])
+            elapsed = time.perf_counter() - start
+            bucket.append(elapsed * 1000)
+            spent += elapsed
+    return statistics.median(times[0]), statistics.median(times[1]), len(times[0])
 
 
 def _first_line(exc: BaseException) -> str:

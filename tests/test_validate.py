@@ -1,0 +1,54 @@
+"""Validation speed rules: latency on one sample of a dynamic batch, and a time budget."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from builders import MNIST, conv_model, random_feed
+
+import onnx_lowrank.validate as validate_module
+from onnx_lowrank import CompressionConfig, compress
+from onnx_lowrank.validate import latency_feeds, random_inputs, validate
+
+
+def test_latency_uses_one_sample_of_a_dynamic_batch():
+    model = onnx.load(MNIST)
+    feeds = random_inputs(model, {})
+    assert feeds["input"].shape[0] == validate_module.RANDOM_BATCH
+    batch, timed = latency_feeds(model, feeds)
+    assert batch == 1
+    np.testing.assert_array_equal(timed["input"], feeds["input"][:1])
+
+
+def test_latency_uses_the_full_inputs_of_a_static_batch():
+    weight = random_feed((4, 3, 3, 3))
+    model = conv_model(weight, (6, 6), batch=2)
+    feeds = {"x": random_feed((2, 3, 6, 6))}
+    batch, timed = latency_feeds(model, feeds)
+    assert batch is None and timed["x"].shape == (2, 3, 6, 6)
+
+
+def test_real_model_report_records_latency_batch_and_runs():
+    result = compress(MNIST, CompressionConfig(params=0.5, latency_runs=3))
+    report = result.report.validation
+    assert report.passed and report.provider == "CPUExecutionProvider"
+    assert report.latency_batch == 1 and report.latency_runs == 3
+    assert report.latency_ms_before > 0 and report.latency_ms_after > 0
+    assert report.to_dict()["latency_runs"] == 3
+
+
+def test_latency_stops_at_the_time_budget(monkeypatch):
+    """With no time left after the first pair, exactly one pair is timed."""
+    monkeypatch.setattr(validate_module, "LATENCY_BUDGET_S", 0.0)
+    model = onnx.load(MNIST)
+    report = validate(model, model, CompressionConfig(params=0.5, latency_runs=50))
+    assert report.latency_runs == 1
+    assert report.outputs[0].max_abs_error == 0.0
+
+
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_validation_runs_on_the_provider_it_reports(device):
+    model = onnx.load(MNIST)
+    report = validate(model, model, CompressionConfig(params=0.5, device=device, latency_runs=1))
+    assert report.provider in validate_module.providers_for(device)
