@@ -115,7 +115,7 @@ def load_model(source: ModelSource, *, check: bool = True, force: bool = False) 
         InvalidModelError: the content is not a valid ONNX model, or its external data is
             missing or truncated.
     """
-    return open_model(source, check=check, force=force, lazy_above=None).model
+    return open_model(source, check=check, force=force, lazy=False).model
 
 
 def open_model(
@@ -123,7 +123,7 @@ def open_model(
     *,
     check: bool = True,
     force: bool = False,
-    lazy_above: int | None = LAZY_EXTERNAL_BYTES,
+    lazy: bool | None = None,
 ) -> LoadedModel:
     """Load a model, keeping large external data in its files.
 
@@ -131,8 +131,8 @@ def open_model(
         source: as for ``load_model``.
         check: run the ONNX checker.
         force: go on with a warning when the checker fails.
-        lazy_above: keep external data on disk when it totals more than this many bytes
-            (None: always load it).
+        lazy: keep external data in its files (True), load it (False), or keep it there when
+            it totals more than ``LAZY_EXTERNAL_BYTES`` (None, the default).
 
     Raises:
         ModelFileError, InvalidModelError: as for ``load_model``.
@@ -155,7 +155,7 @@ def open_model(
         )
     _check_structure(model, label)
     data_files: tuple[Path, ...] = ()
-    lazy = False
+    keep_on_disk = False
     if uses_external_data(model):
         if path is None:
             raise InvalidModelError(
@@ -164,8 +164,8 @@ def open_model(
             )
         sizes = _check_external(model, path)
         data_files = tuple(sorted(sizes))
-        lazy = lazy_above is not None and sum(sizes.values()) > lazy_above
-        if not lazy:
+        keep_on_disk = lazy if lazy is not None else sum(sizes.values()) > LAZY_EXTERNAL_BYTES
+        if not keep_on_disk:
             try:
                 onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
             except (OSError, ValueError, onnx.ValidationError) as exc:
@@ -174,9 +174,9 @@ def open_model(
                     "file(s) the model names next to it"
                 ) from exc
     if check:
-        by_path = lazy or (path is not None and model.ByteSize() > PROTOBUF_LIMIT)
+        by_path = keep_on_disk or (path is not None and model.ByteSize() > PROTOBUF_LIMIT)
         _run_checker(model, path if by_path else None, label, force)
-    return LoadedModel(model=model, path=path, data_files=data_files, lazy=lazy)
+    return LoadedModel(model=model, path=path, data_files=data_files, lazy=keep_on_disk)
 
 
 def _read_file(path: Path) -> bytes:
@@ -443,7 +443,10 @@ def _write_streaming(
 
 def _set_field(message, descriptor, value) -> None:
     field = getattr(message, descriptor.name)
-    if descriptor.label == descriptor.LABEL_REPEATED:
+    repeated = getattr(descriptor, "is_repeated", None)  # protobuf >= 6 drops .label
+    if repeated is None:
+        repeated = descriptor.label == descriptor.LABEL_REPEATED
+    if repeated:
         field.extend(value)
     elif descriptor.message_type is not None:
         field.CopyFrom(value)

@@ -22,7 +22,13 @@ from .backend import Backend, get_backend
 from .config import CompressionConfig
 from .cost import count_macs, count_parameters, infer_shapes
 from .discover import Discovery, Layer, discover
-from .errors import ConfigError, NothingToCompressError, ShapeError, ValidationFailedError
+from .errors import (
+    ConfigError,
+    InfeasibleBudgetError,
+    NothingToCompressError,
+    ShapeError,
+    ValidationFailedError,
+)
 from .factorize import Factors, factorize, relative_error
 from .load import (
     LoadedModel,
@@ -209,6 +215,8 @@ def analyze(
         params_total = count_parameters(model)
         macs_total, unknown_macs = count_macs(model, discovery.shapes)
     label = _source_label(source)
+    if not discovery.layers and discovery.factorized:
+        _check_recompression(discovery, params_total, label, config)
     if not discovery.layers:
         raise NothingToCompressError(
             f"nothing to compress in {label}: no Conv/Gemm/MatMul with a constant weight can be "
@@ -257,11 +265,7 @@ def choose(
         raise ConfigError("no budget given; pass --params F and/or --flops F, e.g. --params 0.5")
     if config.flops is not None:
         _require_macs(analysis.discovery, analysis.unknown_macs)
-    # A model compressed before by onnx-lowrank: budgets are fractions of the original model.
-    discovery = analysis.discovery
-    params_original = analysis.params_total + discovery.params_saved
-    macs_original = analysis.macs_total + (discovery.macs_saved or 0)
-    budgets = _budgets(config, discovery, params_original, macs_original)
+    budgets = _budgets(config, analysis.discovery, analysis.params_total, analysis.macs_total)
     return allocate(tables, budgets, config)
 
 
@@ -380,6 +384,27 @@ def compress(
     return realize(analysis, tables, choices, config, progress=progress)
 
 
+def _check_recompression(
+    discovery: Discovery, params_total: int, label: str, config: CompressionConfig
+) -> None:
+    """A model whose every compressible layer an earlier run factorized: a no-op when the
+    params budget is met (budgets are fractions of the original model), else infeasible."""
+    original = params_total + discovery.params_saved
+    fraction = params_total / original
+    if config.params is not None and fraction > config.params * (1 + 1e-12):
+        raise InfeasibleBudgetError(
+            f"budget cannot be met: {label} was compressed by onnx-lowrank to {fraction:.3f} of "
+            f"its original parameters and has no layer left to factorize; --params "
+            f"{config.params:g} needs a run on the original model",
+            {"params": fraction},
+        )
+    raise NothingToCompressError(
+        f"nothing to do for {label}: every layer that can be factorized was factorized by an "
+        f"earlier onnx-lowrank run ({len(discovery.factorized)} layer(s), {fraction:.3f} of the "
+        "original parameters), and budgets are fractions of the original model"
+    )
+
+
 def _require_macs(discovery: Discovery, unknown: list[str]) -> None:
     missing = [layer.name for layer in discovery.layers if layer.output_positions is None]
     missing += [name for name in unknown if name not in missing]
@@ -393,13 +418,16 @@ def _require_macs(discovery: Discovery, unknown: list[str]) -> None:
 def _budgets(
     config: CompressionConfig, discovery: Discovery, params_total: int, macs_total: int
 ) -> list[BudgetLimit]:
+    # A model compressed before by onnx-lowrank: budgets are fractions of the original model.
+    params_original = params_total + discovery.params_saved
+    macs_original = macs_total + (discovery.macs_saved or 0)
     budgets = []
     if config.params is not None:
         fixed = params_total - sum(layer.params for layer in discovery.layers)
-        budgets.append(BudgetLimit("params", config.params, params_total, fixed))
+        budgets.append(BudgetLimit("params", config.params, params_original, fixed))
     if config.flops is not None:
         fixed = macs_total - sum(layer.macs or 0 for layer in discovery.layers)
-        budgets.append(BudgetLimit("macs", config.flops, macs_total, fixed))
+        budgets.append(BudgetLimit("macs", config.flops, macs_original, fixed))
     return budgets
 
 

@@ -140,7 +140,7 @@ def providers_for(device: str) -> list[str]:
 def _session(model: onnx.ModelProto | str | os.PathLike, providers: list[str]):
     ort = _ort()
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # failures surface as exceptions; keep stderr to one line
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     return ort.InferenceSession(source, options, providers=providers)
 
