@@ -152,6 +152,8 @@ def node_macs(node: onnx.NodeProto, shapes: ShapeInfo) -> int | None:
     out = shapes.get(node.output[0])
     if weight is None or out is None or None in weight or None in out:
         return None
+    if len(weight) < (3 if node.op_type.startswith("Conv") else 2):
+        return None  # a malformed weight: the node's MACs are unknown
     if node.op_type == "Conv":
         # every output value needs (c/group)·κ products: weight is (f, c/group, k...)
         return math.prod(out) * math.prod(weight[1:])

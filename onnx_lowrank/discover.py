@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 
 from .cost import ShapeInfo, infer_shapes, node_macs
+from .errors import UnsupportedModelError
 from .graphs import (
     FLOAT_TYPES,
     GraphPath,
@@ -210,6 +211,11 @@ class Discovery:
         """The folded float64 weight matrix ``W`` (``f × c·κ``) of ``layer``."""
         index = self._index(layer.graph_path)
         array = _read_weight(index, layer.weight_input, self.data_dir)
+        if not np.all(np.isfinite(array)):
+            raise UnsupportedModelError(
+                f"the weight of layer {layer.name} holds NaN or Inf values, which cannot be "
+                "factorized; fix the model (or remove the layer's weight from it)"
+            )
         if layer.op_type == "Conv":
             return array.reshape(layer.out_channels, layer.cols)
         node = index.graph.node[layer.node_index]

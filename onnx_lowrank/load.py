@@ -31,7 +31,13 @@ import onnx
 from onnx.external_data_helper import ExternalDataInfo
 
 from .errors import InvalidModelError, ModelFileError, OutputPathError
-from .graphs import external_location, iter_tensors, read_external_bytes, tensor_nbytes
+from .graphs import (
+    external_location,
+    iter_graphs,
+    iter_tensors,
+    read_external_bytes,
+    tensor_nbytes,
+)
 
 __all__ = [
     "LAZY_EXTERNAL_BYTES",
@@ -236,6 +242,28 @@ def _check_structure(model: onnx.ModelProto, label: str) -> None:
             f"{label} is not an ONNX model (no IR version, graph or opset import); "
             "the file may be truncated or of another format"
         )
+    # protobuf hands back bytes instead of str for a name that is not valid UTF-8
+    bad = next((name for name in _names(model) if not isinstance(name, str)), None)
+    if bad is not None:
+        raise InvalidModelError(
+            f"{label} is corrupt: the name {bad!r} is not valid UTF-8; the file is damaged"
+        )
+
+
+def _names(model: onnx.ModelProto) -> Iterator[object]:
+    """Every name-like string field of the model's graphs, functions and imports."""
+    yield from (entry.domain for entry in model.opset_import)
+    for graph in iter_graphs(model.graph):
+        yield graph.name
+        for collection in (graph.input, graph.output, graph.value_info, graph.initializer):
+            yield from (item.name for item in collection)
+        for node in graph.node:
+            yield from (node.name, node.op_type, node.domain, *node.input, *node.output)
+            yield from (attr.name for attr in node.attribute)
+    for function in model.functions:
+        yield from (function.name, function.domain, *function.input, *function.output)
+        for node in function.node:
+            yield from (node.name, node.op_type, node.domain, *node.input, *node.output)
 
 
 def _run_checker(model: onnx.ModelProto, path: Path | None, label: str, force: bool) -> None:

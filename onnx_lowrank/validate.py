@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 #: Batch size of random validation inputs when the model's batch dimension is dynamic.
 RANDOM_BATCH = 8
+#: Largest random validation input (values); a larger declared shape is a ShapeError.
+MAX_RANDOM_ELEMENTS = 2**28
 
 
 @dataclass(frozen=True)
@@ -194,6 +196,12 @@ def random_inputs(
                     f"--input-shape {info.name}:D1,D2,... or real inputs with --inputs FILE.npz"
                 )
             shape = tuple(dims)
+        if math.prod(shape) > MAX_RANDOM_ELEMENTS:
+            raise ShapeError(
+                f"input {info.name!r} of shape {shape} is too large for random validation "
+                f"inputs (over {MAX_RANDOM_ELEMENTS:,} values); give smaller sizes with "
+                f"--input-shape {info.name}:D1,D2,... or real inputs with --inputs FILE.npz"
+            )
         if np.issubdtype(dtype, np.floating) or dtype.kind == "V":
             feeds[info.name] = rng.standard_normal(shape).astype(dtype)
         elif dtype == np.bool_:
