@@ -84,21 +84,19 @@ def rewrite(
     for path in sorted(paths, key=len, reverse=True):
         graph = graph_at(model.graph, path)
         candidates = unused.pop(path, set())
-        builders = [
-            _PairBuilder(layer, factors, graph.node[layer.node_index], names, as_nodes)
-            for layer, factors in by_graph.get(path, [])
-        ]
-        if builders:
-            new_nodes = {b.layer.node_index: b.nodes() for b in builders}
+        new_nodes: dict[int, list[onnx.NodeProto]] = {}
+        for layer, factors in by_graph.get(path, []):
+            builder = _PairBuilder(layer, factors, graph.node[layer.node_index], names, as_nodes)
+            new_nodes[layer.node_index] = builder.nodes()
+            graph.initializer.extend(builder.initializers)  # one layer's factors at a time
+            candidates.add(layer.weight_input)
+            records.append(builder.record())
+        if new_nodes:
             nodes = []
             for position, node in enumerate(graph.node):
                 nodes.extend(new_nodes.get(position, [node]))
             del graph.node[:]
             graph.node.extend(nodes)
-            for builder in builders:
-                graph.initializer.extend(builder.initializers)
-                candidates.add(builder.layer.weight_input)
-                records.append(builder.record())
         _remove_unused(graph, set(candidates), main=not path)
         if path:  # an outer-scope weight is removed from the graph that holds it
             unused.setdefault(path[:-1], set()).update(candidates)
