@@ -5,6 +5,7 @@ load ─▶ discover ─▶ spectra ─▶ allocate ─▶ factorize ─▶ rewr
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from .allocate import BudgetLimit, CandidateTable, allocate, build_table
@@ -78,6 +80,7 @@ class CompressionResult:
     report: CompressionReport
     data_dir: Path | None = None
     source_data_files: tuple[Path, ...] = ()
+    _spill: tempfile.TemporaryDirectory | None = dataclasses.field(default=None, repr=False)
 
     def save(
         self, path: str | os.PathLike, *, external_data: bool | None = None, force: bool = False
@@ -295,10 +298,15 @@ def realize(
         params_after = count_parameters(compressed)
         macs_after, _ = count_macs(compressed, infer_shapes(compressed, config.input_shapes))
     loaded = analysis.loaded or LoadedModel(model)
+    spill, data_dir = None, loaded.data_dir
+    if loaded.lazy:
+        with timer.stage("rewrite"):
+            spill, compressed = _spill(compressed, loaded)
+            data_dir = Path(spill.name)
     validation = None
     if config.validate:
         with timer.stage("validate"):
-            validation = _validate(loaded, compressed, config)
+            validation = _validate(loaded, compressed, data_dir, config)
     layers = _layer_records(discovery, tables, choices, analysis.spectra, errors)
     factorized = [layer for layer in layers if layer.rank is not None]
     report = CompressionReport(
@@ -321,25 +329,41 @@ def realize(
     return CompressionResult(
         model=compressed,
         report=report,
-        data_dir=loaded.data_dir,
+        data_dir=data_dir,
         source_data_files=loaded.data_files,
+        _spill=spill,
     )
 
 
-def _validate(loaded: LoadedModel, compressed: onnx.ModelProto, config: CompressionConfig):
+#: File name of the compressed model in the spill folder of a lazily loaded model.
+_SPILLED = "compressed.onnx"
+
+
+def _spill(
+    compressed: onnx.ModelProto, loaded: LoadedModel
+) -> tuple[tempfile.TemporaryDirectory, onnx.ModelProto]:
+    """Write the compressed model of a lazily loaded input to a temporary folder (external
+    data) and load it back lazily, so its weights leave memory too. The folder lives as long
+    as the ``CompressionResult`` that holds it."""
+    spill = tempfile.TemporaryDirectory(prefix="onnx-lowrank-")
+    path = save_model(
+        compressed, Path(spill.name) / _SPILLED, external_data=True, data_dir=loaded.data_dir
+    )
+    return spill, open_model(path, check=False, lazy=True).model
+
+
+def _validate(
+    loaded: LoadedModel,
+    compressed: onnx.ModelProto,
+    data_dir: Path | None,
+    config: CompressionConfig,
+):
     """Validate in ONNX Runtime; a model whose weights stay on disk is compared file to file
-    (the original from its path, the compressed one written to a temporary folder), so
-    neither is serialized in memory."""
-    if not loaded.lazy or loaded.path is None:
+    (the original from its path, the compressed one from its spill folder), so neither is
+    serialized in memory."""
+    if not loaded.lazy or loaded.path is None or data_dir is None:
         return validate(loaded.model, compressed, config)
-    with tempfile.TemporaryDirectory(prefix="onnx-lowrank-") as folder:
-        path = save_model(
-            compressed,
-            Path(folder) / "compressed.onnx",
-            external_data=True,
-            data_dir=loaded.data_dir,
-        )
-        return validate(loaded.path, path, config)
+    return validate(loaded.path, data_dir / _SPILLED, config)
 
 
 def _history_notes(analysis: Analysis) -> list[str]:
@@ -450,6 +474,13 @@ def _factorize(
         weight = discovery.weight(layer)
         factors = factorize(weight, int(table.groups[row]), int(table.ranks[row]), backend)
         error = relative_error(weight, factors, spectra[layer.name].spectral_norm)
+        if layer.weight_dtype == onnx.TensorProto.FLOAT and layer.stored_dtype is None:
+            # the rewrite writes float32 anyway; holding float32 halves the factors' memory
+            factors = dataclasses.replace(
+                factors,
+                first=factors.first.astype(np.float32),
+                second=factors.second.astype(np.float32),
+            )
         result[layer.name] = (factors, error)
         if progress is not None:
             progress("factorize", done + 1, len(chosen))

@@ -91,12 +91,12 @@ def rewrite(
             graph.initializer.extend(builder.initializers)  # one layer's factors at a time
             candidates.add(layer.weight_input)
             records.append(builder.record())
-        if new_nodes:
-            nodes = []
-            for position, node in enumerate(graph.node):
-                nodes.extend(new_nodes.get(position, [node]))
-            del graph.node[:]
-            graph.node.extend(nodes)
+        # Splice the pairs in place, last first, so indices stay valid. Rebuilding the whole
+        # list would copy every node (and Constant-node weight) into the model's arena again.
+        for position in sorted(new_nodes, reverse=True):
+            del graph.node[position]
+            for offset, node in enumerate(new_nodes[position]):
+                graph.node.insert(position + offset, node)
         _remove_unused(graph, set(candidates), main=not path)
         if path:  # an outer-scope weight is removed from the graph that holds it
             unused.setdefault(path[:-1], set()).update(candidates)
@@ -335,36 +335,40 @@ def _remove_unused(graph: onnx.GraphProto, candidates: set[str], main: bool = Tr
         dead = {name for name in candidates if name not in read}
         if not dead:
             return
-        candidates = set()
-        kept_nodes = []
-        for node in graph.node:
-            if any(output in dead for output in node.output) and all(
-                output in dead or output not in read for output in node.output
-            ):
-                candidates.update(name for name in node.input if name)
-                continue
-            kept_nodes.append(node)
-        if len(kept_nodes) != len(graph.node):
-            del graph.node[:]
-            graph.node.extend(kept_nodes)
-        initializers = [t for t in graph.initializer if t.name not in dead]
-        if len(initializers) != len(graph.initializer):
-            del graph.initializer[:]
-            graph.initializer.extend(initializers)
-        inputs = [info for info in graph.input if info.name not in dead or not main]
-        if len(inputs) != len(graph.input):
-            removed = sorted({info.name for info in graph.input} - {i.name for i in inputs})
-            log.warning(
-                "removed graph input(s) %s: they were initializers listed as inputs "
-                "(IR version < 4) and are replaced by low-rank factors",
-                ", ".join(removed),
-            )
-            del graph.input[:]
-            graph.input.extend(inputs)
-        value_info = [info for info in graph.value_info if info.name not in dead]
-        if len(value_info) != len(graph.value_info):
-            del graph.value_info[:]
-            graph.value_info.extend(value_info)
+        candidates = _remove_dead(graph, dead, read, main)
+
+
+def _remove_dead(graph: onnx.GraphProto, dead: set[str], read: set[str], main: bool) -> set[str]:
+    """Remove the producers, initializers, inputs and value infos of the ``dead`` names; return
+    the inputs of the removed nodes, which may be dead now."""
+
+    def producer(node: onnx.NodeProto) -> bool:
+        outputs = node.output
+        return any(o in dead for o in outputs) and all(o in dead or o not in read for o in outputs)
+
+    inputs = {name for node in graph.node if producer(node) for name in node.input if name}
+    _delete(graph.node, producer)
+    _delete(graph.initializer, lambda tensor: tensor.name in dead)
+    removed = _delete(graph.input, lambda info: main and info.name in dead)
+    if removed:
+        log.warning(
+            "removed graph input(s) %s: they were initializers listed as inputs "
+            "(IR version < 4) and are replaced by low-rank factors",
+            ", ".join(sorted(removed)),
+        )
+    _delete(graph.value_info, lambda info: info.name in dead)
+    return inputs
+
+
+def _delete(container, doomed) -> list[str]:
+    """Delete the items of a repeated protobuf field for which ``doomed(item)`` holds, in place
+    (deleting by index does not copy the others, unlike rebuilding the list). Returns the
+    deleted items' names."""
+    positions = [i for i, item in enumerate(container) if doomed(item)]
+    names = [getattr(container[i], "name", "") for i in positions]
+    for position in reversed(positions):
+        del container[position]
+    return names
 
 
 def _outer_scope_reads(graph: onnx.GraphProto) -> set[str]:

@@ -1,7 +1,7 @@
 """Fuzzing: mutated model bytes and protobuf fields give a valid compressed model or one of our
 typed errors, never another exception.
 
-The suite runs a small seeded subset. For the long run (results in docs/robustness.md):
+The suite runs a small seeded subset (100 cases). For the long run (results in docs/robustness.md):
 
     ONNX_LOWRANK_FUZZ_EXAMPLES=1000 python -m pytest tests/test_fuzz.py -q -p no:cacheprovider
 
@@ -28,7 +28,7 @@ from test_robustness import if_model
 
 from onnx_lowrank import CompressionConfig, OnnxLowRankError, compress, inspect
 
-EXAMPLES = int(os.environ.get("ONNX_LOWRANK_FUZZ_EXAMPLES", "40"))
+EXAMPLES = int(os.environ.get("ONNX_LOWRANK_FUZZ_EXAMPLES", "100"))
 LONG_RUN = EXAMPLES > 100
 
 CONFIG = CompressionConfig(params=0.5, latency_runs=1, max_groups=2)

@@ -173,7 +173,7 @@ def test_lazy_and_eager_compression_give_the_same_model(tmp_path, monkeypatch):
     eager = compress(path, CompressionConfig(params=0.5, validate=False))
     monkeypatch.setattr(load_module, "LAZY_EXTERNAL_BYTES", 0)
     lazy = compress(path, CompressionConfig(params=0.5, validate=False))
-    assert lazy.data_dir == tmp_path
+    assert lazy.data_dir is not None  # weights stay on disk (in a spill folder)
     eager.save(tmp_path / "eager.onnx")
     lazy.save(tmp_path / "lazy.onnx")
     reference = outputs(tmp_path / "eager.onnx", FEEDS)[0]
