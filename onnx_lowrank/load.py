@@ -414,7 +414,10 @@ def model_size_bytes(model: onnx.ModelProto) -> int:
 def _interrupts_deferred() -> Iterator[None]:
     """Hold back Ctrl-C (SIGINT) until the block is done, so that the data file and the model
     file are renamed together. Only possible in the main thread; elsewhere a no-op."""
-    if threading.current_thread() is not threading.main_thread():
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is None  # a handler installed outside Python
+    ):
         yield
         return
     received: list[int] = []
