@@ -90,12 +90,6 @@ class LoadedModel:
         """Folder against which external tensor locations resolve (lazy models only)."""
         return self.path.parent if self.lazy and self.path is not None else None
 
-    @property
-    def files(self) -> tuple[Path, ...]:
-        """Every file of the input: the model file and its data files."""
-        own = () if self.path is None else (self.path.resolve(),)
-        return own + self.data_files
-
 
 def source_path(source: ModelSource) -> Path | None:
     """The filesystem path of a model source, or None for in-memory models."""
