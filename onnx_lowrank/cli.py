@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -20,7 +21,8 @@ from typing import NoReturn
 
 from . import __version__
 from .config import DEVICES, ERROR_MEASURES, METHODS, CompressionConfig, parse_input_shape
-from .errors import ConfigError, OnnxLowRankError, OutputPathError
+from .errors import ConfigError, NothingToCompressError, OnnxLowRankError, OutputPathError
+from .load import external_data_files, open_model, save_model
 from .pipeline import compress, inspect
 from .report import format_layers, format_summary, write_json
 
@@ -162,8 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
     out.add_argument(
         "--external-data",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="store the weights in OUTPUT.data beside the model (default: when the input had "
+        "external data or the output exceeds 2 GiB)",
+    )
+    out.add_argument(
+        "--always-write",
         action="store_true",
-        help="store the weights in OUTPUT.data beside the model",
+        help="write OUTPUT even when nothing can be compressed (an unchanged copy)",
     )
     out.add_argument(
         "--overwrite", action="store_true", help="allow OUTPUT to be the same file as INPUT"
@@ -256,6 +265,10 @@ def _compress(args: argparse.Namespace) -> int:
     bars = _ProgressBars(enabled=not args.quiet)
     try:
         result = compress(args.input, config, progress=bars)
+    except NothingToCompressError as exc:
+        if not args.always_write:
+            raise
+        return _write_unchanged(args, exc)
     finally:
         bars.close()
     report = result.report
@@ -284,6 +297,23 @@ def _compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_unchanged(args: argparse.Namespace, reason: NothingToCompressError) -> int:
+    """``--always-write`` with nothing to compress: write the input model unchanged."""
+    loaded = open_model(args.input, force=args.force)
+    external = bool(loaded.data_files) if args.external_data is None else args.external_data
+    save_model(
+        loaded.model,
+        args.output,
+        external_data=external,
+        data_dir=loaded.data_dir,
+        protect=loaded.data_files,
+    )
+    print(f"onnx-lowrank: {reason}", file=sys.stderr)
+    if not args.quiet:
+        print(f"wrote an unchanged copy to {args.output}")
+    return 0
+
+
 def _check_output(source: Path, target: Path, overwrite: bool) -> None:
     if (
         target.exists()
@@ -294,11 +324,27 @@ def _check_output(source: Path, target: Path, overwrite: bool) -> None:
         raise OutputPathError(
             f"output {target} is the input model; choose another path or pass --overwrite"
         )
+    if target.exists() and target.resolve() in _input_data_files(source):
+        raise OutputPathError(
+            f"output {target} is an external data file of the input model; choose another path"
+        )
     if target.is_dir():
         raise OutputPathError(f"output {target} is a directory; give a file name")
     folder = target.parent if str(target.parent) else Path(".")
+    if folder.exists() and not folder.is_dir():
+        raise OutputPathError(f"output folder {folder} is a file, not a folder")
     if not folder.is_dir():
         raise OutputPathError(f"output folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputPathError(f"output folder {folder} is not writable; choose another path")
+
+
+def _input_data_files(source: Path) -> tuple[Path, ...]:
+    """The input's external data files, or () when it cannot be read (load reports why)."""
+    try:
+        return external_data_files(source) if source.is_file() else ()
+    except Exception:  # a broken input is reported by the load stage, with its own message
+        return ()
 
 
 def _inspect(args: argparse.Namespace) -> int:

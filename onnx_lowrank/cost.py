@@ -152,6 +152,8 @@ def node_macs(node: onnx.NodeProto, shapes: ShapeInfo) -> int | None:
     out = shapes.get(node.output[0])
     if weight is None or out is None or None in weight or None in out:
         return None
+    if len(weight) < (3 if node.op_type.startswith("Conv") else 2):
+        return None  # a malformed weight: the node's MACs are unknown
     if node.op_type == "Conv":
         # every output value needs (c/group)·κ products: weight is (f, c/group, k...)
         return math.prod(out) * math.prod(weight[1:])
@@ -180,8 +182,9 @@ def _shape_of(info: onnx.ValueInfoProto) -> Shape | None:
 
 
 def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy for shape inference in which large initializers are graph inputs with their
-    type and shape only, so inference costs little memory on large models."""
+    """A copy for shape inference in which large initializers and large main-graph Constant
+    nodes are graph inputs with their type and shape only, so inference costs little memory
+    on large models."""
     light = onnx.ModelProto()
     light.ir_version = max(model.ir_version, 4)
     light.opset_import.extend(model.opset_import)
@@ -189,8 +192,20 @@ def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = light.graph
     source = model.graph
     graph.name = source.name
-    graph.node.extend(source.node)
     graph.input.extend(source.input)
+    for node in source.node:
+        value = attribute(node, "value") if node.op_type == "Constant" else None
+        if (
+            isinstance(value, onnx.TensorProto)
+            and value.data_type in FLOAT_TYPES
+            and math.prod(value.dims) > _SMALL_TENSOR
+            and len(node.output) == 1
+        ):  # a large Constant-node weight (paddle2onnx): only its type and shape matter here
+            graph.input.append(
+                onnx.helper.make_tensor_value_info(node.output[0], value.data_type, value.dims)
+            )
+        else:
+            graph.node.append(node)
     graph.output.extend(source.output)
     graph.value_info.extend(source.value_info)
     declared = {info.name for info in source.input}

@@ -3,16 +3,27 @@
 A layer is a Conv (``group == 1``, any spatial rank), a Gemm, or a MatMul whose weight is a
 constant: an initializer or a ``Constant`` node, possibly behind ``Identity``, ``Cast`` and
 ``Transpose`` nodes (fp16 exports put ``Cast`` and ``Transpose`` in front of MatMul weights).
+Layers are found in the main graph and in every subgraph (``If`` branches, ``Loop`` and ``Scan``
+bodies); a subgraph layer's weight may also be a constant of an enclosing graph. Nodes inside
+local functions are listed as skipped: one function body serves every call site.
 
 Every weight is folded to the matrix ``W ∈ R^{f × cκ}`` (DESIGN.md §2): rows are output
 channels, columns run over input channel, then kernel position. For a Gemm ``W = B'ᵀ`` where
 ``B'`` is ``B`` after ``transB``; for a MatMul ``x @ B``, ``W = Bᵀ``.
+
+A model written by onnx-lowrank records its factorized layers in ``metadata_props`` under
+``FACTORIZED_KEY``. Those layers are never factorized again, and ``Discovery.factorized`` gives
+what each cost before, so budgets stay fractions of the original model.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import re
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -20,15 +31,37 @@ import numpy as np
 import onnx
 
 from .cost import ShapeInfo, infer_shapes, node_macs
-from .graphs import FLOAT_TYPES, attribute, iter_graphs, tensor_to_array
+from .errors import UnsupportedModelError
+from .graphs import (
+    FLOAT_TYPES,
+    GraphPath,
+    attribute,
+    graph_at,
+    tensor_to_array,
+    type_name,
+    walk_graphs,
+)
 
-__all__ = ["FACTOR_TAG", "Discovery", "Layer", "SkippedLayer", "discover"]
+__all__ = [
+    "FACTORIZED_KEY",
+    "FACTOR_TAG",
+    "Discovery",
+    "FactorizedLayer",
+    "Layer",
+    "SkippedLayer",
+    "discover",
+]
 
 log = logging.getLogger(__name__)
 
 #: Suffix of the node names rewrite.py gives to the two halves of a factorized pair. Layers that
 #: carry it are never factorized again.
 FACTOR_TAG = "/lowrank"
+
+_FACTOR_NODE = re.compile(re.escape(FACTOR_TAG) + r"_[uv](_\d+)?$")
+
+#: ``metadata_props`` key under which rewrite.py records the layers it factorized (JSON list).
+FACTORIZED_KEY = "onnx_lowrank.factorized"
 
 _PASS_THROUGH = {"Identity", "Cast", "Transpose"}
 _QUANTIZED_OPS = {
@@ -47,6 +80,7 @@ _QUANTIZED_OPS = {
     "GatherBlockQuantized",
 }
 _LAYER_OPS = {"Conv", "Gemm", "MatMul"}
+_QUANTIZED_REASON = "quantized operator; quantized layers are left unchanged"
 
 
 @dataclass(frozen=True)
@@ -67,6 +101,11 @@ class Layer:
         output_positions: ``P`` of cost.py, or None when a shape is dynamic.
         input_rank: rank of the data input, or None when unknown.
         max_groups: largest group count the rewrite supports for this layer (None: no limit).
+        graph_path: the graph that holds the node (``()``: the main graph; see
+            ``graphs.GraphPath``). The node's data input is ``node.input[0]`` of
+            ``graphs.graph_at(model.graph, graph_path).node[node_index]``.
+        stored_dtype: element type of the stored constant when a ``Cast`` sits between it and
+            the node (fp16 weights cast to fp32), else None.
     """
 
     name: str
@@ -82,6 +121,8 @@ class Layer:
     output_positions: int | None
     input_rank: int | None
     max_groups: int | None = None
+    graph_path: GraphPath = ()
+    stored_dtype: int | None = None
 
     @property
     def kernel_size(self) -> int:
@@ -118,30 +159,66 @@ class SkippedLayer:
     macs: int | None = None
 
 
+@dataclass(frozen=True)
+class FactorizedLayer:
+    """A layer that an earlier run of onnx-lowrank factorized (from ``metadata_props``).
+
+    Attributes:
+        name: the layer's name at that run.
+        params_dense: weights of the layer before that run, ``f·c·κ``.
+        params: weights of its factorized pair now, ``r·(g·f + c·κ)``.
+        output_positions: ``P`` of the pair, or None when a shape is dynamic.
+    """
+
+    name: str
+    params_dense: int
+    params: int
+    output_positions: int | None
+
+    @property
+    def params_saved(self) -> int:
+        return self.params_dense - self.params
+
+    @property
+    def macs_saved(self) -> int | None:
+        if self.output_positions is None:
+            return None
+        return self.params_saved * self.output_positions
+
+
 @dataclass
 class Discovery:
     """What ``discover`` found.
 
     Attributes:
-        layers: the compressible layers, in graph order.
+        layers: the compressible layers, in graph order (main graph first, then subgraphs).
         skipped: every other Conv/Gemm/MatMul-like node, with the reason.
-        shapes: inferred tensor shapes.
+        shapes: inferred tensor shapes (subgraphs included).
+        model: the model searched.
+        data_dir: folder of the model file, for weights still in external files.
+        factorized: layers an earlier run of onnx-lowrank factorized.
     """
 
     layers: list[Layer]
     skipped: list[SkippedLayer]
     shapes: ShapeInfo
     model: onnx.ModelProto = field(repr=False)
-    _index: _GraphIndex | None = field(default=None, repr=False)
+    data_dir: str | os.PathLike | None = None
+    factorized: list[FactorizedLayer] = field(default_factory=list)
+    _indexes: dict[GraphPath, _GraphIndex] = field(default_factory=dict, repr=False)
 
     def weight(self, layer: Layer) -> np.ndarray:
         """The folded float64 weight matrix ``W`` (``f × c·κ``) of ``layer``."""
-        if self._index is None:
-            self._index = _GraphIndex(self.model.graph)
-        array = _read_weight(self._index, layer.weight_input)
+        index = self._index(layer.graph_path)
+        array = _read_weight(index, layer.weight_input, self.data_dir)
+        if not np.all(np.isfinite(array)):
+            raise UnsupportedModelError(
+                f"the weight of layer {layer.name} holds NaN or Inf values, which cannot be "
+                "factorized; fix the model (or remove the layer's weight from it)"
+            )
         if layer.op_type == "Conv":
             return array.reshape(layer.out_channels, layer.cols)
-        node = self.model.graph.node[layer.node_index]
+        node = index.graph.node[layer.node_index]
         if layer.op_type == "Gemm" and attribute(node, "transB", 0):
             return array
         return array.T
@@ -152,41 +229,94 @@ class Discovery:
                 return layer
         raise KeyError(name)
 
+    @property
+    def params_saved(self) -> int:
+        """Weights that earlier runs of onnx-lowrank removed from this model."""
+        return sum(record.params_saved for record in self.factorized)
+
+    @property
+    def macs_saved(self) -> int | None:
+        """MACs that earlier runs removed, or None when one of them is unknown."""
+        saved = [record.macs_saved for record in self.factorized]
+        return None if None in saved else sum(saved)  # type: ignore[arg-type]
+
+    def skip_summary(self) -> str:
+        """The most common skip reasons with their counts, e.g. ``"11 × grouped ..."``."""
+        counts = Counter(skipped.reason for skipped in self.skipped)
+        parts = [f"{count} × {reason}" for reason, count in counts.most_common(3)]
+        if len(counts) > 3:
+            parts.append(f"{len(counts) - 3} other reason(s)")
+        return "; ".join(parts)
+
+    def _index(self, path: GraphPath) -> _GraphIndex:
+        if path not in self._indexes:
+            parent = self._index(path[:-1]) if path else None
+            self._indexes[path] = _GraphIndex(graph_at(self.model.graph, path), path, parent)
+        return self._indexes[path]
+
 
 def discover(
-    model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]] | None = None
+    model: onnx.ModelProto,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    *,
+    data_dir: str | os.PathLike | None = None,
 ) -> Discovery:
     """Find every compressible layer of ``model`` and the reason each other layer is skipped.
 
     Args:
         model: the model; it is read, never modified.
         input_shapes: concrete shapes for dynamic graph inputs (for MAC counts).
+        data_dir: folder of the model file, for tensors whose data is still in external files.
     """
     shapes = infer_shapes(model, input_shapes or {})
-    graph = model.graph
-    index = _GraphIndex(graph)
+    indexes: dict[GraphPath, _GraphIndex] = {}
     layers: list[Layer] = []
     skipped: list[SkippedLayer] = []
-    names = _unique_names(graph)
-    for position, node in enumerate(graph.node):
-        name = names[position]
-        outcome = _examine(node, position, name, index, shapes)
-        if isinstance(outcome, Layer):
-            layers.append(outcome)
-        elif outcome is not None:
-            skipped.append(outcome)
-    for sub in list(iter_graphs(graph))[1:]:
-        for position, node in enumerate(sub.node):
-            if _is_candidate_op(node):
-                skipped.append(
-                    SkippedLayer(
-                        node.name or f"{sub.name}/{node.op_type}_{position}",
-                        node.op_type,
-                        "inside a subgraph (If/Loop/Scan body); subgraphs are not compressed",
-                    )
-                )
+    names = _LayerNames()
+    for path, graph in walk_graphs(model.graph):
+        index = indexes[path] = _GraphIndex(graph, path, indexes.get(path[:-1]) if path else None)
+        for position, node in enumerate(graph.node):
+            name = names.name(node, position, graph if path else None)
+            outcome = _examine(node, position, name, index, shapes)
+            if isinstance(outcome, Layer):
+                layers.append(outcome)
+            elif outcome is not None:
+                skipped.append(outcome)
+    skipped += _function_layers(model)
+    factorized = _factorized_layers(model, shapes)
     log.info("found %d compressible layers, %d skipped", len(layers), len(skipped))
-    return Discovery(layers=layers, skipped=skipped, shapes=shapes, model=model, _index=index)
+    return Discovery(
+        layers=layers,
+        skipped=skipped,
+        shapes=shapes,
+        model=model,
+        data_dir=data_dir,
+        factorized=factorized,
+        _indexes=indexes,
+    )
+
+
+class _LayerNames:
+    """Layer names, unique across the main graph and all subgraphs.
+
+    A main-graph node is named by its node name, or ``<op_type>_<index>`` when it has none (the
+    names reports have always used); a subgraph node without a name gets its graph's name in
+    front. A repeated name gets ``_<index>`` appended.
+    """
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    def name(self, node: onnx.NodeProto, position: int, subgraph: onnx.GraphProto | None) -> str:
+        name = node.name or f"{node.op_type}_{position}"
+        if not node.name and subgraph is not None:
+            name = f"{subgraph.name or 'subgraph'}/{name}"
+        base, suffix = name, position
+        while name in self.seen:
+            name = f"{base}_{suffix}"
+            suffix += 1
+        self.seen.add(name)
+        return name
 
 
 def _is_candidate_op(node: onnx.NodeProto) -> bool:
@@ -196,6 +326,22 @@ def _is_candidate_op(node: onnx.NodeProto) -> bool:
         "FusedGemm",
         "FusedMatMul",
     }
+
+
+def _function_layers(model: onnx.ModelProto) -> list[SkippedLayer]:
+    skipped = []
+    for function in model.functions:
+        for position, node in enumerate(function.node):
+            if _is_candidate_op(node):
+                skipped.append(
+                    SkippedLayer(
+                        f"{function.domain}.{function.name}/{node.name or node.op_type}_{position}",
+                        node.op_type,
+                        "inside a local function; function bodies are shared by every call "
+                        "site and are not compressed",
+                    )
+                )
+    return skipped
 
 
 def _examine(
@@ -208,7 +354,7 @@ def _examine(
         )
 
     if node.op_type in _QUANTIZED_OPS:
-        return skip("quantized operator; quantized layers are left unchanged")
+        return skip(_QUANTIZED_REASON)
     if node.domain not in ("", "ai.onnx"):
         if _is_candidate_op(node):
             return skip(f"operator {node.domain}.{node.op_type} is not a standard ONNX op")
@@ -217,10 +363,10 @@ def _examine(
         return skip("ConvTranspose is not factorized")
     if node.op_type not in _LAYER_OPS:
         return None
-    if node.name.endswith((FACTOR_TAG + "_v", FACTOR_TAG + "_u")):
+    if _FACTOR_NODE.search(node.name):
         return skip("already a low-rank factor written by onnx-lowrank")
-    if len(node.input) < 2:
-        return skip("malformed node: fewer than two inputs")
+    if len(node.input) < 2 or not node.input[1] or not node.output or not node.output[0]:
+        return skip("malformed node: a required input or output is missing")
     weight_name = node.input[1]
     ref = index.resolve(weight_name)
     if isinstance(ref, str):
@@ -229,10 +375,10 @@ def _examine(
         return skip(ref)
     shape, dtype = ref.shape, ref.dtype
     if dtype not in FLOAT_TYPES:
-        return skip(
-            f"weight type {onnx.TensorProto.DataType.Name(dtype)} is not floating point", shape
-        )
-    shared = index.other_consumers(ref, node)
+        return skip(f"weight type {type_name(dtype)} is not floating point", shape)
+    if any(d <= 0 for d in shape):
+        return skip(f"weight has an empty or invalid shape {shape}", shape)
+    shared = index.other_consumers(ref, (index.path, position))
     if shared:
         return skip(f"weight {ref.source!r} is shared with {', '.join(sorted(shared))}", shape)
     out_shape = shapes.get(node.output[0])
@@ -245,6 +391,9 @@ def _examine(
         group = attribute(node, "group", 1)
         if group != 1:
             return skip(f"grouped or depthwise convolution (group={group})", shape)
+        kernel_attr = attribute(node, "kernel_shape")
+        if kernel_attr is not None and tuple(kernel_attr) != tuple(shape[2:]):
+            return skip(f"kernel_shape {tuple(kernel_attr)} does not match the weight {shape}")
         out_channels, in_channels, kernel = shape[0], shape[1], tuple(shape[2:])
         positions = _positions(out_shape, channel_axis=1)
     else:
@@ -279,6 +428,8 @@ def _examine(
         output_positions=positions,
         input_rank=input_rank,
         max_groups=max_groups,
+        graph_path=index.path,
+        stored_dtype=ref.stored_dtype if ref.stored_dtype != dtype else None,
     )
 
 
@@ -292,16 +443,34 @@ def _positions(out_shape: tuple[int | None, ...] | None, channel_axis: int) -> i
     return math.prod(dims)
 
 
-def _unique_names(graph: onnx.GraphProto) -> list[str]:
-    names: list[str] = []
-    seen: set[str] = set()
-    for position, node in enumerate(graph.node):
-        name = node.name or f"{node.op_type}_{position}"
-        if name in seen:
-            name = f"{name}_{position}"
-        seen.add(name)
-        names.append(name)
-    return names
+def _factorized_layers(model: onnx.ModelProto, shapes: ShapeInfo) -> list[FactorizedLayer]:
+    """The layers recorded under ``FACTORIZED_KEY`` whose second node is still in the model."""
+    text = next((p.value for p in model.metadata_props if p.key == FACTORIZED_KEY), None)
+    if text is None:
+        return []
+    try:
+        entries = json.loads(text)
+        records = [
+            (str(e["name"]), str(e["second"]), int(e["params_dense"]), int(e["params"]))
+            for e in entries
+        ]
+    except (ValueError, TypeError, KeyError) as exc:
+        log.warning("ignoring unreadable %s metadata (%s)", FACTORIZED_KEY, exc)
+        return []
+    nodes = {node.name: node for _, graph in walk_graphs(model.graph) for node in graph.node}
+    found = []
+    for name, second, params_dense, params in records:
+        node = nodes.get(second)
+        if node is None or len(node.input) < 2 or params_dense <= params:
+            log.warning("metadata names factorized layer %s, which is no longer there", name)
+            continue
+        weight = shapes.get(node.input[1])
+        macs = node_macs(node, shapes)
+        positions = None
+        if weight and None not in weight and macs is not None and math.prod(weight) > 0:
+            positions = macs // math.prod(weight)  # type: ignore[arg-type]
+        found.append(FactorizedLayer(name, params_dense, params, positions))
+    return found
 
 
 @dataclass(frozen=True)
@@ -309,14 +478,18 @@ class _ConstantRef:
     source: str  # initializer or Constant output name
     chain: tuple[int, ...]  # indices of the Identity/Cast/Transpose nodes between source and use
     shape: tuple[int, ...]
-    dtype: int
+    dtype: int  # element type as the node reads it
+    stored_dtype: int  # element type of the stored constant
+    owner: _GraphIndex = field(compare=False, repr=False)  # the graph that holds source and chain
 
 
 class _GraphIndex:
-    """Producers, consumers and constants of one graph."""
+    """Producers, consumers and constants of one graph, with its enclosing graph's index."""
 
-    def __init__(self, graph: onnx.GraphProto):
-        self.graph = graph
+    def __init__(
+        self, graph: onnx.GraphProto, path: GraphPath = (), parent: _GraphIndex | None = None
+    ):
+        self.graph, self.path, self.parent = graph, path, parent
         self.initializers = {tensor.name: tensor for tensor in graph.initializer}
         self.producers: dict[str, int] = {}
         self.consumers: dict[str, list[int]] = {}
@@ -327,7 +500,7 @@ class _GraphIndex:
                 self.consumers.setdefault(name, []).append(position)
         self.graph_inputs = {info.name for info in graph.input}
         self.graph_outputs = {info.name for info in graph.output}
-        self.subgraph_uses = _names_used_in_subgraphs(graph)
+        self.subgraph_readers = _subgraph_readers(graph, path)
 
     def resolve(self, name: str) -> _ConstantRef | str:
         """Follow ``name`` back to a stored constant, or return why it is not one."""
@@ -340,9 +513,15 @@ class _GraphIndex:
                 shape, dtype = tuple(tensor.dims), tensor.data_type
                 break
             if current in self.graph_inputs:
+                if self.path:
+                    return "weight is an input of the subgraph (loop state or scan slice)"
                 return "weight is a graph input, not a constant"
             if current not in self.producers:
-                return "weight is not produced in this graph (outer-scope value)"
+                if self.parent is not None and not chain:
+                    return self.parent.resolve(current)  # an outer-scope constant
+                if self.parent is not None:
+                    return "weight reaches the layer through nodes in two scopes"
+                return "weight is not produced in this graph"
             position = self.producers[current]
             node = self.graph.node[position]
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
@@ -359,53 +538,67 @@ class _GraphIndex:
                 current = node.input[0]
                 continue
             return f"weight is computed at run time (output of {node.op_type})"
+        stored_dtype = dtype
         for node in reversed(shape_ops):
             if node.op_type == "Transpose":
                 perm = attribute(node, "perm") or list(reversed(range(len(shape))))
+                if sorted(perm) != list(range(len(shape))):
+                    return f"Transpose perm {list(perm)} does not fit the weight's rank"
                 shape = tuple(shape[axis] for axis in perm)
             elif node.op_type == "Cast":
-                dtype = attribute(node, "to")
-        return _ConstantRef(current, tuple(chain), shape, dtype)
+                dtype = attribute(node, "to", dtype)
+        return _ConstantRef(current, tuple(chain), shape, dtype, stored_dtype, self)
 
-    def other_consumers(self, ref: _ConstantRef, node: onnx.NodeProto) -> set[str]:
-        """Nodes other than ``node`` and its pass-through chain that read the weight."""
-        chain_outputs = {self.graph.node[p].output[0] for p in ref.chain}
-        names = {ref.source} | chain_outputs
+    def other_consumers(self, ref: _ConstantRef, node_key: tuple[GraphPath, int]) -> set[str]:
+        """Nodes other than the layer's node (``(graph path, position)``) and its pass-through
+        chain that read the weight, in the owning graph or any subgraph below it."""
+        owner = ref.owner
+        chain_outputs = {owner.graph.node[p].output[0] for p in ref.chain}
         others: set[str] = set()
-        for tensor in names:
-            for position in self.consumers.get(tensor, []):
-                consumer = self.graph.node[position]
-                if position in ref.chain or consumer is node:
+        for tensor in {ref.source} | chain_outputs:
+            for position in owner.consumers.get(tensor, []):
+                if position in ref.chain or (owner.path, position) == node_key:
                     continue
+                consumer = owner.graph.node[position]
                 others.add(consumer.name or f"{consumer.op_type}_{position}")
-            if tensor in self.subgraph_uses:
-                others.add("a subgraph")
-            if tensor in self.graph_outputs:
+            for sub_path, position, label in owner.subgraph_readers.get(tensor, []):
+                if (sub_path, position) != node_key:
+                    others.add(label)
+            if tensor in owner.graph_outputs:
                 others.add("the graph outputs")
         return others
 
 
-def _names_used_in_subgraphs(graph: onnx.GraphProto) -> set[str]:
-    used: set[str] = set()
-    for sub in list(iter_graphs(graph))[1:]:
-        for node in sub.node:
-            used.update(node.input)
-    return used
+def _subgraph_readers(
+    graph: onnx.GraphProto, path: GraphPath
+) -> dict[str, list[tuple[GraphPath, int, str]]]:
+    """For every name read inside a subgraph of ``graph``: ``(graph path, position, label)``
+    of each reading node."""
+    readers: dict[str, list[tuple[GraphPath, int, str]]] = {}
+    for sub_path, sub in list(walk_graphs(graph, path))[1:]:
+        for position, node in enumerate(sub.node):
+            label = node.name or f"{sub.name or 'subgraph'}/{node.op_type}_{position}"
+            for name in node.input:
+                readers.setdefault(name, []).append((sub_path, position, label))
+    return readers
 
 
-def _read_weight(index: _GraphIndex, name: str) -> np.ndarray:
+def _read_weight(
+    index: _GraphIndex, name: str, data_dir: str | os.PathLike | None = None
+) -> np.ndarray:
     """Evaluate the constant ``name`` (through Identity/Cast/Transpose) in float64."""
     ref = index.resolve(name)
     if isinstance(ref, str):
         raise ValueError(f"{name} is not a constant: {ref}")
-    graph = index.graph
-    if ref.source in index.initializers:
-        array = tensor_to_array(index.initializers[ref.source])
+    owner = ref.owner
+    if ref.source in owner.initializers:
+        array = tensor_to_array(owner.initializers[ref.source], data_dir)
     else:
-        array = tensor_to_array(attribute(graph.node[index.producers[ref.source]], "value"))
+        constant = attribute(owner.graph.node[owner.producers[ref.source]], "value")
+        array = tensor_to_array(constant, data_dir)
     array = np.asarray(array)
     for position in reversed(ref.chain):
-        node = graph.node[position]
+        node = owner.graph.node[position]
         if node.op_type == "Transpose":
             array = np.transpose(array, attribute(node, "perm"))
         elif node.op_type == "Cast":

@@ -6,20 +6,37 @@ graphs, subgraphs included, and to read tensor types.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+from .errors import InvalidModelError
 
 __all__ = [
     "FLOAT_TYPES",
+    "GraphPath",
     "attribute",
+    "external_location",
+    "graph_at",
     "iter_graphs",
     "iter_tensors",
     "opset_version",
+    "read_external_bytes",
+    "tensor_nbytes",
     "tensor_to_array",
+    "type_name",
+    "walk_graphs",
 ]
+
+#: Where a subgraph sits: one step ``(node_index, attribute_name, position)`` per level below the
+#: main graph (``position`` is 0 for a GRAPH attribute and the list index for GRAPHS). The main
+#: graph is ``()``.
+GraphPath = tuple[tuple[int, str, int], ...]
 
 #: Element types that hold trainable weights. Integer tensors are shapes, indices or quantized
 #: data and are never counted as parameters.
@@ -45,9 +62,34 @@ def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
                     yield from iter_graphs(sub)
 
 
-def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+def walk_graphs(
+    graph: onnx.GraphProto, path: GraphPath = ()
+) -> Iterator[tuple[GraphPath, onnx.GraphProto]]:
+    """``(path, graph)`` for ``graph`` and every subgraph below it, parents before children."""
+    yield path, graph
+    for position, node in enumerate(graph.node):
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from walk_graphs(attr.g, (*path, (position, attr.name, 0)))
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for index, sub in enumerate(attr.graphs):
+                    yield from walk_graphs(sub, (*path, (position, attr.name, index)))
+
+
+def graph_at(graph: onnx.GraphProto, path: GraphPath) -> onnx.GraphProto:
+    """The subgraph of ``graph`` at ``path`` (``graph`` itself for ``()``)."""
+    for position, name, index in path:
+        node = graph.node[position]
+        attr = next(a for a in node.attribute if a.name == name)
+        graph = attr.g if attr.type == onnx.AttributeProto.GRAPH else attr.graphs[index]
+    return graph
+
+
+def iter_tensors(
+    model: onnx.ModelProto, *, main_initializers: bool = True
+) -> Iterator[onnx.TensorProto]:
     """Every constant tensor of a model: initializers and Constant-node values, in all graphs
-    and local functions."""
+    and local functions (the main graph's initializers only when ``main_initializers``)."""
     graphs = list(iter_graphs(model.graph))
     for function in model.functions:
         for node in function.node:
@@ -56,8 +98,9 @@ def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
                     graphs.extend(iter_graphs(attr.g))
     nodes = [node for graph in graphs for node in graph.node]
     nodes += [node for function in model.functions for node in function.node]
-    for graph in graphs:
-        yield from graph.initializer
+    for position, graph in enumerate(graphs):
+        if position or main_initializers:
+            yield from graph.initializer
         for sparse in graph.sparse_initializer:
             yield sparse.values
     for node in nodes:
@@ -84,6 +127,96 @@ def opset_version(model: onnx.ModelProto, domain: str = "") -> int:
     return 0
 
 
-def tensor_to_array(tensor: onnx.TensorProto) -> np.ndarray:
-    """A tensor's values as a numpy array (bfloat16 and float8 come back as ml_dtypes types)."""
-    return numpy_helper.to_array(tensor)
+def tensor_to_array(
+    tensor: onnx.TensorProto, data_dir: str | os.PathLike | None = None
+) -> np.ndarray:
+    """A tensor's values as a numpy array (bfloat16 and float8 come back as ml_dtypes types).
+
+    Args:
+        tensor: the tensor; it is not modified.
+        data_dir: folder of the model file, for a tensor whose data still sits in an external
+            file (models loaded lazily, see ``load.load_model``). Only that tensor's bytes are
+            read.
+
+    Raises:
+        InvalidModelError: the data does not match the tensor's type and shape, or its
+            external file cannot be read.
+    """
+    if uses_external_data(tensor):
+        if data_dir is None:
+            raise InvalidModelError(
+                f"tensor {tensor.name!r} keeps its data in an external file, but the model's "
+                "folder is unknown; load the model from its path"
+            )
+        proxy = onnx.TensorProto()
+        proxy.CopyFrom(tensor)
+        del proxy.external_data[:]
+        proxy.data_location = onnx.TensorProto.DEFAULT
+        proxy.raw_data = read_external_bytes(tensor, data_dir)
+        tensor = proxy
+    try:
+        return numpy_helper.to_array(tensor)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise InvalidModelError(
+            f"tensor {tensor.name!r} is corrupt: its data does not match its type "
+            f"{type_name(tensor.data_type)} and shape {tuple(tensor.dims)} "
+            f"({' '.join(str(exc).split())[:200]}); re-export the model"
+        ) from exc
+
+
+def type_name(data_type: int) -> str:
+    """The name of an ONNX element type, e.g. ``FLOAT16``, or its number when unknown."""
+    try:
+        return onnx.TensorProto.DataType.Name(data_type)
+    except ValueError:
+        return f"type {data_type}"
+
+
+def external_location(tensor: onnx.TensorProto, data_dir: str | os.PathLike) -> Path:
+    """The file that holds an external tensor's data, checked to lie inside ``data_dir``.
+
+    Raises:
+        InvalidModelError: the location is absolute, leaves the folder, or does not exist.
+    """
+    location = ExternalDataInfo(tensor).location
+    folder = Path(data_dir).resolve()
+    path = (folder / location).resolve()
+    if not location or Path(location).is_absolute() or not path.is_relative_to(folder):
+        raise InvalidModelError(
+            f"tensor {tensor.name!r} names external data {location!r} outside the model's "
+            "folder; external data files must sit beside the model"
+        )
+    if not path.is_file():
+        raise InvalidModelError(
+            f"external data file {location!r} of tensor {tensor.name!r} is missing; keep the "
+            "data file(s) the model names next to it"
+        )
+    return path
+
+
+def read_external_bytes(tensor: onnx.TensorProto, data_dir: str | os.PathLike) -> bytes:
+    """The bytes of one external tensor, read from its file after a bounds check."""
+    info = ExternalDataInfo(tensor)
+    path = external_location(tensor, data_dir)
+    size = path.stat().st_size
+    offset = info.offset or 0
+    length = size - offset if info.length is None else info.length
+    if offset < 0 or length < 0 or offset + length > size:
+        raise InvalidModelError(
+            f"external data of tensor {tensor.name!r} lies outside {path.name} (offset "
+            f"{offset}, length {length}, file size {size}); the data file is truncated or "
+            "belongs to another model"
+        )
+    with open(path, "rb") as stream:
+        stream.seek(offset)
+        return stream.read(length)
+
+
+def tensor_nbytes(tensor: onnx.TensorProto) -> int:
+    """Bytes of a tensor's data, stored inline or externally, without reading it."""
+    if uses_external_data(tensor):
+        length = ExternalDataInfo(tensor).length
+        return int(length) if length is not None else 0
+    if tensor.HasField("raw_data"):
+        return len(tensor.raw_data)
+    return tensor.ByteSize()

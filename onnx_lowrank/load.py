@@ -1,27 +1,53 @@
 """Read and write ONNX models safely.
 
-Reading turns every way a file can be wrong into a typed error with a one-line message. Writing
-is atomic: everything goes to a temporary folder beside the target, then each file is renamed
-into place (data file first, model last), so an interrupted run never leaves half a model.
+Reading turns every way a file can be wrong into a typed error with a one-line message. A model
+whose external data is larger than ``LAZY_EXTERNAL_BYTES`` is loaded *lazily*: its tensors keep
+pointing at the side files, and stages read one weight at a time
+(``graphs.tensor_to_array(tensor, data_dir)``), so a model over 2 GiB never sits in memory whole.
+
+Writing is atomic: everything goes to a temporary folder beside the target, then each file is
+renamed into place (data file first, model last, with Ctrl-C held back between the two renames),
+so an interrupted run never leaves half a model. External data is written by a streaming writer
+that copies lazily referenced tensors from their source file chunk by chunk and never writes
+into a file of the input model: when the default data file name is one of the input's files, the
+output gets another name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import onnx
+from onnx.external_data_helper import ExternalDataInfo
 
 from .errors import InvalidModelError, ModelFileError, OutputPathError
-from .graphs import iter_tensors
+from .graphs import (
+    external_location,
+    iter_graphs,
+    iter_tensors,
+    read_external_bytes,
+    tensor_nbytes,
+)
 
 __all__ = [
+    "LAZY_EXTERNAL_BYTES",
+    "LoadedModel",
     "ModelSource",
+    "external_data_files",
     "load_model",
     "model_file_size",
+    "model_size_bytes",
+    "open_model",
     "save_model",
     "source_path",
     "uses_external_data",
@@ -33,6 +59,36 @@ ModelSource = str | os.PathLike | onnx.ModelProto | bytes
 
 #: Protobuf cannot serialize a single message of 2 GiB or more.
 PROTOBUF_LIMIT = 2**31 - 1
+
+#: Models with more external data than this are loaded lazily (weights stay in their files).
+LAZY_EXTERNAL_BYTES = 2**30
+
+#: Tensors of at least this many bytes go to the data file when writing external data.
+EXTERNAL_THRESHOLD = 1024
+
+_COPY_CHUNK = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A loaded model and where its data lives.
+
+    Attributes:
+        model: the model, owned by the caller.
+        path: the model file it came from, or None for bytes and ModelProto sources.
+        data_files: the external data files the model file names (resolved paths).
+        lazy: True when tensors still point at ``data_files`` instead of holding their data.
+    """
+
+    model: onnx.ModelProto
+    path: Path | None = None
+    data_files: tuple[Path, ...] = ()
+    lazy: bool = False
+
+    @property
+    def data_dir(self) -> Path | None:
+        """Folder against which external tensor locations resolve (lazy models only)."""
+        return self.path.parent if self.lazy and self.path is not None else None
 
 
 def source_path(source: ModelSource) -> Path | None:
@@ -52,12 +108,36 @@ def load_model(source: ModelSource, *, check: bool = True, force: bool = False) 
         force: when the checker fails, log a warning and go on instead of raising.
 
     Returns:
-        The loaded model, owned by the caller.
+        The loaded model, owned by the caller, with all external data in memory.
 
     Raises:
         ModelFileError: the path does not exist, is a directory, or cannot be read.
-        InvalidModelError: the content is not a valid ONNX model.
+        InvalidModelError: the content is not a valid ONNX model, or its external data is
+            missing or truncated.
     """
+    return open_model(source, check=check, force=force, lazy=False).model
+
+
+def open_model(
+    source: ModelSource,
+    *,
+    check: bool = True,
+    force: bool = False,
+    lazy: bool | None = None,
+) -> LoadedModel:
+    """Load a model, keeping large external data in its files.
+
+    Args:
+        source: as for ``load_model``.
+        check: run the ONNX checker.
+        force: go on with a warning when the checker fails.
+        lazy: keep external data in its files (True), load it (False), or keep it there when
+            it totals more than ``LAZY_EXTERNAL_BYTES`` (None, the default).
+
+    Raises:
+        ModelFileError, InvalidModelError: as for ``load_model``.
+    """
+    path = source_path(source)
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(source)
@@ -65,39 +145,74 @@ def load_model(source: ModelSource, *, check: bool = True, force: bool = False) 
     elif isinstance(source, bytes):
         model = _parse(source, "the given bytes")
         label = "the given bytes"
-    elif isinstance(source, (str, os.PathLike)):
-        model = _load_path(Path(source))
-        label = str(source)
+    elif path is not None:
+        model = _parse(_read_file(path), str(path))
+        label = str(path)
     else:
         raise InvalidModelError(
             f"cannot load a model from {type(source).__name__}; "
             "give a path to an .onnx file, its bytes, or an onnx.ModelProto"
         )
     _check_structure(model, label)
+    data_files: tuple[Path, ...] = ()
+    keep_on_disk = False
+    if uses_external_data(model):
+        if path is None:
+            raise InvalidModelError(
+                f"{label} keeps weights in external data files, which can only be found from "
+                "the model's path; pass the path of the .onnx file instead"
+            )
+        sizes = _check_external(model, path)
+        data_files = tuple(sorted(sizes))
+        keep_on_disk = lazy if lazy is not None else sum(sizes.values()) > LAZY_EXTERNAL_BYTES
+        if not keep_on_disk:
+            try:
+                onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+            except (OSError, ValueError, onnx.ValidationError) as exc:
+                raise InvalidModelError(
+                    f"external data of {path} cannot be read ({_reason(exc)}); keep the data "
+                    "file(s) the model names next to it"
+                ) from exc
     if check:
-        _run_checker(model, source_path(source), label, force)
-    return model
+        by_path = keep_on_disk or (path is not None and model.ByteSize() > PROTOBUF_LIMIT)
+        _run_checker(model, path if by_path else None, label, force)
+    return LoadedModel(model=model, path=path, data_files=data_files, lazy=keep_on_disk)
 
 
-def _load_path(path: Path) -> onnx.ModelProto:
+def _read_file(path: Path) -> bytes:
     if not path.exists():
         raise ModelFileError(f"model file not found: {path}")
     if path.is_dir():
         raise ModelFileError(f"{path} is a directory; give the path of an .onnx file")
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except OSError as exc:
         raise ModelFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    model = _parse(data, str(path))
-    if uses_external_data(model):
+
+
+def _check_external(model: onnx.ModelProto, path: Path) -> dict[Path, int]:
+    """Check every external tensor's file and byte range; return each data file's size."""
+    sizes: dict[Path, int] = {}
+    for tensor in iter_tensors(model):
+        if not onnx.external_data_helper.uses_external_data(tensor):
+            continue
         try:
-            onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
-        except (OSError, ValueError, onnx.ValidationError) as exc:
+            info = ExternalDataInfo(tensor)
+        except (ValueError, TypeError) as exc:
             raise InvalidModelError(
-                f"external data of {path} cannot be read ({_reason(exc)}); keep the data "
-                "file(s) the model names next to it"
+                f"{path}: external data entry of tensor {tensor.name!r} is malformed "
+                f"({_reason(exc)}); re-export the model"
             ) from exc
-    return model
+        data = external_location(tensor, path.parent)
+        size = sizes.setdefault(data, data.stat().st_size)
+        offset = info.offset or 0
+        end = size if info.length is None else offset + info.length
+        if offset < 0 or end < offset or end > size:
+            raise InvalidModelError(
+                f"{path}: tensor {tensor.name!r} reads bytes {offset}..{end} of {data.name}, "
+                f"which has {size}; the data file is truncated or belongs to another model"
+            )
+    return sizes
 
 
 def _parse(data: bytes, label: str) -> onnx.ModelProto:
@@ -121,11 +236,33 @@ def _check_structure(model: onnx.ModelProto, label: str) -> None:
             f"{label} is not an ONNX model (no IR version, graph or opset import); "
             "the file may be truncated or of another format"
         )
+    # protobuf hands back bytes instead of str for a name that is not valid UTF-8
+    bad = next((name for name in _names(model) if not isinstance(name, str)), None)
+    if bad is not None:
+        raise InvalidModelError(
+            f"{label} is corrupt: the name {bad!r} is not valid UTF-8; the file is damaged"
+        )
+
+
+def _names(model: onnx.ModelProto) -> Iterator[object]:
+    """Every name-like string field of the model's graphs, functions and imports."""
+    yield from (entry.domain for entry in model.opset_import)
+    for graph in iter_graphs(model.graph):
+        yield graph.name
+        for collection in (graph.input, graph.output, graph.value_info, graph.initializer):
+            yield from (item.name for item in collection)
+        for node in graph.node:
+            yield from (node.name, node.op_type, node.domain, *node.input, *node.output)
+            yield from (attr.name for attr in node.attribute)
+    for function in model.functions:
+        yield from (function.name, function.domain, *function.input, *function.output)
+        for node in function.node:
+            yield from (node.name, node.op_type, node.domain, *node.input, *node.output)
 
 
 def _run_checker(model: onnx.ModelProto, path: Path | None, label: str, force: bool) -> None:
     try:
-        if path is not None and model.ByteSize() > PROTOBUF_LIMIT:
+        if path is not None:
             onnx.checker.check_model(str(path))
         else:
             onnx.checker.check_model(model)
@@ -152,21 +289,23 @@ def uses_external_data(model: onnx.ModelProto) -> bool:
     )
 
 
+def external_data_files(path: str | os.PathLike) -> tuple[Path, ...]:
+    """The resolved paths of the external data files a model file names (that exist)."""
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    files = set()
+    for tensor in iter_tensors(model):
+        if onnx.external_data_helper.uses_external_data(tensor):
+            candidate = (path.parent / ExternalDataInfo(tensor).location).resolve()
+            if candidate.is_file():
+                files.add(candidate)
+    return tuple(sorted(files))
+
+
 def model_file_size(path: str | os.PathLike) -> int:
     """Bytes of a model file plus the external data files it names."""
     path = Path(path)
-    model = onnx.load(str(path), load_external_data=False)
-    locations = {
-        entry.value
-        for tensor in iter_tensors(model)
-        if onnx.external_data_helper.uses_external_data(tensor)
-        for entry in tensor.external_data
-        if entry.key == "location"
-    }
-    extra = sum(
-        (path.parent / name).stat().st_size for name in locations if (path.parent / name).is_file()
-    )
-    return path.stat().st_size + extra
+    return path.stat().st_size + sum(f.stat().st_size for f in external_data_files(path))
 
 
 def save_model(
@@ -174,20 +313,28 @@ def save_model(
     path: str | os.PathLike,
     *,
     external_data: bool = False,
+    data_dir: str | os.PathLike | None = None,
+    protect: Collection[str | os.PathLike] = (),
 ) -> Path:
     """Write ``model`` to ``path`` atomically.
 
     Args:
         model: the model to write. It is not modified.
         path: target ``.onnx`` path. Its folder must exist.
-        external_data: write the weights into ``<name>.data`` beside the model. Forced on when
-            the model is too large for a single protobuf (2 GiB).
+        external_data: write tensors of at least ``EXTERNAL_THRESHOLD`` bytes into one data file
+            beside the model (``<name>.data``). Forced on when the model is too large for a
+            single protobuf (2 GiB).
+        data_dir: folder against which the model's own external tensors resolve (a lazily
+            loaded model); their bytes are copied into the output.
+        protect: files that must not be written (the input model's files). The data file gets
+            another name when its default name is one of them.
 
     Returns:
         The path written.
 
     Raises:
-        OutputPathError: the folder does not exist or is not writable.
+        OutputPathError: the folder does not exist or is not writable, or ``path`` is a
+            protected file.
     """
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
@@ -195,9 +342,18 @@ def save_model(
         raise OutputPathError(f"output path {target} is a directory; give a file name")
     if not folder.is_dir():
         raise OutputPathError(f"output folder {folder} does not exist; create it first")
-    if not external_data and model.ByteSize() > PROTOBUF_LIMIT:
-        log.info("model exceeds 2 GiB; writing its weights as external data")
-        external_data = True
+    protected = {Path(p).resolve() for p in protect}
+    if target.resolve() in protected:
+        raise OutputPathError(f"output {target} is a file of the input model; choose another path")
+    lazy = uses_external_data(model)
+    if lazy and data_dir is None:
+        raise OutputPathError(
+            "the model refers to external data but its folder is unknown; pass data_dir"
+        )
+    if not external_data and (lazy or model.ByteSize() > PROTOBUF_LIMIT):
+        external_data = model_size_bytes(model) > PROTOBUF_LIMIT
+        if external_data:
+            log.info("model exceeds 2 GiB; writing its weights as external data")
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder))
     except OSError as exc:
@@ -206,22 +362,15 @@ def save_model(
         ) from exc
     try:
         staged_model = staging / target.name
-        if external_data:
-            data_name = target.name + ".data"
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)
-            onnx.save_model(
-                copy,
-                str(staged_model),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=data_name,
-                size_threshold=1024,
-            )
-            os.replace(staging / data_name, folder / data_name)
-        else:
+        data_name = _data_name(target, protected) if external_data else None
+        if data_name is None and not lazy:
             staged_model.write_bytes(model.SerializeToString())
-        os.replace(staged_model, target)
+        else:
+            _write_streaming(model, staged_model, staging, data_name, data_dir)
+        with _interrupts_deferred():
+            if data_name is not None:
+                os.replace(staging / data_name, folder / data_name)
+            os.replace(staged_model, target)
     except OSError as exc:
         raise OutputPathError(
             f"cannot write {target}: {exc.strerror or exc}; choose a writable path"
@@ -229,3 +378,166 @@ def save_model(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _data_name(target: Path, protected: set[Path]) -> str:
+    """``<name>.data``, or ``<name>.<n>.data`` when that is a file of the input model."""
+    name, number = f"{target.name}.data", 0
+    while (target.parent / name).resolve() in protected:
+        number += 1
+        name = f"{target.name}.{number}.data"
+    if number:
+        log.warning(
+            "%s.data belongs to the input model; writing the weights to %s instead",
+            target.name,
+            name,
+        )
+    return name
+
+
+def model_size_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of a model's protobuf plus its tensors that still live in external files."""
+    return model.ByteSize() + sum(
+        tensor_nbytes(t)
+        for t in iter_tensors(model)
+        if onnx.external_data_helper.uses_external_data(t)
+    )
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold back Ctrl-C (SIGINT) until the block is done, so that the data file and the model
+    file are renamed together. Only possible in the main thread; elsewhere a no-op."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is None  # a handler installed outside Python
+    ):
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: received.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            raise KeyboardInterrupt
+
+
+def _write_streaming(
+    model: onnx.ModelProto,
+    model_path: Path,
+    staging: Path,
+    data_name: str | None,
+    data_dir: str | os.PathLike | None,
+) -> None:
+    """Write a model whose tensors may live in memory or in the input's data files.
+
+    With ``data_name``, every tensor of at least ``EXTERNAL_THRESHOLD`` bytes goes to
+    ``staging/data_name``; without it, everything is written inline. The main graph's
+    initializers are copied into the output one at a time, so memory stays at one tensor
+    beyond the model itself.
+    """
+    skeleton = onnx.ModelProto()
+    for descriptor, value in model.ListFields():
+        if descriptor.name != "graph":
+            _set_field(skeleton, descriptor, value)
+    for descriptor, value in model.graph.ListFields():
+        if descriptor.name != "initializer":
+            _set_field(skeleton.graph, descriptor, value)
+    stream = open(staging / data_name, "wb") if data_name else None  # noqa: SIM115
+    try:
+        for tensor in model.graph.initializer:
+            copy = skeleton.graph.initializer.add()
+            for descriptor, value in tensor.ListFields():
+                if descriptor.name not in ("raw_data", "external_data", "data_location"):
+                    _set_field(copy, descriptor, value)
+            _place(copy, tensor, stream, data_name, data_dir)
+        for tensor in list(iter_tensors(skeleton, main_initializers=False)):
+            if onnx.external_data_helper.uses_external_data(tensor) or stream is not None:
+                source = onnx.TensorProto()
+                source.CopyFrom(tensor)
+                for name in ("raw_data", "external_data", "data_location"):
+                    tensor.ClearField(name)
+                _place(tensor, source, stream, data_name, data_dir)
+    finally:
+        if stream is not None:
+            stream.close()
+    model_path.write_bytes(skeleton.SerializeToString())
+
+
+def _set_field(message, descriptor, value) -> None:
+    field = getattr(message, descriptor.name)
+    repeated = getattr(descriptor, "is_repeated", None)  # protobuf >= 6 drops .label
+    if repeated is None:
+        repeated = descriptor.label == descriptor.LABEL_REPEATED
+    if repeated:
+        field.extend(value)
+    elif descriptor.message_type is not None:
+        field.CopyFrom(value)
+    else:
+        setattr(message, descriptor.name, value)
+
+
+def _place(
+    copy: onnx.TensorProto,
+    source: onnx.TensorProto,
+    stream: BinaryIO | None,
+    data_name: str | None,
+    data_dir: str | os.PathLike | None,
+) -> None:
+    """Give ``copy`` (which has no data yet) the data of ``source``: inline, or appended to
+    ``stream`` with an external-data entry."""
+    external = onnx.external_data_helper.uses_external_data(source)
+    if not external:
+        if source.HasField("raw_data"):
+            if stream is None or len(source.raw_data) < EXTERNAL_THRESHOLD:
+                copy.raw_data = source.raw_data
+                return
+        else:  # typed fields (float_data, ...) were copied with the other fields
+            if stream is None or source.ByteSize() < EXTERNAL_THRESHOLD:
+                return
+            if source.data_type == onnx.TensorProto.STRING:
+                return
+            array = onnx.numpy_helper.to_array(source)
+            for name in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                copy.ClearField(name)
+            source = onnx.numpy_helper.from_array(array, source.name)
+    assert data_dir is not None or not external
+    if stream is None:
+        copy.raw_data = read_external_bytes(source, data_dir)  # type: ignore[arg-type]
+        return
+    offset = stream.tell()
+    alignment = 4096 if (external or len(source.raw_data) >= 2**20) else 64
+    if offset % alignment:
+        stream.write(b"\0" * (alignment - offset % alignment))
+        offset = stream.tell()
+    length = (
+        _copy_external(source, stream, data_dir)  # type: ignore[arg-type]
+        if external
+        else stream.write(source.raw_data)
+    )
+    copy.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
+        entry = copy.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def _copy_external(source: onnx.TensorProto, stream: BinaryIO, data_dir: str | os.PathLike) -> int:
+    """Copy an external tensor's bytes from its file into ``stream`` in chunks."""
+    info = ExternalDataInfo(source)
+    path = external_location(source, data_dir)
+    offset = info.offset or 0
+    remaining = path.stat().st_size - offset if info.length is None else info.length
+    length = remaining
+    with open(path, "rb") as data:
+        data.seek(offset)
+        while remaining > 0:
+            chunk = data.read(min(remaining, _COPY_CHUNK))
+            if not chunk:
+                raise InvalidModelError(
+                    f"external data of tensor {source.name!r} ends early in {path.name}"
+                )
+            stream.write(chunk)
+            remaining -= len(chunk)
+    return length

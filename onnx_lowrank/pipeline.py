@@ -5,8 +5,10 @@ load ─▶ discover ─▶ spectra ─▶ allocate ─▶ factorize ─▶ rewr
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from .allocate import BudgetLimit, CandidateTable, allocate, build_table
@@ -21,9 +24,23 @@ from .backend import Backend, get_backend
 from .config import CompressionConfig
 from .cost import count_macs, count_parameters, infer_shapes
 from .discover import Discovery, Layer, discover
-from .errors import ConfigError, NothingToCompressError, ShapeError, ValidationFailedError
+from .errors import (
+    ConfigError,
+    InfeasibleBudgetError,
+    NothingToCompressError,
+    ShapeError,
+    ValidationFailedError,
+)
 from .factorize import Factors, factorize_with_error
-from .load import ModelSource, load_model, model_file_size, save_model, source_path
+from .load import (
+    LoadedModel,
+    ModelSource,
+    model_file_size,
+    model_size_bytes,
+    open_model,
+    save_model,
+    source_path,
+)
 from .report import CompressionReport, InspectionReport, LayerReport
 from .rewrite import rewrite
 from .spectra import LayerSpectrum, compute_spectra, error_table
@@ -54,18 +71,31 @@ class CompressionResult:
     Attributes:
         model: the compressed model.
         report: what was done and measured.
+        data_dir: folder of the input model when ``model`` still reads weights from the input's
+            external data files (models loaded lazily, see ``load.open_model``).
+        source_data_files: the input's external data files; ``save`` never writes to them.
     """
 
     model: onnx.ModelProto
     report: CompressionReport
+    data_dir: Path | None = None
+    source_data_files: tuple[Path, ...] = ()
+    _spill: tempfile.TemporaryDirectory | None = dataclasses.field(default=None, repr=False)
 
     def save(
-        self, path: str | os.PathLike, *, external_data: bool = False, force: bool = False
+        self, path: str | os.PathLike, *, external_data: bool | None = None, force: bool = False
     ) -> Path:
         """Write the model atomically.
 
+        Args:
+            path: the target ``.onnx`` file.
+            external_data: store the weights in ``<path>.data``; None (default) does so when the
+                input model had external data or the output exceeds 2 GiB.
+            force: write even when validation failed.
+
         Raises:
             ValidationFailedError: the model failed validation and ``force`` is False.
+            OutputPathError: the path cannot be written.
         """
         validation = self.report.validation
         if validation is not None and not validation.passed and not force:
@@ -75,7 +105,15 @@ class CompressionResult:
                 validation,
             )
         started = time.perf_counter()
-        written = save_model(self.model, path, external_data=external_data)
+        if external_data is None:
+            external_data = bool(self.source_data_files)
+        written = save_model(
+            self.model,
+            path,
+            external_data=external_data,
+            data_dir=self.data_dir,
+            protect=self.source_data_files,
+        )
         self.report.timings["save"] = time.perf_counter() - started
         self.report.size_bytes_after = model_file_size(written)
         return written
@@ -114,8 +152,9 @@ def _source_size(source: ModelSource, model: onnx.ModelProto) -> int:
 def inspect(source: ModelSource, config: CompressionConfig | None = None) -> InspectionReport:
     """List the model's layers, their shapes, parameters and MACs, and why any is skipped."""
     config = config or CompressionConfig()
-    model = load_model(source, force=config.force)
-    discovery = discover(model, config.input_shapes)
+    loaded = open_model(source, force=config.force)
+    model = loaded.model
+    discovery = discover(model, config.input_shapes, data_dir=loaded.data_dir)
     macs, unknown = count_macs(model, discovery.shapes)
     layers = [_dense_record(layer, None) for layer in discovery.layers]
     layers += [_skipped_record(skipped) for skipped in discovery.skipped]
@@ -145,6 +184,7 @@ class Analysis:
         unknown_macs: nodes whose MACs are unknown (dynamic shapes).
         size_bytes: size of the original model file(s).
         timings: seconds per stage so far.
+        loaded: where the model came from and whether its weights are still on disk.
     """
 
     source: str
@@ -157,6 +197,7 @@ class Analysis:
     size_bytes: int
     backend: Backend
     timings: dict[str, float]
+    loaded: LoadedModel | None = None
 
 
 def analyze(
@@ -170,17 +211,20 @@ def analyze(
     """
     timer = _Timer()
     with timer.stage("load"):
-        model = load_model(source, force=config.force)
+        loaded = open_model(source, force=config.force)
+        model = loaded.model
     with timer.stage("discover"):
-        discovery = discover(model, config.input_shapes)
+        discovery = discover(model, config.input_shapes, data_dir=loaded.data_dir)
         params_total = count_parameters(model)
         macs_total, unknown_macs = count_macs(model, discovery.shapes)
     label = _source_label(source)
+    if not discovery.layers and discovery.factorized:
+        _check_recompression(discovery, params_total, label, config)
     if not discovery.layers:
         raise NothingToCompressError(
             f"nothing to compress in {label}: no Conv/Gemm/MatMul with a constant weight can be "
-            f"factorized ({len(discovery.skipped)} skipped); run 'onnx-lowrank inspect' for "
-            "the reasons"
+            f"factorized ({len(discovery.skipped)} skipped: {discovery.skip_summary() or '-'}); "
+            "run 'onnx-lowrank inspect' for every layer"
         )
     if config.flops is not None:
         _require_macs(discovery, unknown_macs)
@@ -198,6 +242,7 @@ def analyze(
         size_bytes=_source_size(source, model),
         backend=backend,
         timings=timer.timings,
+        loaded=loaded,
     )
 
 
@@ -247,14 +292,22 @@ def realize(
         compressed = rewrite(
             model, [(discovery.layer(name), f) for name, (f, _) in factors.items()]
         )
+    errors = {name: error for name, (_, error) in factors.items()}
+    del factors  # the factors now live in the model; large models need the memory back
     with timer.stage("discover"):
         params_after = count_parameters(compressed)
         macs_after, _ = count_macs(compressed, infer_shapes(compressed, config.input_shapes))
+    loaded = analysis.loaded or LoadedModel(model)
+    spill, data_dir = None, loaded.data_dir
+    if loaded.lazy:
+        with timer.stage("rewrite"):
+            spill, compressed = _spill(compressed, loaded)
+            data_dir = Path(spill.name)
     validation = None
     if config.validate:
         with timer.stage("validate"):
-            validation = validate(model, compressed, config)
-    layers = _layer_records(discovery, tables, choices, analysis.spectra, factors)
+            validation = _validate(loaded, compressed, data_dir, config)
+    layers = _layer_records(discovery, tables, choices, analysis.spectra, errors)
     factorized = [layer for layer in layers if layer.rank is not None]
     report = CompressionReport(
         source=analysis.source,
@@ -265,15 +318,63 @@ def realize(
         macs_before=analysis.macs_total,
         macs_after=macs_after,
         size_bytes_before=analysis.size_bytes,
-        size_bytes_after=compressed.ByteSize(),
+        size_bytes_after=model_size_bytes(compressed),
         max_error_bound=max((layer.error_bound or 0.0 for layer in factorized), default=0.0),
         max_error_actual=max((layer.error_actual or 0.0 for layer in factorized), default=0.0),
         layers=_in_graph_order(layers, model),
         validation=validation,
         timings=timer.timings,
-        notes=_shape_notes(discovery, analysis.unknown_macs),
+        notes=_shape_notes(discovery, analysis.unknown_macs) + _history_notes(analysis),
     )
-    return CompressionResult(model=compressed, report=report)
+    return CompressionResult(
+        model=compressed,
+        report=report,
+        data_dir=data_dir,
+        source_data_files=loaded.data_files,
+        _spill=spill,
+    )
+
+
+#: File name of the compressed model in the spill folder of a lazily loaded model.
+_SPILLED = "compressed.onnx"
+
+
+def _spill(
+    compressed: onnx.ModelProto, loaded: LoadedModel
+) -> tuple[tempfile.TemporaryDirectory, onnx.ModelProto]:
+    """Write the compressed model of a lazily loaded input to a temporary folder (external
+    data) and load it back lazily, so its weights leave memory too. The folder lives as long
+    as the ``CompressionResult`` that holds it."""
+    spill = tempfile.TemporaryDirectory(prefix="onnx-lowrank-")
+    path = save_model(
+        compressed, Path(spill.name) / _SPILLED, external_data=True, data_dir=loaded.data_dir
+    )
+    return spill, open_model(path, check=False, lazy=True).model
+
+
+def _validate(
+    loaded: LoadedModel,
+    compressed: onnx.ModelProto,
+    data_dir: Path | None,
+    config: CompressionConfig,
+):
+    """Validate in ONNX Runtime; a model whose weights stay on disk is compared file to file
+    (the original from its path, the compressed one from its spill folder), so neither is
+    serialized in memory."""
+    if not loaded.lazy or loaded.path is None or data_dir is None:
+        return validate(loaded.model, compressed, config)
+    return validate(loaded.path, data_dir / _SPILLED, config)
+
+
+def _history_notes(analysis: Analysis) -> list[str]:
+    discovery = analysis.discovery
+    if not discovery.factorized:
+        return []
+    original = analysis.params_total + discovery.params_saved
+    return [
+        f"the input was compressed before by onnx-lowrank ({len(discovery.factorized)} "
+        f"factorized layer(s)); budgets are fractions of its original {original:,} parameters"
+    ]
 
 
 def compress(
@@ -307,6 +408,27 @@ def compress(
     return realize(analysis, tables, choices, config, progress=progress)
 
 
+def _check_recompression(
+    discovery: Discovery, params_total: int, label: str, config: CompressionConfig
+) -> None:
+    """A model whose every compressible layer an earlier run factorized: a no-op when the
+    params budget is met (budgets are fractions of the original model), else infeasible."""
+    original = params_total + discovery.params_saved
+    fraction = params_total / original
+    if config.params is not None and fraction > config.params * (1 + 1e-12):
+        raise InfeasibleBudgetError(
+            f"budget cannot be met: {label} was compressed by onnx-lowrank to {fraction:.3f} of "
+            f"its original parameters and has no layer left to factorize; --params "
+            f"{config.params:g} needs a run on the original model",
+            {"params": fraction},
+        )
+    raise NothingToCompressError(
+        f"nothing to do for {label}: every layer that can be factorized was factorized by an "
+        f"earlier onnx-lowrank run ({len(discovery.factorized)} layer(s), {fraction:.3f} of the "
+        "original parameters), and budgets are fractions of the original model"
+    )
+
+
 def _require_macs(discovery: Discovery, unknown: list[str]) -> None:
     missing = [layer.name for layer in discovery.layers if layer.output_positions is None]
     missing += [name for name in unknown if name not in missing]
@@ -320,13 +442,16 @@ def _require_macs(discovery: Discovery, unknown: list[str]) -> None:
 def _budgets(
     config: CompressionConfig, discovery: Discovery, params_total: int, macs_total: int
 ) -> list[BudgetLimit]:
+    # A model compressed before by onnx-lowrank: budgets are fractions of the original model.
+    params_original = params_total + discovery.params_saved
+    macs_original = macs_total + (discovery.macs_saved or 0)
     budgets = []
     if config.params is not None:
         fixed = params_total - sum(layer.params for layer in discovery.layers)
-        budgets.append(BudgetLimit("params", config.params, params_total, fixed))
+        budgets.append(BudgetLimit("params", config.params, params_original, fixed))
     if config.flops is not None:
         fixed = macs_total - sum(layer.macs or 0 for layer in discovery.layers)
-        budgets.append(BudgetLimit("macs", config.flops, macs_total, fixed))
+        budgets.append(BudgetLimit("macs", config.flops, macs_original, fixed))
     return budgets
 
 
@@ -350,7 +475,15 @@ def _factorize(
         weight = discovery.weight(layer)
         groups, rank = int(table.groups[row]), int(table.ranks[row])
         norm = spectra[layer.name].spectral_norm
-        return layer.name, factorize_with_error(weight, groups, rank, norm, backend)
+        factors, error = factorize_with_error(weight, groups, rank, norm, backend)
+        if layer.weight_dtype == onnx.TensorProto.FLOAT and layer.stored_dtype is None:
+            # the rewrite writes float32 anyway; holding float32 halves the factors' memory
+            factors = dataclasses.replace(
+                factors,
+                first=factors.first.astype(np.float32),
+                second=factors.second.astype(np.float32),
+            )
+        return layer.name, (factors, error)
 
     result: dict[str, tuple[Factors, float]] = {}
     for done, (name, value) in enumerate(backend.map(work, chosen)):  # layers in parallel
@@ -365,11 +498,11 @@ def _layer_records(
     tables: list[CandidateTable],
     choices: list[int],
     spectra: dict[str, LayerSpectrum],
-    factors: dict[str, tuple[Factors, float]],
+    errors: dict[str, float],
 ) -> list[LayerReport]:
     records = []
     for layer, table, row in zip(discovery.layers, tables, choices, strict=True):
-        if layer.name not in factors:
+        if layer.name not in errors:
             reason = (
                 "no candidate saves weights under the candidate constraints"
                 if len(table) == 1
@@ -394,7 +527,7 @@ def _layer_records(
                 if layer.output_positions is None
                 else params * layer.output_positions,
                 error_bound=bound,
-                error_actual=factors[layer.name][1],
+                error_actual=errors[layer.name],
                 skipped_reason=None,
             )
         )

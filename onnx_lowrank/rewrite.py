@@ -15,13 +15,22 @@ Gemm / MatMul:
             bias ``beta·C`` and ``alpha`` are kept.
 
 The pass edits a copy of the model in place at the protobuf level. Every node that is not
-replaced keeps its bytes; the graph's inputs, outputs, opset imports, IR version, producer and
-metadata are untouched. The replaced node's output name goes to the second node, so every
-downstream name stays valid. Weights that nothing reads any more are removed.
+replaced keeps its bytes; the graph's inputs, outputs, opset imports, IR version and producer are
+untouched, and ``metadata_props`` only gains the ``discover.FACTORIZED_KEY`` record of what was
+factorized (so a second run knows the original sizes). The replaced node's output name goes to
+the second node, so every downstream name stays valid. Weights that nothing reads any more are
+removed, along with their Identity/Cast/Transpose chains.
+
+Layers may sit in subgraphs (``Layer.graph_path``). Subgraphs are rewritten before the graphs
+that hold them, and every new name is unique across the whole model, so no subgraph name
+shadows an outer one. Factors are stored in the narrower of the stored and the read weight type
+(fp16 weights behind a ``Cast`` to fp32 stay fp16, followed by a ``Cast``), as initializers, or
+as ``Constant`` nodes in models of IR version < 4, whose initializers must also be graph inputs.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 
@@ -29,9 +38,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .discover import FACTOR_TAG, Layer
+from .discover import FACTOR_TAG, FACTORIZED_KEY, Layer
 from .factorize import Factors
-from .graphs import attribute
+from .graphs import GraphPath, attribute, graph_at, iter_graphs, walk_graphs
 
 __all__ = ["rewrite"]
 
@@ -50,7 +59,7 @@ def rewrite(
 
     Args:
         model: the model ``discover`` ran on.
-        replacements: layers of the main graph with their factors.
+        replacements: layers (of any graph) with their factors.
         inplace: edit ``model`` itself instead of a copy.
 
     Returns:
@@ -62,36 +71,68 @@ def rewrite(
         model = copy
     if not replacements:
         return model
-    graph = model.graph
-    names = _Names(graph)
-    new_nodes: dict[int, list[onnx.NodeProto]] = {}
-    initializers: list[onnx.TensorProto] = []
+    names = _Names(model)
+    as_nodes = 0 < model.ir_version < 4
+    by_graph: dict[GraphPath, list[tuple[Layer, Factors]]] = {}
     for layer, factors in replacements:
-        node = graph.node[layer.node_index]
-        builder = _PairBuilder(layer, factors, node, names)
-        new_nodes[layer.node_index] = builder.nodes()
-        initializers.extend(builder.initializers)
-    nodes = []
-    for position, node in enumerate(graph.node):
-        nodes.extend(new_nodes.get(position, [node]))
-    del graph.node[:]
-    graph.node.extend(nodes)
-    graph.initializer.extend(initializers)
-    _remove_unused(graph, {layer.weight_input for layer, _ in replacements})
+        by_graph.setdefault(layer.graph_path, []).append((layer, factors))
+    paths = {path[:depth] for path in by_graph for depth in range(len(path) + 1)}
+    unused: dict[GraphPath, set[str]] = {}
+    records = []
+    # Deepest graphs first: a subgraph's path (node indices of its parents) stays valid until
+    # its parent is rewritten.
+    for path in sorted(paths, key=len, reverse=True):
+        graph = graph_at(model.graph, path)
+        candidates = unused.pop(path, set())
+        new_nodes: dict[int, list[onnx.NodeProto]] = {}
+        for layer, factors in by_graph.get(path, []):
+            builder = _PairBuilder(layer, factors, graph.node[layer.node_index], names, as_nodes)
+            new_nodes[layer.node_index] = builder.nodes()
+            graph.initializer.extend(builder.initializers)  # one layer's factors at a time
+            candidates.add(layer.weight_input)
+            records.append(builder.record())
+        # Splice the pairs in place, last first, so indices stay valid. Rebuilding the whole
+        # list would copy every node (and Constant-node weight) into the model's arena again.
+        for position in sorted(new_nodes, reverse=True):
+            del graph.node[position]
+            for offset, node in enumerate(new_nodes[position]):
+                graph.node.insert(position + offset, node)
+        _remove_unused(graph, set(candidates), main=not path)
+        if path:  # an outer-scope weight is removed from the graph that holds it
+            unused.setdefault(path[:-1], set()).update(candidates)
+    _record(model, records)
     return model
 
 
-class _Names:
-    """Fresh, unique tensor and node names for a graph."""
+def _record(model: onnx.ModelProto, records: list[dict]) -> None:
+    """Add ``records`` to the model's ``FACTORIZED_KEY`` metadata entry."""
+    entry = next((p for p in model.metadata_props if p.key == FACTORIZED_KEY), None)
+    if entry is None:
+        entry = model.metadata_props.add()
+        entry.key = FACTORIZED_KEY
+        previous = []
+    else:
+        try:
+            previous = json.loads(entry.value)
+            if not isinstance(previous, list):
+                previous = []
+        except ValueError:
+            previous = []
+    entry.value = json.dumps(previous + records, separators=(",", ":"))
 
-    def __init__(self, graph: onnx.GraphProto):
+
+class _Names:
+    """Fresh names, unique across the model's main graph and every subgraph."""
+
+    def __init__(self, model: onnx.ModelProto):
         self.used: set[str] = set()
-        for node in graph.node:
-            self.used.update(node.input)
-            self.used.update(node.output)
-            self.used.add(node.name)
-        for collection in (graph.input, graph.output, graph.value_info, graph.initializer):
-            self.used.update(item.name for item in collection)
+        for _, graph in walk_graphs(model.graph):
+            for node in graph.node:
+                self.used.update(node.input)
+                self.used.update(node.output)
+                self.used.add(node.name)
+            for collection in (graph.input, graph.output, graph.value_info, graph.initializer):
+                self.used.update(item.name for item in collection)
 
     def fresh(self, base: str) -> str:
         name, suffix = base, 1
@@ -105,22 +146,59 @@ class _Names:
 class _PairBuilder:
     """The nodes and initializers that replace one layer."""
 
-    def __init__(self, layer: Layer, factors: Factors, node: onnx.NodeProto, names: _Names):
+    def __init__(
+        self,
+        layer: Layer,
+        factors: Factors,
+        node: onnx.NodeProto,
+        names: _Names,
+        as_nodes: bool = False,
+    ):
         self.layer, self.factors, self.node, self.names = layer, factors, node, names
-        self.dtype = helper.tensor_dtype_to_np_dtype(layer.weight_dtype)
+        self.as_nodes = as_nodes
+        read = layer.weight_dtype
+        stored = layer.stored_dtype or read
+        # Keep the narrower type: fp16 weights read through a Cast to fp32 stay fp16 on disk.
+        narrow = stored if _itemsize(stored) < _itemsize(read) else read
+        self.dtype = helper.tensor_dtype_to_np_dtype(narrow)
+        self.cast_to = read if narrow != read else None
         self.initializers: list[onnx.TensorProto] = []
-        self._extra = 0
+        self.constants: list[onnx.NodeProto] = []
+        self.second_name = ""
 
     def nodes(self) -> list[onnx.NodeProto]:
-        if self.layer.op_type == "Conv":
-            return self._conv()
-        return self._dense()
+        pair = self._conv() if self.layer.op_type == "Conv" else self._dense()
+        self.second_name = pair[-1].name
+        return self.constants + pair
+
+    def record(self) -> dict:
+        """What ``rewrite`` records in ``metadata_props`` for this layer."""
+        return {
+            "name": self.layer.name,
+            "second": self.second_name,
+            "groups": self.factors.groups,
+            "rank": self.factors.rank,
+            "params_dense": self.layer.params,
+            "params": int(self.factors.first.size + self.factors.second.size),
+        }
 
     def _tensor(self, suffix: str, array: np.ndarray, dtype=None) -> str:
         name = self.names.fresh(f"{self.layer.weight_input}{FACTOR_TAG}_{suffix}")
         values = np.ascontiguousarray(array, dtype=dtype or self.dtype)
-        self.initializers.append(numpy_helper.from_array(values, name))
-        return name
+        tensor = numpy_helper.from_array(values, name)
+        if self.as_nodes:
+            self.constants.append(
+                helper.make_node("Constant", [], [name], name=self.names.fresh(name), value=tensor)
+            )
+        else:
+            self.initializers.append(tensor)
+        if dtype is not None or self.cast_to is None:
+            return name
+        cast = self.names.fresh(f"{name}/cast")
+        self.constants.append(
+            helper.make_node("Cast", [name], [cast], name=self.names.fresh(cast), to=self.cast_to)
+        )
+        return cast
 
     def _node_name(self, suffix: str) -> str:
         return self.names.fresh(f"{self.layer.name}{FACTOR_TAG}_{suffix}")
@@ -240,8 +318,16 @@ class _PairBuilder:
         return nodes
 
 
-def _remove_unused(graph: onnx.GraphProto, candidates: set[str]) -> None:
-    """Remove constants (and their Identity/Cast/Transpose chains) that nothing reads now."""
+def _itemsize(data_type: int) -> int:
+    return np.dtype(helper.tensor_dtype_to_np_dtype(data_type)).itemsize
+
+
+def _remove_unused(graph: onnx.GraphProto, candidates: set[str], main: bool = True) -> None:
+    """Remove constants (and their Identity/Cast/Transpose chains) that nothing reads now.
+
+    In the main graph (``main``), an initializer that was also listed as a graph input (IR
+    version < 4) loses that input too; a subgraph's inputs are its signature and stay.
+    """
     while candidates:
         read = {name for node in graph.node for name in node.input}
         read |= {info.name for info in graph.output}
@@ -249,41 +335,43 @@ def _remove_unused(graph: onnx.GraphProto, candidates: set[str]) -> None:
         dead = {name for name in candidates if name not in read}
         if not dead:
             return
-        candidates = set()
-        kept_nodes = []
-        for node in graph.node:
-            if any(output in dead for output in node.output) and all(
-                output in dead or output not in read for output in node.output
-            ):
-                candidates.update(name for name in node.input if name)
-                continue
-            kept_nodes.append(node)
-        if len(kept_nodes) != len(graph.node):
-            del graph.node[:]
-            graph.node.extend(kept_nodes)
-        initializers = [t for t in graph.initializer if t.name not in dead]
-        if len(initializers) != len(graph.initializer):
-            del graph.initializer[:]
-            graph.initializer.extend(initializers)
-        inputs = [info for info in graph.input if info.name not in dead]
-        if len(inputs) != len(graph.input):
-            removed = sorted({info.name for info in graph.input} - {i.name for i in inputs})
-            log.warning(
-                "removed graph input(s) %s: they were initializers listed as inputs "
-                "(IR version < 4) and are replaced by low-rank factors",
-                ", ".join(removed),
-            )
-            del graph.input[:]
-            graph.input.extend(inputs)
-        value_info = [info for info in graph.value_info if info.name not in dead]
-        if len(value_info) != len(graph.value_info):
-            del graph.value_info[:]
-            graph.value_info.extend(value_info)
+        candidates = _remove_dead(graph, dead, read, main)
+
+
+def _remove_dead(graph: onnx.GraphProto, dead: set[str], read: set[str], main: bool) -> set[str]:
+    """Remove the producers, initializers, inputs and value infos of the ``dead`` names; return
+    the inputs of the removed nodes, which may be dead now."""
+
+    def producer(node: onnx.NodeProto) -> bool:
+        outputs = node.output
+        return any(o in dead for o in outputs) and all(o in dead or o not in read for o in outputs)
+
+    inputs = {name for node in graph.node if producer(node) for name in node.input if name}
+    _delete(graph.node, producer)
+    _delete(graph.initializer, lambda tensor: tensor.name in dead)
+    removed = _delete(graph.input, lambda info: main and info.name in dead)
+    if removed:
+        log.warning(
+            "removed graph input(s) %s: they were initializers listed as inputs "
+            "(IR version < 4) and are replaced by low-rank factors",
+            ", ".join(sorted(removed)),
+        )
+    _delete(graph.value_info, lambda info: info.name in dead)
+    return inputs
+
+
+def _delete(container, doomed) -> list[str]:
+    """Delete the items of a repeated protobuf field for which ``doomed(item)`` holds, in place
+    (deleting by index does not copy the others, unlike rebuilding the list). Returns the
+    deleted items' names."""
+    positions = [i for i, item in enumerate(container) if doomed(item)]
+    names = [getattr(container[i], "name", "") for i in positions]
+    for position in reversed(positions):
+        del container[position]
+    return names
 
 
 def _outer_scope_reads(graph: onnx.GraphProto) -> set[str]:
-    from .graphs import iter_graphs
-
     return {
         name for sub in list(iter_graphs(graph))[1:] for node in sub.node for name in node.input
     }

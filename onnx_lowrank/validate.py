@@ -57,6 +57,8 @@ RANDOM_BATCH = 8
 LATENCY_BATCH = 1
 #: Seconds of timed runs after which the latency measurement stops early.
 LATENCY_BUDGET_S = 1.0
+#: Largest random validation input (values); a larger declared shape is a ShapeError.
+MAX_RANDOM_ELEMENTS = 2**28
 
 
 @dataclass(frozen=True)
@@ -163,7 +165,7 @@ def providers_for(device: str) -> list[str]:
 def _session(model: onnx.ModelProto | str | os.PathLike, providers: list[str]):
     ort = _ort()
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # failures surface as exceptions; keep stderr to one line
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     return ort.InferenceSession(source, options, providers=providers)
 
@@ -217,6 +219,12 @@ def random_inputs(
                     f"--input-shape {info.name}:D1,D2,... or real inputs with --inputs FILE.npz"
                 )
             shape = tuple(dims)
+        if math.prod(shape) > MAX_RANDOM_ELEMENTS:
+            raise ShapeError(
+                f"input {info.name!r} of shape {shape} is too large for random validation "
+                f"inputs (over {MAX_RANDOM_ELEMENTS:,} values); give smaller sizes with "
+                f"--input-shape {info.name}:D1,D2,... or real inputs with --inputs FILE.npz"
+            )
         if np.issubdtype(dtype, np.floating) or dtype.kind == "V":
             feeds[info.name] = rng.standard_normal(shape).astype(dtype)
         elif dtype == np.bool_:

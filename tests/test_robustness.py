@@ -1,0 +1,484 @@
+"""Every model structure of issue 5 on tiny built models: compressed correctly, or skipped with
+a stated reason. Real models with the same structures are in test_real_models.py."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import onnx
+import pytest
+from builders import MNIST, low_rank, make_model, random_feed
+from onnx import TensorProto, helper, numpy_helper
+from robust_helpers import assert_close, full_rank, outputs
+
+from onnx_lowrank import CompressionConfig, NothingToCompressError, compress
+from onnx_lowrank.cost import count_parameters
+from onnx_lowrank.discover import FACTORIZED_KEY, discover
+from onnx_lowrank.errors import InfeasibleBudgetError
+from onnx_lowrank.graphs import graph_at
+
+FLOAT = TensorProto.FLOAT
+
+
+def tensor_value(name: str, array: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(array), name)
+
+
+# 1. Constants: Constant nodes, initializers, and initializers listed as inputs (IR < 4) ---------
+
+
+def ir3_model() -> onnx.ModelProto:
+    """Opset 9, IR 3: every initializer is also a graph input, as old exporters wrote them."""
+    weight = low_rank(12, 16, 3)  # W (f × c); Gemm reads B = Wᵀ (c × f)
+    bias = np.linspace(-1, 1, 12).astype(np.float32)
+    inits = [tensor_value("B", weight.T.copy()), tensor_value("C", bias)]
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "B", "C"], ["y"], name="fc")],
+        "ir3",
+        [
+            helper.make_tensor_value_info("x", FLOAT, ["N", 16]),
+            helper.make_tensor_value_info("B", FLOAT, [16, 12]),
+            helper.make_tensor_value_info("C", FLOAT, [12]),
+        ],
+        [helper.make_tensor_value_info("y", FLOAT, ["N", 12])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)], ir_version=3)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_ir3_initializer_inputs_are_constants_and_their_removal_is_reported(caplog):
+    model = ir3_model()
+    discovery = discover(model)
+    assert [layer.name for layer in discovery.layers] == ["fc"]
+    with caplog.at_level(logging.WARNING, logger="onnx_lowrank"):
+        result = compress(model, CompressionConfig(params=0.6, latency_runs=1))
+    assert "removed graph input(s) B" in caplog.text
+    compressed = result.model
+    onnx.checker.check_model(compressed, full_check=True)
+    assert compressed.ir_version == 3
+    # IR 3 initializers must be graph inputs: the factors are Constant nodes instead
+    assert {n.op_type for n in compressed.graph.node} == {"Constant", "Gemm", "MatMul"}
+    assert [i.name for i in compressed.graph.input] == ["x", "C"]
+    assert result.report.validation.passed
+    feeds = {"x": random_feed([4, 16])}
+    assert_close(model, compressed, feeds, tolerance=1e-5)  # rank 3 of an exact rank-3 weight
+
+
+# 2. Subgraphs and local functions ------------------------------------------------------------
+
+
+def if_model(share_outer: bool = False) -> onnx.ModelProto:
+    """``y = If(cond, then: x @ Wt, else: x @ We)``. ``Wt`` is a Constant node inside the then
+    branch; ``We`` is an initializer of the main graph (an outer-scope value). With
+    ``share_outer`` both branches read ``We``."""
+    c, f = 16, 12
+    then_weight = low_rank(f, c, 3, seed=1).T.copy()
+    else_weight = low_rank(f, c, 4, seed=2).T.copy()
+    then_nodes = [
+        helper.make_node(
+            "Constant", [], ["Wt"], name="then_weight", value=tensor_value("Wt", then_weight)
+        ),
+        helper.make_node("MatMul", ["x", "We" if share_outer else "Wt"], ["yt"], name="then_mm"),
+    ]
+    if share_outer:
+        then_nodes = then_nodes[1:]
+    then_branch = helper.make_graph(
+        then_nodes, "then", [], [helper.make_tensor_value_info("yt", FLOAT, None)]
+    )
+    else_branch = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "We"], ["ye"], name="else_mm")],
+        "else",
+        [],
+        [helper.make_tensor_value_info("ye", FLOAT, None)],
+    )
+    node = helper.make_node(
+        "If", ["cond"], ["y"], name="if", then_branch=then_branch, else_branch=else_branch
+    )
+    graph = helper.make_graph(
+        [node],
+        "main",
+        [
+            helper.make_tensor_value_info("x", FLOAT, ["N", c]),
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("y", FLOAT, ["N", f])],
+        [tensor_value("We", else_weight)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def if_feeds(cond: bool) -> dict[str, np.ndarray]:
+    return {"x": random_feed([5, 16]), "cond": np.array(cond)}
+
+
+def test_if_branches_are_compressed_with_local_and_outer_scope_weights():
+    model = if_model()
+    discovery = discover(model)
+    layers = {layer.name: layer for layer in discovery.layers}
+    assert set(layers) == {"then_mm", "else_mm"}
+    assert layers["then_mm"].graph_path == ((0, "then_branch", 0),)
+    assert layers["else_mm"].graph_path == ((0, "else_branch", 0),)
+    assert layers["else_mm"].weight_source == "We"  # found in the enclosing graph
+    compressed = compress(model, CompressionConfig(params=0.9, validate=False)).model
+    assert "We" not in {t.name for t in compressed.graph.initializer}  # outer weight removed
+    for path in (layers["then_mm"].graph_path, layers["else_mm"].graph_path):
+        branch = graph_at(compressed.graph, path)
+        assert [n.op_type for n in branch.node] == ["MatMul", "MatMul"]
+        assert branch.node[-1].output[0] in {"yt", "ye"}  # the branch output name is kept
+    names = [n.name for _, g in _graphs(compressed) for n in g.node]
+    assert len(names) == len(set(names))
+    for cond in (True, False):  # both branches keep their exact-rank weights
+        assert_close(model, compressed, if_feeds(cond), tolerance=1e-5)
+
+
+def _graphs(model):
+    from onnx_lowrank.graphs import walk_graphs
+
+    return walk_graphs(model.graph)
+
+
+def test_outer_weight_read_by_both_branches_is_shared_and_skipped():
+    discovery = discover(if_model(share_outer=True))
+    assert discovery.layers == []
+    reasons = {skipped.name: skipped.reason for skipped in discovery.skipped}
+    assert "shared with else_mm" in reasons["then_mm"]
+    assert "shared with then_mm" in reasons["else_mm"]
+
+
+def loop_model() -> onnx.ModelProto:
+    """``h = x; repeat M times: h = Relu(h @ W)`` with ``W`` a Constant in the loop body."""
+    width = 12
+    weight = low_rank(width, width, 2, seed=3).T.copy()
+    body = helper.make_graph(
+        [
+            helper.make_node(
+                "Constant", [], ["W"], name="body_weight", value=tensor_value("W", weight)
+            ),
+            helper.make_node("MatMul", ["h_in", "W"], ["h_mm"], name="body_mm"),
+            helper.make_node("Relu", ["h_mm"], ["h_out"], name="body_relu"),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"], name="body_cond"),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_in", FLOAT, ["N", width]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_out", FLOAT, ["N", width]),
+        ],
+    )
+    node = helper.make_node("Loop", ["M", "", "x"], ["y"], name="loop", body=body)
+    graph = helper.make_graph(
+        [node],
+        "main",
+        [helper.make_tensor_value_info("x", FLOAT, ["N", width])],
+        [helper.make_tensor_value_info("y", FLOAT, ["N", width])],
+        [tensor_value("M", np.array(3, dtype=np.int64))],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_loop_body_layer_is_compressed():
+    model = loop_model()
+    discovery = discover(model)
+    assert [layer.name for layer in discovery.layers] == ["body_mm"]
+    result = compress(model, CompressionConfig(params=0.7, latency_runs=1))
+    body = graph_at(result.model.graph, ((0, "body", 0),))
+    assert [n.name for n in body.node if n.op_type == "MatMul"] == [
+        "body_mm/lowrank_v",
+        "body_mm/lowrank_u",
+    ]
+    assert_close(model, result.model, {"x": random_feed([2, 12])}, tolerance=1e-5)
+
+
+def test_local_function_layers_are_skipped_with_a_reason():
+    weight = low_rank(8, 8, 2)
+    function = helper.make_function(
+        "local",
+        "Dense",
+        ["a"],
+        ["b"],
+        [
+            helper.make_node("Constant", [], ["w"], value=tensor_value("w", weight)),
+            helper.make_node("MatMul", ["a", "w"], ["b"]),
+        ],
+        [helper.make_opsetid("", 17)],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Dense", ["x"], ["y"], domain="local", name="call")],
+        "main",
+        [helper.make_tensor_value_info("x", FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("y", FLOAT, [2, 8])],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],
+        functions=[function],
+        ir_version=8,
+    )
+    onnx.checker.check_model(model, full_check=True)
+    discovery = discover(model)
+    assert discovery.layers == []
+    assert "local function" in discovery.skipped[0].reason
+    with pytest.raises(NothingToCompressError, match="local function"):
+        compress(model, CompressionConfig(params=0.5))
+
+
+# 4. fp16, bf16, Cast/Transpose chains, shared weights ----------------------------------------
+
+
+def test_fp16_conv_is_decomposed_in_float64_and_written_in_fp16():
+    weight = low_rank(16, 8 * 9, 3, seed=4).reshape(16, 8, 3, 3).astype(np.float16)
+    node = helper.make_node("Conv", ["x", "W"], ["y"], name="conv", pads=[1, 1, 1, 1])
+    model = make_model(
+        [node], [("x", ["N", 8, 6, 6])], [("y", None)], {"W": weight}, dtype=TensorProto.FLOAT16
+    )
+    result = compress(model, CompressionConfig(params=0.5, latency_runs=1))
+    assert [layer.rank for layer in result.report.compressed_layers] >= [3]  # exact rank kept
+    assert {t.data_type for t in result.model.graph.initializer} == {TensorProto.FLOAT16}
+    feeds = {"x": random_feed([2, 8, 6, 6], dtype=np.float16)}
+    assert_close(model, result.model, feeds, tolerance=5e-3)  # fp16 rounding of the factors
+
+
+def test_bf16_matmul_weights_stay_bf16():
+    import ml_dtypes
+
+    weight = low_rank(12, 16, 3, seed=5)
+    node = helper.make_node("MatMul", ["x", "B"], ["y"], name="mm")
+    model = make_model(
+        [node],
+        [("x", [4, 16])],
+        [("y", None)],
+        {"B": weight.T.astype(ml_dtypes.bfloat16)},
+        dtype=TensorProto.BFLOAT16,
+    )
+    result = compress(model, CompressionConfig(params=0.5, validate=False))
+    compressed = result.model
+    onnx.checker.check_model(compressed, full_check=True)
+    assert {t.data_type for t in compressed.graph.initializer} == {TensorProto.BFLOAT16}
+    # ONNX Runtime has no bf16 MatMul on the CPU: compare the factors' product with numpy
+    first, second = (
+        numpy_helper.to_array(t).astype(np.float64) for t in compressed.graph.initializer
+    )
+    stored = weight.T.astype(ml_dtypes.bfloat16).astype(np.float64)
+    assert np.linalg.norm(first @ second - stored) / np.linalg.norm(stored) < 2e-2
+
+
+def test_shared_weight_is_skipped_and_counted_once_in_the_budget():
+    rng = np.random.default_rng(0)
+    shared = rng.standard_normal((16, 16, 3, 3)).astype(np.float32)
+    own = rng.standard_normal((16, 16, 3, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "S"], ["a"], name="shared_a", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["a", "S"], ["b"], name="shared_b", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["b", "O"], ["y"], name="own", pads=[1, 1, 1, 1]),
+    ]
+    model = make_model(nodes, [("x", [1, 16, 5, 5])], [("y", None)], {"S": shared, "O": own})
+    assert count_parameters(model) == 2 * shared.size  # S is stored once
+    result = compress(model, CompressionConfig(params=0.75, validate=False))
+    report = result.report
+    assert report.params_before == 2 * shared.size
+    assert [layer.name for layer in report.compressed_layers] == ["own"]
+    assert report.params_after == count_parameters(result.model)
+    assert report.params_after <= 0.75 * report.params_before
+    # the budget's fixed part holds S once: `own` gets all that the budget leaves
+    assert report.params_after > 0.7 * report.params_before
+    with pytest.raises(InfeasibleBudgetError, match=r"smallest reachable 0\.5"):
+        compress(model, CompressionConfig(params=0.4, validate=False))
+
+
+# 5. Quantized graphs are left alone ----------------------------------------------------------
+
+
+def quantized_models() -> dict[str, onnx.ModelProto]:
+    rng = np.random.default_rng(1)
+    w8 = rng.integers(-100, 100, (8, 8, 3, 3)).astype(np.int8)
+    qdq = make_model(
+        [
+            helper.make_node("DequantizeLinear", ["Wq", "s", "z"], ["W"], name="dq"),
+            helper.make_node("Conv", ["x", "W"], ["y"], name="qdq_conv"),
+        ],
+        [("x", [1, 8, 6, 6])],
+        [("y", None)],
+        {"Wq": w8, "s": np.array(0.02, np.float32), "z": np.array(0, np.int8)},
+    )
+    conv_integer = onnx.helper.make_model(
+        helper.make_graph(
+            [helper.make_node("ConvInteger", ["x", "Wq"], ["y"], name="conv_int")],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 8, 6, 6])],
+            [helper.make_tensor_value_info("y", TensorProto.INT32, [1, 8, 4, 4])],
+            [tensor_value("Wq", w8.view(np.uint8))],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+        ir_version=8,
+    )
+    matmul_integer = onnx.helper.make_model(
+        helper.make_graph(
+            [helper.make_node("MatMulInteger", ["x", "Bq"], ["y"], name="mm_int")],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.UINT8, [2, 16])],
+            [helper.make_tensor_value_info("y", TensorProto.INT32, [2, 16])],
+            [tensor_value("Bq", rng.integers(0, 255, (16, 16)).astype(np.uint8))],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+        ir_version=8,
+    )
+    nbits = onnx.helper.make_model(
+        helper.make_graph(
+            [
+                helper.make_node(
+                    "MatMulNBits",
+                    ["x", "Bq", "scales"],
+                    ["y"],
+                    name="mm_nbits",
+                    domain="com.microsoft",
+                    K=32,
+                    N=16,
+                    bits=4,
+                    block_size=32,
+                )
+            ],
+            "g",
+            [helper.make_tensor_value_info("x", FLOAT, [2, 32])],
+            [helper.make_tensor_value_info("y", FLOAT, [2, 16])],
+            [
+                tensor_value("Bq", rng.integers(0, 255, (16, 1, 16)).astype(np.uint8)),
+                tensor_value("scales", np.full(16, 0.1, np.float32)),
+            ],
+        ),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+        ir_version=8,
+    )
+    return {
+        "qdq": qdq,
+        "ConvInteger": conv_integer,
+        "MatMulInteger": matmul_integer,
+        "nbits": nbits,
+    }
+
+
+@pytest.mark.parametrize("kind", ["qdq", "ConvInteger", "MatMulInteger", "nbits"])
+def test_quantized_layers_are_left_alone(kind):
+    model = quantized_models()[kind]
+    onnx.checker.check_model(model)
+    discovery = discover(model)
+    assert discovery.layers == []
+    assert "quantized" in discovery.skipped[0].reason
+    with pytest.raises(NothingToCompressError, match="quantized"):
+        compress(model, CompressionConfig(params=0.5))
+
+
+# 6. Opsets 9 to the newest, dynamic batch and sequence dimensions ----------------------------
+
+
+def opset_model(opset: int) -> onnx.ModelProto:
+    """Conv → Flatten → Gemm → MatMul at ``opset``, dynamic batch."""
+    rng = np.random.default_rng(opset)
+    nodes = [
+        helper.make_node("Conv", ["x", "W", "Bc"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("Flatten", ["r"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "G", "Bg"], ["g"], name="gemm", transB=1),
+        helper.make_node("MatMul", ["g", "M"], ["y"], name="matmul"),
+    ]
+    inits = {
+        "W": rng.standard_normal((8, 4, 3, 3)).astype(np.float32),
+        "Bc": rng.standard_normal(8).astype(np.float32),
+        "G": rng.standard_normal((12, 8 * 4 * 4)).astype(np.float32),
+        "Bg": rng.standard_normal(12).astype(np.float32),
+        "M": rng.standard_normal((12, 10)).astype(np.float32),
+    }
+    ir_version = onnx.helper.find_min_ir_version_for([helper.make_opsetid("", opset)])
+    return make_model(
+        nodes,
+        [("x", ["N", 4, 4, 4])],
+        [("y", None)],
+        inits,
+        opset=opset,
+        ir_version=max(ir_version, 4),
+    )
+
+
+@pytest.mark.parametrize("opset", [9, 11, 13, 17, onnx.defs.onnx_opset_version()])
+def test_every_opset_from_9_to_the_newest(opset):
+    model = opset_model(opset)
+    compressed = full_rank(model)
+    assert compressed.opset_import == model.opset_import
+    assert sum(n.op_type in ("Conv", "Gemm", "MatMul") for n in compressed.graph.node) == 6
+    assert_close(model, compressed, {"x": random_feed([3, 4, 4, 4])})
+    result = compress(model, CompressionConfig(params=0.6, latency_runs=1))
+    assert result.report.validation.passed
+    assert result.model.opset_import == model.opset_import
+
+
+def test_dynamic_batch_and_sequence_dimensions():
+    weight = low_rank(6, 16, 2, seed=6).T.copy()
+    node = helper.make_node("MatMul", ["x", "B"], ["y"], name="mm")
+    model = make_model([node], [("x", ["batch", "seq", 16])], [("y", None)], {"B": weight})
+    result = compress(model, CompressionConfig(params=0.9, input_shapes={"x": (2, 5, 16)}))
+    assert result.report.validation.passed
+    assert [layer.rank for layer in result.report.compressed_layers] >= [2]
+    for shape in ([1, 1, 16], [3, 7, 16]):
+        assert_close(model, result.model, {"x": random_feed(shape)}, tolerance=1e-5)
+
+
+def test_dynamic_spatial_dimensions_of_a_conv():
+    weight = low_rank(16, 8 * 9, 3, seed=7).reshape(16, 8, 3, 3)
+    node = helper.make_node("Conv", ["x", "W"], ["y"], name="conv", pads=[1, 1, 1, 1])
+    model = make_model([node], [("x", ["N", 8, "H", "W"])], [("y", None)], {"W": weight})
+    result = compress(model, CompressionConfig(params=0.6, input_shapes={"x": (1, 8, 9, 7)}))
+    for shape in ([1, 8, 5, 5], [2, 8, 11, 6]):
+        assert_close(model, result.model, {"x": random_feed(shape)}, tolerance=1e-5)
+
+
+# 8. Compressing an already compressed model ---------------------------------------------------
+
+
+def test_recompression_with_the_same_budget_changes_nothing(tmp_path):
+    first = compress(MNIST, CompressionConfig(params=0.9, validate=False))
+    first.save(tmp_path / "once.onnx")
+    record = json.loads(
+        next(p.value for p in first.model.metadata_props if p.key == FACTORIZED_KEY)
+    )
+    assert [entry["name"] for entry in record] == [
+        layer.name for layer in first.report.compressed_layers
+    ]
+    assert all(entry["params"] < entry["params_dense"] for entry in record)
+    second = compress(tmp_path / "once.onnx", CompressionConfig(params=0.9, latency_runs=1))
+    assert second.report.compressed_layers == []
+    assert any("original 421,642 parameters" in note for note in second.report.notes)
+    second.save(tmp_path / "twice.onnx")
+    assert (tmp_path / "twice.onnx").read_bytes() == (tmp_path / "once.onnx").read_bytes()
+
+
+def test_recompression_with_a_smaller_budget_factorizes_what_is_left(tmp_path):
+    first = compress(MNIST, CompressionConfig(params=0.9, validate=False))
+    dense = {layer.name for layer in first.report.layers if layer.rank is None}
+    second = compress(first.model, CompressionConfig(params=0.87, latency_runs=1))
+    assert {layer.name for layer in second.report.compressed_layers} <= dense
+    assert second.report.compressed_layers
+    assert second.report.params_after <= 0.87 * 421_642
+    assert len(json.loads(second.model.metadata_props[0].value)) == len(
+        first.report.compressed_layers
+    ) + len(second.report.compressed_layers)
+    feeds = {"input": random_feed([2, 1, 28, 28])}
+    assert outputs(second.model, feeds)[0].shape == (2, 10)
+
+
+def test_fully_compressed_model_is_a_no_op_or_infeasible():
+    first = compress(MNIST, CompressionConfig(params=0.5, validate=False)).model
+    with pytest.raises(NothingToCompressError, match="earlier onnx-lowrank run"):
+        compress(first, CompressionConfig(params=0.5))
+    with pytest.raises(InfeasibleBudgetError, match="needs a run on the original model"):
+        compress(first, CompressionConfig(params=0.3))
