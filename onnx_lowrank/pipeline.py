@@ -10,12 +10,13 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import onnx
 
+from . import calibrate
 from .allocate import BudgetLimit, CandidateTable, allocate, build_table
 from .backend import Backend, get_backend
 from .config import CompressionConfig
@@ -27,7 +28,7 @@ from .load import ModelSource, load_model, model_file_size, save_model, source_p
 from .report import CompressionReport, InspectionReport, LayerReport
 from .rewrite import rewrite
 from .spectra import LayerSpectrum, compute_spectra, error_table
-from .validate import validate
+from .validate import providers_for, validate
 
 __all__ = [
     "Analysis",
@@ -145,6 +146,8 @@ class Analysis:
         unknown_macs: nodes whose MACs are unknown (dynamic shapes).
         size_bytes: size of the original model file(s).
         timings: seconds per stage so far.
+        calibration: activation statistics and whitened spectra when ``config.calibration``
+            is given (calibrate.py), else None.
     """
 
     source: str
@@ -157,6 +160,7 @@ class Analysis:
     size_bytes: int
     backend: Backend
     timings: dict[str, float]
+    calibration: calibrate.Calibration | None = None
 
 
 def analyze(
@@ -171,6 +175,9 @@ def analyze(
     timer = _Timer()
     with timer.stage("load"):
         model = load_model(source, force=config.force)
+        feeds = None
+        if config.calibration is not None:  # checked before any heavy work
+            feeds = calibrate.load_calibration(config.calibration, model)
     with timer.stage("discover"):
         discovery = discover(model, config.input_shapes)
         params_total = count_parameters(model)
@@ -187,6 +194,18 @@ def analyze(
     backend = get_backend(config.device)
     with timer.stage("spectra"):
         spectra = compute_spectra(discovery, config.max_groups, backend, progress)
+    calibration = None
+    if feeds is not None:
+        with timer.stage("calibrate"):
+            calibration = calibrate.calibrate(
+                model,
+                discovery,
+                feeds,
+                config.max_groups,
+                source=str(config.calibration),
+                providers=providers_for(config.device),
+                progress=progress,
+            )
     return Analysis(
         source=label,
         model=model,
@@ -198,21 +217,29 @@ def analyze(
         size_bytes=_source_size(source, model),
         backend=backend,
         timings=timer.timings,
+        calibration=calibration,
     )
 
 
 def candidate_tables(analysis: Analysis, config: CompressionConfig) -> list[CandidateTable]:
     """One candidate table per layer, for the error measure and constraints of ``config``."""
-    return [
+    output = config.error == "output"
+    if output and analysis.calibration is None:
+        raise ConfigError("--error output needs an analysis made with --calibration FILE.npz")
+    tables = [
         build_table(
             layer,
             analysis.spectra[layer.name],
-            config.error,
+            "bound" if output else config.error,
             config.max_groups,
             config.rank_multiple,
         )
         for layer in analysis.discovery.layers
     ]
+    if output:
+        spectra = analysis.calibration.spectra
+        tables = [calibrate.with_output_errors(t, spectra[t.layer]) for t in tables]
+    return tables
 
 
 def choose(
@@ -239,13 +266,24 @@ def realize(
     timer = _Timer()
     timer.timings.update(analysis.timings)
     discovery, model = analysis.discovery, analysis.model
+    calibration, calibrated = analysis.calibration, None
     with timer.stage("factorize"):
-        factors = _factorize(
-            discovery, tables, choices, analysis.spectra, analysis.backend, progress
-        )
+        if calibration is None:
+            factors = _factorize(
+                discovery, tables, choices, analysis.spectra, analysis.backend, progress
+            )
+        else:
+            calibrated, factors = _factorize_calibrated(
+                analysis, tables, choices, calibration, progress
+            )
     with timer.stage("rewrite"):
+        biases = {
+            name: item.bias for name, item in (calibrated or {}).items() if item.bias is not None
+        }
         compressed = rewrite(
-            model, [(discovery.layer(name), f) for name, (f, _) in factors.items()]
+            model,
+            [(discovery.layer(name), f) for name, (f, _) in factors.items()],
+            biases=biases,
         )
     with timer.stage("discover"):
         params_after = count_parameters(compressed)
@@ -255,6 +293,12 @@ def realize(
         with timer.stage("validate"):
             validation = validate(model, compressed, config)
     layers = _layer_records(discovery, tables, choices, analysis.spectra, factors)
+    if calibration is not None and calibrated:
+        with timer.stage("output-error"):
+            measured = calibrate.measure_output_errors(
+                calibration, discovery, compressed, calibrated, progress
+            )
+        layers = [_with_output_errors(layer, calibrated, measured) for layer in layers]
     factorized = [layer for layer in layers if layer.rank is not None]
     report = CompressionReport(
         source=analysis.source,
@@ -268,6 +312,12 @@ def realize(
         size_bytes_after=compressed.ByteSize(),
         max_error_bound=max((layer.error_bound or 0.0 for layer in factorized), default=0.0),
         max_error_actual=max((layer.error_actual or 0.0 for layer in factorized), default=0.0),
+        max_output_error=None
+        if calibration is None
+        else max((layer.output_error or 0.0 for layer in factorized), default=0.0),
+        calibration=None
+        if calibration is None
+        else {"file": calibration.source, "samples": calibration.samples},
         layers=_in_graph_order(layers, model),
         validation=validation,
         timings=timer.timings,
@@ -353,6 +403,46 @@ def _factorize(
         if progress is not None:
             progress("factorize", done + 1, len(chosen))
     return result
+
+
+def _factorize_calibrated(
+    analysis: Analysis,
+    tables: list[CandidateTable],
+    choices: list[int],
+    calibration: calibrate.Calibration,
+    progress: Progress | None,
+) -> tuple[dict[str, calibrate.CalibratedLayer], dict[str, tuple[Factors, float]]]:
+    """Whitened factors of the chosen layers, with their actual relative weight error."""
+    discovery = analysis.discovery
+    chosen = [
+        (layer, int(table.groups[row]), int(table.ranks[row]))
+        for layer, table, row in zip(discovery.layers, tables, choices, strict=True)
+        if table.groups[row] > 0
+    ]
+    calibrated = calibrate.factorize_layers(calibration, discovery, chosen, progress)
+    factors = {}
+    for layer, _, _ in chosen:
+        item = calibrated[layer.name]
+        norm = analysis.spectra[layer.name].spectral_norm
+        error = relative_error(discovery.weight(layer), item.factors, norm)
+        factors[layer.name] = (item.factors, error)
+    return calibrated, factors
+
+
+def _with_output_errors(
+    layer: LayerReport,
+    calibrated: dict[str, calibrate.CalibratedLayer],
+    measured: dict[str, calibrate.OutputErrors],
+) -> LayerReport:
+    if layer.name not in calibrated:
+        return layer
+    errors = measured[layer.name]
+    return replace(
+        layer,
+        output_error_estimate=calibrated[layer.name].output_error_estimate,
+        output_error=errors.local,
+        output_error_network=errors.network,
+    )
 
 
 def _layer_records(

@@ -14,6 +14,11 @@ Gemm / MatMul:
     second: MatMul(h, Uᵀ) for a MatMul; Gemm(h, U, C, transB=1, alpha, beta) for a Gemm, so the
             bias ``beta·C`` and ``alpha`` are kept.
 
+Bias correction (calibrate.py): ``biases`` maps a layer name to the layer's new bias ``b'``
+(``f`` values, in output units). The second node then reads ``b'`` instead of the original bias:
+a Conv gets it as its bias input, a Gemm as ``C`` with ``beta = 1``, and a MatMul, which has no
+bias input, gets an ``Add`` after it that produces the original output name.
+
 The pass edits a copy of the model in place at the protobuf level. Every node that is not
 replaced keeps its bytes; the graph's inputs, outputs, opset imports, IR version, producer and
 metadata are untouched. The replaced node's output name goes to the second node, so every
@@ -23,7 +28,7 @@ downstream name stays valid. Weights that nothing reads any more are removed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -45,6 +50,7 @@ def rewrite(
     replacements: Sequence[tuple[Layer, Factors]],
     *,
     inplace: bool = False,
+    biases: Mapping[str, np.ndarray] | None = None,
 ) -> onnx.ModelProto:
     """Replace each layer by its factorized pair.
 
@@ -52,6 +58,8 @@ def rewrite(
         model: the model ``discover`` ran on.
         replacements: layers of the main graph with their factors.
         inplace: edit ``model`` itself instead of a copy.
+        biases: layer name -> new bias ``b'`` (``f`` values in output units) that replaces the
+            layer's bias (bias correction); layers not named keep their bias.
 
     Returns:
         The rewritten model. The ONNX checker and shape inference accept it.
@@ -64,20 +72,24 @@ def rewrite(
         return model
     graph = model.graph
     names = _Names(graph)
+    biases = biases or {}
     new_nodes: dict[int, list[onnx.NodeProto]] = {}
     initializers: list[onnx.TensorProto] = []
+    unused = {layer.weight_input for layer, _ in replacements}
     for layer, factors in replacements:
         node = graph.node[layer.node_index]
-        builder = _PairBuilder(layer, factors, node, names)
+        builder = _PairBuilder(layer, factors, node, names, biases.get(layer.name))
         new_nodes[layer.node_index] = builder.nodes()
         initializers.extend(builder.initializers)
+        if layer.name in biases and len(node.input) > 2 and node.input[2]:
+            unused.add(node.input[2])
     nodes = []
     for position, node in enumerate(graph.node):
         nodes.extend(new_nodes.get(position, [node]))
     del graph.node[:]
     graph.node.extend(nodes)
     graph.initializer.extend(initializers)
-    _remove_unused(graph, {layer.weight_input for layer, _ in replacements})
+    _remove_unused(graph, unused)
     return model
 
 
@@ -105,8 +117,16 @@ class _Names:
 class _PairBuilder:
     """The nodes and initializers that replace one layer."""
 
-    def __init__(self, layer: Layer, factors: Factors, node: onnx.NodeProto, names: _Names):
+    def __init__(
+        self,
+        layer: Layer,
+        factors: Factors,
+        node: onnx.NodeProto,
+        names: _Names,
+        bias: np.ndarray | None = None,
+    ):
         self.layer, self.factors, self.node, self.names = layer, factors, node, names
+        self.bias = bias
         self.dtype = helper.tensor_dtype_to_np_dtype(layer.weight_dtype)
         self.initializers: list[onnx.TensorProto] = []
         self._extra = 0
@@ -150,7 +170,9 @@ class _PairBuilder:
             **kept,
         )
         second_inputs = [middle, self._tensor("u", second_weight)]
-        if len(node.input) > 2 and node.input[2]:
+        if self.bias is not None:
+            second_inputs.append(self._tensor("bias", self.bias))
+        elif len(node.input) > 2 and node.input[2]:
             second_inputs.append(node.input[2])
         second = helper.make_node(
             "Conv",
@@ -215,7 +237,11 @@ class _PairBuilder:
             ]
         if layer.op_type == "Gemm":
             inputs = [middle, self._tensor("u", factors.second)]
-            if len(node.input) > 2 and node.input[2]:
+            beta = attribute(node, "beta", 1.0)
+            if self.bias is not None:
+                inputs.append(self._tensor("bias", self.bias))
+                beta = 1.0
+            elif len(node.input) > 2 and node.input[2]:
                 inputs.append(node.input[2])
             nodes.append(
                 helper.make_node(
@@ -225,18 +251,28 @@ class _PairBuilder:
                     name=self._node_name("u"),
                     transB=1,
                     alpha=attribute(node, "alpha", 1.0),
-                    beta=attribute(node, "beta", 1.0),
+                    beta=beta,
                 )
             )
         else:
+            product = list(node.output) if self.bias is None else [self._intermediate("product")]
             nodes.append(
                 helper.make_node(
                     "MatMul",
                     [middle, self._tensor("u", factors.second.T)],
-                    list(node.output),
+                    product,
                     name=self._node_name("u"),
                 )
             )
+            if self.bias is not None:
+                nodes.append(
+                    helper.make_node(
+                        "Add",
+                        [product[0], self._tensor("bias", self.bias)],
+                        list(node.output),
+                        name=self._node_name("bias"),
+                    )
+                )
         return nodes
 
 
