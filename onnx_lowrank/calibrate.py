@@ -90,6 +90,7 @@ __all__ = [
     "whitened_factors",
     "whitened_singular_values",
     "whitened_spectra",
+    "with_bias_cost",
     "with_output_errors",
 ]
 
@@ -572,7 +573,9 @@ def _run_batches(
     while start < samples:
         batch = {name: np.asarray(array[start : start + size]) for name, array in feeds.items()}
         fetch = [name for name in wanted if name not in batch]
-        activations = dict(zip(fetch, session.run(fetch, batch), strict=True))
+        # an empty fetch list would make ONNX Runtime return every output
+        values = session.run(fetch, batch) if fetch else []
+        activations = dict(zip(fetch, values, strict=True))
         activations.update({name: batch[name] for name in wanted if name in batch})
         others = {}
         if second is not None:
@@ -698,6 +701,28 @@ def with_output_errors(table: CandidateTable, spectrum: LayerSpectrum) -> Candid
             cache[g] = output_error_table(spectrum, g)
         errors[row] = cache[g][int(table.ranks[row])]
     return replace(table, errors=errors)
+
+
+def with_bias_cost(table: CandidateTable, layer: Layer, node: onnx.NodeProto) -> CandidateTable:
+    """Count the bias that bias correction adds to a layer without one (``f`` parameters).
+
+    Candidates that then cost as much as the dense layer are dropped.
+    """
+    has_bias = layer.op_type != "MatMul" and len(node.input) > 2 and bool(node.input[2])
+    if has_bias:
+        return table
+    costs = table.costs.copy()
+    factorized = table.groups > 0
+    costs[factorized, 0] += layer.out_channels
+    keep = ~factorized | (costs[:, 0] < layer.params)
+    return replace(
+        table,
+        groups=table.groups[keep],
+        ranks=table.ranks[keep],
+        errors=table.errors[keep],
+        costs=costs[keep],
+        energy=table.energy[keep],
+    )
 
 
 def whitened_factors(weight: np.ndarray, stats: LayerStatistics, groups: int, rank: int) -> Factors:

@@ -239,6 +239,12 @@ def candidate_tables(analysis: Analysis, config: CompressionConfig) -> list[Cand
     if output:
         spectra = analysis.calibration.spectra
         tables = [calibrate.with_output_errors(t, spectra[t.layer]) for t in tables]
+    if analysis.calibration is not None:  # bias correction adds a bias where there is none
+        nodes = analysis.model.graph.node
+        tables = [
+            calibrate.with_bias_cost(table, layer, nodes[layer.node_index])
+            for table, layer in zip(tables, analysis.discovery.layers, strict=True)
+        ]
     return tables
 
 
