@@ -168,8 +168,12 @@ def analyze(
 ) -> Analysis:
     """Load the model, discover its layers, and compute their spectra.
 
+    With ``config.calibration``, the calibration file is checked right after loading, and the
+    activation statistics and whitened spectra (calibrate.py) are computed last.
+
     Raises:
         NothingToCompressError: the model has no compressible layer.
+        CalibrationError: the calibration file cannot be read or does not match the model.
         OnnxLowRankError: any other subclass, for bad input or options.
     """
     timer = _Timer()

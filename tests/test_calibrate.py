@@ -260,6 +260,9 @@ def test_bias_correction_removes_the_mean_shift(tmp_path, bias):
     assert np.max(np.abs(shift)) < 1e-4 * np.max(np.abs(before))
     second = result.model.graph.node[-1]
     assert second.output[0] == "y" and len(second.input) == 3  # a bias, added when missing
+    (layer_report,) = result.report.compressed_layers
+    assert layer_report.output_error_estimate > 0  # measured errors need validation
+    assert layer_report.output_error is None and result.report.max_output_error is None
     # the same whitened factors without the correction shift the mean
     layer = analysis.discovery.layers[0]
     factors = cal.whitened_factors(
