@@ -109,6 +109,8 @@ ACTIVATION_BYTES = 256 * 2**20
 MAX_BATCH = 64
 #: Largest input-side matrix ``Σ`` kept for one layer; beyond it the output side is used.
 MAX_INPUT_SIDE_BYTES = 512 * 2**20
+#: Most channel slices whose partial outputs the output side computes at once.
+MAX_ATOMS = 64
 
 
 @dataclass(frozen=True)
@@ -407,15 +409,21 @@ class _Accumulator:
         if side == "input":
             self.outer = np.zeros((cols, cols))
             return
-        # Partial outputs of the finest common refinement of all candidate groupings: atom a
-        # covers channels [a·c/L, (a+1)·c/L) with L = lcm(groups), which every g divides.
+        # Partial outputs W_a x_a of the finest common refinement of all candidate groupings:
+        # atom a covers channels [a·c/L, (a+1)·c/L) with L = lcm(groups), which every g
+        # divides, and a group's partial output is the sum of its atoms'. When L is large
+        # (many divisors), each group count gets its own partition instead.
         f = layer.out_channels
-        self.atoms = math.lcm(*self.groups)
-        self.row_values = max(cols, self.atoms * f)
-        width = cols // self.atoms
-        self.atom_weights = np.ascontiguousarray(
-            weight.reshape(f, self.atoms, width).transpose(1, 2, 0)
-        )  # (L, width, f)
+        atoms = math.lcm(*self.groups)
+        self.plans = (
+            [(atoms, self.groups)] if atoms <= MAX_ATOMS else [(g, [g]) for g in self.groups]
+        )
+        self.row_values = max(cols, max(count for count, _ in self.plans) * f)
+        self.atom_weights = {
+            count: np.ascontiguousarray(weight.reshape(f, count, -1).transpose(1, 2, 0))
+            for count, _ in self.plans
+        }  # (L, width, f) per partition
+        self.pilot_partial: dict[int, np.ndarray] = {}
         self.partial_total = {g: np.zeros((g, f)) for g in self.groups}
         self.partial_outer = {g: np.zeros((g, f, f)) for g in self.groups}
 
@@ -424,9 +432,8 @@ class _Accumulator:
         if self.pilot is None:
             self.pilot = vectors.mean(axis=0)
             if self.side == "output":
-                self.pilot_partial = _bmm(
-                    self.pilot.reshape(self.atoms, 1, -1), self.atom_weights
-                )  # (L, 1, f): W_a m_a per atom
+                for count, weights in self.atom_weights.items():  # W_a m_a, (L, 1, f)
+                    self.pilot_partial[count] = _bmm(self.pilot.reshape(count, 1, -1), weights)
         pilot = self.pilot
         self.count += n
         raw_sum = vectors.sum(axis=0)
@@ -438,22 +445,18 @@ class _Accumulator:
             shifted = vectors - pilot
             self.outer += shifted.T @ shifted
             return
-        width = self.layer.cols // self.atoms
-        # W_a (x_a − m_a) per atom, (L, n, f); numpy's stacked matmul is far slower than a loop
-        partial = np.stack(
-            [
-                vectors[:, a * width : (a + 1) * width] @ self.atom_weights[a]
-                for a in range(self.atoms)
-            ]
-        )
-        partial -= self.pilot_partial
-        for g in self.groups:
-            if g == self.atoms:
-                z = partial
-            else:
-                z = partial.reshape(g, self.atoms // g, n, -1).sum(axis=1)  # (g, n, f)
-            self.partial_total[g] += z.sum(axis=1)
-            self.partial_outer[g] += _bmm(z.transpose(0, 2, 1), z)
+        for count, derived in self.plans:
+            width = self.layer.cols // count
+            weights = self.atom_weights[count]
+            # W_a (x_a − m_a), (L, n, f); a loop: numpy's stacked matmul is far slower here
+            partial = np.stack(
+                [vectors[:, a * width : (a + 1) * width] @ weights[a] for a in range(count)]
+            )
+            partial -= self.pilot_partial[count]
+            for g in derived:  # a group's partial output sums its atoms': (g, n, f)
+                z = partial if g == count else partial.reshape(g, count // g, n, -1).sum(axis=1)
+                self.partial_total[g] += z.sum(axis=1)
+                self.partial_outer[g] += _bmm(z.transpose(0, 2, 1), z)
 
     def statistics(self) -> LayerStatistics:
         n = max(self.count, 1)

@@ -176,6 +176,23 @@ def test_output_side_gives_the_input_side_spectra_and_factors(groups):
     np.testing.assert_allclose(first, second, atol=1e-8)
 
 
+def test_output_side_with_many_group_counts_matches_the_input_side():
+    # c = 120: group counts 1..6 and 8, whose common refinement (120 slices) is too fine
+    rng = np.random.default_rng(7)
+    model = conv_model(rng.standard_normal((6, 120, 1, 1)).astype(np.float32), (3, 3))
+    x = rng.standard_normal((4, 120, 3, 3)).astype(np.float32)
+    discovery, by_output = statistics(model, {"x": x}, side="output", max_groups=8)
+    _, by_input = statistics(model, {"x": x}, side="input", max_groups=8)
+    weight = discovery.weight(discovery.layers[0])
+    assert sorted(by_output["conv"].output_covariance) == [1, 2, 3, 4, 5, 6, 8]
+    for groups in by_output["conv"].output_covariance:
+        np.testing.assert_allclose(
+            cal.whitened_singular_values(weight, by_output["conv"], groups),
+            cal.whitened_singular_values(weight, by_input["conv"], groups),
+            rtol=1e-8,
+        )
+
+
 @pytest.mark.parametrize(
     ("f", "c", "side", "groups"),
     [(5, 8, "input", 1), (5, 8, "input", 4), (40, 4, "input", 2), (5, 8, "output", 2)],
