@@ -223,8 +223,9 @@ class _ProgressBars:
 
         bar = self.bars.get(stage)
         if bar is None:
+            unit = "sample" if stage in ("calibrate", "output-error") else "layer"
             bar = self.bars[stage] = tqdm(
-                total=total, desc=stage, unit="layer", leave=False, file=sys.stderr, disable=None
+                total=total, desc=stage, unit=unit, leave=False, file=sys.stderr, disable=None
             )
         bar.n = done
         bar.refresh()
