@@ -481,7 +481,6 @@ class _Accumulator:
 
 
 def collect_statistics(
-    model: onnx.ModelProto,
     discovery: Discovery,
     feeds: Mapping[str, np.ndarray],
     max_groups: int,
@@ -494,8 +493,8 @@ def collect_statistics(
     """Run the calibration set through ONNX Runtime and accumulate every layer's statistics.
 
     Args:
-        model: the model ``discovery`` was made from.
-        discovery: its compressible layers.
+        discovery: the compressible layers of the (analysis) model ``discovery.model``, which
+            is the model that runs.
         feeds: calibration inputs (checked with ``check_calibration``).
         max_groups: the candidate group counts are ``spectra.group_counts(layer, max_groups)``.
         providers: ONNX Runtime execution providers.
@@ -503,6 +502,7 @@ def collect_statistics(
         sides: force the side of some layers (default: ``choose_side``).
         chunk_bytes: largest block of input vectors built at once.
     """
+    model = discovery.model
     graph = model.graph
     accumulators = {}
     for layer in discovery.layers:
@@ -994,7 +994,6 @@ def measure_output_errors(
 
 
 def calibrate(
-    model: onnx.ModelProto,
     discovery: Discovery,
     feeds: Mapping[str, np.ndarray],
     max_groups: int,
@@ -1006,15 +1005,15 @@ def calibrate(
     """Activation statistics and whitened spectra of every compressible layer.
 
     Args:
-        model: the (analysis) model ``discovery`` was made from.
-        discovery: its compressible layers.
+        discovery: the compressible layers of the analysis model ``discovery.model`` (after
+            any graph pass ``analyze`` makes before discovery); statistics are taken on it.
         feeds: calibration inputs, already checked with ``check_calibration``.
         max_groups: largest candidate group count.
         source: a label of where the data came from.
         providers: ONNX Runtime execution providers.
         progress: callback ``(stage, done, total)``; stage ``"calibrate"``.
     """
-    statistics = collect_statistics(model, discovery, feeds, max_groups, providers, progress)
+    statistics = collect_statistics(discovery, feeds, max_groups, providers, progress)
     spectra = whitened_spectra(discovery, statistics, max_groups)
     samples = int(next(iter(feeds.values())).shape[0])
     return Calibration(

@@ -202,7 +202,6 @@ def analyze(
     if feeds is not None:
         with timer.stage("calibrate"):
             calibration = calibrate.calibrate(
-                model,
                 discovery,
                 feeds,
                 config.max_groups,

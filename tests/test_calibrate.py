@@ -80,7 +80,7 @@ def moments(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def statistics(model, feeds, side="input", max_groups=1, **kwargs):
     discovery = discover(model)
     sides = {layer.name: side for layer in discovery.layers}
-    stats = cal.collect_statistics(model, discovery, feeds, max_groups, sides=sides, **kwargs)
+    stats = cal.collect_statistics(discovery, feeds, max_groups, sides=sides, **kwargs)
     return discovery, stats
 
 
