@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--error",
         default=CompressionConfig.error,
         choices=ERROR_MEASURES,
-        help="layer error measure (default: %(default)s)",
+        help="layer error measure (default: output with --calibration, else bound)",
     )
     method.add_argument(
         "--max-groups",
@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=CompressionConfig.seed,
         help="seed of random inputs and randomized methods",
     )
+    _add_calibration_option(method)
     _add_shape_options(run)
     check = run.add_argument_group("validation")
     check.add_argument(
@@ -199,6 +200,15 @@ def _add_shape_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_calibration_option(parser) -> None:
+    parser.add_argument(
+        "--calibration",
+        metavar="FILE.npz",
+        help="real inputs keyed by input name, batch first: factorize each layer to keep its "
+        "outputs on them (whitened SVD, bias correction); see docs/calibration.md",
+    )
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--force", action="store_true", help="go on with a model that fails the ONNX checker"
@@ -222,8 +232,9 @@ class _ProgressBars:
 
         bar = self.bars.get(stage)
         if bar is None:
+            unit = "sample" if stage in ("calibrate", "output-error") else "layer"
             bar = self.bars[stage] = tqdm(
-                total=total, desc=stage, unit="layer", leave=False, file=sys.stderr, disable=None
+                total=total, desc=stage, unit=unit, leave=False, file=sys.stderr, disable=None
             )
         bar.n = done
         bar.refresh()
@@ -258,6 +269,7 @@ def _compress(args: argparse.Namespace) -> int:
         min_top1=args.min_top1,
         latency_runs=args.latency_runs,
         seed=args.seed,
+        calibration=args.calibration,
     )
     _check_output(Path(args.input), Path(args.output), args.overwrite)
     if args.report:

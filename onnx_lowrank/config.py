@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -24,8 +25,9 @@ __all__ = [
 
 #: Allocation methods, in the order the docs list them. ``allocate.SOLVERS`` implements each.
 METHODS: tuple[str, ...] = ("svd",)
-#: Layer error measures (DESIGN.md §3): the valid upper bound, or the reference code's lower bound.
-ERROR_MEASURES: tuple[str, ...] = ("bound", "max-group")
+#: Layer error measures (DESIGN.md §3): the valid upper bound, the reference code's lower bound,
+#: and, with calibration data, the relative output error on real activations (calibrate.py).
+ERROR_MEASURES: tuple[str, ...] = ("bound", "max-group", "output")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -39,7 +41,9 @@ class CompressionConfig:
         params: fraction in (0, 1] of the model's total parameter count to keep, or None.
         flops: fraction in (0, 1] of the model's total MACs (Conv/Gemm/MatMul) to keep, or None.
         method: allocation method, one of ``METHODS``.
-        error: layer error measure, one of ``ERROR_MEASURES``.
+        error: layer error measure, one of ``ERROR_MEASURES``. None (the default) means
+            ``"output"`` when ``calibration`` is given and ``"bound"`` otherwise; the config
+            stores the resolved name.
         max_groups: largest channel-group count tried per layer (divisors of the input channels).
         groups: the fixed group count of methods that do not search groups.
         rank_multiple: every factorized layer's ``groups * rank`` is a multiple of this.
@@ -53,12 +57,15 @@ class CompressionConfig:
         latency_runs: timed runs per model for the latency median.
         seed: seed of the random validation inputs and of randomized solvers.
         force: go on with a model that fails the ONNX checker.
+        calibration: an ``.npz`` file of real model inputs keyed by graph input name, batch
+            first. When given, every layer is factorized to minimize its output error on these
+            activations (whitened SVD with bias correction; see calibrate.py).
     """
 
     params: float | None = None
     flops: float | None = None
     method: str = "svd"
-    error: str = "bound"
+    error: str | None = None
     max_groups: int = 8
     groups: int = 1
     rank_multiple: int = 1
@@ -72,6 +79,7 @@ class CompressionConfig:
     latency_runs: int = 10
     seed: int = 0
     force: bool = False
+    calibration: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("params", "flops"):
@@ -82,6 +90,7 @@ class CompressionConfig:
                     f"for example --{name} 0.5 keeps half"
                 )
         _check_choice("method", self.method, METHODS)
+        self._check_calibration()
         _check_choice("error", self.error, ERROR_MEASURES)
         _check_choice("device", self.device, DEVICES)
         for name in ("max_groups", "groups", "rank_multiple", "latency_runs"):
@@ -107,6 +116,21 @@ class CompressionConfig:
                 )
             shapes[str(name)] = dims
         object.__setattr__(self, "input_shapes", shapes)
+
+    def _check_calibration(self) -> None:
+        if self.calibration is not None:
+            if not isinstance(self.calibration, (str, os.PathLike)) or not str(self.calibration):
+                raise ConfigError(
+                    f"--calibration must be the path of an .npz file, got {self.calibration!r}"
+                )
+            object.__setattr__(self, "calibration", os.fspath(self.calibration))
+        if self.error is None:
+            object.__setattr__(self, "error", "bound" if self.calibration is None else "output")
+        elif self.error == "output" and self.calibration is None:
+            raise ConfigError(
+                "--error output measures errors on real activations and needs "
+                "--calibration FILE.npz; give one, or use --error bound"
+            )
 
     @property
     def has_budget(self) -> bool:

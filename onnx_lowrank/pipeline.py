@@ -12,13 +12,14 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 import onnx
 
+from . import calibrate
 from .allocate import BudgetLimit, CandidateTable, allocate, build_table
 from .backend import Backend, get_backend
 from .config import CompressionConfig
@@ -31,7 +32,7 @@ from .errors import (
     ShapeError,
     ValidationFailedError,
 )
-from .factorize import Factors, factorize_with_error
+from .factorize import Factors, factorize_with_error, relative_error
 from .load import (
     LoadedModel,
     ModelSource,
@@ -44,7 +45,7 @@ from .load import (
 from .report import CompressionReport, InspectionReport, LayerReport
 from .rewrite import rewrite
 from .spectra import LayerSpectrum, compute_spectra, error_table
-from .validate import validate
+from .validate import providers_for, validate
 
 __all__ = [
     "Analysis",
@@ -185,6 +186,8 @@ class Analysis:
         size_bytes: size of the original model file(s).
         timings: seconds per stage so far.
         loaded: where the model came from and whether its weights are still on disk.
+        calibration: activation statistics and whitened spectra when ``config.calibration``
+            is given (calibrate.py), else None.
     """
 
     source: str
@@ -198,6 +201,7 @@ class Analysis:
     backend: Backend
     timings: dict[str, float]
     loaded: LoadedModel | None = None
+    calibration: calibrate.Calibration | None = None
 
 
 def analyze(
@@ -205,14 +209,21 @@ def analyze(
 ) -> Analysis:
     """Load the model, discover its layers, and compute their spectra.
 
+    With ``config.calibration``, the calibration file is checked right after loading, and the
+    activation statistics and whitened spectra (calibrate.py) are computed last.
+
     Raises:
         NothingToCompressError: the model has no compressible layer.
+        CalibrationError: the calibration file cannot be read or does not match the model.
         OnnxLowRankError: any other subclass, for bad input or options.
     """
     timer = _Timer()
     with timer.stage("load"):
         loaded = open_model(source, force=config.force)
         model = loaded.model
+        feeds = None
+        if config.calibration is not None:  # checked before any heavy work
+            feeds = calibrate.load_calibration(config.calibration, model)
     with timer.stage("discover"):
         discovery = discover(model, config.input_shapes, data_dir=loaded.data_dir)
         params_total = count_parameters(model)
@@ -231,6 +242,17 @@ def analyze(
     backend = get_backend(config.device)
     with timer.stage("spectra"):
         spectra = compute_spectra(discovery, config.max_groups, backend, progress)
+    calibration = None
+    if feeds is not None:
+        with timer.stage("calibrate"):
+            calibration = calibrate.calibrate(
+                discovery,
+                feeds,
+                config.max_groups,
+                source=str(config.calibration),
+                providers=providers_for(config.device),
+                progress=progress,
+            )
     return Analysis(
         source=label,
         model=model,
@@ -243,20 +265,40 @@ def analyze(
         backend=backend,
         timings=timer.timings,
         loaded=loaded,
+        calibration=calibration,
     )
 
 
 def candidate_tables(analysis: Analysis, config: CompressionConfig) -> list[CandidateTable]:
     """One candidate table per layer, for the error measure and constraints of ``config``."""
-    return [
+    output = config.error == "output"
+    if output and analysis.calibration is None:
+        raise ConfigError("--error output needs an analysis made with --calibration FILE.npz")
+    tables = [
         build_table(
             layer,
             analysis.spectra[layer.name],
-            config.error,
+            "bound" if output else config.error,
             config.max_groups,
             config.rank_multiple,
         )
         for layer in analysis.discovery.layers
+    ]
+    if analysis.calibration is None:
+        return tables
+    # Layers inside subgraphs have no calibration statistics; they keep weight-error tables.
+    spectra = analysis.calibration.spectra
+    if output:
+        tables = [
+            calibrate.with_output_errors(t, spectra[t.layer]) if t.layer in spectra else t
+            for t in tables
+        ]
+    nodes = analysis.model.graph.node
+    return [  # bias correction adds a bias where there is none
+        calibrate.with_bias_cost(table, layer, nodes[layer.node_index])
+        if layer.name in spectra
+        else table
+        for table, layer in zip(tables, analysis.discovery.layers, strict=True)
     ]
 
 
@@ -284,13 +326,24 @@ def realize(
     timer = _Timer()
     timer.timings.update(analysis.timings)
     discovery, model = analysis.discovery, analysis.model
+    calibration, calibrated = analysis.calibration, None
     with timer.stage("factorize"):
-        factors = _factorize(
-            discovery, tables, choices, analysis.spectra, analysis.backend, progress
-        )
+        if calibration is None:
+            factors = _factorize(
+                discovery, tables, choices, analysis.spectra, analysis.backend, progress
+            )
+        else:
+            calibrated, factors = _factorize_calibrated(
+                analysis, tables, choices, calibration, progress
+            )
     with timer.stage("rewrite"):
+        biases = {
+            name: item.bias for name, item in (calibrated or {}).items() if item.bias is not None
+        }
         compressed = rewrite(
-            model, [(discovery.layer(name), f) for name, (f, _) in factors.items()]
+            model,
+            [(discovery.layer(name), f) for name, (f, _) in factors.items()],
+            biases=biases,
         )
     errors = {name: error for name, (_, error) in factors.items()}
     del factors  # the factors now live in the model; large models need the memory back
@@ -308,6 +361,14 @@ def realize(
         with timer.stage("validate"):
             validation = _validate(loaded, compressed, data_dir, config)
     layers = _layer_records(discovery, tables, choices, analysis.spectra, errors)
+    if calibration is not None and calibrated:  # estimates always; measured ones with validate
+        measured = {}
+        if config.validate:
+            with timer.stage("output-error"):
+                measured = calibrate.measure_output_errors(
+                    calibration, discovery, compressed, calibrated, progress
+                )
+        layers = [_with_output_errors(layer, calibrated, measured) for layer in layers]
     factorized = [layer for layer in layers if layer.rank is not None]
     report = CompressionReport(
         source=analysis.source,
@@ -321,6 +382,12 @@ def realize(
         size_bytes_after=model_size_bytes(compressed),
         max_error_bound=max((layer.error_bound or 0.0 for layer in factorized), default=0.0),
         max_error_actual=max((layer.error_actual or 0.0 for layer in factorized), default=0.0),
+        max_output_error=None
+        if calibration is None or not config.validate
+        else max((layer.output_error or 0.0 for layer in factorized), default=0.0),
+        calibration=None
+        if calibration is None
+        else {"file": calibration.source, "samples": calibration.samples},
         layers=_in_graph_order(layers, model),
         validation=validation,
         timings=timer.timings,
@@ -491,6 +558,59 @@ def _factorize(
         if progress is not None:
             progress("factorize", done + 1, len(chosen))
     return result
+
+
+def _factorize_calibrated(
+    analysis: Analysis,
+    tables: list[CandidateTable],
+    choices: list[int],
+    calibration: calibrate.Calibration,
+    progress: Progress | None,
+) -> tuple[dict[str, calibrate.CalibratedLayer], dict[str, tuple[Factors, float]]]:
+    """Whitened factors of the chosen layers, with their actual relative weight error.
+
+    Layers without calibration statistics (inside subgraphs) get plain factors.
+    """
+    discovery = analysis.discovery
+    calibrated_rows = [
+        (table, row) if table.layer in calibration.statistics else (table, 0)
+        for table, row in zip(tables, choices, strict=True)
+    ]
+    plain_rows = [
+        0 if table.layer in calibration.statistics else row
+        for table, row in zip(tables, choices, strict=True)
+    ]
+    chosen = [
+        (layer, int(table.groups[row]), int(table.ranks[row]))
+        for layer, (table, row) in zip(discovery.layers, calibrated_rows, strict=True)
+        if table.groups[row] > 0
+    ]
+    calibrated = calibrate.factorize_layers(calibration, discovery, chosen, progress)
+    factors = _factorize(
+        discovery, tables, plain_rows, analysis.spectra, analysis.backend, progress
+    )
+    for layer, _, _ in chosen:
+        item = calibrated[layer.name]
+        norm = analysis.spectra[layer.name].spectral_norm
+        error = relative_error(discovery.weight(layer), item.factors, norm)
+        factors[layer.name] = (item.factors, error)
+    return calibrated, factors
+
+
+def _with_output_errors(
+    layer: LayerReport,
+    calibrated: dict[str, calibrate.CalibratedLayer],
+    measured: dict[str, calibrate.OutputErrors],
+) -> LayerReport:
+    if layer.name not in calibrated:
+        return layer
+    errors = measured.get(layer.name)
+    return replace(
+        layer,
+        output_error_estimate=calibrated[layer.name].output_error_estimate,
+        output_error=None if errors is None else errors.local,
+        output_error_network=None if errors is None else errors.network,
+    )
 
 
 def _layer_records(

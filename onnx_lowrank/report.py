@@ -34,6 +34,12 @@ class LayerReport:
     ``groups``/``rank`` are None for a layer left dense; ``skipped_reason`` then says why.
     ``error_bound`` is the upper bound ``sqrt(Σ_i σ_{i,r+1}²)/‖W‖₂`` and ``error_actual`` the
     measured ``‖W − Ŵ‖₂/‖W‖₂``.
+
+    With calibration data (calibrate.py), factorized layers also get relative output errors
+    ``‖Ŷ − Y‖_F / ‖Y − Ȳ‖_F`` on that data: ``output_error_estimate`` from the whitened
+    singular values, ``output_error`` measured for the layer alone (on its original inputs),
+    and ``output_error_network`` measured inside the compressed model (errors of earlier
+    layers included). They are None without calibration data.
     """
 
     name: str
@@ -48,6 +54,9 @@ class LayerReport:
     error_bound: float | None
     error_actual: float | None
     skipped_reason: str | None
+    output_error_estimate: float | None = None
+    output_error: float | None = None
+    output_error_network: float | None = None
 
 
 @dataclass
@@ -83,6 +92,8 @@ class CompressionReport:
     validation: ValidationReport | None = None
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    max_output_error: float | None = None
+    calibration: dict[str, Any] | None = None
 
     @property
     def compressed_layers(self) -> list[LayerReport]:
@@ -152,6 +163,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def format_layers(layers: list[LayerReport], *, compression: bool = True) -> str:
     """The per-layer table: name, op, shape, g, r, params, MACs, errors or skip reason."""
     rows = []
+    outputs = compression and any(layer.output_error_estimate is not None for layer in layers)
     for layer in layers:
         shape = "x".join(map(str, layer.weight_shape)) if layer.weight_shape else "-"
         row = [layer.name, layer.op_type, shape]
@@ -164,6 +176,12 @@ def format_layers(layers: list[LayerReport], *, compression: bool = True) -> str
                 _error(layer.error_bound),
                 _error(layer.error_actual),
             ]
+            if outputs:
+                row += [
+                    _error(layer.output_error_estimate),
+                    _error(layer.output_error),
+                    _error(layer.output_error_network),
+                ]
         else:
             row += [_count(layer.params_before), _count(layer.macs_before)]
         row.append(layer.skipped_reason or "")
@@ -172,6 +190,8 @@ def format_layers(layers: list[LayerReport], *, compression: bool = True) -> str
     header += (
         ["g", "r", "params", "after", "bound", "actual"] if compression else ["params", "MACs"]
     )
+    if outputs:
+        header += ["out est", "out err", "in net"]
     header.append("note")
     return _table(header, rows)
 
@@ -209,6 +229,20 @@ def format_summary(report: CompressionReport) -> str:
         f"max layer error: bound {report.max_error_bound:.4f}, "
         f"actual {report.max_error_actual:.4f}"
     )
+    measure = report.config.get("error")
+    if report.calibration is not None:
+        text.append(
+            f"calibration: {report.calibration['samples']} samples from "
+            f"{report.calibration['file']}; error measure: {measure}"
+            + (
+                ""
+                if report.max_output_error is None
+                else f"; max layer output error {report.max_output_error:.4f} (measured, "
+                "relative to the output's spread)"
+            )
+        )
+    elif measure is not None:
+        text.append(f"error measure: {measure} (data-free)")
     text.append(format_validation(report.validation))
     return "\n".join(line for line in text if line)
 

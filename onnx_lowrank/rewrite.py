@@ -14,6 +14,11 @@ Gemm / MatMul:
     second: MatMul(h, Uᵀ) for a MatMul; Gemm(h, U, C, transB=1, alpha, beta) for a Gemm, so the
             bias ``beta·C`` and ``alpha`` are kept.
 
+Bias correction (calibrate.py): ``biases`` maps a layer name to the layer's new bias ``b'``
+(``f`` values, in output units). The second node then reads ``b'`` instead of the original bias:
+a Conv gets it as its bias input, a Gemm as ``C`` with ``beta = 1``, and a MatMul, which has no
+bias input, gets an ``Add`` after it that produces the original output name.
+
 The pass edits a copy of the model in place at the protobuf level. Every node that is not
 replaced keeps its bytes; the graph's inputs, outputs, opset imports, IR version and producer are
 untouched, and ``metadata_props`` only gains the ``discover.FACTORIZED_KEY`` record of what was
@@ -32,7 +37,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -54,6 +59,7 @@ def rewrite(
     replacements: Sequence[tuple[Layer, Factors]],
     *,
     inplace: bool = False,
+    biases: Mapping[str, np.ndarray] | None = None,
 ) -> onnx.ModelProto:
     """Replace each layer by its factorized pair.
 
@@ -61,6 +67,8 @@ def rewrite(
         model: the model ``discover`` ran on.
         replacements: layers (of any graph) with their factors.
         inplace: edit ``model`` itself instead of a copy.
+        biases: layer name -> new bias ``b'`` (``f`` values in output units) that replaces the
+            layer's bias (bias correction); layers not named keep their bias.
 
     Returns:
         The rewritten model. The ONNX checker and shape inference accept it.
@@ -72,6 +80,7 @@ def rewrite(
     if not replacements:
         return model
     names = _Names(model)
+    biases = biases or {}
     as_nodes = 0 < model.ir_version < 4
     by_graph: dict[GraphPath, list[tuple[Layer, Factors]]] = {}
     for layer, factors in replacements:
@@ -86,10 +95,13 @@ def rewrite(
         candidates = unused.pop(path, set())
         new_nodes: dict[int, list[onnx.NodeProto]] = {}
         for layer, factors in by_graph.get(path, []):
-            builder = _PairBuilder(layer, factors, graph.node[layer.node_index], names, as_nodes)
+            node = graph.node[layer.node_index]
+            builder = _PairBuilder(layer, factors, node, names, as_nodes, biases.get(layer.name))
             new_nodes[layer.node_index] = builder.nodes()
             graph.initializer.extend(builder.initializers)  # one layer's factors at a time
             candidates.add(layer.weight_input)
+            if layer.name in biases and len(node.input) > 2 and node.input[2]:
+                candidates.add(node.input[2])  # the corrected bias replaces the original
             records.append(builder.record())
         # Splice the pairs in place, last first, so indices stay valid. Rebuilding the whole
         # list would copy every node (and Constant-node weight) into the model's arena again.
@@ -153,9 +165,11 @@ class _PairBuilder:
         node: onnx.NodeProto,
         names: _Names,
         as_nodes: bool = False,
+        bias: np.ndarray | None = None,
     ):
         self.layer, self.factors, self.node, self.names = layer, factors, node, names
         self.as_nodes = as_nodes
+        self.bias = bias
         read = layer.weight_dtype
         stored = layer.stored_dtype or read
         # Keep the narrower type: fp16 weights read through a Cast to fp32 stay fp16 on disk.
@@ -228,7 +242,9 @@ class _PairBuilder:
             **kept,
         )
         second_inputs = [middle, self._tensor("u", second_weight)]
-        if len(node.input) > 2 and node.input[2]:
+        if self.bias is not None:
+            second_inputs.append(self._tensor("bias", self.bias))
+        elif len(node.input) > 2 and node.input[2]:
             second_inputs.append(node.input[2])
         second = helper.make_node(
             "Conv",
@@ -293,7 +309,11 @@ class _PairBuilder:
             ]
         if layer.op_type == "Gemm":
             inputs = [middle, self._tensor("u", factors.second)]
-            if len(node.input) > 2 and node.input[2]:
+            beta = attribute(node, "beta", 1.0)
+            if self.bias is not None:
+                inputs.append(self._tensor("bias", self.bias))
+                beta = 1.0
+            elif len(node.input) > 2 and node.input[2]:
                 inputs.append(node.input[2])
             nodes.append(
                 helper.make_node(
@@ -303,18 +323,28 @@ class _PairBuilder:
                     name=self._node_name("u"),
                     transB=1,
                     alpha=attribute(node, "alpha", 1.0),
-                    beta=attribute(node, "beta", 1.0),
+                    beta=beta,
                 )
             )
         else:
+            product = list(node.output) if self.bias is None else [self._intermediate("product")]
             nodes.append(
                 helper.make_node(
                     "MatMul",
                     [middle, self._tensor("u", factors.second.T)],
-                    list(node.output),
+                    product,
                     name=self._node_name("u"),
                 )
             )
+            if self.bias is not None:
+                nodes.append(
+                    helper.make_node(
+                        "Add",
+                        [product[0], self._tensor("bias", self.bias)],
+                        list(node.output),
+                        name=self._node_name("bias"),
+                    )
+                )
         return nodes
 
 
