@@ -23,7 +23,7 @@ __all__ = [
 ]
 
 #: Allocation methods, in the order the docs list them. ``allocate.SOLVERS`` implements each.
-METHODS: tuple[str, ...] = ("svd",)
+METHODS: tuple[str, ...] = ("alds", "alds-paper", "alds-error", "energy", "svd")
 #: Layer error measures (DESIGN.md §3): the valid upper bound, or the reference code's lower bound.
 ERROR_MEASURES: tuple[str, ...] = ("bound", "max-group")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
@@ -57,7 +57,7 @@ class CompressionConfig:
 
     params: float | None = None
     flops: float | None = None
-    method: str = "svd"
+    method: str = "alds"
     error: str = "bound"
     max_groups: int = 8
     groups: int = 1
