@@ -109,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="make every groups*rank a multiple of N (e.g. 8)",
     )
     method.add_argument(
+        "--no-fold",
+        dest="fold_batchnorm",
+        action="store_false",
+        help="do not fold BatchNormalization / per-channel Mul/Add into the preceding Conv",
+    )
+    method.add_argument(
         "--device",
         default=CompressionConfig.device,
         choices=DEVICES,
@@ -249,6 +255,7 @@ def _compress(args: argparse.Namespace) -> int:
         min_top1=args.min_top1,
         latency_runs=args.latency_runs,
         seed=args.seed,
+        fold_batchnorm=args.fold_batchnorm,
     )
     _check_output(Path(args.input), Path(args.output), args.overwrite)
     if args.report:

@@ -53,6 +53,9 @@ class CompressionConfig:
         latency_runs: timed runs per model for the latency median.
         seed: seed of the random validation inputs and of randomized solvers.
         force: go on with a model that fails the ONNX checker.
+        fold_batchnorm: fold BatchNormalization and constant per-channel Mul/Add into the
+            preceding Conv before discovery (fold.py), so errors are measured on the weight as
+            it acts.
     """
 
     params: float | None = None
@@ -72,6 +75,7 @@ class CompressionConfig:
     latency_runs: int = 10
     seed: int = 0
     force: bool = False
+    fold_batchnorm: bool = True
 
     def __post_init__(self) -> None:
         for name in ("params", "flops"):
@@ -84,6 +88,8 @@ class CompressionConfig:
         _check_choice("method", self.method, METHODS)
         _check_choice("error", self.error, ERROR_MEASURES)
         _check_choice("device", self.device, DEVICES)
+        if not isinstance(self.fold_batchnorm, bool):
+            raise ConfigError(f"fold_batchnorm must be True or False, got {self.fold_batchnorm!r}")
         for name in ("max_groups", "groups", "rank_multiple", "latency_runs"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -10,7 +10,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from .cost import count_macs, count_parameters, infer_shapes
 from .discover import Discovery, Layer, discover
 from .errors import ConfigError, NothingToCompressError, ShapeError, ValidationFailedError
 from .factorize import Factors, factorize, relative_error
+from .fold import fold
 from .load import ModelSource, load_model, model_file_size, save_model, source_path
 from .report import CompressionReport, InspectionReport, LayerReport
 from .rewrite import rewrite
@@ -145,6 +146,10 @@ class Analysis:
         unknown_macs: nodes whose MACs are unknown (dynamic shapes).
         size_bytes: size of the original model file(s).
         timings: seconds per stage so far.
+        original: the model as loaded, before folding; validation compares against it. None
+            when nothing was folded (then it is ``model``).
+        params_model: parameters of ``model`` (after folding); None when it is ``params_total``.
+        notes: what the analysis changed (folded nodes), for reports.
     """
 
     source: str
@@ -157,6 +162,9 @@ class Analysis:
     size_bytes: int
     backend: Backend
     timings: dict[str, float]
+    original: onnx.ModelProto | None = None
+    params_model: int | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 def analyze(
@@ -171,9 +179,18 @@ def analyze(
     timer = _Timer()
     with timer.stage("load"):
         model = load_model(source, force=config.force)
+    original, params_model, notes = None, None, []
+    if config.fold_batchnorm:
+        with timer.stage("fold"):
+            folding = fold(model)
+        if folding.modified:
+            original, model = model, folding.model
+            notes.append(folding.summary())
     with timer.stage("discover"):
         discovery = discover(model, config.input_shapes)
-        params_total = count_parameters(model)
+        params_total = count_parameters(original or model)
+        if original is not None:
+            params_model = count_parameters(model)
         macs_total, unknown_macs = count_macs(model, discovery.shapes)
     label = _source_label(source)
     if not discovery.layers:
@@ -198,6 +215,9 @@ def analyze(
         size_bytes=_source_size(source, model),
         backend=backend,
         timings=timer.timings,
+        original=original,
+        params_model=params_model,
+        notes=notes,
     )
 
 
@@ -223,7 +243,13 @@ def choose(
         raise ConfigError("no budget given; pass --params F and/or --flops F, e.g. --params 0.5")
     if config.flops is not None:
         _require_macs(analysis.discovery, analysis.unknown_macs)
-    budgets = _budgets(config, analysis.discovery, analysis.params_total, analysis.macs_total)
+    budgets = _budgets(
+        config,
+        analysis.discovery,
+        analysis.params_total,
+        analysis.macs_total,
+        params_model=analysis.params_model,
+    )
     return allocate(tables, budgets, config)
 
 
@@ -253,7 +279,7 @@ def realize(
     validation = None
     if config.validate:
         with timer.stage("validate"):
-            validation = validate(model, compressed, config)
+            validation = validate(analysis.original or model, compressed, config)
     layers = _layer_records(discovery, tables, choices, analysis.spectra, factors)
     factorized = [layer for layer in layers if layer.rank is not None]
     report = CompressionReport(
@@ -271,7 +297,7 @@ def realize(
         layers=_in_graph_order(layers, model),
         validation=validation,
         timings=timer.timings,
-        notes=_shape_notes(discovery, analysis.unknown_macs),
+        notes=analysis.notes + _shape_notes(discovery, analysis.unknown_macs),
     )
     return CompressionResult(model=compressed, report=report)
 
@@ -318,11 +344,20 @@ def _require_macs(discovery: Discovery, unknown: list[str]) -> None:
 
 
 def _budgets(
-    config: CompressionConfig, discovery: Discovery, params_total: int, macs_total: int
+    config: CompressionConfig,
+    discovery: Discovery,
+    params_total: int,
+    macs_total: int,
+    *,
+    params_model: int | None = None,
 ) -> list[BudgetLimit]:
+    """Budgets on the compressible layers. ``params_total`` is the original model's count, the
+    base of ``--params``; ``params_model`` that of the (folded) model the layers are in, whose
+    other parameters are the fixed part."""
     budgets = []
     if config.params is not None:
-        fixed = params_total - sum(layer.params for layer in discovery.layers)
+        present = params_total if params_model is None else params_model
+        fixed = present - sum(layer.params for layer in discovery.layers)
         budgets.append(BudgetLimit("params", config.params, params_total, fixed))
     if config.flops is not None:
         fixed = macs_total - sum(layer.macs or 0 for layer in discovery.layers)
