@@ -147,7 +147,9 @@ def test_input_model_is_not_modified():
     "ops",
     [
         [("Relu", {"inputs": ["x"]}), batchnorm(6)],  # BN after an activation (CREPE)
-        [("Mul", {"inputs": ["x", np.arange(3.0).reshape(1, 1, 3, 1)]})],  # varies along space, not channels
+        [
+            ("Mul", {"inputs": ["x", np.arange(3.0).reshape(1, 1, 3, 1)]})
+        ],  # varies along space, not channels
         [("Mul", {"inputs": ["x", np.ones((2, 6, 1, 1))]})],  # varies along the batch
         [("Mul", {"inputs": ["x", np.ones((1, 1, 1, 1, 1))]})],  # broadcasts to a larger rank
         [("Mul", {"inputs": ["x", "x"]})],  # not a constant
