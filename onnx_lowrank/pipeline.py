@@ -8,11 +8,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 import onnx
 
@@ -21,11 +22,18 @@ from .backend import Backend, get_backend
 from .config import CompressionConfig
 from .cost import count_macs, count_parameters, infer_shapes
 from .discover import Discovery, Layer, discover
-from .errors import ConfigError, NothingToCompressError, ShapeError, ValidationFailedError
+from .errors import (
+    ConfigError,
+    InfeasibleBudgetError,
+    NothingToCompressError,
+    OutputPathError,
+    ShapeError,
+    ValidationFailedError,
+)
 from .factorize import Factors, factorize, relative_error
 from .fold import fold
 from .load import ModelSource, load_model, model_file_size, save_model, source_path
-from .report import CompressionReport, InspectionReport, LayerReport
+from .report import CompressionReport, InspectionReport, LayerReport, plot_sweep, write_json
 from .rewrite import rewrite
 from .spectra import LayerSpectrum, compute_spectra, error_table
 from .validate import validate
@@ -34,12 +42,15 @@ __all__ = [
     "Analysis",
     "CompressionResult",
     "Progress",
+    "SweepResult",
     "analyze",
     "candidate_tables",
     "choose",
     "compress",
     "inspect",
     "realize",
+    "sweep",
+    "sweep_row",
 ]
 
 log = logging.getLogger(__name__)
@@ -331,6 +342,166 @@ def compress(
     choices = choose(analysis, tables, config)
     analysis.timings["allocate"] = time.perf_counter() - started
     return realize(analysis, tables, choices, config, progress=progress)
+
+
+@dataclass
+class SweepResult:
+    """What ``sweep`` wrote.
+
+    Attributes:
+        rows: one plain-data row per (budget, method), in the order solved (also in ``json``).
+        json: the overall JSON file: source, config and every row.
+        plot: the trade-off PNG, or None when matplotlib is not installed.
+        notice: why there is no plot, or None.
+    """
+
+    rows: list[dict[str, Any]]
+    json: Path
+    plot: Path | None
+    notice: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        """False when any point failed validation (its model was not written)."""
+        return all(row["validation_passed"] is not False for row in self.rows)
+
+
+def sweep(
+    source: ModelSource,
+    config: CompressionConfig,
+    out_dir: str | os.PathLike,
+    *,
+    params: Sequence[float] = (),
+    flops: Sequence[float] = (),
+    methods: Sequence[str] | None = None,
+    external_data: bool = False,
+    progress: Progress | None = None,
+) -> SweepResult:
+    """Compress one model to several budgets with several methods; spectra are computed once.
+
+    Budget points: each ``params`` fraction alone, each ``flops`` fraction alone, or, when both
+    are given, pairs ``(params[i], flops[i])`` that must both hold. For every point and method
+    it writes ``<stem>.<method>.<budget>.onnx`` and ``<stem>.<method>.<budget>.json`` (a row:
+    params, MACs, max layer error bound, validation metrics; plus the full report) into
+    ``out_dir``, then ``sweep.json`` (every row) and ``sweep.png`` (error against kept
+    parameters, one line per method) when matplotlib is installed. A point that fails
+    validation gets its row and report but no model.
+
+    Args:
+        source: the model (path, bytes or ModelProto; never modified).
+        config: every other option (error measure, constraints, validation); its own
+            ``params``, ``flops`` and ``method`` are replaced per point.
+        out_dir: folder for the outputs, created when missing.
+        params: fractions of the parameters to keep.
+        flops: fractions of the MACs to keep.
+        methods: allocation methods (default: ``config.method``).
+        external_data: store each model's weights in a ``.data`` file beside it.
+        progress: optional callback ``(stage, done, total)``.
+
+    Raises:
+        InfeasibleBudgetError: a point cannot be met by a method; checked for every point
+            before anything is written.
+        ConfigError: no budget, lists of different lengths, or an unknown method.
+    """
+    points = _sweep_points(params, flops)
+    methods = list(methods or [config.method])
+    configs = [
+        config.replace(params=p, flops=f, method=method) for p, f in points for method in methods
+    ]
+    folder = Path(out_dir)
+    if folder.exists() and not folder.is_dir():
+        raise OutputPathError(f"--out {folder} is a file; give a folder")
+    analysis = analyze(source, configs[0], progress=progress)
+    tables = candidate_tables(analysis, configs[0])
+    chosen = []
+    for point in configs:  # every point is solved before anything is written
+        try:
+            chosen.append(choose(analysis, tables, point))
+        except InfeasibleBudgetError as exc:
+            raise InfeasibleBudgetError(
+                f"sweep point {_budget_label(point)} with --method {point.method}: {exc}",
+                exc.smallest_fraction,
+            ) from exc
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputPathError(f"cannot create {folder}: {exc.strerror or exc}") from exc
+    stem = source_path(source).stem if source_path(source) is not None else "model"
+    rows = []
+    for done, (point, choices) in enumerate(zip(configs, chosen, strict=True)):
+        result = realize(analysis, tables, choices, point)
+        name = f"{stem}.{point.method}.{_budget_label(point, short=True)}"
+        row = sweep_row(result.report, point)
+        if row["validation_passed"] is not False:
+            result.save(folder / f"{name}.onnx", external_data=external_data)
+            row["model"] = f"{name}.onnx"
+        write_json({**row, "report": result.report.to_dict()}, folder / f"{name}.json")
+        rows.append(row)
+        if progress is not None:
+            progress("sweep", done + 1, len(configs))
+    overall = write_json(
+        {"source": analysis.source, "config": config.to_dict(), "rows": rows},
+        folder / "sweep.json",
+    )
+    plot, notice = plot_sweep(rows, folder / "sweep.png")
+    return SweepResult(rows=rows, json=overall, plot=plot, notice=notice)
+
+
+def sweep_row(report: CompressionReport, config: CompressionConfig) -> dict[str, Any]:
+    """The summary of one sweep point as plain data."""
+    validation = report.validation
+    return {
+        "method": config.method,
+        "params": config.params,
+        "flops": config.flops,
+        "params_after": report.params_after,
+        "params_fraction": report.params_after / report.params_before,
+        "macs_after": report.macs_after,
+        "macs_fraction": report.macs_after / report.macs_before if report.macs_before else None,
+        "max_error_bound": report.max_error_bound,
+        "max_error_actual": report.max_error_actual,
+        "layers_factorized": len(report.compressed_layers),
+        "validation_passed": None if validation is None else validation.passed,
+        "outputs": []
+        if validation is None
+        else [
+            {
+                "name": output.name,
+                "max_abs_error": output.max_abs_error,
+                "rel_l2_error": output.rel_l2_error,
+                "cosine_similarity": output.cosine_similarity,
+                "top1_agreement": output.top1_agreement,
+            }
+            for output in validation.outputs
+        ],
+        "latency_ms_before": None if validation is None else validation.latency_ms_before,
+        "latency_ms_after": None if validation is None else validation.latency_ms_after,
+        "model": None,
+    }
+
+
+def _sweep_points(
+    params: Sequence[float], flops: Sequence[float]
+) -> list[tuple[float | None, float | None]]:
+    params, flops = list(params), list(flops)
+    if not params and not flops:
+        raise ConfigError("no budget given; pass --params F1,F2,... and/or --flops F1,F2,...")
+    if params and flops:
+        if len(params) != len(flops):
+            raise ConfigError(
+                f"--params has {len(params)} fractions and --flops {len(flops)}; give lists of "
+                "the same length (each pair is one point where both hold), or only one of them"
+            )
+        return list(zip(params, flops, strict=True))
+    return [(p, None) for p in params] or [(None, f) for f in flops]
+
+
+def _budget_label(config: CompressionConfig, short: bool = False) -> str:
+    parts = []
+    for flag, value in (("params", config.params), ("flops", config.flops)):
+        if value is not None:
+            parts.append(f"{flag[0]}{value:g}" if short else f"--{flag} {value:g}")
+    return ("_" if short else " ").join(parts)
 
 
 def _require_macs(discovery: Discovery, unknown: list[str]) -> None:

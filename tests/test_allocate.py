@@ -11,11 +11,11 @@ import math
 
 import numpy as np
 import pytest
-from builders import MNIST, MODELS
+from builders import MNIST, MODELS, conv_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from onnx_lowrank import CompressionConfig, InfeasibleBudgetError
+from onnx_lowrank import CompressionConfig, InfeasibleBudgetError, compress
 from onnx_lowrank.allocate import (
     SOLVERS,
     BudgetLimit,
@@ -24,7 +24,11 @@ from onnx_lowrank.allocate import (
     build_table,
 )
 from onnx_lowrank.config import METHODS
+from onnx_lowrank.cost import count_macs, infer_shapes
+from onnx_lowrank.discover import discover
+from onnx_lowrank.factorize import factorize
 from onnx_lowrank.pipeline import analyze, candidate_tables
+from onnx_lowrank.rewrite import rewrite
 
 PROPERTY = settings(
     max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
@@ -277,3 +281,36 @@ def test_build_table_error_columns_follow_the_measure(mnist_analysis):
     grouped = bound.groups > 1
     assert np.all(bound.errors[grouped] >= lower.errors[grouped])
     assert np.any(bound.errors[grouped] > lower.errors[grouped])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_same_input_and_options_give_byte_identical_models(method):
+    config = CompressionConfig(params=0.35, method=method, validate=False)
+    first = compress(MNIST, config).model.SerializeToString()
+    assert compress(MNIST, config).model.SerializeToString() == first
+
+
+def test_flops_budget_holds_and_the_report_matches_a_count_over_the_nodes():
+    config = CompressionConfig(flops=0.5, method="alds-error", groups=4, max_groups=4)
+    result = compress(MNIST, config.replace(validate=False))
+    report = result.report
+    assert any(layer.groups == 4 for layer in report.compressed_layers)  # grouped pairs counted
+    direct, unknown = count_macs(result.model, infer_shapes(result.model, {}))
+    assert not unknown
+    assert direct == report.macs_after
+    assert direct == sum(layer.macs_after for layer in report.layers)  # MNIST: only layers
+    assert direct <= 0.5 * report.macs_before
+
+
+def test_macs_of_a_grouped_pair_count_both_layers():
+    weight = np.random.default_rng(0).standard_normal((8, 4, 3, 3)).astype(np.float32)
+    model = conv_model(weight, (6, 6), pads=[1, 1, 1, 1])
+    discovery = discover(model)
+    layer = discovery.layers[0]
+    factors = factorize(discovery.weight(layer), groups=2, rank=2)
+    rewritten = rewrite(model, [(layer, factors)])
+    macs, _ = count_macs(rewritten, infer_shapes(rewritten, {"x": (1, 4, 6, 6)}))
+    positions = 6 * 6
+    first = positions * (2 * 2) * (4 // 2) * 9  # g·r outputs, each (c/g)·κ products
+    second = positions * 8 * (2 * 2)  # f outputs, each g·r products
+    assert macs == first + second == 2 * (2 * 8 + 4 * 9) * positions
