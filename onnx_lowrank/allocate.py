@@ -383,14 +383,15 @@ def solve_alds_paper(problem: Problem) -> list[int]:
             groups = [_nearest(opts, PAPER_FIXED_SEEDS[seed]) for opts in options]
         else:
             groups = [int(rng.choice(opts)) if opts.size else 0 for opts in options]
-        choices = _paper_seed(problem, values, options, groups)
-        if choices is None:
+        started = _paper_seed(problem, values, options, groups)
+        if started is None:
             log.debug("alds-paper seed %d: no feasible allocation", seed)
             continue
+        choices, groups = started
         for _ in range(PAPER_ITERATIONS):
             groups = _paper_groups_step(problem, values, choices, groups)
             improved = _min_max(problem, values, _with_groups(tables, groups))
-            if not problem.fits(improved):  # cannot happen with rounding down; keep the last
+            if not problem.fits(improved):  # a guard: rounding down keeps every layer's cost
                 break
             choices = improved
         error = _max_value(values, choices)
@@ -404,8 +405,10 @@ def solve_alds_paper(problem: Problem) -> list[int]:
 
 def _paper_seed(
     problem: Problem, values: list[np.ndarray], options: list[np.ndarray], groups: list[int]
-) -> list[int] | None:
+) -> tuple[list[int], list[int]] | None:
     """The first rank step of a seed, halving its group counts until the budget can be met.
+
+    Returns the choice and the group counts it was made with, or None.
 
     When halving no longer changes them and the budget still cannot be met (``--rank-multiple``
     can make small group counts dearer than large ones), the seed falls back to the group count
@@ -415,7 +418,7 @@ def _paper_seed(
     while True:
         allowed = _with_groups(problem.tables, groups)
         if problem.fits(_cheapest(problem, allowed)):
-            return _min_max(problem, values, allowed)
+            return _min_max(problem, values, allowed), groups
         halved = [_nearest(opts, max(g // 2, 1)) for opts, g in zip(options, groups, strict=True)]
         if halved != groups:
             groups = halved
