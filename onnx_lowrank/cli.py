@@ -311,6 +311,8 @@ def _compress(args: argparse.Namespace) -> int:
         print(format_layers(report.layers))
         print()
         print(format_summary(report))
+        for note in report.notes:
+            print(f"note: {note}")
         if args.timings:
             print("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in report.timings.items()))
         if saved:
