@@ -126,8 +126,11 @@ class Task:
         ]
 
     @property
-    def extra_metric(self) -> str | None:
-        return {"agreement": "top5_agreement", "pitch": "median_cents_error"}.get(self.kind)
+    def extra_metrics(self) -> list[str]:
+        return {
+            "agreement": ["top5_agreement", "logits_rel_l2", "distinct_top1"],
+            "pitch": ["median_cents_error"],
+        }.get(self.kind, [])
 
     def quality(self, model: onnx.ModelProto | Path, threads: int) -> dict[str, float]:
         outputs = run_batches(model, self.input_name, self.inputs, threads, 50)
@@ -142,9 +145,12 @@ class Task:
             }
         top1 = self.reference.argmax(1)
         top5 = np.argsort(-outputs, axis=1)[:, :5]
+        difference = np.linalg.norm(outputs - self.reference) / np.linalg.norm(self.reference)
         return {
             "top1_agreement": float(np.mean(outputs.argmax(1) == top1)),
             "top5_agreement": float(np.mean(np.any(top5 == top1[:, None], axis=1))),
+            "logits_rel_l2": float(difference),
+            "distinct_top1": len(np.unique(outputs.argmax(1))),
         }
 
 
@@ -382,10 +388,14 @@ def main() -> int:
             continue
         budgets, group_budgets = BUDGETS[key]
         metrics = [(task.metric, task.metric.replace("_", " "))]
-        if task.extra_metric:
-            metrics.append((task.extra_metric, task.extra_metric.replace("_", " ")))
+        metrics += [(name, name.replace("_", " ")) for name in task.extra_metrics]
         if task.kind == "agreement":
-            print(f"\n{task.name}: {len(task.inputs)} inputs")
+            classes, counts = np.unique(task.reference.argmax(1), return_counts=True)
+            print(
+                f"\n{task.name}: {len(task.inputs)} inputs, {len(classes)} distinct top-1 classes "
+                f"of the original; a constant prediction agrees on at most "
+                f"{counts.max() / len(task.inputs):.1%}"
+            )
         else:
             base = task.quality(task.path, args.threads)
             print(f"\n{task.name}: original {base} on {len(task.inputs)} inputs")
