@@ -195,6 +195,11 @@ def build_table(
     tail_energy = np.concatenate([np.cumsum((g1 * g1)[::-1])[::-1], [0.0]])
     fro = spectrum.frobenius_sq or 1.0
     for g in group_counts(layer, max_groups):
+        if g not in spectrum.singular_values:
+            raise ValueError(
+                f"no spectra for {g} groups of {layer.name}: analyze with the same or a larger "
+                "max_groups than the candidate tables"
+            )
         table = error_table(spectrum, g, measure)
         for rank in range(1, len(table)):
             if (g * rank) % rank_multiple:

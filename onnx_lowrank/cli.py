@@ -47,6 +47,15 @@ def _fractions(text: str) -> list[float]:
     return [_fraction(part) for part in text.split(",") if part.strip()]
 
 
+def _max_groups(text: str) -> int | str | None:
+    if text == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return text  # CompressionConfig says what is allowed
+
+
 def _methods(text: str) -> list[str]:
     names = [part.strip() for part in text.split(",") if part.strip()]
     unknown = [name for name in names if name not in METHODS]
@@ -126,10 +135,11 @@ def _add_run_options(run: argparse.ArgumentParser, *, sweep: bool) -> None:
     )
     method.add_argument(
         "--max-groups",
-        type=int,
+        type=_max_groups,
         default=CompressionConfig.max_groups,
-        metavar="N",
-        help="largest channel-group count tried (default: %(default)s)",
+        metavar="N|all",
+        help="largest channel-group count tried, or 'all' divisors of the input channels "
+        "(default: all)",
     )
     method.add_argument(
         "--groups",

@@ -40,7 +40,8 @@ class CompressionConfig:
         flops: fraction in (0, 1] of the model's total MACs (Conv/Gemm/MatMul) to keep, or None.
         method: allocation method, one of ``METHODS``.
         error: layer error measure, one of ``ERROR_MEASURES``.
-        max_groups: largest channel-group count tried per layer (divisors of the input channels).
+        max_groups: largest channel-group count tried per layer (divisors of the input channels);
+            None, the default, tries every divisor (chosen by measurement: docs/methods.md).
         groups: the fixed group count of methods that do not search groups.
         rank_multiple: every factorized layer's ``groups * rank`` is a multiple of this.
         device: ``"auto"`` (GPU when CuPy and a device are present), ``"cpu"`` or ``"cuda"``.
@@ -62,7 +63,7 @@ class CompressionConfig:
     flops: float | None = None
     method: str = "alds"
     error: str = "bound"
-    max_groups: int = 8
+    max_groups: int | None = None
     groups: int = 1
     rank_multiple: int = 1
     device: Device = "auto"
@@ -92,9 +93,14 @@ class CompressionConfig:
             raise ConfigError(f"fold_batchnorm must be True or False, got {self.fold_batchnorm!r}")
         for name in ("max_groups", "groups", "rank_multiple", "latency_runs"):
             value = getattr(self, name)
+            if name == "max_groups" and value is None:
+                continue  # every divisor
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"--{_flag(name)} must be a positive integer, got {value!r}")
-        if self.groups > self.max_groups:
+                also = " or 'all' (None: every divisor)" if name == "max_groups" else ""
+                raise ConfigError(
+                    f"--{_flag(name)} must be a positive integer{also}, got {value!r}"
+                )
+        if self.max_groups is not None and self.groups > self.max_groups:
             raise ConfigError(
                 f"--groups {self.groups} exceeds --max-groups {self.max_groups}; "
                 "raise --max-groups or lower --groups"

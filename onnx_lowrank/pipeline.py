@@ -47,6 +47,7 @@ __all__ = [
     "candidate_tables",
     "choose",
     "compress",
+    "group_limit",
     "inspect",
     "realize",
     "sweep",
@@ -214,7 +215,7 @@ def analyze(
         _require_macs(discovery, unknown_macs)
     backend = get_backend(config.device)
     with timer.stage("spectra"):
-        spectra = compute_spectra(discovery, config.max_groups, backend, progress)
+        spectra = compute_spectra(discovery, group_limit(config, discovery), backend, progress)
     return Analysis(
         source=label,
         model=model,
@@ -239,7 +240,7 @@ def candidate_tables(analysis: Analysis, config: CompressionConfig) -> list[Cand
             layer,
             analysis.spectra[layer.name],
             config.error,
-            config.max_groups,
+            group_limit(config, analysis.discovery),
             config.rank_multiple,
         )
         for layer in analysis.discovery.layers
@@ -502,6 +503,13 @@ def _budget_label(config: CompressionConfig, short: bool = False) -> str:
         if value is not None:
             parts.append(f"{flag[0]}{value:g}" if short else f"--{flag} {value:g}")
     return ("_" if short else " ").join(parts)
+
+
+def group_limit(config: CompressionConfig, discovery: Discovery) -> int:
+    """``config.max_groups``, or, when it is None (every divisor), the widest input channels."""
+    if config.max_groups is not None:
+        return config.max_groups
+    return max((layer.in_channels for layer in discovery.layers), default=1)
 
 
 def _require_macs(discovery: Discovery, unknown: list[str]) -> None:

@@ -233,7 +233,7 @@ def mnist_budget(analysis, fraction: float) -> list[BudgetLimit]:
 def test_alds_beats_the_heuristics_on_mnist_in_each_measure(mnist_analysis, measure):
     errors = {}
     for method in ("alds", "alds-paper", "alds-error", "energy", "svd"):
-        config = CompressionConfig(params=0.3, method=method, error=measure)
+        config = CompressionConfig(params=0.3, method=method, error=measure, max_groups=8)
         layers = candidate_tables(mnist_analysis, config)
         budgets = mnist_budget(mnist_analysis, 0.3)
         errors[method] = max_error(layers, allocate(layers, budgets, config))
@@ -242,7 +242,7 @@ def test_alds_beats_the_heuristics_on_mnist_in_each_measure(mnist_analysis, meas
 
 
 def test_alds_paper_is_deterministic_under_its_seed(mnist_analysis):
-    config = CompressionConfig(params=0.3, method="alds-paper", seed=7)
+    config = CompressionConfig(params=0.3, method="alds-paper", seed=7, max_groups=8)
     layers = candidate_tables(mnist_analysis, config)
     budgets = mnist_budget(mnist_analysis, 0.3)
     first = allocate(layers, budgets, config)
@@ -314,3 +314,17 @@ def test_macs_of_a_grouped_pair_count_both_layers():
     first = positions * (2 * 2) * (4 // 2) * 9  # g·r outputs, each (c/g)·κ products
     second = positions * 8 * (2 * 2)  # f outputs, each g·r products
     assert macs == first + second == 2 * (2 * 8 + 4 * 9) * positions
+
+
+def test_by_default_every_divisor_of_the_input_channels_is_a_candidate():
+    config = CompressionConfig()
+    assert config.max_groups is None
+    analysis = analyze(MODELS / "crepe_tiny.onnx", config)
+    for layer, table in zip(
+        analysis.discovery.layers, candidate_tables(analysis, config), strict=True
+    ):
+        divisors = {g for g in range(1, layer.in_channels + 1) if layer.in_channels % g == 0}
+        assert set(analysis.spectra[layer.name].singular_values) == divisors
+        assert set(table.groups[1:]) <= divisors
+    conv2 = candidate_tables(analysis, config)[1]  # 16 x 128 x 64: wide, many groups pay
+    assert 128 in set(conv2.groups)

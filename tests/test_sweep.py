@@ -108,6 +108,8 @@ def test_cli_sweep_pairs_budgets_and_notes_a_missing_matplotlib(tmp_path):
         "--out",
         str(tmp_path),
         "--no-validate",
+        "--max-groups",
+        "all",
         block_matplotlib=True,
     )
     assert result.returncode == 0, result.stderr
