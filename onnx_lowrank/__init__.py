@@ -23,7 +23,7 @@ from .errors import (
     UnsupportedModelError,
     ValidationFailedError,
 )
-from .pipeline import CompressionResult, compress, inspect
+from .pipeline import CompressionResult, SweepResult, compress, inspect, sweep
 from .report import CompressionReport, InspectionReport, LayerReport
 
 try:
@@ -47,9 +47,11 @@ __all__ = [
     "OutputPathError",
     "RuntimeMissingError",
     "ShapeError",
+    "SweepResult",
     "UnsupportedModelError",
     "ValidationFailedError",
     "__version__",
     "compress",
     "inspect",
+    "sweep",
 ]

@@ -1,4 +1,4 @@
-"""Command line: ``onnx-lowrank compress|inspect``.
+"""Command line: ``onnx-lowrank compress|inspect|sweep``.
 
 A thin layer over the Python API: it parses arguments, renders progress and tables, and turns
 every ``OnnxLowRankError`` into one line on stderr and an exit code. It is the only place that
@@ -23,8 +23,8 @@ from . import __version__
 from .config import DEVICES, ERROR_MEASURES, METHODS, CompressionConfig, parse_input_shape
 from .errors import ConfigError, NothingToCompressError, OnnxLowRankError, OutputPathError
 from .load import external_data_files, open_model, save_model
-from .pipeline import compress, inspect
-from .report import format_layers, format_summary, write_json
+from .pipeline import compress, inspect, sweep
+from .report import format_layers, format_summary, format_sweep, write_json
 
 __all__ = ["main"]
 
@@ -45,6 +45,29 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}") from None
 
 
+def _fractions(text: str) -> list[float]:
+    return [_fraction(part) for part in text.split(",") if part.strip()]
+
+
+def _max_groups(text: str) -> int | str | None:
+    if text == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return text  # CompressionConfig says what is allowed
+
+
+def _methods(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [name for name in names if name not in METHODS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown method {', '.join(unknown) or repr(text)}; choose from {', '.join(METHODS)}"
+        )
+    return names
+
+
 def _shape(text: str) -> tuple[str, tuple[int, ...]]:
     try:
         return parse_input_shape(text)
@@ -63,25 +86,48 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("compress", help="compress a model to a budget")
     run.add_argument("input", help="the .onnx model to compress (never modified)")
     run.add_argument("-o", "--output", required=True, help="where to write the compressed model")
+    _add_run_options(run, sweep=False)
+
+    show = commands.add_parser("inspect", help="list layers, shapes, params, MACs, skip reasons")
+    show.add_argument("input", help="the .onnx model")
+    _add_shape_options(show)
+    show.add_argument("--report", metavar="FILE.json", help="write the listing as JSON")
+    _add_common(show)
+
+    many = commands.add_parser(
+        "sweep", help="compress to several budgets and methods; trade-off JSON and plot"
+    )
+    many.add_argument("input", help="the .onnx model to compress (never modified)")
+    many.add_argument("--out", required=True, metavar="DIR", help="folder for models and JSON")
+    _add_run_options(many, sweep=True)
+    return parser
+
+
+def _add_run_options(run: argparse.ArgumentParser, *, sweep: bool) -> None:
+    """Options of compress and sweep; sweep takes lists of budgets and methods."""
     budget = run.add_argument_group("budget (at least one; both must hold when both are given)")
+    lists = " (comma-separated list; with both lists, pairs)" if sweep else ""
     budget.add_argument(
         "--params",
-        type=_fraction,
-        metavar="F",
-        help="fraction of the model's total parameters to keep, in (0, 1]",
+        type=_fractions if sweep else _fraction,
+        metavar="F1,F2,..." if sweep else "F",
+        help="fraction of the model's total parameters to keep, in (0, 1]" + lists,
     )
     budget.add_argument(
         "--flops",
-        type=_fraction,
-        metavar="F",
-        help="fraction of the model's MACs (Conv/Gemm/MatMul) to keep, in (0, 1]",
+        type=_fractions if sweep else _fraction,
+        metavar="F1,F2,..." if sweep else "F",
+        help="fraction of the model's MACs (Conv/Gemm/MatMul) to keep, in (0, 1]" + lists,
     )
     method = run.add_argument_group("method")
     method.add_argument(
         "--method",
-        default=CompressionConfig.method,
-        choices=METHODS,
-        help="allocation method (default: %(default)s)",
+        default=[CompressionConfig.method] if sweep else CompressionConfig.method,
+        type=_methods if sweep else str,
+        choices=None if sweep else METHODS,
+        metavar="NAME[,NAME...]" if sweep else None,
+        help=f"allocation method{'s' if sweep else ''}: {', '.join(METHODS)} "
+        f"(default: {CompressionConfig.method})",
     )
     method.add_argument(
         "--error",
@@ -91,10 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     method.add_argument(
         "--max-groups",
-        type=int,
+        type=_max_groups,
         default=CompressionConfig.max_groups,
-        metavar="N",
-        help="largest channel-group count tried (default: %(default)s)",
+        metavar="N|all",
+        help="largest channel-group count tried, or 'all' divisors of the input channels "
+        "(default: all)",
     )
     method.add_argument(
         "--groups",
@@ -109,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=CompressionConfig.rank_multiple,
         metavar="N",
         help="make every groups*rank a multiple of N (e.g. 8)",
+    )
+    method.add_argument(
+        "--no-fold",
+        dest="fold_batchnorm",
+        action="store_false",
+        help="do not fold BatchNormalization / per-channel Mul/Add into the preceding Conv",
     )
     method.add_argument(
         "--device",
@@ -162,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="timed runs per model (default: %(default)s)",
     )
     out = run.add_argument_group("output")
-    out.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
+    if not sweep:
+        out.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
     out.add_argument(
         "--external-data",
         action=argparse.BooleanOptionalAction,
@@ -170,23 +224,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="store the weights in OUTPUT.data beside the model (default: when the input had "
         "external data or the output exceeds 2 GiB)",
     )
-    out.add_argument(
-        "--always-write",
-        action="store_true",
-        help="write OUTPUT even when nothing can be compressed (an unchanged copy)",
-    )
-    out.add_argument(
-        "--overwrite", action="store_true", help="allow OUTPUT to be the same file as INPUT"
-    )
-    out.add_argument("--timings", action="store_true", help="print the time of every stage")
+    if not sweep:
+        out.add_argument(
+            "--always-write",
+            action="store_true",
+            help="write OUTPUT even when nothing can be compressed (an unchanged copy)",
+        )
+        out.add_argument(
+            "--overwrite", action="store_true", help="allow OUTPUT to be the same file as INPUT"
+        )
+        out.add_argument("--timings", action="store_true", help="print the time of every stage")
     _add_common(run)
-
-    show = commands.add_parser("inspect", help="list layers, shapes, params, MACs, skip reasons")
-    show.add_argument("input", help="the .onnx model")
-    _add_shape_options(show)
-    show.add_argument("--report", metavar="FILE.json", help="write the listing as JSON")
-    _add_common(show)
-    return parser
 
 
 def _add_shape_options(parser: argparse.ArgumentParser) -> None:
@@ -251,12 +299,10 @@ def _config(args: argparse.Namespace, **extra) -> CompressionConfig:
     return CompressionConfig(input_shapes=shapes, force=args.force, **extra)
 
 
-def _compress(args: argparse.Namespace) -> int:
-    config = _config(
+def _run_config(args: argparse.Namespace, **budget) -> CompressionConfig:
+    return _config(
         args,
-        params=args.params,
-        flops=args.flops,
-        method=args.method,
+        **budget,
         error=args.error,
         max_groups=args.max_groups,
         groups=args.groups,
@@ -270,7 +316,12 @@ def _compress(args: argparse.Namespace) -> int:
         latency_runs=args.latency_runs,
         seed=args.seed,
         calibration=args.calibration,
+        fold_batchnorm=args.fold_batchnorm,
     )
+
+
+def _compress(args: argparse.Namespace) -> int:
+    config = _run_config(args, params=args.params, flops=args.flops, method=args.method)
     _check_output(Path(args.input), Path(args.output), args.overwrite)
     if args.report:
         _check_output(Path(args.input), Path(args.report), False)
@@ -294,6 +345,8 @@ def _compress(args: argparse.Namespace) -> int:
         print(format_layers(report.layers))
         print()
         print(format_summary(report))
+        for note in report.notes:
+            print(f"note: {note}")
         if args.timings:
             print("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in report.timings.items()))
         if saved:
@@ -359,6 +412,37 @@ def _input_data_files(source: Path) -> tuple[Path, ...]:
         return ()
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    config = _run_config(args, method=args.method[0])
+    bars = _ProgressBars(enabled=not args.quiet)
+    try:
+        result = sweep(
+            args.input,
+            config,
+            args.out,
+            params=args.params or (),
+            flops=args.flops or (),
+            methods=args.method,
+            external_data=args.external_data,
+            progress=bars,
+        )
+    finally:
+        bars.close()
+    if not args.quiet:
+        print(format_sweep(result.rows))
+        print(f"wrote {result.json}" + (f" and {result.plot}" if result.plot else ""))
+    if result.notice:
+        print(f"onnx-lowrank: note: {result.notice}", file=sys.stderr)
+    if not result.passed:
+        print(
+            "onnx-lowrank: validation failed for some points; their models were not written "
+            "(see the rows in sweep.json)",
+            file=sys.stderr,
+        )
+        return 3
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     listing = inspect(args.input, _config(args))
     if args.report:
@@ -385,6 +469,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=level, format="onnx-lowrank: %(levelname)s: %(message)s")
         if args.command == "compress":
             return _compress(args)
+        if args.command == "sweep":
+            return _sweep(args)
         return _inspect(args)
     except OnnxLowRankError as exc:
         prefix = "onnx-lowrank: " if exc.exit_code == 0 else "onnx-lowrank: error: "

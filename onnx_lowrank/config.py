@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 #: Allocation methods, in the order the docs list them. ``allocate.SOLVERS`` implements each.
-METHODS: tuple[str, ...] = ("svd",)
+METHODS: tuple[str, ...] = ("alds", "alds-paper", "alds-error", "energy", "svd")
 #: Layer error measures (DESIGN.md §3): the valid upper bound, the reference code's lower bound,
 #: and, with calibration data, the relative output error on real activations (calibrate.py).
 ERROR_MEASURES: tuple[str, ...] = ("bound", "max-group", "output")
@@ -44,7 +44,8 @@ class CompressionConfig:
         error: layer error measure, one of ``ERROR_MEASURES``. None (the default) means
             ``"output"`` when ``calibration`` is given and ``"bound"`` otherwise; the config
             stores the resolved name.
-        max_groups: largest channel-group count tried per layer (divisors of the input channels).
+        max_groups: largest channel-group count tried per layer (divisors of the input channels);
+            None, the default, tries every divisor (chosen by measurement: docs/methods.md).
         groups: the fixed group count of methods that do not search groups.
         rank_multiple: every factorized layer's ``groups * rank`` is a multiple of this.
         device: ``"auto"`` (GPU when CuPy and a device are present), ``"cpu"`` or ``"cuda"``.
@@ -60,13 +61,16 @@ class CompressionConfig:
         calibration: an ``.npz`` file of real model inputs keyed by graph input name, batch
             first. When given, every layer is factorized to minimize its output error on these
             activations (whitened SVD with bias correction; see calibrate.py).
+        fold_batchnorm: fold BatchNormalization and constant per-channel Mul/Add into the
+            preceding Conv before discovery (fold.py), so errors are measured on the weight as
+            it acts.
     """
 
     params: float | None = None
     flops: float | None = None
-    method: str = "svd"
+    method: str = "alds"
     error: str | None = None
-    max_groups: int = 8
+    max_groups: int | None = None
     groups: int = 1
     rank_multiple: int = 1
     device: Device = "auto"
@@ -80,6 +84,7 @@ class CompressionConfig:
     seed: int = 0
     force: bool = False
     calibration: str | None = None
+    fold_batchnorm: bool = True
 
     def __post_init__(self) -> None:
         for name in ("params", "flops"):
@@ -93,11 +98,18 @@ class CompressionConfig:
         self._check_calibration()
         _check_choice("error", self.error, ERROR_MEASURES)
         _check_choice("device", self.device, DEVICES)
+        if not isinstance(self.fold_batchnorm, bool):
+            raise ConfigError(f"fold_batchnorm must be True or False, got {self.fold_batchnorm!r}")
         for name in ("max_groups", "groups", "rank_multiple", "latency_runs"):
             value = getattr(self, name)
+            if name == "max_groups" and value is None:
+                continue  # every divisor
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"--{_flag(name)} must be a positive integer, got {value!r}")
-        if self.groups > self.max_groups:
+                also = " or 'all' (None: every divisor)" if name == "max_groups" else ""
+                raise ConfigError(
+                    f"--{_flag(name)} must be a positive integer{also}, got {value!r}"
+                )
+        if self.max_groups is not None and self.groups > self.max_groups:
             raise ConfigError(
                 f"--groups {self.groups} exceeds --max-groups {self.max_groups}; "
                 "raise --max-groups or lower --groups"

@@ -37,6 +37,7 @@ from .graphs import (
     GraphPath,
     attribute,
     graph_at,
+    opset_version,
     tensor_to_array,
     type_name,
     walk_graphs,
@@ -57,6 +58,9 @@ log = logging.getLogger(__name__)
 #: Suffix of the node names rewrite.py gives to the two halves of a factorized pair. Layers that
 #: carry it are never factorized again.
 FACTOR_TAG = "/lowrank"
+
+#: Oldest default-domain opset whose models are factorized.
+MIN_OPSET = 7
 
 _FACTOR_NODE = re.compile(re.escape(FACTOR_TAG) + r"_[uv](_\d+)?$")
 
@@ -283,6 +287,16 @@ def discover(
             elif outcome is not None:
                 skipped.append(outcome)
     skipped += _function_layers(model)
+    opset = opset_version(model)
+    if layers and opset < MIN_OPSET:
+        # The rewrite's Reshape takes its shape as an input (opset 5) and its Gemm has no
+        # ``broadcast`` attribute (opset 7).
+        reason = (
+            f"the model imports ONNX opset {opset}; factorized layers need opset {MIN_OPSET} or "
+            "newer (convert it with onnx.version_converter.convert_version)"
+        )
+        skipped = [_skip_layer(layer, reason) for layer in layers] + skipped
+        layers = []
     factorized = _factorized_layers(model, shapes)
     log.info("found %d compressible layers, %d skipped", len(layers), len(skipped))
     return Discovery(
@@ -293,6 +307,12 @@ def discover(
         data_dir=data_dir,
         factorized=factorized,
         _indexes=indexes,
+    )
+
+
+def _skip_layer(layer: Layer, reason: str) -> SkippedLayer:
+    return SkippedLayer(
+        layer.name, layer.op_type, reason, layer.weight_shape, layer.params, layer.macs
     )
 
 

@@ -10,11 +10,12 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -29,10 +30,12 @@ from .errors import (
     ConfigError,
     InfeasibleBudgetError,
     NothingToCompressError,
+    OutputPathError,
     ShapeError,
     ValidationFailedError,
 )
 from .factorize import Factors, factorize_with_error, relative_error
+from .fold import fold
 from .load import (
     LoadedModel,
     ModelSource,
@@ -42,7 +45,7 @@ from .load import (
     save_model,
     source_path,
 )
-from .report import CompressionReport, InspectionReport, LayerReport
+from .report import CompressionReport, InspectionReport, LayerReport, plot_sweep, write_json
 from .rewrite import rewrite
 from .spectra import LayerSpectrum, compute_spectra, error_table
 from .validate import providers_for, validate
@@ -51,12 +54,16 @@ __all__ = [
     "Analysis",
     "CompressionResult",
     "Progress",
+    "SweepResult",
     "analyze",
     "candidate_tables",
     "choose",
     "compress",
+    "group_limit",
     "inspect",
     "realize",
+    "sweep",
+    "sweep_row",
 ]
 
 log = logging.getLogger(__name__)
@@ -188,6 +195,10 @@ class Analysis:
         loaded: where the model came from and whether its weights are still on disk.
         calibration: activation statistics and whitened spectra when ``config.calibration``
             is given (calibrate.py), else None.
+        original: the model as loaded, before folding; validation compares against it. None
+            when nothing was folded (then it is ``model``).
+        params_model: parameters of ``model`` (after folding); None when it is ``params_total``.
+        notes: what the analysis changed (folded nodes), for reports.
     """
 
     source: str
@@ -202,6 +213,9 @@ class Analysis:
     timings: dict[str, float]
     loaded: LoadedModel | None = None
     calibration: calibrate.Calibration | None = None
+    original: onnx.ModelProto | None = None
+    params_model: int | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 def analyze(
@@ -224,9 +238,18 @@ def analyze(
         feeds = None
         if config.calibration is not None:  # checked before any heavy work
             feeds = calibrate.load_calibration(config.calibration, model)
+    original, params_model, notes = None, None, []
+    if config.fold_batchnorm:
+        with timer.stage("fold"):
+            folding = fold(model, data_dir=loaded.data_dir)
+        if folding.modified:
+            original, model = model, folding.model
+            notes.append(folding.summary())
     with timer.stage("discover"):
         discovery = discover(model, config.input_shapes, data_dir=loaded.data_dir)
-        params_total = count_parameters(model)
+        params_total = count_parameters(original or model)
+        if original is not None:
+            params_model = count_parameters(model)
         macs_total, unknown_macs = count_macs(model, discovery.shapes)
     label = _source_label(source)
     if not discovery.layers and discovery.factorized:
@@ -241,14 +264,14 @@ def analyze(
         _require_macs(discovery, unknown_macs)
     backend = get_backend(config.device)
     with timer.stage("spectra"):
-        spectra = compute_spectra(discovery, config.max_groups, backend, progress)
+        spectra = compute_spectra(discovery, group_limit(config, discovery), backend, progress)
     calibration = None
     if feeds is not None:
         with timer.stage("calibrate"):
             calibration = calibrate.calibrate(
                 discovery,
                 feeds,
-                config.max_groups,
+                group_limit(config, discovery),
                 source=str(config.calibration),
                 providers=providers_for(config.device),
                 progress=progress,
@@ -266,6 +289,9 @@ def analyze(
         timings=timer.timings,
         loaded=loaded,
         calibration=calibration,
+        original=original,
+        params_model=params_model,
+        notes=notes,
     )
 
 
@@ -279,7 +305,7 @@ def candidate_tables(analysis: Analysis, config: CompressionConfig) -> list[Cand
             layer,
             analysis.spectra[layer.name],
             "bound" if output else config.error,
-            config.max_groups,
+            group_limit(config, analysis.discovery),
             config.rank_multiple,
         )
         for layer in analysis.discovery.layers
@@ -310,7 +336,13 @@ def choose(
         raise ConfigError("no budget given; pass --params F and/or --flops F, e.g. --params 0.5")
     if config.flops is not None:
         _require_macs(analysis.discovery, analysis.unknown_macs)
-    budgets = _budgets(config, analysis.discovery, analysis.params_total, analysis.macs_total)
+    budgets = _budgets(
+        config,
+        analysis.discovery,
+        analysis.params_total,
+        analysis.macs_total,
+        params_model=analysis.params_model,
+    )
     return allocate(tables, budgets, config)
 
 
@@ -391,7 +423,9 @@ def realize(
         layers=_in_graph_order(layers, model),
         validation=validation,
         timings=timer.timings,
-        notes=_shape_notes(discovery, analysis.unknown_macs) + _history_notes(analysis),
+        notes=analysis.notes
+        + _shape_notes(discovery, analysis.unknown_macs)
+        + _history_notes(analysis),
     )
     return CompressionResult(
         model=compressed,
@@ -496,6 +530,174 @@ def _check_recompression(
     )
 
 
+@dataclass
+class SweepResult:
+    """What ``sweep`` wrote.
+
+    Attributes:
+        rows: one plain-data row per (budget, method), in the order solved (also in ``json``).
+        json: the overall JSON file: source, config and every row.
+        plot: the trade-off PNG, or None when matplotlib is not installed.
+        notice: why there is no plot, or None.
+    """
+
+    rows: list[dict[str, Any]]
+    json: Path
+    plot: Path | None
+    notice: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        """False when any point failed validation (its model was not written)."""
+        return all(row["validation_passed"] is not False for row in self.rows)
+
+
+def sweep(
+    source: ModelSource,
+    config: CompressionConfig,
+    out_dir: str | os.PathLike,
+    *,
+    params: Sequence[float] = (),
+    flops: Sequence[float] = (),
+    methods: Sequence[str] | None = None,
+    external_data: bool | None = None,
+    progress: Progress | None = None,
+) -> SweepResult:
+    """Compress one model to several budgets with several methods; spectra are computed once.
+
+    Budget points: each ``params`` fraction alone, each ``flops`` fraction alone, or, when both
+    are given, pairs ``(params[i], flops[i])`` that must both hold. For every point and method
+    it writes ``<stem>.<method>.<budget>.onnx`` and ``<stem>.<method>.<budget>.json`` (a row:
+    params, MACs, max layer error bound, validation metrics; plus the full report) into
+    ``out_dir``, then ``sweep.json`` (every row) and ``sweep.png`` (error against kept
+    parameters, one line per method) when matplotlib is installed. A point that fails
+    validation gets its row and report but no model.
+
+    Args:
+        source: the model (path, bytes or ModelProto; never modified).
+        config: every other option (error measure, constraints, validation); its own
+            ``params``, ``flops`` and ``method`` are replaced per point.
+        out_dir: folder for the outputs, created when missing.
+        params: fractions of the parameters to keep.
+        flops: fractions of the MACs to keep.
+        methods: allocation methods (default: ``config.method``).
+        external_data: store each model's weights in a ``.data`` file beside it (default: when
+            the input had external data or a model exceeds 2 GiB).
+        progress: optional callback ``(stage, done, total)``.
+
+    Raises:
+        InfeasibleBudgetError: a point cannot be met by a method; checked for every point
+            before anything is written.
+        ConfigError: no budget, lists of different lengths, or an unknown method.
+    """
+    points = _sweep_points(params, flops)
+    methods = list(methods or [config.method])
+    configs = [
+        config.replace(params=p, flops=f, method=method) for p, f in points for method in methods
+    ]
+    folder = Path(out_dir)
+    if folder.exists() and not folder.is_dir():
+        raise OutputPathError(f"--out {folder} is a file; give a folder")
+    analysis = analyze(source, configs[0], progress=progress)
+    tables = candidate_tables(analysis, configs[0])
+    chosen = []
+    for point in configs:  # every point is solved before anything is written
+        try:
+            chosen.append(choose(analysis, tables, point))
+        except InfeasibleBudgetError as exc:
+            raise InfeasibleBudgetError(
+                f"sweep point {_budget_label(point)} with --method {point.method}: {exc}",
+                exc.smallest_fraction,
+            ) from exc
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputPathError(f"cannot create {folder}: {exc.strerror or exc}") from exc
+    stem = source_path(source).stem if source_path(source) is not None else "model"
+    rows = []
+    for done, (point, choices) in enumerate(zip(configs, chosen, strict=True)):
+        result = realize(analysis, tables, choices, point)
+        name = f"{stem}.{point.method}.{_budget_label(point, short=True)}"
+        row = sweep_row(result.report, point)
+        if row["validation_passed"] is not False:
+            result.save(folder / f"{name}.onnx", external_data=external_data)
+            row["model"] = f"{name}.onnx"
+        write_json({**row, "report": result.report.to_dict()}, folder / f"{name}.json")
+        rows.append(row)
+        if progress is not None:
+            progress("sweep", done + 1, len(configs))
+    overall = write_json(
+        {"source": analysis.source, "config": config.to_dict(), "rows": rows},
+        folder / "sweep.json",
+    )
+    plot, notice = plot_sweep(rows, folder / "sweep.png")
+    return SweepResult(rows=rows, json=overall, plot=plot, notice=notice)
+
+
+def sweep_row(report: CompressionReport, config: CompressionConfig) -> dict[str, Any]:
+    """The summary of one sweep point as plain data."""
+    validation = report.validation
+    return {
+        "method": config.method,
+        "params": config.params,
+        "flops": config.flops,
+        "params_after": report.params_after,
+        "params_fraction": report.params_after / report.params_before,
+        "macs_after": report.macs_after,
+        "macs_fraction": report.macs_after / report.macs_before if report.macs_before else None,
+        "max_error_bound": report.max_error_bound,
+        "max_error_actual": report.max_error_actual,
+        "layers_factorized": len(report.compressed_layers),
+        "validation_passed": None if validation is None else validation.passed,
+        "outputs": []
+        if validation is None
+        else [
+            {
+                "name": output.name,
+                "max_abs_error": output.max_abs_error,
+                "rel_l2_error": output.rel_l2_error,
+                "cosine_similarity": output.cosine_similarity,
+                "top1_agreement": output.top1_agreement,
+            }
+            for output in validation.outputs
+        ],
+        "latency_ms_before": None if validation is None else validation.latency_ms_before,
+        "latency_ms_after": None if validation is None else validation.latency_ms_after,
+        "model": None,
+    }
+
+
+def _sweep_points(
+    params: Sequence[float], flops: Sequence[float]
+) -> list[tuple[float | None, float | None]]:
+    params, flops = list(params), list(flops)
+    if not params and not flops:
+        raise ConfigError("no budget given; pass --params F1,F2,... and/or --flops F1,F2,...")
+    if params and flops:
+        if len(params) != len(flops):
+            raise ConfigError(
+                f"--params has {len(params)} fractions and --flops {len(flops)}; give lists of "
+                "the same length (each pair is one point where both hold), or only one of them"
+            )
+        return list(zip(params, flops, strict=True))
+    return [(p, None) for p in params] or [(None, f) for f in flops]
+
+
+def _budget_label(config: CompressionConfig, short: bool = False) -> str:
+    parts = []
+    for flag, value in (("params", config.params), ("flops", config.flops)):
+        if value is not None:
+            parts.append(f"{flag[0]}{value:g}" if short else f"--{flag} {value:g}")
+    return ("_" if short else " ").join(parts)
+
+
+def group_limit(config: CompressionConfig, discovery: Discovery) -> int:
+    """``config.max_groups``, or, when it is None (every divisor), the widest input channels."""
+    if config.max_groups is not None:
+        return config.max_groups
+    return max((layer.in_channels for layer in discovery.layers), default=1)
+
+
 def _require_macs(discovery: Discovery, unknown: list[str]) -> None:
     missing = [layer.name for layer in discovery.layers if layer.output_positions is None]
     missing += [name for name in unknown if name not in missing]
@@ -507,14 +709,23 @@ def _require_macs(discovery: Discovery, unknown: list[str]) -> None:
 
 
 def _budgets(
-    config: CompressionConfig, discovery: Discovery, params_total: int, macs_total: int
+    config: CompressionConfig,
+    discovery: Discovery,
+    params_total: int,
+    macs_total: int,
+    *,
+    params_model: int | None = None,
 ) -> list[BudgetLimit]:
-    # A model compressed before by onnx-lowrank: budgets are fractions of the original model.
+    """Budgets on the compressible layers. ``params_total`` is the count of the model as
+    loaded, ``params_model`` that of the (folded) model the layers are in, whose other
+    parameters are the fixed part. A model compressed before by onnx-lowrank is budgeted as a
+    fraction of its original model."""
     params_original = params_total + discovery.params_saved
     macs_original = macs_total + (discovery.macs_saved or 0)
     budgets = []
     if config.params is not None:
-        fixed = params_total - sum(layer.params for layer in discovery.layers)
+        present = params_total if params_model is None else params_model
+        fixed = present - sum(layer.params for layer in discovery.layers)
         budgets.append(BudgetLimit("params", config.params, params_original, fixed))
     if config.flops is not None:
         fixed = macs_total - sum(layer.macs or 0 for layer in discovery.layers)

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ __all__ = [
     "LayerReport",
     "format_layers",
     "format_summary",
+    "format_sweep",
+    "plot_sweep",
     "write_json",
 ]
 
@@ -275,3 +278,90 @@ def _bytes(value: int) -> str:
         if value >= size:
             return f"{value / size:.2f} {unit}"
     return f"{value} B"
+
+
+def format_sweep(rows: Sequence[dict[str, Any]]) -> str:
+    """One line per sweep point: method, budget, what was kept, errors, validation."""
+    table = []
+    for row in rows:
+        budget = " ".join(
+            f"{flag} {row[flag]:g}" for flag in ("params", "flops") if row[flag] is not None
+        )
+        first = row["outputs"][0] if row["outputs"] else None
+        validation = "-"
+        if first is not None:
+            validation = f"rel L2 {first['rel_l2_error']:.4g}"
+            if first["top1_agreement"] is not None:
+                validation += f", top-1 {first['top1_agreement']:.1%}"
+            if row["validation_passed"] is False:
+                validation += " FAILED"
+        macs = row["macs_fraction"]
+        table.append(
+            [
+                row["method"],
+                budget,
+                f"{row['params_fraction']:.1%}",
+                "?" if macs is None else f"{macs:.1%}",
+                _error(row["max_error_bound"]),
+                _error(row["max_error_actual"]),
+                validation,
+            ]
+        )
+    header = ["method", "budget", "params", "MACs", "bound", "actual", "validation"]
+    return _table(header, table)
+
+
+#: What a sweep says when it cannot draw its plot.
+NO_PLOT = "matplotlib is not installed; no plot written (pip install 'onnx-lowrank[plot]')"
+
+
+def plot_sweep(
+    rows: Sequence[dict[str, Any]], path: str | os.PathLike
+) -> tuple[Path | None, str | None]:
+    """Draw a sweep's trade-off curves into a PNG, atomically.
+
+    Left: the largest layer error bound against the fraction of parameters kept, one line per
+    method. Right, when the points were validated: the relative L2 error of the first output.
+
+    Returns:
+        ``(path, None)``, or ``(None, notice)`` when matplotlib is not installed.
+    """
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None, NO_PLOT
+    validated = any(row["outputs"] for row in rows)
+    figure = Figure(figsize=(11 if validated else 6, 4.2), layout="constrained")
+    axes = figure.subplots(1, 2 if validated else 1, squeeze=False)[0]
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    for method in methods:
+        points = sorted(
+            (row for row in rows if row["method"] == method), key=lambda r: r["params_fraction"]
+        )
+        kept = [row["params_fraction"] for row in points]
+        axes[0].plot(kept, [row["max_error_bound"] for row in points], marker="o", label=method)
+        if validated:
+            errors = [
+                row["outputs"][0]["rel_l2_error"] if row["outputs"] else math.nan for row in points
+            ]
+            axes[1].plot(kept, errors, marker="o", label=method)
+    axes[0].set_ylabel("max layer error bound")
+    axes[0].set_title("weight error")
+    if validated:
+        axes[1].set_ylabel(f"relative L2 error of {rows[0]['outputs'][0]['name']}")
+        axes[1].set_title("output error (validation)")
+    for axis in axes:
+        axis.set_xlabel("fraction of parameters kept")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    target = Path(path)
+    try:
+        handle, temporary = tempfile.mkstemp(
+            prefix=f".{target.name}.", suffix=".png", dir=target.parent
+        )
+        os.close(handle)
+        figure.savefig(temporary, dpi=120)
+        os.replace(temporary, target)
+    except OSError as exc:
+        raise OutputPathError(f"cannot write plot {target}: {exc.strerror or exc}") from exc
+    return target, None

@@ -404,6 +404,8 @@ def test_mnist_calibration_lowers_output_errors_at_the_same_budget(tmp_path):
     discovery, plain = analysis.discovery, {}
     for layer, table, row in zip(discovery.layers, tables, choices, strict=True):
         groups, rank = int(table.groups[row]), int(table.ranks[row])
+        if groups == 0:  # kept dense
+            continue
         factors = factorize(discovery.weight(layer), groups, rank)
         plain[layer.name] = cal.CalibratedLayer(factors, None, np.zeros(layer.out_channels), 0.0)
     data_free = rewrite(
@@ -411,11 +413,13 @@ def test_mnist_calibration_lowers_output_errors_at_the_same_budget(tmp_path):
     )
     free_errors = cal.measure_output_errors(analysis.calibration, discovery, data_free, plain)
     layers = calibrated.report.compressed_layers
-    assert len(layers) == 4
+    assert len(layers) == len(plain) >= 2
     for layer in layers:
         assert layer.output_error < free_errors[layer.name].local
         assert layer.output_error_network < free_errors[layer.name].network
-        assert layer.output_error == pytest.approx(layer.output_error_estimate, rel=1e-3)
+        # exact for one group; with several the estimate leaves out cross-group terms
+        tolerance = 1e-3 if layer.groups == 1 else 0.25
+        assert layer.output_error == pytest.approx(layer.output_error_estimate, rel=tolerance)
     # and on the test set, which calibration never saw
     test = np.load(SAMPLES / "mnist_test.npz")
     feeds = {"input": ((test["images"][:1000].astype(np.float32) / 255 - 0.1307) / 0.3081)[:, None]}

@@ -94,6 +94,26 @@ def test_inspect_prints_layers(capsys):
         (["compress", "{mnist}", "-o", "x.onnx"], "no budget"),
         (["compress", "{mnist}", "-o", "x.onnx", "--params", "0.001"], "smallest reachable"),
         (
+            ["compress", "{mnist}", "-o", "x.onnx", "--flops", "0.001"],
+            "--flops 0.001 is below the smallest reachable",
+        ),
+        (
+            # alds reaches 0.05 with grouped candidates; svd, g = 1 only, cannot
+            [
+                "compress",
+                "{mnist}",
+                "-o",
+                "x.onnx",
+                "--params",
+                "0.05",
+                "--method",
+                "svd",
+                "--rank-multiple",
+                "8",
+            ],
+            "with --method svd (g = 1): --params 0.05 is below the smallest reachable 0.073",
+        ),
+        (
             ["compress", "{mnist}", "-o", "x.onnx", "--params", "0.5", "--method", "magic"],
             "invalid choice",
         ),

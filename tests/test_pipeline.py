@@ -118,10 +118,12 @@ def test_public_api_is_pinned():
             "OutputPathError",
             "RuntimeMissingError",
             "ShapeError",
+            "SweepResult",
             "UnsupportedModelError",
             "ValidationFailedError",
             "__version__",
             "compress",
             "inspect",
+            "sweep",
         ]
     )

@@ -73,7 +73,10 @@ def test_silero_vad_if_subgraphs(tmp_path):
         assert_close(model, compressed, silero_feeds(rate), tolerance=1e-4)
     np.savez(tmp_path / "inputs.npz", **silero_feeds(16000))
     result = compress(
-        path, CompressionConfig(params=0.8, inputs=str(tmp_path / "inputs.npz"), latency_runs=1)
+        path,
+        CompressionConfig(
+            params=0.8, method="svd", inputs=str(tmp_path / "inputs.npz"), latency_runs=1
+        ),
     )
     assert result.report.validation.passed
     assert len(result.report.compressed_layers) == 10

@@ -125,7 +125,8 @@ def test_if_branches_are_compressed_with_local_and_outer_scope_weights():
     assert layers["then_mm"].graph_path == ((0, "then_branch", 0),)
     assert layers["else_mm"].graph_path == ((0, "else_branch", 0),)
     assert layers["else_mm"].weight_source == "We"  # found in the enclosing graph
-    compressed = compress(model, CompressionConfig(params=0.9, validate=False)).model
+    config = CompressionConfig(params=0.9, method="svd", validate=False)  # factorizes every layer
+    compressed = compress(model, config).model
     assert "We" not in {t.name for t in compressed.graph.initializer}  # outer weight removed
     for path in (layers["then_mm"].graph_path, layers["else_mm"].graph_path):
         branch = graph_at(compressed.graph, path)
@@ -477,8 +478,27 @@ def test_recompression_with_a_smaller_budget_factorizes_what_is_left(tmp_path):
 
 
 def test_fully_compressed_model_is_a_no_op_or_infeasible():
-    first = compress(MNIST, CompressionConfig(params=0.5, validate=False)).model
+    # svd factorizes every layer, so nothing is left for a second run
+    first = compress(MNIST, CompressionConfig(params=0.5, method="svd", validate=False)).model
     with pytest.raises(NothingToCompressError, match="earlier onnx-lowrank run"):
         compress(first, CompressionConfig(params=0.5))
     with pytest.raises(InfeasibleBudgetError, match="needs a run on the original model"):
         compress(first, CompressionConfig(params=0.3))
+
+
+def test_models_older_than_opset_7_are_listed_but_not_factorized():
+    weight = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
+    node = helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])],
+        [numpy_helper.from_array(weight, "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 1)])
+    discovery = discover(model)
+    assert discovery.layers == []
+    assert "opset 1" in discovery.skipped[0].reason
+    with pytest.raises(NothingToCompressError):
+        compress(model, CompressionConfig(params=0.5))

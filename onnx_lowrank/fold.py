@@ -1,0 +1,397 @@
+r"""Fold BatchNormalization and constant per-channel Mul/Add into the preceding Conv.
+
+The error of a layer must be measured on the weight as it really acts. When a Conv's only
+consumer rescales its output channels, the effective weight is the rescaled one, so this pass
+folds the rescaling into the Conv before discovery and removes the node. With ``W`` the Conv
+weight ``(f, c/group, k…)``, ``b`` its bias (0 when it has none) and ``y = W ∗ x + b``:
+
+* ``BatchNormalization`` (inference form) with scale ``γ``, shift ``β``, running mean ``μ``,
+  variance ``v`` and ``ε``: ``BN(y) = s ⊙ (y − μ) + β`` with ``s = γ / sqrt(v + ε)``, so
+  ``W' = s ⊙ W`` (row ``o`` times ``s_o``) and ``b' = s ⊙ (b − μ) + β``;
+* ``Mul(y, m)`` with a constant ``m`` per output channel (or a scalar): ``W' = m ⊙ W``,
+  ``b' = m ⊙ b``;
+* ``Add(y, a)`` with a constant ``a`` per output channel (or a scalar): ``W' = W``,
+  ``b' = b + a``.
+
+"Per output channel" means ``m`` broadcasts against the Conv output ``(N, f, d1, …)`` along the
+channel axis only: after left-padding its shape to the output's rank, every dimension is 1
+except the channel one, which is 1 or ``f``. The constant may be an initializer, a ``Constant``
+node, or the output of ``Identity``/``Cast``/``Reshape``/``Unsqueeze``/``Squeeze``/``Flatten``
+of such constants (paddle2onnx writes a Conv bias as ``Add(y, Reshape(Constant, Constant))``).
+
+Folding happens only when it is exact up to float rounding and changes nothing else: the Conv
+is in the main graph with a constant weight (and bias) that nothing else reads, its output has
+that one consumer and is neither a graph output nor read by a subgraph, and the consumer's
+other outputs (BatchNormalization's running statistics) are unused. Arithmetic is in float64,
+rounded once to the weight's type. The consumer takes the Conv's place in the graph in the
+sense that the Conv now produces the consumer's output name, so every downstream name stays
+valid; constants only the folded nodes read are removed. The pass repeats until nothing more
+folds, so ``Conv → BatchNormalization → Mul`` folds completely, and running it again changes
+nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .graphs import FLOAT_TYPES, attribute, iter_graphs, tensor_to_array
+
+__all__ = ["FoldedNode", "Folding", "fold"]
+
+log = logging.getLogger(__name__)
+
+_FOLDABLE = ("BatchNormalization", "Mul", "Add")
+#: Operators through which a constant operand is evaluated (shape and type changes only).
+_CONSTANT_OPS = frozenset({"Identity", "Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten"})
+_STANDARD = ("", "ai.onnx")
+
+
+@dataclass(frozen=True)
+class FoldedNode:
+    """One node folded into a Conv.
+
+    Attributes:
+        conv: name of the Conv (node name, or ``Conv_<index>`` when it has none).
+        node: name of the folded node.
+        op_type: ``BatchNormalization``, ``Mul`` or ``Add``.
+    """
+
+    conv: str
+    node: str
+    op_type: str
+
+
+@dataclass(frozen=True)
+class Folding:
+    """What ``fold`` returns.
+
+    Attributes:
+        model: the model with the nodes folded (a copy; the input is never modified).
+        folded: every node folded, in the order they were folded.
+    """
+
+    model: onnx.ModelProto
+    folded: tuple[FoldedNode, ...]
+
+    @property
+    def modified(self) -> bool:
+        return bool(self.folded)
+
+    def summary(self) -> str:
+        """One line for reports, e.g. ``folded into the preceding Conv: 35 BatchNormalization``."""
+        if not self.folded:
+            return "nothing folded into Conv weights"
+        counts = {op: sum(1 for f in self.folded if f.op_type == op) for op in _FOLDABLE}
+        parts = ", ".join(f"{count} {op}" for op, count in counts.items() if count)
+        return f"folded into the preceding Conv (weight and bias): {parts}"
+
+
+def fold(model: onnx.ModelProto, data_dir: str | os.PathLike | None = None) -> Folding:
+    """Fold every BatchNormalization and constant per-channel Mul/Add into its Conv.
+
+    Args:
+        model: the model; it is not modified.
+        data_dir: folder of the model file, for weights still in external files (models
+            loaded lazily).
+
+    Returns:
+        A copy with the nodes folded and the list of what was folded. When nothing folds, the
+        copy equals the input.
+    """
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = copy.graph
+    opset = _opset(copy)
+    folded: list[FoldedNode] = []
+    while True:
+        index = _Index(graph, data_dir)
+        step = _fold_one(graph, index, opset)
+        if step is None:
+            break
+        folded.append(step)
+    for step in folded:
+        log.info("folded %s %r into Conv %r", step.op_type, step.node, step.conv)
+    return Folding(copy, tuple(folded))
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in _STANDARD:
+            return entry.version
+    return 0
+
+
+class _Index:
+    """Producers, consumers, constants and outer-scope reads of the main graph."""
+
+    def __init__(self, graph: onnx.GraphProto, data_dir: str | os.PathLike | None = None):
+        self.graph = graph
+        self.data_dir = data_dir
+        self.graph_inputs = {info.name for info in graph.input}
+        self.graph_outputs = {info.name for info in graph.output}
+        self.initializers = {
+            tensor.name: tensor
+            for tensor in graph.initializer
+            if tensor.name not in self.graph_inputs  # an input can override it: not constant
+        }
+        self.producers: dict[str, int] = {}
+        self.consumers: dict[str, list[int]] = {}
+        for position, node in enumerate(graph.node):
+            for name in node.output:
+                self.producers[name] = position
+            for name in node.input:
+                if name:
+                    self.consumers.setdefault(name, []).append(position)
+        self.subgraph_reads: set[str] = set()
+        for sub in list(iter_graphs(graph))[1:]:
+            for node in sub.node:
+                self.subgraph_reads.update(node.input)
+
+    def readers(self, name: str) -> int:
+        """How many things read ``name``: nodes, graph outputs and subgraphs."""
+        count = len(self.consumers.get(name, []))
+        return count + (name in self.graph_outputs) + (name in self.subgraph_reads)
+
+    def stored(self, name: str) -> onnx.TensorProto | None:
+        """The tensor stored under ``name``: an initializer or a Constant node's value."""
+        if name in self.initializers:
+            return self.initializers[name]
+        node = self._producer(name)
+        if node is not None and node.op_type == "Constant" and node.domain in _STANDARD:
+            value = attribute(node, "value")
+            if isinstance(value, onnx.TensorProto):
+                return value
+        return None
+
+    def constant(self, name: str, opset: int, depth: int = 0) -> np.ndarray | None:
+        """The value of ``name`` when it is a constant or a shape-only function of constants."""
+        stored = self.stored(name)
+        if stored is not None:
+            return np.asarray(tensor_to_array(stored, self.data_dir))
+        node = self._producer(name)
+        if (
+            node is None
+            or depth > 8
+            or node.op_type not in _CONSTANT_OPS
+            or node.domain not in _STANDARD
+        ):
+            return None
+        inputs = []
+        for item in node.input:
+            value = self.constant(item, opset, depth + 1) if item else None
+            if item and value is None:
+                return None
+            inputs.append(value)
+        return _evaluate(node, inputs, opset)
+
+    def constant_nodes(self, name: str) -> Iterator[int]:
+        """Positions of the nodes that compute the constant ``name`` (Constant nodes included)."""
+        position = self.producers.get(name)
+        if position is None:
+            return
+        yield position
+        for item in self.graph.node[position].input:
+            if item:
+                yield from self.constant_nodes(item)
+
+    def _producer(self, name: str) -> onnx.NodeProto | None:
+        position = self.producers.get(name)
+        return None if position is None else self.graph.node[position]
+
+
+def _evaluate(node: onnx.NodeProto, inputs: list[np.ndarray | None], opset: int) -> np.ndarray:
+    """NumPy evaluation of the shape-only operators of ``_CONSTANT_OPS``."""
+    data = inputs[0]
+    if node.op_type == "Identity":
+        return data
+    if node.op_type == "Cast":
+        return data.astype(onnx.helper.tensor_dtype_to_np_dtype(attribute(node, "to")))
+    if node.op_type == "Flatten":
+        axis = attribute(node, "axis", 1) % max(data.ndim, 1)
+        return data.reshape(math.prod(data.shape[:axis]), -1)
+    if node.op_type == "Reshape":
+        shape = [int(d) for d in inputs[1]]
+        if not attribute(node, "allowzero", 0):
+            shape = [data.shape[i] if d == 0 else d for i, d in enumerate(shape)]
+        return data.reshape(shape)
+    axes = attribute(node, "axes") if opset < 13 else inputs[1] if len(inputs) > 1 else None
+    if node.op_type == "Squeeze":
+        return np.squeeze(data, axis=None if axes is None else tuple(int(a) for a in axes))
+    rank = data.ndim + len(axes)
+    return np.expand_dims(data, tuple(sorted(int(a) % rank for a in axes)))  # Unsqueeze
+
+
+def _fold_one(graph: onnx.GraphProto, index: _Index, opset: int) -> FoldedNode | None:
+    """Fold the first foldable (Conv, consumer) pair of the graph; None when there is none."""
+    for position, node in enumerate(graph.node):
+        if node.op_type != "Conv" or node.domain not in _STANDARD or len(node.input) < 2:
+            continue
+        output = node.output[0]
+        readers = index.consumers.get(output, [])
+        if index.readers(output) != 1 or len(readers) != 1:
+            continue
+        consumer = graph.node[readers[0]]
+        scale_shift = _scale_shift(consumer, output, node, index, opset)
+        if scale_shift is None or not _owns_constants(node, index):
+            continue
+        folded = FoldedNode(
+            node.name or f"Conv_{position}",
+            consumer.name or f"{consumer.op_type}_{readers[0]}",
+            consumer.op_type,
+        )
+        _apply(graph, index, node, readers[0], *scale_shift)
+        return folded
+    return None
+
+
+def _owns_constants(conv: onnx.NodeProto, index: _Index) -> bool:
+    """True when the Conv's weight (and bias) are stored float constants only it reads."""
+    for name in conv.input[1:3]:
+        if not name:
+            continue
+        tensor = index.stored(name)
+        if tensor is None or tensor.data_type not in FLOAT_TYPES or index.readers(name) != 1:
+            return False
+    return True
+
+
+def _scale_shift(
+    consumer: onnx.NodeProto, output: str, conv: onnx.NodeProto, index: _Index, opset: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(s, t)`` with ``consumer(y) = s ⊙ y + t`` per output channel, or None."""
+    if consumer.domain not in _STANDARD or consumer.op_type not in _FOLDABLE:
+        return None
+    weight = index.stored(conv.input[1])
+    if weight is None or len(weight.dims) < 3:
+        return None
+    channels, rank = int(weight.dims[0]), len(weight.dims)
+    if consumer.op_type == "BatchNormalization":
+        return _batchnorm(consumer, output, channels, index, opset)
+    if len(consumer.input) != 2 or consumer.input[0] == consumer.input[1]:
+        return None
+    other = consumer.input[1] if consumer.input[0] == output else consumer.input[0]
+    value = index.constant(other, opset)
+    if value is None or value.dtype.kind != "f":
+        return None
+    per_channel = _per_channel(value, channels, rank)
+    if per_channel is None:
+        return None
+    if consumer.op_type == "Mul":
+        return per_channel, np.zeros(channels)
+    return np.ones(channels), per_channel
+
+
+def _per_channel(value: np.ndarray, channels: int, rank: int) -> np.ndarray | None:
+    """``value`` as ``(channels,)`` when it broadcasts along the channel axis only."""
+    if value.ndim > rank:
+        return None
+    shape = (1,) * (rank - value.ndim) + value.shape
+    if any(size != 1 for axis, size in enumerate(shape) if axis != 1) or shape[1] not in (
+        1,
+        channels,
+    ):
+        return None
+    return np.broadcast_to(value.reshape(-1).astype(np.float64), (channels,)).copy()
+
+
+def _batchnorm(
+    node: onnx.NodeProto, output: str, channels: int, index: _Index, opset: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    if len(node.input) != 5 or node.input[0] != output:
+        return None
+    if attribute(node, "training_mode", 0) or not attribute(node, "spatial", 1):
+        return None
+    if any(name and index.readers(name) for name in node.output[1:]):
+        return None  # running statistics are used: training form
+    values = [index.constant(name, opset) for name in node.input[1:]]
+    if any(v is None or v.shape != (channels,) for v in values):
+        return None
+    scale, shift, mean, variance = (v.astype(np.float64) for v in values)
+    epsilon = float(attribute(node, "epsilon", 1e-5))
+    factor = scale / np.sqrt(variance + epsilon)
+    return factor, shift - factor * mean
+
+
+def _apply(
+    graph: onnx.GraphProto,
+    index: _Index,
+    conv: onnx.NodeProto,
+    consumer_position: int,
+    factor: np.ndarray,
+    shift: np.ndarray,
+) -> None:
+    """``W' = factor ⊙ W``, ``b' = factor ⊙ b + shift``; the Conv takes the consumer's output."""
+    consumer = graph.node[consumer_position]
+    weight_tensor = index.stored(conv.input[1])
+    weight = np.asarray(tensor_to_array(weight_tensor, index.data_dir))
+    dtype = weight.dtype
+    scaled = weight.astype(np.float64) * factor.reshape((-1,) + (1,) * (weight.ndim - 1))
+    _store(weight_tensor, scaled.astype(dtype))
+    if len(conv.input) > 2 and conv.input[2]:
+        bias_tensor = index.stored(conv.input[2])
+        bias = np.asarray(tensor_to_array(bias_tensor, index.data_dir))
+        _store(bias_tensor, (factor * bias.astype(np.float64) + shift).astype(bias.dtype))
+    else:
+        name = _fresh(graph, (conv.name or conv.input[1]) + "/folded_bias")
+        graph.initializer.append(numpy_helper.from_array(shift.astype(dtype), name))
+        while len(conv.input) < 3:
+            conv.input.append("")
+        conv.input[2] = name
+    old_output = conv.output[0]
+    conv.output[0] = consumer.output[0]
+    dead = {old_output}
+    candidates = {name for name in consumer.input if name != old_output}
+    del graph.node[consumer_position]
+    _remove_dead_constants(graph, candidates)
+    kept = [info for info in graph.value_info if info.name not in dead]
+    if len(kept) != len(graph.value_info):
+        del graph.value_info[:]
+        graph.value_info.extend(kept)
+
+
+def _store(tensor: onnx.TensorProto, array: np.ndarray) -> None:
+    """Replace a tensor's values in place, keeping its name."""
+    tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
+
+
+def _fresh(graph: onnx.GraphProto, base: str) -> str:
+    taken = {tensor.name for tensor in graph.initializer}
+    taken.update(name for node in graph.node for name in (*node.input, *node.output))
+    taken.update(info.name for info in (*graph.input, *graph.output, *graph.value_info))
+    name, counter = base, 1
+    while name in taken:
+        name, counter = f"{base}_{counter}", counter + 1
+    return name
+
+
+def _remove_dead_constants(graph: onnx.GraphProto, names: set[str]) -> None:
+    """Remove the initializers and constant-computing nodes behind ``names`` nothing reads."""
+    while names:
+        index = _Index(graph)
+        dead = {name for name in names if name and index.readers(name) == 0}
+        if not dead:
+            return
+        names = set()
+        nodes = []
+        for node in graph.node:
+            if any(output in dead for output in node.output) and all(
+                index.readers(output) == 0 for output in node.output
+            ):
+                names.update(node.input)
+                continue
+            nodes.append(node)
+        if len(nodes) != len(graph.node):
+            del graph.node[:]
+            graph.node.extend(nodes)
+        kept = [t for t in graph.initializer if t.name not in dead or t.name in index.graph_inputs]
+        if len(kept) != len(graph.initializer):
+            del graph.initializer[:]
+            graph.initializer.extend(kept)

@@ -1,0 +1,231 @@
+"""Folding BatchNormalization and per-channel Mul/Add into the preceding Conv.
+
+Every fold must keep the outputs equal to float tolerance, remove the folded node, and leave
+alone what it cannot fold exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from builders import MODELS, check_model, make_model, op_types, random_feed, rel_l2, run
+from onnx import helper
+
+from onnx_lowrank import CompressionConfig, compress
+from onnx_lowrank.fold import fold
+from onnx_lowrank.pipeline import analyze
+
+TOLERANCE = 1e-5
+
+
+def conv_then(
+    ops: list[tuple[str, dict]],
+    channels: int = 6,
+    bias: bool = True,
+    group: int = 1,
+    spatial: tuple[int, ...] = (5, 5),
+    seed: int = 0,
+) -> onnx.ModelProto:
+    """``Conv`` followed by a chain of ops; each op is ``(op_type, constants by input slot)``.
+
+    A constant slot named ``"x"`` takes the chain's running tensor.
+    """
+    rng = np.random.default_rng(seed)
+    in_channels = 4 * group
+    kernel = (3,) * len(spatial)
+    inits = {"W": rng.standard_normal((channels, in_channels // group, *kernel)).astype("f4")}
+    inputs = ["x", "W"]
+    if bias:
+        inits["B"] = rng.standard_normal(channels).astype("f4")
+        inputs.append("B")
+    nodes = [helper.make_node("Conv", inputs, ["y0"], name="conv", group=group)]
+    current = "y0"
+    for position, (op_type, spec) in enumerate(ops):
+        names = []
+        attributes = spec.get("attributes", {})
+        for slot, value in enumerate(spec["inputs"]):
+            if isinstance(value, str) and value == "x":
+                names.append(current)
+            elif isinstance(value, str):
+                names.append(value)
+            else:
+                name = f"c{position}_{slot}"
+                inits[name] = np.asarray(value, dtype="f4")
+                names.append(name)
+        output = f"y{position + 1}"
+        nodes.append(
+            helper.make_node(op_type, names, [output], name=f"{op_type}{position}", **attributes)
+        )
+        current = output
+    nodes.append(helper.make_node("Identity", [current], ["out"], name="out"))
+    return make_model(nodes, [("x", [2, in_channels, *spatial])], [("out", None)], inits, opset=17)
+
+
+def batchnorm(channels: int, seed: int = 1) -> tuple[str, dict]:
+    rng = np.random.default_rng(seed)
+    return (
+        "BatchNormalization",
+        {
+            "inputs": [
+                "x",
+                rng.uniform(0.5, 2.0, channels),
+                rng.standard_normal(channels),
+                rng.standard_normal(channels),
+                rng.uniform(0.1, 3.0, channels),
+            ],
+            "attributes": {"epsilon": 1e-3},
+        },
+    )
+
+
+def assert_same_outputs(before: onnx.ModelProto, after: onnx.ModelProto, shape) -> None:
+    check_model(after)
+    feeds = {"x": random_feed(shape, seed=3)}
+    assert rel_l2(run(before, feeds)[0], run(after, feeds)[0]) < TOLERANCE
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("group", [1, 2])
+def test_batchnorm_folds_into_conv_with_or_without_bias(bias, group):
+    model = conv_then([batchnorm(6)], bias=bias, group=group)
+    folding = fold(model)
+    assert [(f.conv, f.node, f.op_type) for f in folding.folded] == [
+        ("conv", "BatchNormalization0", "BatchNormalization")
+    ]
+    assert op_types(folding.model) == ["Conv", "Identity"]
+    assert len(folding.model.graph.node[0].input) == 3  # a bias was added where missing
+    assert_same_outputs(model, folding.model, (2, 4 * group, 5, 5))
+
+
+@pytest.mark.parametrize(
+    "constant",
+    [
+        np.float32(1.7),
+        np.arange(1, 7).reshape(6, 1, 1) / 3,
+        np.arange(1, 7).reshape(1, 6, 1, 1) / 3,
+        np.ones((1, 1, 1)) * -0.5,
+    ],
+    ids=["scalar", "c11", "1c11", "111"],
+)
+@pytest.mark.parametrize("op_type", ["Mul", "Add"])
+def test_per_channel_mul_and_add_fold(constant, op_type):
+    model = conv_then([(op_type, {"inputs": [constant, "x"]})])
+    folding = fold(model)
+    assert [f.op_type for f in folding.folded] == [op_type]
+    assert op_types(folding.model) == ["Conv", "Identity"]
+    assert_same_outputs(model, folding.model, (2, 4, 5, 5))
+
+
+def test_chain_folds_completely_and_a_second_pass_changes_nothing():
+    chain = [
+        batchnorm(6),
+        ("Mul", {"inputs": ["x", np.linspace(0.5, 1.5, 6).reshape(6, 1)]}),
+        ("Add", {"inputs": ["x", np.linspace(-1, 1, 6).reshape(1, 6, 1)]}),
+    ]
+    model = conv_then(chain, spatial=(7,))
+    folding = fold(model)
+    assert [f.op_type for f in folding.folded] == ["BatchNormalization", "Mul", "Add"]
+    assert op_types(folding.model) == ["Conv", "Identity"]
+    assert not folding.model.graph.initializer or all(
+        t.name in ("W", "B") for t in folding.model.graph.initializer
+    )
+    assert_same_outputs(model, folding.model, (2, 4, 7))
+    again = fold(folding.model)
+    assert not again.modified
+    assert again.model.SerializeToString() == folding.model.SerializeToString()
+
+
+def test_input_model_is_not_modified():
+    model = conv_then([batchnorm(6)])
+    before = model.SerializeToString()
+    fold(model)
+    assert model.SerializeToString() == before
+
+
+@pytest.mark.parametrize(
+    "ops",
+    [
+        [("Relu", {"inputs": ["x"]}), batchnorm(6)],  # BN after an activation (CREPE)
+        [
+            ("Mul", {"inputs": ["x", np.arange(3.0).reshape(1, 1, 3, 1)]})
+        ],  # varies along space, not channels
+        [("Mul", {"inputs": ["x", np.ones((2, 6, 1, 1))]})],  # varies along the batch
+        [("Mul", {"inputs": ["x", np.ones((1, 1, 1, 1, 1))]})],  # broadcasts to a larger rank
+        [("Mul", {"inputs": ["x", "x"]})],  # not a constant
+        [("Sub", {"inputs": ["x", np.ones((6, 1, 1))]})],  # not an op this pass folds
+    ],
+    ids=["after-relu", "spatial", "batch", "rank", "square", "sub"],
+)
+def test_what_cannot_fold_exactly_is_left_alone(ops):
+    model = conv_then(ops)
+    folding = fold(model)
+    assert not folding.modified
+    assert folding.model.SerializeToString() == model.SerializeToString()
+
+
+def test_conv_output_with_two_readers_or_a_graph_output_is_not_folded():
+    model = conv_then([batchnorm(6)])
+    model.graph.output.append(helper.make_tensor_value_info("y0", onnx.TensorProto.FLOAT, None))
+    assert not fold(model).modified
+    shared = conv_then([batchnorm(6)])
+    shared.graph.node.append(helper.make_node("Relu", ["y0"], ["r"], name="relu"))
+    shared.graph.output.append(helper.make_tensor_value_info("r", onnx.TensorProto.FLOAT, None))
+    assert not fold(shared).modified
+
+
+def test_shared_weight_is_not_folded():
+    model = conv_then([batchnorm(6)])
+    graph = model.graph
+    graph.node.insert(1, helper.make_node("Conv", ["x", "W"], ["other"], name="conv2"))
+    graph.output.append(helper.make_tensor_value_info("other", onnx.TensorProto.FLOAT, None))
+    assert not fold(model).modified
+
+
+def test_ppocr_folds_its_35_batchnorms_and_18_bias_adds_exactly():
+    model = onnx.load(MODELS / "ppocr_mobile_v2.0_cls.onnx")
+    folding = fold(model)
+    counts = {
+        op: sum(f.op_type == op for f in folding.folded) for op in ("BatchNormalization", "Add")
+    }
+    assert counts == {"BatchNormalization": 35, "Add": 18}
+    assert "BatchNormalization" not in op_types(folding.model)
+    onnx.checker.check_model(folding.model, full_check=True)
+    feeds = {"x": random_feed((4, 3, 48, 192), seed=1)}
+    before, after = run(model, feeds)[0], run(folding.model, feeds)[0]
+    assert rel_l2(before, after) < TOLERANCE
+    assert not fold(folding.model).modified
+
+
+def test_crepe_batchnorm_after_relu_is_not_folded():
+    model = onnx.load(MODELS / "crepe_tiny.onnx")
+    assert not fold(model).modified
+
+
+def test_compress_folds_reports_it_and_validates_against_the_original():
+    path = MODELS / "ppocr_mobile_v2.0_cls.onnx"
+    config = CompressionConfig(params=1.0, input_shapes={"x": (1, 3, 48, 192)}, latency_runs=1)
+    analysis = analyze(path, config)
+    assert analysis.original is not None
+    assert "35 BatchNormalization, 18 Add" in analysis.notes[0]
+    result = compress(path, config)
+    assert any("35 BatchNormalization" in note for note in result.report.notes)
+    assert result.report.params_before == 133_700
+    # only the folding: BN statistics and reshape constants are gone, biases were added
+    output = result.report.validation.outputs[0]
+    assert output.rel_l2_error < TOLERANCE and output.top1_agreement == 1.0
+    unfolded = compress(path, config.replace(fold_batchnorm=False))
+    assert unfolded.report.params_after == 133_700
+    assert "BatchNormalization" in op_types(unfolded.model)
+
+
+def test_folding_lowers_the_error_of_the_same_budget_on_ppocr():
+    """The error is measured on the effective weights only when BN is folded."""
+    path = MODELS / "ppocr_mobile_v2.0_cls.onnx"
+    feeds = {"x": random_feed((8, 3, 48, 192), seed=2)}
+    errors = {}
+    for folded in (True, False):
+        config = CompressionConfig(params=0.6, fold_batchnorm=folded, validate=False)
+        result = compress(path, config)
+        errors[folded] = rel_l2(run(onnx.load(path), feeds)[0], run(result.model, feeds)[0])
+    assert errors[True] < errors[False]
