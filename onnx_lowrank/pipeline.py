@@ -463,7 +463,9 @@ def _validate(
     (the original from its path, the compressed one from its spill folder), so neither is
     serialized in memory."""
     if not loaded.lazy or loaded.path is None or data_dir is None:
-        return validate(loaded.model, compressed, config)
+        # ONNX Runtime reads the original from its file when there is one: serializing a
+        # large ModelProto again costs as much as reading it.
+        return validate(loaded.path or loaded.model, compressed, config)
     return validate(loaded.path, data_dir / _SPILLED, config)
 
 

@@ -55,6 +55,7 @@ matrices; on 3000 such matrices (sides 1–320) the largest error seen was 0.30 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
@@ -106,7 +107,10 @@ class LayerSpectrum:
 def group_counts(layer: Layer, max_groups: int) -> list[int]:
     """Candidate group counts of ``layer``: divisors of its input channels up to the limit."""
     limit = max_groups if layer.max_groups is None else min(max_groups, layer.max_groups)
-    return [g for g in range(1, limit + 1) if layer.in_channels % g == 0]
+    channels = layer.in_channels
+    small = [d for d in range(1, math.isqrt(channels) + 1) if channels % d == 0]
+    divisors = sorted(set(small) | {channels // d for d in small})
+    return [groups for groups in divisors if groups <= limit]
 
 
 def _check_groups(shape: tuple[int, int], in_channels: int, counts: list[int]) -> None:

@@ -10,8 +10,9 @@ Latency is timed on ``LATENCY_BATCH`` (1) sample: the first row of every input, 
 input's leading (batch) dimension is dynamic; otherwise on the full inputs, which a static
 batch requires. The accuracy metrics always use all inputs. After one warm-up run per model,
 the two models run alternately for ``config.latency_runs`` pairs, or until the timed runs have
-taken ``LATENCY_BUDGET_S`` seconds (at least one pair runs), so validating a large model on a
-small machine stays quick; the report records the batch and the number of pairs.
+taken ``LATENCY_BUDGET_S`` seconds (at least ``MIN_LATENCY_RUNS`` pairs run), so validating a
+large model on a small machine stays quick; the report records the batch and the number of
+pairs.
 
 A compressed model fails validation when ONNX Runtime cannot load or run it, when an output's
 shape differs or holds NaN/Inf where the original does not, or when a metric crosses a
@@ -56,7 +57,9 @@ RANDOM_BATCH = 8
 #: Samples per latency run when every input's leading dimension is dynamic.
 LATENCY_BATCH = 1
 #: Seconds of timed runs after which the latency measurement stops early.
-LATENCY_BUDGET_S = 1.0
+LATENCY_BUDGET_S = 0.5
+#: Pairs timed before the budget may stop the latency measurement.
+MIN_LATENCY_RUNS = 3
 #: Largest random validation input (values); a larger declared shape is a ShapeError.
 MAX_RANDOM_ELEMENTS = 2**28
 
@@ -437,13 +440,15 @@ def _latencies(
 ) -> tuple[float, float, int]:
     """Median latency in ms of two sessions, timed alternately after one warm-up run each.
 
-    Stops after ``runs`` pairs, or earlier once the timed runs took ``LATENCY_BUDGET_S``.
+    Stops after ``runs`` pairs, or earlier once the timed runs took ``LATENCY_BUDGET_S`` and at
+    least ``MIN_LATENCY_RUNS`` pairs ran (a median of fewer says little).
     """
     first.run(None, dict(feeds))
     second.run(None, dict(feeds))
     times: tuple[list[float], list[float]] = ([], [])
     spent = 0.0
-    while len(times[0]) < runs and (not times[0] or spent < LATENCY_BUDGET_S):
+    least = min(runs, MIN_LATENCY_RUNS)
+    while len(times[0]) < runs and (len(times[0]) < least or spent < LATENCY_BUDGET_S):
         for session, bucket in ((first, times[0]), (second, times[1])):
             start = time.perf_counter()
             session.run(None, dict(feeds))

@@ -127,3 +127,77 @@ def test_public_api_is_pinned():
             "sweep",
         ]
     )
+
+
+EXACT_CONV_CASES = {
+    "2d-stride-pad": ((3, 3), (11, 10), {"strides": [2, 2], "pads": [1, 0, 1, 0]}),
+    "2d-dilation": ((3, 3), (12, 12), {"dilations": [2, 2]}),
+    "2d-same-upper": ((3, 2), (7, 8), {"auto_pad": "SAME_UPPER", "strides": [2, 1]}),
+    "1d": ((5,), (30,), {"strides": [2], "pads": [2, 1]}),
+    "3d": ((3, 3, 3), (5, 6, 5), {"pads": [1, 1, 1, 1, 1, 1]}),
+}
+
+
+def _fitting_fraction(f: int, cols: int, groups: int, rank: int, fixed: int) -> float:
+    """The params fraction that fits exactly rank ``rank`` in ``groups`` groups."""
+    return (rank * (groups * f + cols) + fixed) / (f * cols + fixed) + 1e-9
+
+
+@pytest.mark.parametrize("case", sorted(EXACT_CONV_CASES))
+@pytest.mark.parametrize("groups", [1, 2])
+def test_alds_budget_that_fits_the_exact_ranks_reproduces_conv_outputs(case, groups):
+    kernel, spatial, attributes = EXACT_CONV_CASES[case]
+    f, c, rank = 24, 8, 2
+    kappa = int(np.prod(kernel))
+    weight = low_rank(f, c * kappa, rank, seed=5, groups=groups).reshape(f, c, *kernel)
+    model = conv_model(weight, spatial, **attributes)
+    fraction = _fitting_fraction(f, c * kappa, groups, rank, fixed=f)
+    result = compress(model, CompressionConfig(params=fraction, latency_runs=1))
+    (layer,) = result.report.compressed_layers
+    assert (layer.groups, layer.rank) == (groups, rank)
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, c, *spatial)).astype(np.float32)}
+    assert rel_l2(run(model, feeds)[0], run(result.model, feeds)[0]) < 1e-4
+    check_model(result.model)
+
+
+@pytest.mark.parametrize(("trans_a", "trans_b"), [(0, 0), (1, 0), (0, 1), (1, 1)])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_alds_budget_that_fits_the_exact_ranks_reproduces_gemm_outputs(trans_a, trans_b, groups):
+    from builders import gemm_model
+
+    f, c, rank = 30, 24, 2
+    weight = low_rank(f, c, rank, seed=6, groups=groups)
+    bias = np.linspace(-1, 1, f).astype(np.float32)
+    model = gemm_model(
+        weight if trans_b else weight.T.copy(),
+        trans_a=trans_a,
+        trans_b=trans_b,
+        alpha=0.5,
+        beta=2.0,
+        bias=bias,
+    )
+    fraction = _fitting_fraction(f, c, groups, rank, fixed=f)
+    shape = (c, 7) if trans_a else (7, c)
+    config = CompressionConfig(params=fraction, input_shapes={"a": shape}, latency_runs=1)
+    result = compress(model, config)
+    (layer,) = result.report.compressed_layers
+    assert (layer.groups, layer.rank) == (groups, rank)
+    a = np.random.default_rng(2).standard_normal(shape)
+    feeds = {"a": a.astype(np.float32)}
+    assert rel_l2(run(model, feeds)[0], run(result.model, feeds)[0]) < 1e-4
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_alds_budget_that_fits_the_exact_ranks_reproduces_3d_matmul_outputs(groups):
+    from builders import matmul_model
+
+    f, c, rank = 20, 32, 2
+    weight = low_rank(f, c, rank, seed=7, groups=groups)
+    model = matmul_model(weight.T.copy(), ["batch", "seq"])
+    fraction = _fitting_fraction(f, c, groups, rank, fixed=0)
+    config = CompressionConfig(params=fraction, input_shapes={"x": (2, 5, c)}, latency_runs=1)
+    result = compress(model, config)
+    (layer,) = result.report.compressed_layers
+    assert (layer.groups, layer.rank) == (groups, rank)
+    feeds = {"x": np.random.default_rng(3).standard_normal((3, 9, c)).astype(np.float32)}
+    assert rel_l2(run(model, feeds)[0], run(result.model, feeds)[0]) < 1e-4
