@@ -39,11 +39,13 @@ def test_real_model_report_records_latency_batch_and_runs():
 
 
 def test_latency_stops_at_the_time_budget(monkeypatch):
-    """With no time left after the first pair, exactly one pair is timed."""
+    """With no time budget, only the minimum number of pairs is timed."""
     monkeypatch.setattr(validate_module, "LATENCY_BUDGET_S", 0.0)
     model = onnx.load(MNIST)
     report = validate(model, model, CompressionConfig(params=0.5, latency_runs=50))
-    assert report.latency_runs == 1
+    assert report.latency_runs == validate_module.MIN_LATENCY_RUNS
+    short = validate(model, model, CompressionConfig(params=0.5, latency_runs=2))
+    assert short.latency_runs == 2  # never more than asked
     assert report.outputs[0].max_abs_error == 0.0
 
 
