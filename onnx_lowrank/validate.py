@@ -8,8 +8,8 @@ both models, measured alternately on the same inputs.
 
 Latency is timed on ``LATENCY_BATCH`` (1) sample: the first row of every input, when every
 input's leading (batch) dimension is dynamic; otherwise on the full inputs, which a static
-batch requires. The accuracy metrics always use all inputs. After one warm-up run per model,
-the two models run alternately for ``config.latency_runs`` pairs, or until the timed runs have
+batch requires. The accuracy metrics always use all inputs, and that run warms both models up;
+then the two models run alternately for ``config.latency_runs`` pairs, or until the timed runs have
 taken ``LATENCY_BUDGET_S`` seconds (at least ``MIN_LATENCY_RUNS`` pairs run), so validating a
 large model on a small machine stays quick; the report records the batch and the number of
 pairs.
@@ -438,13 +438,12 @@ def latency_feeds(
 def _latencies(
     first, second, feeds: Mapping[str, np.ndarray], runs: int
 ) -> tuple[float, float, int]:
-    """Median latency in ms of two sessions, timed alternately after one warm-up run each.
+    """Median latency in ms of two sessions, timed alternately.
 
-    Stops after ``runs`` pairs, or earlier once the timed runs took ``LATENCY_BUDGET_S`` and at
-    least ``MIN_LATENCY_RUNS`` pairs ran (a median of fewer says little).
+    Both sessions have already run the validation inputs, which warmed them up. Stops after
+    ``runs`` pairs, or earlier once the timed runs took ``LATENCY_BUDGET_S`` and at least
+    ``MIN_LATENCY_RUNS`` pairs ran (a median of fewer says little).
     """
-    first.run(None, dict(feeds))
-    second.run(None, dict(feeds))
     times: tuple[list[float], list[float]] = ([], [])
     spent = 0.0
     least = min(runs, MIN_LATENCY_RUNS)
