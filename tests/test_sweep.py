@@ -129,3 +129,28 @@ def test_cli_sweep_rejects_an_unknown_method_in_one_line(tmp_path):
     result = run_cli("sweep", str(MNIST), "--params", "0.5", "--method", "alds,magic", "--out", "x")
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "unknown method magic" in result.stderr
+
+
+def test_sweep_with_calibration_collects_statistics_once(tmp_path):
+    import numpy as np
+
+    data = np.load(MNIST.parent / "mnist_train_calib.npz")
+    images = data["images"][:200].astype(np.float32) / 255.0
+    calibration = tmp_path / "calibration.npz"
+    np.savez(calibration, input=((images - 0.1307) / 0.3081)[:, None])
+    events = []
+    result = onnx_lowrank.sweep(
+        MNIST,
+        CompressionConfig(calibration=str(calibration), latency_runs=1),
+        tmp_path / "out",
+        params=[0.5, 0.3],
+        methods=["alds", "svd"],
+        progress=lambda stage, done, total: events.append((stage, done, total)),
+    )
+    passes = [event for event in events if event[0] == "calibrate"]
+    assert passes and passes[-1][1] == passes[-1][2] == 200  # one pass over the data
+    assert len([event for event in passes if event[1] == event[2]]) == 1
+    for row in result.rows:
+        report = json.loads((tmp_path / "out" / row["model"].replace(".onnx", ".json")).read_text())
+        assert report["report"]["config"]["error"] == "output"
+        assert report["report"]["calibration"]["samples"] == 200
