@@ -23,6 +23,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 
 from .errors import ConfigError
@@ -40,6 +41,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Shape = tuple[int | None, ...]
+
+#: Largest model whose missing shapes are measured by running it once (it is copied to do so).
+_PROBE_BYTES = 512 * 2**20
 
 #: Initializers with at most this many elements are kept in the shape-inference copy, so that
 #: shape tensors (Reshape targets and the like) still propagate.
@@ -112,12 +116,93 @@ def infer_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, .
     for graph in iter_graphs(model.graph):
         for tensor in graph.initializer:
             shapes[tensor.name] = tuple(tensor.dims)
+    initializers = {tensor.name for tensor in model.graph.initializer}
     concrete = {
         info.name: shapes[info.name]
-        for info in light.graph.input
-        if info.name in shapes and all(d is not None for d in shapes[info.name])
+        for info in model.graph.input
+        if info.name not in initializers
+        and info.name in shapes
+        and all(d is not None for d in shapes[info.name])
     }
+    missing = _unknown_mac_tensors(model.graph, shapes)
+    real_inputs = [i for i in model.graph.input if i.name not in initializers]
+    if missing and len(concrete) == len(real_inputs):
+        probed = _probe_shapes(model, concrete, missing, _element_types(inferred.graph))
+        shapes.update(probed)
+        if probed:
+            assumed.append(
+                f"shapes of {len(probed)} tensor(s) that shape inference could not reach were "
+                "measured by running the model once in ONNX Runtime"
+            )
     return ShapeInfo(shapes=shapes, assumed=tuple(assumed), input_shapes=concrete)
+
+
+def _unknown_mac_tensors(graph: onnx.GraphProto, shapes: Mapping[str, Shape]) -> list[str]:
+    """Main-graph data inputs and outputs of MAC ops whose shapes are not fully known."""
+    names = []
+    for node in graph.node:
+        if node.op_type in _MAC_OPS and node.domain in ("", "ai.onnx") and node.input:
+            for name in (node.input[0], node.output[0]):
+                shape = shapes.get(name)
+                if name and (shape is None or None in shape) and name not in names:
+                    names.append(name)
+    return names
+
+
+def _element_types(graph: onnx.GraphProto) -> dict[str, int]:
+    return {
+        info.name: info.type.tensor_type.elem_type
+        for info in (*graph.input, *graph.value_info, *graph.output)
+        if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type
+    }
+
+
+def _probe_shapes(
+    model: onnx.ModelProto,
+    input_shapes: Mapping[str, tuple[int, ...]],
+    names: list[str],
+    types: Mapping[str, int],
+) -> dict[str, Shape]:
+    """Shapes of ``names``, measured by one ONNX Runtime run on zero inputs of the given shapes.
+
+    Shape inference stops at shapes computed from data (for example the pads that PyTorch
+    exports compute with Shape/Slice/Concat chains); running the graph does not. Returns {}
+    when the model cannot run that way (no ONNX Runtime, weights still on disk, a model over
+    ``_PROBE_BYTES``, custom ops, inputs whose values matter).
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return {}
+    if model.ByteSize() > _PROBE_BYTES or any(
+        onnx.external_data_helper.uses_external_data(t) for t in model.graph.initializer
+    ):
+        return {}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for name in names:
+        probe.graph.output.append(
+            onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None)
+        )
+    feeds = {}
+    for info in model.graph.input:
+        if info.name in input_shapes:
+            elem_type = info.type.tensor_type.elem_type
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
+            feeds[info.name] = np.zeros(input_shapes[info.name], dtype=dtype)
+    try:
+        options = ort.SessionOptions()
+        options.log_severity_level = 4
+        session = ort.InferenceSession(
+            probe.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+        values = session.run(names, feeds)
+    except Exception as exc:  # the model needs real inputs, custom ops, ...: shapes stay unknown
+        log.info("could not run the model to measure shapes (%s)", " ".join(str(exc).split())[:200])
+        return {}
+    return {
+        name: tuple(int(d) for d in value.shape) for name, value in zip(names, values, strict=True)
+    }
 
 
 def count_macs(model: onnx.ModelProto, shapes: ShapeInfo) -> tuple[int, list[str]]:
