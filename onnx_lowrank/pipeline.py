@@ -1,6 +1,11 @@
-"""compress() and inspect(): the only place that knows the order of the stages.
+"""compress(), sweep() and inspect(): the only place that knows the order of the stages.
 
-load ─▶ discover ─▶ spectra ─▶ allocate ─▶ factorize ─▶ rewrite ─▶ validate ─▶ save
+    load ─▶ fold ─▶ discover ─▶ spectra [─▶ calibrate] ─▶ allocate ─▶ factorize ─▶ rewrite
+         ─▶ validate ─▶ save
+
+``analyze`` runs what does not depend on the budget (load to calibrate), ``choose`` the
+allocation, ``realize`` the rest; ``compress`` runs them once, ``sweep`` runs ``analyze`` once
+and the others per budget and method.
 """
 
 from __future__ import annotations
