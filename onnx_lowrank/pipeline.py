@@ -53,7 +53,7 @@ from .load import (
 from .report import CompressionReport, InspectionReport, LayerReport, plot_sweep, write_json
 from .rewrite import rewrite
 from .spectra import LayerSpectrum, compute_spectra, error_table
-from .validate import providers_for, validate
+from .validate import providers_for, validate, validation_inputs
 
 __all__ = [
     "Analysis",
@@ -200,6 +200,8 @@ class Analysis:
         loaded: where the model came from and whether its weights are still on disk.
         calibration: activation statistics and whitened spectra when ``config.calibration``
             is given (calibrate.py), else None.
+        validation_inputs: the inputs validation will run on and their label, made and checked
+            before any heavy work (None without validation).
         original: the model as loaded, before folding; validation compares against it. None
             when nothing was folded (then it is ``model``).
         params_model: parameters of ``model`` (after folding); None when it is ``params_total``.
@@ -218,6 +220,7 @@ class Analysis:
     timings: dict[str, float]
     loaded: LoadedModel | None = None
     calibration: calibrate.Calibration | None = None
+    validation_inputs: tuple[dict[str, np.ndarray], str] | None = None
     original: onnx.ModelProto | None = None
     params_model: int | None = None
     notes: list[str] = field(default_factory=list)
@@ -243,6 +246,7 @@ def analyze(
         feeds = None
         if config.calibration is not None:  # checked before any heavy work
             feeds = calibrate.load_calibration(config.calibration, model)
+        checked = validation_inputs(model, config) if config.validate else None
     original, params_model, notes = None, None, []
     if config.fold_batchnorm:
         with timer.stage("fold"):
@@ -294,6 +298,7 @@ def analyze(
         timings=timer.timings,
         loaded=loaded,
         calibration=calibration,
+        validation_inputs=checked,
         original=original,
         params_model=params_model,
         notes=notes,
@@ -396,7 +401,7 @@ def realize(
     validation = None
     if config.validate:
         with timer.stage("validate"):
-            validation = _validate(loaded, compressed, data_dir, config)
+            validation = _validate(loaded, compressed, data_dir, config, analysis.validation_inputs)
     layers = _layer_records(discovery, tables, choices, analysis.spectra, errors)
     if calibration is not None and calibrated:  # estimates always; measured ones with validate
         measured = {}
@@ -463,15 +468,17 @@ def _validate(
     compressed: onnx.ModelProto,
     data_dir: Path | None,
     config: CompressionConfig,
+    inputs: tuple[dict[str, np.ndarray], str] | None,
 ):
     """Validate in ONNX Runtime; a model whose weights stay on disk is compared file to file
     (the original from its path, the compressed one from its spill folder), so neither is
     serialized in memory."""
+    feeds, label = inputs or (None, None)
     if not loaded.lazy or loaded.path is None or data_dir is None:
         # ONNX Runtime reads the original from its file when there is one: serializing a
         # large ModelProto again costs as much as reading it.
-        return validate(loaded.path or loaded.model, compressed, config)
-    return validate(loaded.path, data_dir / _SPILLED, config)
+        return validate(loaded.path or loaded.model, compressed, config, feeds, label)
+    return validate(loaded.path, data_dir / _SPILLED, config, feeds, label)
 
 
 def _history_notes(analysis: Analysis) -> list[str]:

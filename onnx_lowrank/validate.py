@@ -48,6 +48,7 @@ __all__ = [
     "providers_for",
     "random_inputs",
     "validate",
+    "validation_inputs",
 ]
 
 log = logging.getLogger(__name__)
@@ -340,11 +341,34 @@ def compare_output(
     )
 
 
+def validation_inputs(
+    model: onnx.ModelProto, config: CompressionConfig
+) -> tuple[dict[str, np.ndarray], str]:
+    """The inputs validation runs on, checked against the model, and where they came from.
+
+    ``config.inputs`` when given, else random inputs (``random_inputs``). The pipeline calls this
+    before any heavy work, so a missing input size or a mismatched file fails at once.
+
+    Raises:
+        ShapeError: a dynamic dimension has no size for random inputs.
+        CalibrationError: the ``.npz`` cannot be read or does not match the model's inputs.
+    """
+    if config.inputs is not None:
+        feeds = load_npz(config.inputs)
+        label = str(config.inputs)
+    else:
+        feeds = random_inputs(model, config.input_shapes, config.seed)
+        label = f"random (seed {config.seed})"
+    check_feeds(model, feeds, label)
+    return feeds, label
+
+
 def validate(
     original: onnx.ModelProto | str | os.PathLike,
     compressed: onnx.ModelProto | str | os.PathLike,
     config: CompressionConfig,
     feeds: Mapping[str, np.ndarray] | None = None,
+    label: str | None = None,
 ) -> ValidationReport:
     """Run both models in ONNX Runtime on the same inputs and compare their outputs.
 
@@ -352,7 +376,9 @@ def validate(
         original: the uncompressed model (ModelProto or path).
         compressed: the compressed model (ModelProto or path).
         config: tolerances, device, seed, latency runs, input shapes and ``inputs`` (.npz).
-        feeds: inputs to use instead of ``config.inputs`` or random ones.
+        feeds: inputs to use instead of ``config.inputs`` or random ones (see
+            ``validation_inputs``).
+        label: where ``feeds`` came from, for the report.
 
     Raises:
         UnsupportedModelError: the *original* model does not run in ONNX Runtime.
@@ -363,15 +389,11 @@ def validate(
         if isinstance(original, onnx.ModelProto)
         else onnx.load(str(original), load_external_data=False)
     )
-    if feeds is not None:
-        label = "given inputs"
-    elif config.inputs is not None:
-        feeds = load_npz(config.inputs)
-        label = str(config.inputs)
+    if feeds is None:
+        feeds, label = validation_inputs(reference_model, config)
     else:
-        feeds = random_inputs(reference_model, config.input_shapes, config.seed)
-        label = f"random (seed {config.seed})"
-    check_feeds(reference_model, feeds, label)
+        label = label or "given inputs"
+        check_feeds(reference_model, feeds, label)
     providers = providers_for(config.device)
     try:
         reference_session = _session(original, providers)

@@ -201,3 +201,23 @@ def test_alds_budget_that_fits_the_exact_ranks_reproduces_3d_matmul_outputs(grou
     assert (layer.groups, layer.rank) == (groups, rank)
     feeds = {"x": np.random.default_rng(3).standard_normal((3, 9, c)).astype(np.float32)}
     assert rel_l2(run(model, feeds)[0], run(result.model, feeds)[0]) < 1e-4
+
+
+def test_validation_inputs_are_checked_before_any_heavy_work(tmp_path):
+    events = []
+    with pytest.raises(onnx_lowrank.ShapeError, match="--input-shape x:"):
+        compress(
+            MODELS / "ppocr_mobile_v2.0_cls.onnx",  # height and width are dynamic
+            CompressionConfig(params=0.7),
+            progress=lambda *event: events.append(event),
+        )
+    assert events == []
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, images=np.zeros((2, 1, 28, 28), np.float32))
+    with pytest.raises(onnx_lowrank.CalibrationError, match="missing input"):
+        compress(
+            MNIST,
+            CompressionConfig(params=0.7, inputs=str(wrong)),
+            progress=lambda *event: events.append(event),
+        )
+    assert events == []
