@@ -1,5 +1,5 @@
 """Long fuzzing run: mutate real and tiny model bytes and fields, compress each, and count the
-outcomes (valid compressed model, typed error, anything else).
+outcomes (valid compressed model, model refused by validation, typed error, anything else).
 
 Unlike tests/test_fuzz.py, which stops at the first failure, this keeps going and prints every
 distinct unexpected exception with its traceback, so one run shows all the crashes there are.
@@ -60,7 +60,7 @@ def main() -> int:
     elapsed = time.perf_counter() - started
     print(f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
     print(f"seed {args.seed}: {sum(outcomes.values())} cases in {elapsed:.0f} s")
-    for outcome in ("compressed", "typed", "crash"):
+    for outcome in ("compressed", "refused", "typed", "crash"):
         print(f"  {outcome}: {outcomes[outcome]}")
     for key, trace in crashes.items():
         print(f"\n--- {key}\n{trace}")

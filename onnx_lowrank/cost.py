@@ -44,6 +44,8 @@ Shape = tuple[int | None, ...]
 
 #: Largest model whose missing shapes are measured by running it once (it is copied to do so).
 _PROBE_BYTES = 512 * 2**20
+#: Most input values of that run (absurd declared shapes are not allocated).
+_PROBE_INPUT_VALUES = 2**26
 
 #: Initializers with at most this many elements are kept in the shape-inference copy, so that
 #: shape tensors (Reshape targets and the like) still propagate.
@@ -184,13 +186,17 @@ def _probe_shapes(
         probe.graph.output.append(
             onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None)
         )
-    feeds = {}
-    for info in model.graph.input:
-        if info.name in input_shapes:
-            elem_type = info.type.tensor_type.elem_type
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
-            feeds[info.name] = np.zeros(input_shapes[info.name], dtype=dtype)
+    if sum(math.prod(shape) for shape in input_shapes.values()) > _PROBE_INPUT_VALUES:
+        return {}
     try:
+        feeds = {
+            info.name: np.zeros(
+                input_shapes[info.name],
+                dtype=onnx.helper.tensor_dtype_to_np_dtype(info.type.tensor_type.elem_type),
+            )
+            for info in model.graph.input
+            if info.name in input_shapes
+        }
         options = ort.SessionOptions()
         options.log_severity_level = 4
         session = ort.InferenceSession(

@@ -182,7 +182,13 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 
 def _declared(info: onnx.ValueInfoProto) -> tuple[np.dtype, list[int | None]]:
     tensor_type = info.type.tensor_type
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+    try:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+    except (KeyError, ValueError) as exc:
+        raise UnsupportedModelError(
+            f"input {info.name!r} has element type {tensor_type.elem_type}, which has no numpy "
+            "equivalent; fix the model's input type, or pass --no-validate"
+        ) from exc
     dims = [
         d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
         for d in tensor_type.shape.dim
