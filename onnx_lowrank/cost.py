@@ -343,5 +343,7 @@ def _fix_input_shapes(
             label = dims[0].dim_param or "?"
             dims[0].Clear()
             dims[0].dim_value = 1
-            assumed.append(f"{info.name}: dynamic batch dimension {label!r} taken as 1")
+            assumed.append(
+                f"{info.name}: dynamic batch dimension {label!r} taken as 1 for MAC counts"
+            )
     return assumed
