@@ -246,7 +246,6 @@ def analyze(
         feeds = None
         if config.calibration is not None:  # checked before any heavy work
             feeds = calibrate.load_calibration(config.calibration, model)
-        checked = validation_inputs(model, config) if config.validate else None
     original, params_model, notes = None, None, []
     if config.fold_batchnorm:
         with timer.stage("fold"):
@@ -271,6 +270,10 @@ def analyze(
         )
     if config.flops is not None:
         _require_macs(discovery, unknown_macs)
+    # Validation inputs are checked before any heavy work, but after "nothing to compress":
+    # a model without compressible layers needs no input shapes.
+    with timer.stage("load"):
+        checked = validation_inputs(loaded.model, config) if config.validate else None
     backend = get_backend(config.device)
     with timer.stage("spectra"):
         spectra = compute_spectra(discovery, group_limit(config, discovery), backend, progress)

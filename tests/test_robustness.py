@@ -380,6 +380,15 @@ def test_quantized_layers_are_left_alone(kind):
         compress(model, CompressionConfig(params=0.5))
 
 
+def test_nothing_to_compress_is_said_before_asking_for_input_shapes():
+    # A model without compressible layers needs no --input-shape, even with dynamic inputs.
+    model = quantized_models()["qdq"]
+    for dim in model.graph.input[0].type.tensor_type.shape.dim:
+        dim.dim_param = "dynamic"
+    with pytest.raises(NothingToCompressError, match="quantized"):
+        compress(model, CompressionConfig(params=0.5))
+
+
 # 6. Opsets 9 to the newest, dynamic batch and sequence dimensions ----------------------------
 
 
