@@ -24,7 +24,14 @@ from .config import DEVICES, ERROR_MEASURES, METHODS, CompressionConfig, parse_i
 from .errors import ConfigError, NothingToCompressError, OnnxLowRankError, OutputPathError
 from .load import external_data_files, open_model, save_model
 from .pipeline import compress, inspect, sweep
-from .report import format_layers, format_summary, format_sweep, write_json
+from .report import (
+    format_layers,
+    format_summary,
+    format_sweep,
+    plot_layers,
+    require_matplotlib,
+    write_json,
+)
 
 __all__ = ["main"]
 
@@ -217,6 +224,11 @@ def _add_run_options(run: argparse.ArgumentParser, *, sweep: bool) -> None:
     out = run.add_argument_group("output")
     if not sweep:
         out.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
+        out.add_argument(
+            "--plot",
+            metavar="FILE.png",
+            help="draw every layer's parameters before/after and its errors (needs the plot extra)",
+        )
     out.add_argument(
         "--external-data",
         action=argparse.BooleanOptionalAction,
@@ -323,8 +335,11 @@ def _run_config(args: argparse.Namespace, **budget) -> CompressionConfig:
 def _compress(args: argparse.Namespace) -> int:
     config = _run_config(args, params=args.params, flops=args.flops, method=args.method)
     _check_output(Path(args.input), Path(args.output), args.overwrite)
-    if args.report:
-        _check_output(Path(args.input), Path(args.report), False)
+    for extra in (args.report, args.plot):
+        if extra:
+            _check_output(Path(args.input), Path(extra), False)
+    if args.plot:
+        require_matplotlib()
     bars = _ProgressBars(enabled=not args.quiet)
     try:
         result = compress(args.input, config, progress=bars)
@@ -341,6 +356,8 @@ def _compress(args: argparse.Namespace) -> int:
         result.save(args.output, external_data=args.external_data)
     if args.report:
         write_json(report.to_dict(), args.report)
+    if args.plot:
+        plot_layers(report, args.plot)
     if not args.quiet:
         print(format_layers(report.layers))
         print()

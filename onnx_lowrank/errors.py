@@ -72,7 +72,8 @@ class OutputPathError(OnnxLowRankError):
 
 
 class RuntimeMissingError(OnnxLowRankError):
-    """ONNX Runtime (or CuPy for ``device='cuda'``) is needed but not installed or usable."""
+    """An optional package is needed but not installed or usable: ONNX Runtime, CuPy for
+    ``device='cuda'``, or matplotlib for a requested plot."""
 
 
 class CalibrationError(OnnxLowRankError):

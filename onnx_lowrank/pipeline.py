@@ -50,7 +50,14 @@ from .load import (
     save_model,
     source_path,
 )
-from .report import CompressionReport, InspectionReport, LayerReport, plot_sweep, write_json
+from .report import (
+    KEPT_DENSE,
+    CompressionReport,
+    InspectionReport,
+    LayerReport,
+    plot_sweep,
+    write_json,
+)
 from .rewrite import rewrite
 from .spectra import LayerSpectrum, compute_spectra, error_table
 from .validate import providers_for, validate, validation_inputs
@@ -854,7 +861,7 @@ def _layer_records(
             reason = (
                 "no candidate saves weights under the candidate constraints"
                 if len(table) == 1
-                else "kept dense by the allocation"
+                else KEPT_DENSE
             )
             records.append(_dense_record(layer, reason))
             continue

@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
-from collections.abc import Sequence
+import secrets
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from .errors import OutputPathError
+from .errors import OutputPathError, RuntimeMissingError
 from .validate import ValidationReport
 
 __all__ = [
@@ -25,6 +25,8 @@ __all__ = [
     "format_layers",
     "format_summary",
     "format_sweep",
+    "layer_figure",
+    "plot_layers",
     "plot_sweep",
     "write_json",
 ]
@@ -102,6 +104,10 @@ class CompressionReport:
     def compressed_layers(self) -> list[LayerReport]:
         return [layer for layer in self.layers if layer.rank is not None]
 
+    def plot(self, path: str | os.PathLike) -> Path:
+        """Draw the per-layer parameters and errors into a PNG (see ``plot_layers``)."""
+        return plot_layers(self, path)
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["validation"] = None if self.validation is None else self.validation.to_dict()
@@ -129,14 +135,32 @@ def write_json(data: dict[str, Any], path: str | os.PathLike) -> Path:
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
         raise OutputPathError(f"report folder {folder} does not exist; create it first")
+
+    def dump(stream: BinaryIO) -> None:
+        stream.write(json.dumps(data, indent=2).encode("utf-8") + b"\n")
+
+    return _atomic_write(target, dump, "report")
+
+
+def _atomic_write(target: Path, write: Callable[[BinaryIO], None], what: str) -> Path:
+    """Write a file through a temporary file in the same folder and a rename.
+
+    The temporary file is created with the usual permissions (``0o666`` less the umask), so the
+    result is readable like any other file the user writes; it is removed when anything fails.
+    """
+    folder = target.parent if str(target.parent) else Path(".")
+    temporary = folder / f".{target.name}.{secrets.token_hex(4)}.tmp"
     try:
-        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(data, stream, indent=2)
-            stream.write("\n")
-        os.replace(temporary, target)
+        try:
+            handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            with os.fdopen(handle, "wb") as stream:
+                write(stream)
+            os.replace(temporary, target)
+        finally:
+            if temporary.exists():
+                temporary.unlink()
     except OSError as exc:
-        raise OutputPathError(f"cannot write report {target}: {exc.strerror or exc}") from exc
+        raise OutputPathError(f"cannot write {what} {target}: {exc.strerror or exc}") from exc
     return target
 
 
@@ -315,6 +339,127 @@ def format_sweep(rows: Sequence[dict[str, Any]]) -> str:
 NO_PLOT = "matplotlib is not installed; no plot written (pip install 'onnx-lowrank[plot]')"
 
 
+#: What ``--plot`` says when matplotlib is missing.
+NEEDS_MATPLOTLIB = "--plot needs matplotlib: pip install 'onnx-lowrank[plot]'"
+
+
+def require_matplotlib() -> None:
+    """Raise ``RuntimeMissingError`` unless matplotlib can be imported."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeMissingError(NEEDS_MATPLOTLIB) from exc
+
+
+#: ``skipped_reason`` of a layer that could be factorized but was left dense by the solver.
+KEPT_DENSE = "kept dense by the allocation"
+
+#: Most layer names written under the per-layer plot; beyond it every k-th one is.
+MAX_LAYER_LABELS = 60
+
+
+def layer_figure(report: CompressionReport):
+    """A matplotlib ``Figure`` of a compression run, one x position per layer (graph order).
+
+    Top: parameters of every layer before (outline) and after (filled: blue when factorized,
+    grey when the allocation kept it dense, hatched when it cannot be factorized), on a log
+    scale. Bottom: each factorized layer's error bound and measured weight error, and with
+    calibration data its relative output error (the table's estimate, and the measured one when
+    validation ran); the dashed line is the largest bound. Needs matplotlib
+    (``require_matplotlib``).
+    """
+    require_matplotlib()
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    layers = report.layers
+    count = len(layers)
+    figure = Figure(figsize=(min(24.0, max(9.0, 0.22 * count + 3)), 7.5), layout="constrained")
+    columns = 4 if count >= 24 else 2  # legend entries per row
+    top, bottom = figure.subplots(2, 1, sharex=True)
+    positions = list(range(count))
+    kinds = {
+        "factorized": {"facecolor": "tab:blue"},
+        "dense (allocation)": {"facecolor": "0.65"},
+        "not factorizable": {"facecolor": "0.85", "hatch": "///", "edgecolor": "0.5"},
+    }
+
+    def kind(layer: LayerReport) -> str:
+        if layer.rank is not None:
+            return "factorized"
+        return "dense (allocation)" if layer.skipped_reason == KEPT_DENSE else "not factorizable"
+
+    top.bar(positions, [max(x.params_before, 1) for x in layers], 0.8, fill=False, edgecolor="0.4")
+    for index, layer in enumerate(layers):
+        top.bar(index, max(layer.params_after, 1), 0.56, linewidth=0, **kinds[kind(layer)])
+    top.set_yscale("log")
+    top.set_ylabel("parameters")
+    handles = [Patch(fill=False, edgecolor="0.4", label="before")]
+    present = {kind(layer) for layer in layers}
+    handles += [
+        Patch(label=f"after: {name}", **style) for name, style in kinds.items() if name in present
+    ]
+    legend = {"loc": "lower left", "bbox_to_anchor": (0, 1), "ncols": columns, "frameon": False}
+    top.legend(handles=handles, **legend)
+    kept = report.params_after / report.params_before if report.params_before else 1.0
+    figure.suptitle(
+        f"{Path(report.source).name}: {sum(x.rank is not None for x in layers)} of {count} "
+        f"layers factorized, {kept:.1%} of the parameters kept "
+        f"({_count(report.params_after)} of {_count(report.params_before)})"
+    )
+    series = [
+        ("error bound", "error_bound", "o"),
+        ("weight error (measured)", "error_actual", "x"),
+        ("output error (estimate)", "output_error_estimate", "v"),
+        ("output error (measured)", "output_error", "^"),
+    ]
+    largest = 0.0
+    for label, attribute, marker in series:
+        points = [
+            (index, getattr(layer, attribute))
+            for index, layer in enumerate(layers)
+            if layer.rank is not None and getattr(layer, attribute) is not None
+        ]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            bottom.plot(xs, ys, linestyle="none", marker=marker, label=label)
+            largest = max(largest, *ys)
+    if report.compressed_layers:
+        bottom.axhline(
+            report.max_error_bound, color="0.3", linestyle="--", linewidth=1, label="largest bound"
+        )
+        bottom.legend(**legend)
+    bottom.set_ylabel("relative error")
+    bottom.set_ylim(0, 1.12 * max(largest, report.max_error_bound) or 1.0)
+    bottom.grid(alpha=0.3)
+    step = max(1, math.ceil(count / MAX_LAYER_LABELS))
+    bottom.set_xticks(positions[::step])
+    bottom.set_xticklabels([_short(x.name) for x in layers[::step]], rotation=90, fontsize=7)
+    bottom.set_xlim(-0.6, count - 0.4)
+    return figure
+
+
+def _short(name: str, keep: int = 28) -> str:
+    return name if len(name) <= keep else "…" + name[-(keep - 1) :]
+
+
+def plot_layers(report: CompressionReport, path: str | os.PathLike) -> Path:
+    """Write ``layer_figure(report)`` to a PNG, atomically.
+
+    Raises:
+        RuntimeMissingError: matplotlib is not installed.
+        OutputPathError: the file cannot be written.
+    """
+    return _save_figure(layer_figure(report), path)
+
+
+def _save_figure(figure, path: str | os.PathLike) -> Path:
+    """Save a matplotlib figure as PNG through a temporary file in the target folder."""
+    return _atomic_write(
+        Path(path), lambda stream: figure.savefig(stream, format="png", dpi=120), "plot"
+    )
+
+
 def plot_sweep(
     rows: Sequence[dict[str, Any]], path: str | os.PathLike
 ) -> tuple[Path | None, str | None]:
@@ -354,14 +499,4 @@ def plot_sweep(
         axis.set_xlabel("fraction of parameters kept")
         axis.grid(alpha=0.3)
         axis.legend()
-    target = Path(path)
-    try:
-        handle, temporary = tempfile.mkstemp(
-            prefix=f".{target.name}.", suffix=".png", dir=target.parent
-        )
-        os.close(handle)
-        figure.savefig(temporary, dpi=120)
-        os.replace(temporary, target)
-    except OSError as exc:
-        raise OutputPathError(f"cannot write plot {target}: {exc.strerror or exc}") from exc
-    return target, None
+    return _save_figure(figure, path), None

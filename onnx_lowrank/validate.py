@@ -27,8 +27,11 @@ import math
 import os
 import statistics
 import time
+import zipfile
+import zlib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -246,15 +249,26 @@ def random_inputs(
 
 def load_npz(path: str | os.PathLike, what: str = "--inputs") -> dict[str, np.ndarray]:
     """Arrays of an ``.npz`` file, with a clear error when it cannot be read."""
+    target = Path(path)
+    fix = "save one array per model input with numpy.savez(FILE, name=array, ...)"
+    if not target.exists():
+        raise CalibrationError(f"{what} file not found: {path}")
+    if target.is_dir():
+        raise CalibrationError(f"{what} {path} is a directory; give an .npz file")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            return {key: data[key] for key in data.files}
-    except FileNotFoundError as exc:
-        raise CalibrationError(f"{what} file not found: {path}") from exc
-    except (OSError, ValueError) as exc:
+        if not zipfile.is_zipfile(target):  # empty, truncated, .npy, text, ...
+            raise CalibrationError(f"{what} file {path} is not an .npz archive; {fix}")
+        with np.load(target, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise CalibrationError(f"{what} file {path} cannot be read ({reason}); {fix}") from exc
+    stray = sorted(key for key, value in arrays.items() if not isinstance(value, np.ndarray))
+    if stray:
         raise CalibrationError(
-            f"{what} file {path} is not a readable .npz ({exc}); save it with numpy.savez"
-        ) from exc
+            f"{what} file {path} holds {stray[0]!r}, which is not a NumPy array; {fix}"
+        )
+    return arrays
 
 
 def check_feeds(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], label: str) -> None:

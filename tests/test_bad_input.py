@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import onnx
@@ -17,6 +18,7 @@ from onnx import helper
 from robust_helpers import file_hashes
 from test_load import external_model, two_layer_model
 
+from onnx_lowrank.cli import main
 from onnx_lowrank.load import external_data_files
 
 
@@ -148,3 +150,47 @@ def test_nothing_to_compress_writes_only_when_asked(tmp_path):
     )
     assert asked.returncode == 0, asked.stderr
     assert (tmp_path / "out.onnx").read_bytes() == path.read_bytes()
+
+
+def bad_npz_files(folder) -> dict[str, tuple[object, str]]:
+    """Files that are not usable .npz archives, and the words their error must contain."""
+    good = folder / "good.npz"
+    np.savez(good, input=np.zeros((2, 1, 28, 28), np.float32))
+    files = {
+        "empty": (b"", "is not an .npz archive"),
+        "text": (b"name,value\n1,2\n", "is not an .npz archive"),
+        "truncated": (good.read_bytes()[:200], "is not an .npz archive"),
+        "npy": (None, "is not an .npz archive"),
+        "objects": (None, "Object arrays cannot be loaded"),
+        "stray": (None, "'notes.txt', which is not a NumPy array"),
+        "folder": (None, "is a directory"),
+    }
+    paths = {}
+    for kind, (content, message) in files.items():
+        path = folder / f"{kind}.npz"
+        if content is not None:
+            path.write_bytes(content)
+        paths[kind] = (path, message)
+    np.save(folder / "npy.npy", np.zeros(3))
+    (folder / "npy.npy").rename(paths["npy"][0])
+    np.savez(paths["objects"][0], input=np.array([object()], dtype=object))
+    with zipfile.ZipFile(paths["stray"][0], "w") as archive:
+        archive.writestr("notes.txt", "calibration images from the train split")
+    paths["folder"][0].mkdir()
+    return paths
+
+
+@pytest.mark.parametrize("option", ["--inputs", "--calibration"])
+@pytest.mark.parametrize(
+    "kind", ["empty", "text", "truncated", "npy", "objects", "stray", "folder"]
+)
+def test_unreadable_npz_files_get_one_line(tmp_path, capsys, option, kind):
+    path, message = bad_npz_files(tmp_path)[kind]
+    out = tmp_path / "x.onnx"
+    code = main(["compress", str(MNIST), "-o", str(out), "--params", "0.5", option, str(path)])
+    assert code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"onnx-lowrank: error: {option} ")
+    assert message in lines[0]
+    assert not out.exists()
