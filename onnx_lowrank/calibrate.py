@@ -1013,16 +1013,19 @@ def calibrate(
         providers: ONNX Runtime execution providers.
         progress: callback ``(stage, done, total)``; stage ``"calibrate"``.
     """
-    inner = [layer.name for layer in discovery.layers if layer.graph_path]
-    if inner:
-        # A subgraph's tensors cannot be fetched as outputs of the main graph.
+    # A subgraph's tensors cannot be fetched as outputs of the main graph, and a shared weight
+    # (Layer.tied) has one factorization but several inputs, means and biases.
+    uncalibrated = [layer for layer in discovery.layers if layer.graph_path or layer.tied]
+    if uncalibrated:
         log.warning(
-            "%d layer(s) inside subgraphs (e.g. %s) are factorized without calibration",
-            len(inner),
-            inner[0],
+            "%d layer(s) inside subgraphs or with shared weights (e.g. %s) are factorized "
+            "without calibration",
+            len(uncalibrated),
+            uncalibrated[0].name,
         )
         discovery = replace(
-            discovery, layers=[layer for layer in discovery.layers if not layer.graph_path]
+            discovery,
+            layers=[layer for layer in discovery.layers if not (layer.graph_path or layer.tied)],
         )
     statistics = collect_statistics(discovery, feeds, max_groups, providers, progress)
     spectra = whitened_spectra(discovery, statistics, max_groups)

@@ -7,6 +7,12 @@ Layers are found in the main graph and in every subgraph (``If`` branches, ``Loo
 bodies); a subgraph layer's weight may also be a constant of an enclosing graph. Nodes inside
 local functions are listed as skipped: one function body serves every call site.
 
+A weight read by several layers of the same kind in one graph (Siamese towers, unrolled
+recurrences, ALBERT-style shared blocks) is one ``Layer`` with ``tied`` uses: it is factorized
+once, every use gets its own pair reading the same factors, and it counts once in the
+parameter budget (its MACs are those of all uses). A weight that anything else reads as well is
+skipped with the reason.
+
 Every weight is folded to the matrix ``W ∈ R^{f × cκ}`` (DESIGN.md §2): rows are output
 channels, columns run over input channel, then kernel position. For a Gemm ``W = B'ᵀ`` where
 ``B'`` is ``B`` after ``transB``; for a MatMul ``x @ B``, ``W = Bᵀ``.
@@ -25,7 +31,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -50,6 +56,7 @@ __all__ = [
     "FactorizedLayer",
     "Layer",
     "SkippedLayer",
+    "TiedUse",
     "discover",
 ]
 
@@ -88,6 +95,23 @@ _QUANTIZED_REASON = "quantized operator; quantized layers are left unchanged"
 
 
 @dataclass(frozen=True)
+class TiedUse:
+    """Another node that reads the same weight as a ``Layer`` (see ``Layer.tied``).
+
+    Attributes:
+        name: the node's name (``<op_type>_<index>`` when it has none).
+        node_index: its position in the layer's graph.
+        input_rank: rank of its data input, or None when unknown.
+        output_positions: its ``P`` (cost.py), or None when a shape is dynamic.
+    """
+
+    name: str
+    node_index: int
+    input_rank: int | None
+    output_positions: int | None
+
+
+@dataclass(frozen=True)
 class Layer:
     """A compressible layer.
 
@@ -110,6 +134,9 @@ class Layer:
             ``graphs.graph_at(model.graph, graph_path).node[node_index]``.
         stored_dtype: element type of the stored constant when a ``Cast`` sits between it and
             the node (fp16 weights cast to fp32), else None.
+        tied: the other nodes of the same graph that read the same weight, in graph order after
+            this one. ``output_positions`` is then the sum over all uses, so MACs cover them
+            all, while the weight counts once.
     """
 
     name: str
@@ -127,6 +154,28 @@ class Layer:
     max_groups: int | None = None
     graph_path: GraphPath = ()
     stored_dtype: int | None = None
+    tied: tuple[TiedUse, ...] = ()
+
+    def uses(self) -> list[Layer]:
+        """One view of the layer per node that reads its weight (itself first), each with that
+        node's name, position and input rank: what the rewrite replaces."""
+        own = self.output_positions
+        if own is not None and self.tied:
+            known = [t.output_positions for t in self.tied]
+            own = None if None in known else own - sum(known)  # type: ignore[arg-type]
+        views = [replace(self, output_positions=own, tied=())]
+        for use in self.tied:
+            views.append(
+                replace(
+                    self,
+                    name=use.name,
+                    node_index=use.node_index,
+                    input_rank=use.input_rank,
+                    output_positions=use.output_positions,
+                    tied=(),
+                )
+            )
+        return views
 
     @property
     def kernel_size(self) -> int:
@@ -295,7 +344,7 @@ def discover(
             f"the model imports ONNX opset {opset}; factorized layers need opset {MIN_OPSET} or "
             "newer (convert it with onnx.version_converter.convert_version)"
         )
-        skipped = [_skip_layer(layer, reason) for layer in layers] + skipped
+        skipped = [_skip_layer(use, reason) for layer in layers for use in layer.uses()] + skipped
         layers = []
     factorized = _factorized_layers(model, shapes)
     log.info("found %d compressible layers, %d skipped", len(layers), len(skipped))
@@ -365,8 +414,16 @@ def _function_layers(model: onnx.ModelProto) -> list[SkippedLayer]:
 
 
 def _examine(
-    node: onnx.NodeProto, position: int, name: str, index: _GraphIndex, shapes: ShapeInfo
+    node: onnx.NodeProto,
+    position: int,
+    name: str,
+    index: _GraphIndex,
+    shapes: ShapeInfo,
+    tie: bool = True,
 ) -> Layer | SkippedLayer | None:
+    """The node as a Layer, a SkippedLayer, or None when it is no layer (or a tied use of a
+    layer found at an earlier node). ``tie=False`` examines it as if its weight were its own."""
+
     def skip(reason: str, weight_shape: tuple[int, ...] | None = None) -> SkippedLayer:
         params = math.prod(weight_shape) if weight_shape else 0
         return SkippedLayer(
@@ -398,9 +455,19 @@ def _examine(
         return skip(f"weight type {type_name(dtype)} is not floating point", shape)
     if any(d <= 0 for d in shape):
         return skip(f"weight has an empty or invalid shape {shape}", shape)
-    shared = index.other_consumers(ref, (index.path, position))
+    shared = index.other_consumers(ref, (index.path, position)) if tie else set()
     if shared:
-        return skip(f"weight {ref.source!r} is shared with {', '.join(sorted(shared))}", shape)
+        members = _tied_members(ref, weight_name, index, shapes)
+        if members is None:
+            others = ", ".join(sorted(shared))
+            return skip(
+                f"weight {ref.source!r} is shared with {others}, which are not all layers of the "
+                "same kind in this graph",
+                shape,
+            )
+        if position != members[0].node_index:
+            return None  # a tied use of the layer at the first node that reads the weight
+        return _tied_layer(replace(members[0], name=name), members[1:])
     out_shape = shapes.get(node.output[0])
     in_shape = shapes.get(node.input[0])
     input_rank = len(in_shape) if in_shape is not None else None
@@ -463,6 +530,60 @@ def _positions(out_shape: tuple[int | None, ...] | None, channel_axis: int) -> i
     return math.prod(dims)
 
 
+def _tied_members(
+    ref: _ConstantRef, weight_name: str, index: _GraphIndex, shapes: ShapeInfo
+) -> list[Layer] | None:
+    """Every node that reads the weight, each examined as a layer of its own, when they are all
+    compressible layers of one kind (op, folded shape, ``transB``) in ``index``'s graph that read
+    it as ``weight_name``, their weight input; else None."""
+    owner = ref.owner
+    if owner is not index:
+        return None  # the weight lives in an enclosing graph
+    tensors = {ref.source} | {owner.graph.node[p].output[0] for p in ref.chain}
+    if any(t in owner.graph_outputs or owner.subgraph_readers.get(t) for t in tensors):
+        return None
+    positions = sorted(
+        {p for t in tensors for p in owner.consumers.get(t, []) if p not in ref.chain}
+    )
+    members = []
+    for position in positions:
+        node = owner.graph.node[position]
+        if (
+            len(node.input) < 2
+            or node.input[1] != weight_name
+            or list(node.input).count(weight_name) != 1
+        ):
+            return None
+        name = node.name or f"{node.op_type}_{position}"
+        layer = _examine(node, position, name, index, shapes, tie=False)
+        if not isinstance(layer, Layer):
+            return None
+        members.append(layer)
+
+    def kind(layer: Layer) -> tuple:
+        node = owner.graph.node[layer.node_index]
+        transposed = layer.op_type == "Gemm" and attribute(node, "transB", 0)
+        return layer.op_type, layer.weight_shape, layer.out_channels, layer.cols, transposed
+
+    return members if len({kind(layer) for layer in members}) == 1 else None
+
+
+def _tied_layer(first: Layer, rest: list[Layer]) -> Layer:
+    """``first`` standing for all the nodes that read its weight."""
+    uses = [first, *rest]
+    positions = [layer.output_positions for layer in uses]
+    unknown_rank = any(layer.op_type == "MatMul" and layer.input_rank is None for layer in uses)
+    return replace(
+        first,
+        output_positions=None if None in positions else sum(positions),  # type: ignore[arg-type]
+        max_groups=1 if unknown_rank else first.max_groups,
+        tied=tuple(
+            TiedUse(layer.name, layer.node_index, layer.input_rank, layer.output_positions)
+            for layer in rest
+        ),
+    )
+
+
 def _factorized_layers(model: onnx.ModelProto, shapes: ShapeInfo) -> list[FactorizedLayer]:
     """The layers recorded under ``FACTORIZED_KEY`` whose second node is still in the model."""
     text = next((p.value for p in model.metadata_props if p.key == FACTORIZED_KEY), None)
@@ -471,7 +592,12 @@ def _factorized_layers(model: onnx.ModelProto, shapes: ShapeInfo) -> list[Factor
     try:
         entries = json.loads(text)
         records = [
-            (str(e["name"]), str(e["second"]), int(e["params_dense"]), int(e["params"]))
+            (
+                str(e["name"]),
+                [str(e["second"]), *map(str, e.get("tied", []))],
+                int(e["params_dense"]),
+                int(e["params"]),
+            )
             for e in entries
         ]
     except (ValueError, TypeError, KeyError) as exc:
@@ -479,16 +605,19 @@ def _factorized_layers(model: onnx.ModelProto, shapes: ShapeInfo) -> list[Factor
         return []
     nodes = {node.name: node for _, graph in walk_graphs(model.graph) for node in graph.node}
     found = []
-    for name, second, params_dense, params in records:
-        node = nodes.get(second)
-        if node is None or len(node.input) < 2 or params_dense <= params:
+    for name, seconds, params_dense, params in records:
+        uses = [nodes.get(second) for second in seconds]
+        if any(n is None or len(n.input) < 2 for n in uses) or params_dense <= params:
             log.warning("metadata names factorized layer %s, which is no longer there", name)
             continue
-        weight = shapes.get(node.input[1])
-        macs = node_macs(node, shapes)
-        positions = None
-        if weight and None not in weight and macs is not None and math.prod(weight) > 0:
-            positions = macs // math.prod(weight)  # type: ignore[arg-type]
+        positions: int | None = 0
+        for node in uses:  # the second node of each pair: P = its MACs / its weight size
+            weight = shapes.get(node.input[1])  # type: ignore[union-attr]
+            macs = node_macs(node, shapes)  # type: ignore[arg-type]
+            if not weight or None in weight or macs is None or math.prod(weight) == 0:
+                positions = None
+                break
+            positions += macs // math.prod(weight)  # type: ignore[operator, arg-type]
         found.append(FactorizedLayer(name, params_dense, params, positions))
     return found
 

@@ -884,6 +884,7 @@ def _layer_records(
                 error_bound=bound,
                 error_actual=errors[layer.name],
                 skipped_reason=None,
+                shared_with=tuple(use.name for use in layer.tied),
             )
         )
     records += [_skipped_record(skipped) for skipped in discovery.skipped]
@@ -904,6 +905,7 @@ def _dense_record(layer: Layer, reason: str | None) -> LayerReport:
         error_bound=0.0,
         error_actual=0.0,
         skipped_reason=reason,
+        shared_with=tuple(use.name for use in layer.tied),
     )
 
 

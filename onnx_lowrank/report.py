@@ -45,6 +45,10 @@ class LayerReport:
     singular values, ``output_error`` measured for the layer alone (on its original inputs),
     and ``output_error_network`` measured inside the compressed model (errors of earlier
     layers included). They are None without calibration data.
+
+    ``shared_with`` names the other nodes that read the same weight (discover.Layer.tied): the
+    weight is factorized once for all of them, counted once in ``params_*``, and ``macs_*`` cover
+    every use.
     """
 
     name: str
@@ -62,6 +66,7 @@ class LayerReport:
     output_error_estimate: float | None = None
     output_error: float | None = None
     output_error_network: float | None = None
+    shared_with: tuple[str, ...] = ()
 
 
 @dataclass
@@ -211,7 +216,10 @@ def format_layers(layers: list[LayerReport], *, compression: bool = True) -> str
                 ]
         else:
             row += [_count(layer.params_before), _count(layer.macs_before)]
-        row.append(layer.skipped_reason or "")
+        notes = [layer.skipped_reason] if layer.skipped_reason else []
+        if layer.shared_with:
+            notes.append(f"weight shared by {1 + len(layer.shared_with)} nodes")
+        row.append("; ".join(notes))
         rows.append(row)
     header = ["layer", "op", "weight"]
     header += (

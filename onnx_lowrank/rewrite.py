@@ -26,6 +26,9 @@ factorized (so a second run knows the original sizes). The replaced node's outpu
 the second node, so every downstream name stays valid. Weights that nothing reads any more are
 removed, along with their Identity/Cast/Transpose chains.
 
+A weight read by several nodes (``Layer.tied``) is factorized once: every node gets its own
+pair (with its own attributes, input and bias), and all pairs read the same factor tensors.
+
 Layers may sit in subgraphs (``Layer.graph_path``). Subgraphs are rewritten before the graphs
 that hold them, and every new name is unique across the whole model, so no subgraph name
 shadows an outer one. Factors are stored in the narrower of the stored and the read weight type
@@ -95,14 +98,22 @@ def rewrite(
         candidates = unused.pop(path, set())
         new_nodes: dict[int, list[onnx.NodeProto]] = {}
         for layer, factors in by_graph.get(path, []):
-            node = graph.node[layer.node_index]
-            builder = _PairBuilder(layer, factors, node, names, as_nodes, biases.get(layer.name))
-            new_nodes[layer.node_index] = builder.nodes()
-            graph.initializer.extend(builder.initializers)  # one layer's factors at a time
+            shared: dict[str, str] = {}  # the factors, written once for all uses of the weight
+            seconds = []
+            for use in layer.uses():
+                node = graph.node[use.node_index]
+                bias = biases.get(layer.name)
+                builder = _PairBuilder(use, factors, node, names, as_nodes, bias, shared)
+                new_nodes[use.node_index] = builder.nodes()
+                graph.initializer.extend(builder.initializers)  # one layer's factors at a time
+                if bias is not None and len(node.input) > 2 and node.input[2]:
+                    candidates.add(node.input[2])  # the corrected bias replaces the original
+                seconds.append(builder.second_name)
             candidates.add(layer.weight_input)
-            if layer.name in biases and len(node.input) > 2 and node.input[2]:
-                candidates.add(node.input[2])  # the corrected bias replaces the original
-            records.append(builder.record())
+            record = {**_record_of(layer, factors), "second": seconds[0]}
+            if seconds[1:]:
+                record["tied"] = seconds[1:]
+            records.append(record)
         # Splice the pairs in place, last first, so indices stay valid. Rebuilding the whole
         # list would copy every node (and Constant-node weight) into the model's arena again.
         for position in sorted(new_nodes, reverse=True):
@@ -155,8 +166,26 @@ class _Names:
         return name
 
 
+def _record_of(layer: Layer, factors: Factors) -> dict:
+    """What ``rewrite`` records in ``metadata_props`` for a layer (``second`` added by the
+    caller: the name of the node that now produces the layer's output; ``tied`` those of the
+    other uses of a shared weight)."""
+    return {
+        "name": layer.name,
+        "groups": factors.groups,
+        "rank": factors.rank,
+        "params_dense": layer.params,
+        "params": int(factors.first.size + factors.second.size),
+    }
+
+
+#: Factor tensors that every use of a shared weight reads (the reshape shapes depend on each
+#: use's input rank, and bias correction is per node).
+_SHARED_FACTORS = {"v", "u"}
+
+
 class _PairBuilder:
-    """The nodes and initializers that replace one layer."""
+    """The nodes and initializers that replace one layer (one use of its weight)."""
 
     def __init__(
         self,
@@ -166,10 +195,14 @@ class _PairBuilder:
         names: _Names,
         as_nodes: bool = False,
         bias: np.ndarray | None = None,
+        shared: dict[str, str] | None = None,
     ):
         self.layer, self.factors, self.node, self.names = layer, factors, node, names
         self.as_nodes = as_nodes
         self.bias = bias
+        # Factor tensors already written for another use of the same weight (Layer.tied):
+        # suffix -> name. This builder adds the ones it writes first.
+        self.shared = shared
         read = layer.weight_dtype
         stored = layer.stored_dtype or read
         # Keep the narrower type: fp16 weights read through a Cast to fp32 stay fp16 on disk.
@@ -185,18 +218,16 @@ class _PairBuilder:
         self.second_name = pair[-1].name
         return self.constants + pair
 
-    def record(self) -> dict:
-        """What ``rewrite`` records in ``metadata_props`` for this layer."""
-        return {
-            "name": self.layer.name,
-            "second": self.second_name,
-            "groups": self.factors.groups,
-            "rank": self.factors.rank,
-            "params_dense": self.layer.params,
-            "params": int(self.factors.first.size + self.factors.second.size),
-        }
-
     def _tensor(self, suffix: str, array: np.ndarray, dtype=None) -> str:
+        reuse = self.shared is not None and suffix in _SHARED_FACTORS
+        if reuse and suffix in self.shared:
+            return self.shared[suffix]
+        name = self._new_tensor(suffix, array, dtype)
+        if reuse:
+            self.shared[suffix] = name
+        return name
+
+    def _new_tensor(self, suffix: str, array: np.ndarray, dtype=None) -> str:
         name = self.names.fresh(f"{self.layer.weight_input}{FACTOR_TAG}_{suffix}")
         values = np.ascontiguousarray(array, dtype=dtype or self.dtype)
         tensor = numpy_helper.from_array(values, name)

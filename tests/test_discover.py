@@ -49,14 +49,13 @@ def test_skip_reasons():
         helper.make_node("Conv", ["x", "Wd"], ["d"], name="depthwise", group=4),
         helper.make_node("ConvTranspose", ["d", "Wt"], ["t"], name="deconv"),
         helper.make_node("Conv", ["t", "Wx"], ["u"], name="dynamic_weight"),
-        helper.make_node("Conv", ["u", "Ws"], ["s1"], name="shared_a"),
-        helper.make_node("Conv", ["u", "Ws"], ["s2"], name="shared_b"),
-        helper.make_node("Add", ["s1", "s2"], ["y"], name="add"),
+        helper.make_node("Conv", ["u", "Ws"], ["y"], name="shared_a"),
+        helper.make_node("ReduceMax", ["Ws"], ["ws_shape"], name="peek", keepdims=0),
     ]
     model = make_model(
         nodes,
         [("x", [1, 4, 8, 8]), ("Wx", [4, 4, 1, 1])],
-        [("y", None)],
+        [("y", None), ("ws_shape", None)],
         {
             "Wd": rng.standard_normal((4, 1, 3, 3)).astype(np.float32),
             "Wt": rng.standard_normal((4, 4, 2, 2)).astype(np.float32),
@@ -69,7 +68,7 @@ def test_skip_reasons():
     assert "depthwise" in reasons["depthwise"]
     assert "ConvTranspose" in reasons["deconv"]
     assert "graph input" in reasons["dynamic_weight"]
-    assert "shared" in reasons["shared_a"] and "shared_b" in reasons["shared_a"]
+    assert "'Ws' is shared with peek, which are not all layers" in reasons["shared_a"]
 
 
 def test_too_small_layer_is_skipped():

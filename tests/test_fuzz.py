@@ -63,8 +63,18 @@ def seed_models() -> dict[str, bytes]:
         {"G": low_rank(7, 8, 2, seed=3), "C": np.zeros(7, np.float32)},
         opset=11,
     )
+    tied = make_model(  # one weight, two Convs: factorized once (Layer.tied)
+        [
+            helper.make_node("Conv", ["x", "T"], ["a"], name="tied_a", pads=[1, 1, 1, 1]),
+            helper.make_node("Conv", ["a", "T", "B"], ["y"], name="tied_b", strides=[2, 2]),
+        ],
+        [("x", ["N", 6, 5, 5])],
+        [("y", None)],
+        {"T": low_rank(6, 6 * 9, 2, seed=4).reshape(6, 6, 3, 3), "B": np.ones(6, np.float32)},
+    )
     seeds = {
         "conv_net": conv_net.SerializeToString(),
+        "tied": tied.SerializeToString(),
         "gemm": gemm.SerializeToString(),
         "if_subgraphs": if_model().SerializeToString(),
     }
