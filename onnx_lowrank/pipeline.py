@@ -487,8 +487,9 @@ def _validate(
     if not loaded.lazy or loaded.path is None or data_dir is None:
         # ONNX Runtime reads the original from its file when there is one: serializing a
         # large ModelProto again costs as much as reading it.
-        return validate(loaded.path or loaded.model, compressed, config, feeds, label)
-    return validate(loaded.path, data_dir / _SPILLED, config, feeds, label)
+        source = loaded.path or loaded.model
+        return validate(source, compressed, config, feeds, label, declared=loaded.model)
+    return validate(loaded.path, data_dir / _SPILLED, config, feeds, label, declared=loaded.model)
 
 
 def _history_notes(analysis: Analysis) -> list[str]:

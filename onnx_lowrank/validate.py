@@ -389,6 +389,7 @@ def validate(
     config: CompressionConfig,
     feeds: Mapping[str, np.ndarray] | None = None,
     label: str | None = None,
+    declared: onnx.ModelProto | None = None,
 ) -> ValidationReport:
     """Run both models in ONNX Runtime on the same inputs and compare their outputs.
 
@@ -399,16 +400,17 @@ def validate(
         feeds: inputs to use instead of ``config.inputs`` or random ones (see
             ``validation_inputs``).
         label: where ``feeds`` came from, for the report.
+        declared: the original model already in memory, for its input declarations (saves
+            reading ``original`` again when it is a path).
 
     Raises:
         UnsupportedModelError: the *original* model does not run in ONNX Runtime.
         ShapeError, CalibrationError: inputs cannot be made or do not match.
     """
-    reference_model = (
-        original
-        if isinstance(original, onnx.ModelProto)
-        else onnx.load(str(original), load_external_data=False)
-    )
+    if isinstance(original, onnx.ModelProto):
+        reference_model = original
+    else:
+        reference_model = declared or onnx.load(str(original), load_external_data=False)
     if feeds is None:
         feeds, label = validation_inputs(reference_model, config)
     else:
