@@ -448,6 +448,36 @@ def test_siamese_mnist_towers_share_one_factorization_and_match_the_single_model
     assert accuracy > 0.95
 
 
+def test_tied_fp16_weight_behind_a_cast_and_tied_ir3_constants():
+    # fp16 weight read through one Cast by two MatMuls: fp16 factors, one Cast each, shared
+    weight = low_rank(10, 24, 3, seed=7).T.astype(np.float16)
+    nodes = [
+        helper.make_node("Cast", ["W16"], ["W"], name="cast", to=TensorProto.FLOAT),
+        helper.make_node("MatMul", ["x", "W"], ["h"], name="first"),
+        helper.make_node("MatMul", ["z", "W"], ["y"], name="second"),
+    ]
+    model = make_model(
+        nodes, [("x", [3, 24]), ("z", [2, 24])], [("h", None), ("y", None)], {"W16": weight}
+    )
+    result = compress(model, CompressionConfig(params=0.8, validate=False))
+    assert result.report.compressed_layers[0].shared_with == ("second",)
+    halves = [t for t in result.model.graph.initializer if t.data_type == TensorProto.FLOAT16]
+    assert len(halves) == 2 and len(result.model.graph.initializer) == 2
+    assert [n.op_type for n in result.model.graph.node].count("Cast") == 2
+    assert_close(model, result.model, {"x": random_feed([3, 24]), "z": random_feed([2, 24])}, 1e-3)
+    # IR 3: the shared factors are Constant nodes placed before the first use
+    ir3 = ir3_model()
+    ir3.graph.node.append(helper.make_node("Relu", ["y"], ["r"], name="relu"))
+    ir3.graph.node.append(helper.make_node("Gemm", ["r", "B", "C"], ["y3"], name="fc3", transA=1))
+    ir3.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 16  # transA needs N = 16
+    ir3.graph.output.append(helper.make_tensor_value_info("y3", FLOAT, [12, 12]))
+    onnx.checker.check_model(ir3, full_check=True)
+    compressed = compress(ir3, CompressionConfig(params=0.6, validate=False)).model
+    constants = [n for n in compressed.graph.node if n.op_type == "Constant"]
+    assert len(constants) == 2  # B's factors, once for fc and fc3
+    assert_close(ir3, compressed, {"x": random_feed([16, 16])}, tolerance=1e-5)
+
+
 def test_compressing_tied_layers_twice_changes_nothing_and_calibration_falls_back(tmp_path, caplog):
     model = tied_conv_model()
     first = compress(model, CompressionConfig(params=0.5, validate=False))
