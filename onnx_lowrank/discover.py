@@ -536,6 +536,14 @@ def _tied_members(
     """Every node that reads the weight, each examined as a layer of its own, when they are all
     compressible layers of one kind (op, folded shape, ``transB``) in ``index``'s graph that read
     it as ``weight_name``, their weight input; else None."""
+    if weight_name not in index.ties:  # once per weight: k uses would otherwise cost k² work
+        index.ties[weight_name] = _find_tied_members(ref, weight_name, index, shapes)
+    return index.ties[weight_name]
+
+
+def _find_tied_members(
+    ref: _ConstantRef, weight_name: str, index: _GraphIndex, shapes: ShapeInfo
+) -> list[Layer] | None:
     owner = ref.owner
     if owner is not index:
         return None  # the weight lives in an enclosing graph
@@ -650,6 +658,7 @@ class _GraphIndex:
         self.graph_inputs = {info.name for info in graph.input}
         self.graph_outputs = {info.name for info in graph.output}
         self.subgraph_readers = _subgraph_readers(graph, path)
+        self.ties: dict[str, list[Layer] | None] = {}  # _tied_members, by weight input
 
     def resolve(self, name: str) -> _ConstantRef | str:
         """Follow ``name`` back to a stored constant, or return why it is not one."""
