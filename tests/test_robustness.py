@@ -448,6 +448,22 @@ def test_siamese_mnist_towers_share_one_factorization_and_match_the_single_model
     assert accuracy > 0.95
 
 
+def test_unrolled_recurrence_shares_one_factorization_across_its_steps():
+    steps, weight = 60, low_rank(32, 32, 4, seed=1).T.copy()
+    nodes, previous = [], "x"
+    for step in range(steps):
+        nodes.append(helper.make_node("MatMul", [previous, "W"], [f"h{step}"], name=f"mm{step}"))
+        nodes.append(helper.make_node("Tanh", [f"h{step}"], [f"t{step}"], name=f"tanh{step}"))
+        previous = f"t{step}"
+    model = make_model(nodes, [("x", ["N", 32])], [(previous, None)], {"W": weight})
+    (layer,) = discover(model).layers
+    assert len(layer.tied) == steps - 1 and layer.output_positions == steps
+    result = compress(model, CompressionConfig(params=0.5, latency_runs=1))
+    assert result.report.validation.passed
+    assert count_parameters(result.model) == result.report.params_after <= 0.5 * 32 * 32
+    assert_close(model, result.model, {"x": random_feed([3, 32])})
+
+
 def test_tied_fp16_weight_behind_a_cast_and_tied_ir3_constants():
     # fp16 weight read through one Cast by two MatMuls: fp16 factors, one Cast each, shared
     weight = low_rank(10, 24, 3, seed=7).T.astype(np.float16)
