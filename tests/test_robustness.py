@@ -465,6 +465,40 @@ def test_unrolled_recurrence_shares_one_factorization_across_its_steps():
     assert_close(model, result.model, {"x": random_feed([3, 32])})
 
 
+def test_tied_layers_inside_an_if_branch():
+    weight = low_rank(16, 16, 3, seed=2).T.copy()
+    then = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["Wc"], value=tensor_value("Wc", weight)),
+            helper.make_node("MatMul", ["x", "Wc"], ["a"], name="t1"),
+            helper.make_node("Tanh", ["a"], ["b"], name="tanh"),
+            helper.make_node("MatMul", ["b", "Wc"], ["t_out"], name="t2"),
+        ],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t_out", FLOAT, [4, 16])],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["e_out"], name="same")],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e_out", FLOAT, [4, 16])],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other, name="if")],
+        "tied_if",
+        [
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x", FLOAT, [4, 16]),
+        ],
+        [helper.make_tensor_value_info("y", FLOAT, [4, 16])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    result = compress(model, CompressionConfig(params=0.7, validate=False))
+    assert [(x.name, x.shared_with) for x in result.report.compressed_layers] == [("t1", ("t2",))]
+    assert_close(model, result.model, {"c": np.array(True), "x": random_feed([4, 16])})
+
+
 def test_tied_fp16_weight_behind_a_cast_and_tied_ir3_constants():
     # fp16 weight read through one Cast by two MatMuls: fp16 factors, one Cast each, shared
     weight = low_rank(10, 24, 3, seed=7).T.astype(np.float16)
