@@ -12,6 +12,11 @@ is ``α² · E‖(W − Ŵ)(x − μ)‖² = α² · ‖(W − Ŵ) S‖_F²`` wi
 the *centred* second moment ``Σ = E[x xᵀ] − μ μᵀ``; with the bias corrected, this is the exact
 optimum, and it is never worse than whitening with the raw second moment ``E[x xᵀ]``.
 
+**Tied weights** (``Layer.tied``: one weight, several nodes). The statistics pool the input
+vectors of every node; node ``u`` keeps its own mean ``μ_u`` and bias correction
+``b'_u = b_u + α_u·(W − Ŵ) μ_u``, so what remains is ``Σ_u E‖(W − Ŵ)(x_u − μ_u)‖²`` and ``Σ`` is
+the covariance within the nodes, ``Σ_u (n_u/n)·Σ_u`` (``LayerStatistics.use_means``).
+
 **Whitened factors, per channel group** (DESIGN.md §2, §7). Group ``i`` reads the block
 ``W_i`` (``f × (c/g)κ``) and the diagonal block ``Σ_i`` of ``Σ``. Take ``S_i`` with
 ``S_i S_iᵀ = Σ_i + λI`` (Cholesky), the damping being ``λ = DAMPING · tr(Σ) / (c·κ)`` (the mean
@@ -56,7 +61,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -126,6 +131,10 @@ class LayerStatistics:
         covariance: input side: ``Σ`` (``c·κ × c·κ``, channel-major like the folded weight).
         output_covariance: output side: group count ``g`` -> ``(g, f, f)``, the matrices
             ``W_i Σ_i W_iᵀ`` of its groups.
+        use_means: for a weight read by several nodes (``Layer.tied``): node name -> the mean
+            ``μ_u`` of that node's input vectors. ``mean`` is then the pooled mean, and
+            ``Σ`` the pooled covariance *within* the uses, ``Σ_u n_u/n · Σ_u``: each use gets
+            its own bias correction, so differences between the uses' means cost nothing.
     """
 
     name: str
@@ -135,6 +144,7 @@ class LayerStatistics:
     variance: np.ndarray
     covariance: np.ndarray | None = None
     output_covariance: Mapping[int, np.ndarray] | None = None
+    use_means: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def damping(self) -> float:
@@ -168,17 +178,20 @@ class Calibration:
 class CalibratedLayer:
     """The whitened factors of one layer, and its bias correction.
 
+    ``biases`` and ``shifts`` are keyed by node name: the layer's own, and those of its tied
+    uses (``Layer.tied``), each corrected with its own input mean.
+
     Attributes:
         factors: ``U_i = A_r``, ``V_i = A_rᵀ W_i`` per group (rebalanced).
-        bias: the corrected bias ``b' = b + α·(W − Ŵ) μ`` for the rewrite, or None to keep
+        biases: the corrected bias ``b' = b + α·(W − Ŵ) μ`` for the rewrite, or None to keep
             the original bias (no correction needed, or the bias is not a readable constant).
-        shift: ``(W − Ŵ) μ`` when the bias is corrected, zeros otherwise.
+        shifts: ``α·(W − Ŵ) μ`` (output units) when the bias is corrected, zeros otherwise.
         output_error_estimate: ``ε_out(g, r)`` from the error table.
     """
 
     factors: Factors
-    bias: np.ndarray | None
-    shift: np.ndarray
+    biases: Mapping[str, np.ndarray | None]
+    shifts: Mapping[str, np.ndarray]
     output_error_estimate: float
 
 
@@ -406,6 +419,9 @@ class _Accumulator:
         self.pilot: np.ndarray | None = None
         self.total = np.zeros(cols)
         self.squares = np.zeros(cols)
+        self.weight = weight
+        self.use_sums: dict[str, np.ndarray] = {}  # node name -> Σ x, for tied uses
+        self.use_counts: dict[str, int] = {}
         if side == "input":
             self.outer = np.zeros((cols, cols))
             return
@@ -427,8 +443,11 @@ class _Accumulator:
         self.partial_total = {g: np.zeros((g, f)) for g in self.groups}
         self.partial_outer = {g: np.zeros((g, f, f)) for g in self.groups}
 
-    def add(self, vectors: np.ndarray) -> None:
+    def add(self, vectors: np.ndarray, use: str | None = None) -> None:
         n = len(vectors)
+        if use is not None:
+            self.use_sums[use] = self.use_sums.get(use, 0.0) + vectors.sum(axis=0)
+            self.use_counts[use] = self.use_counts.get(use, 0) + n
         if self.pilot is None:
             self.pilot = vectors.mean(axis=0)
             if self.side == "output":
@@ -462,21 +481,50 @@ class _Accumulator:
         n = max(self.count, 1)
         pilot = self.pilot if self.pilot is not None else np.zeros_like(self.total)
         shift = self.total / n
-        variance = np.maximum(self.squares / n - shift * shift, 0.0)
+        mean = pilot + shift
+        variance = self.squares / n - shift * shift
         name = self.layer.name
+        # Tied uses: remove the scatter of the uses' means around the pooled mean (``d_u``),
+        # which leaves the covariance within the uses (see LayerStatistics.use_means).
+        use_means = {u: total / max(self.use_counts[u], 1) for u, total in self.use_sums.items()}
+        spread = [(self.use_counts[u] / n, m - mean) for u, m in use_means.items()]
+        spread = spread if len(spread) > 1 else []
+        for weight, d in spread:
+            variance -= weight * d * d
+        variance = np.maximum(variance, 0.0)
+        use_means = use_means if spread else {}
         if self.side == "input":
             covariance = self.outer / n - np.outer(shift, shift)
+            for weight, d in spread:
+                covariance -= weight * np.outer(d, d)
             covariance = (covariance + covariance.T) / 2
             return LayerStatistics(
-                name, "input", self.count, pilot + shift, variance, covariance=covariance
+                name,
+                "input",
+                self.count,
+                mean,
+                variance,
+                covariance=covariance,
+                use_means=use_means,
             )
         output = {}
+        f = self.layer.out_channels
         for g in self.groups:
-            mean = self.partial_total[g] / n  # (g, f)
-            matrix = self.partial_outer[g] / n - mean[:, :, None] * mean[:, None, :]
+            partial_mean = self.partial_total[g] / n  # (g, f)
+            matrix = self.partial_outer[g] / n - partial_mean[:, :, None] * partial_mean[:, None, :]
+            blocks = self.weight.reshape(f, g, -1).transpose(1, 0, 2)  # (g, f, width)
+            for weight, d in spread:
+                wd = np.einsum("gfw,gw->gf", blocks, d.reshape(g, -1))  # W_i d_i
+                matrix -= weight * wd[:, :, None] * wd[:, None, :]
             output[g] = (matrix + matrix.transpose(0, 2, 1)) / 2
         return LayerStatistics(
-            name, "output", self.count, pilot + shift, variance, output_covariance=output
+            name,
+            "output",
+            self.count,
+            mean,
+            variance,
+            output_covariance=output,
+            use_means=use_means,
         )
 
 
@@ -511,14 +559,20 @@ def collect_statistics(
         weight = discovery.weight(layer) if side == "output" else np.empty(0)
         accumulators[layer.name] = _Accumulator(layer, weight, groups, side)
         log.info("calibration statistics of %s on the %s side", layer.name, side)
-    wanted = {graph.node[layer.node_index].input[0]: layer for layer in discovery.layers}
+    wanted = {
+        graph.node[use.node_index].input[0]: layer
+        for layer in discovery.layers
+        for use in layer.uses()
+    }
     for activations, _ in _run_batches(model, wanted, feeds, providers, progress):
         for layer in discovery.layers:
-            node = graph.node[layer.node_index]
             accumulator = accumulators[layer.name]
             limit = chunk_bytes * layer.cols // accumulator.row_values
-            for vectors in layer_vectors(layer, node, activations[node.input[0]], limit):
-                accumulator.add(vectors)
+            for use in layer.uses():  # a tied weight pools the inputs of all its nodes
+                node = graph.node[use.node_index]
+                label = use.name if layer.tied else None
+                for vectors in layer_vectors(use, node, activations[node.input[0]], limit):
+                    accumulator.add(vectors, label)
     return {name: accumulator.statistics() for name, accumulator in accumulators.items()}
 
 
@@ -709,17 +763,21 @@ def with_output_errors(table: CandidateTable, spectrum: LayerSpectrum) -> Candid
     return replace(table, errors=errors)
 
 
-def with_bias_cost(table: CandidateTable, layer: Layer, node: onnx.NodeProto) -> CandidateTable:
-    """Count the bias that bias correction adds to a layer without one (``f`` parameters).
+def with_bias_cost(table: CandidateTable, layer: Layer, graph: onnx.GraphProto) -> CandidateTable:
+    """Count the bias that bias correction adds to each node of a layer without one (``f``
+    parameters each; a tied weight's nodes each get their own).
 
     Candidates that then cost as much as the dense layer are dropped.
     """
-    has_bias = layer.op_type != "MatMul" and len(node.input) > 2 and bool(node.input[2])
-    if has_bias:
+    missing = 0
+    for use in layer.uses():
+        node = graph.node[use.node_index]
+        missing += layer.op_type == "MatMul" or len(node.input) < 3 or not node.input[2]
+    if not missing:
         return table
     costs = table.costs.copy()
     factorized = table.groups > 0
-    costs[factorized, 0] += layer.out_channels
+    costs[factorized, 0] += missing * layer.out_channels
     keep = ~factorized | (costs[:, 0] < layer.params)
     return replace(
         table,
@@ -822,22 +880,24 @@ def factorize_layers(
         weight = discovery.weight(layer)
         stats = calibration.statistics[layer.name]
         factors = whitened_factors(weight, stats, groups, rank)
-        node = graph.node[layer.node_index]
-        bias, alpha = _effective_bias(graph, node, layer)
-        shift = (weight - reconstruct(factors)) @ stats.mean
-        had_bias = len(node.input) > 2 and bool(node.input[2])
-        if bias is None:
-            log.warning(
-                "no bias correction for %s: its bias is not a constant per output channel",
-                layer.name,
-            )
-            new_bias, shift = None, np.zeros_like(shift)
-        elif not had_bias and not np.any(shift):
-            new_bias = None
-        else:
-            new_bias = bias + alpha * shift
+        residual = weight - reconstruct(factors)
+        biases, shifts = {}, {}
+        for use in layer.uses():  # each node of a tied weight with its own mean and bias
+            node = graph.node[use.node_index]
+            bias, alpha = _effective_bias(graph, node, use)
+            shift = alpha * (residual @ stats.use_means.get(use.name, stats.mean))
+            had_bias = len(node.input) > 2 and bool(node.input[2])
+            if bias is None:
+                log.warning(
+                    "no bias correction for %s: its bias is not a constant per output channel",
+                    use.name,
+                )
+                biases[use.name], shifts[use.name] = None, np.zeros_like(shift)
+                continue
+            biases[use.name] = None if not had_bias and not np.any(shift) else bias + shift
+            shifts[use.name] = shift
         estimate = output_error_table(calibration.spectra[layer.name], groups)[rank]
-        result[layer.name] = CalibratedLayer(factors, new_bias, shift, float(estimate))
+        result[layer.name] = CalibratedLayer(factors, biases, shifts, float(estimate))
         if progress is not None:
             progress("factorize", done + 1, len(chosen))
     return result
@@ -855,8 +915,8 @@ def _residual_probe(
     """A copy of ``model`` with, for every layer, a twin node computing ``α·(W − Ŵ) x``.
 
     The twin is the layer's own node (same op and attributes, so the same patches) with the
-    residual weight ``W − Ŵ`` in the layout the node reads, and no bias. Returns the probe
-    model and layer name -> the twin's output name.
+    residual weight ``W − Ŵ`` in the layout the node reads, and no bias; a tied weight gets a
+    twin for each of its nodes. Returns the probe model and node name -> the twin's output.
     """
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
@@ -876,20 +936,22 @@ def _residual_probe(
         else:
             stored = residual.T
         base = f"{layer.name}/onnx_lowrank_residual"
-        weight_name, output_name = _fresh(f"{base}_weight", used), _fresh(base, used)
+        weight_name = _fresh(f"{base}_weight", used)
         dtype = onnx.helper.tensor_dtype_to_np_dtype(layer.weight_dtype)
         graph.initializer.append(
             onnx.numpy_helper.from_array(np.ascontiguousarray(stored, dtype=dtype), weight_name)
         )
-        twin = onnx.NodeProto()
-        twin.CopyFrom(node)
-        twin.name = _fresh(base, used)
-        del twin.input[:]
-        twin.input.extend([node.input[0], weight_name])
-        del twin.output[:]
-        twin.output.append(output_name)
-        graph.node.append(twin)
-        outputs[layer.name] = output_name
+        for use in layer.uses():  # tied uses share the residual weight
+            node = graph.node[use.node_index]
+            twin = onnx.NodeProto()
+            twin.CopyFrom(node)
+            twin.name = _fresh(base, used)
+            del twin.input[:]
+            twin.input.extend([node.input[0], weight_name])
+            del twin.output[:]
+            twin.output.append(_fresh(base, used))
+            graph.node.append(twin)
+            outputs[use.name] = twin.output[0]
     return probe, outputs
 
 
@@ -905,32 +967,43 @@ def _fresh(base: str, used: set[str]) -> str:
 class _OutputErrorSums:
     """Running sums for the two relative output errors of one layer."""
 
-    def __init__(self, layer: Layer, node: onnx.NodeProto, item: CalibratedLayer):
+    def __init__(self, layer: Layer):
         self.channel_axis = 1 if layer.op_type == "Conv" else -1
-        alpha = float(attribute(node, "alpha", 1.0)) if layer.op_type == "Gemm" else 1.0
-        self.shift = alpha * item.shift  # the bias correction, in output units
         self.local = self.network = self.squares = 0.0
-        self.channel_sums = np.zeros(layer.out_channels)
-        self.count = 0
+        self.channel_sums: dict[str, np.ndarray] = {}  # per node: the output's own mean
+        self.counts: dict[str, int] = {}
 
-    def add(self, original: np.ndarray, residual: np.ndarray, compressed: np.ndarray) -> None:
+    def add(
+        self,
+        use: str,
+        shift: np.ndarray,
+        original: np.ndarray,
+        residual: np.ndarray,
+        compressed: np.ndarray,
+    ) -> None:
+        """One batch of node ``use``; ``shift`` is its bias correction in output units."""
         # float32 differences, float64 sums: no float64 copies of large activations
         original = original.astype(np.float32, copy=False)
         axis = self.channel_axis % original.ndim
         shape = [1] * original.ndim
         shape[axis] = -1
         # Ŷ − Y of the layer alone: −(α(W − Ŵ)x − α(W − Ŵ)μ) once the bias is corrected
-        local = residual.astype(np.float32) - self.shift.astype(np.float32).reshape(shape)
+        local = residual.astype(np.float32) - shift.astype(np.float32).reshape(shape)
         network = compressed.astype(np.float32) - original
         self.local += _sum_of_squares(local)
         self.network += _sum_of_squares(network)
         self.squares += _sum_of_squares(original)
         others = tuple(a for a in range(original.ndim) if a != axis)
-        self.channel_sums += original.sum(axis=others, dtype=np.float64)
-        self.count += original.size // original.shape[axis]
+        sums = original.sum(axis=others, dtype=np.float64)
+        self.channel_sums[use] = self.channel_sums.get(use, 0.0) + sums
+        self.counts[use] = self.counts.get(use, 0) + original.size // original.shape[axis]
 
     def result(self) -> OutputErrors:
-        spread = self.squares - float(np.sum(self.channel_sums**2)) / max(self.count, 1)
+        # ‖Y − Ȳ‖², each node's output around its own per-channel mean
+        spread = self.squares - sum(
+            float(np.sum(total**2)) / max(self.counts[use], 1)
+            for use, total in self.channel_sums.items()
+        )
 
         def relative(value: float) -> float:
             if spread > 0:
@@ -965,11 +1038,12 @@ def measure_output_errors(
     probe, residuals = _residual_probe(discovery.model, discovery, layers)
     sums, wanted, outputs = {}, {}, []
     for layer in chosen:
-        node = graph.node[layer.node_index]
-        sums[layer.name] = _OutputErrorSums(layer, node, layers[layer.name])
-        wanted[node.output[0]] = layer
-        wanted[residuals[layer.name]] = layer
-        outputs.append(node.output[0])
+        sums[layer.name] = _OutputErrorSums(layer)
+        for use in layer.uses():
+            node = graph.node[use.node_index]
+            wanted[node.output[0]] = layer
+            wanted[residuals[use.name]] = layer
+            outputs.append(node.output[0])
     batches = _run_batches(
         probe,
         wanted,
@@ -982,10 +1056,16 @@ def measure_output_errors(
     )
     for activations, others in batches:
         for layer in chosen:
-            output = graph.node[layer.node_index].output[0]
-            sums[layer.name].add(
-                activations[output], activations[residuals[layer.name]], others[output]
-            )
+            shifts = layers[layer.name].shifts
+            for use in layer.uses():
+                output = graph.node[use.node_index].output[0]
+                sums[layer.name].add(
+                    use.name,
+                    shifts[use.name],
+                    activations[output],
+                    activations[residuals[use.name]],
+                    others[output],
+                )
     return {name: total.result() for name, total in sums.items()}
 
 
@@ -1013,19 +1093,16 @@ def calibrate(
         providers: ONNX Runtime execution providers.
         progress: callback ``(stage, done, total)``; stage ``"calibrate"``.
     """
-    # A subgraph's tensors cannot be fetched as outputs of the main graph, and a shared weight
-    # (Layer.tied) has one factorization but several inputs, means and biases.
-    uncalibrated = [layer for layer in discovery.layers if layer.graph_path or layer.tied]
-    if uncalibrated:
+    inner = [layer.name for layer in discovery.layers if layer.graph_path]
+    if inner:
+        # A subgraph's tensors cannot be fetched as outputs of the main graph.
         log.warning(
-            "%d layer(s) inside subgraphs or with shared weights (e.g. %s) are factorized "
-            "without calibration",
-            len(uncalibrated),
-            uncalibrated[0].name,
+            "%d layer(s) inside subgraphs (e.g. %s) are factorized without calibration",
+            len(inner),
+            inner[0],
         )
         discovery = replace(
-            discovery,
-            layers=[layer for layer in discovery.layers if not (layer.graph_path or layer.tied)],
+            discovery, layers=[layer for layer in discovery.layers if not layer.graph_path]
         )
     statistics = collect_statistics(discovery, feeds, max_groups, providers, progress)
     spectra = whitened_spectra(discovery, statistics, max_groups)

@@ -339,11 +339,9 @@ def candidate_tables(analysis: Analysis, config: CompressionConfig) -> list[Cand
             calibrate.with_output_errors(t, spectra[t.layer]) if t.layer in spectra else t
             for t in tables
         ]
-    nodes = analysis.model.graph.node
+    graph = analysis.model.graph
     return [  # bias correction adds a bias where there is none
-        calibrate.with_bias_cost(table, layer, nodes[layer.node_index])
-        if layer.name in spectra
-        else table
+        calibrate.with_bias_cost(table, layer, graph) if layer.name in spectra else table
         for table, layer in zip(tables, analysis.discovery.layers, strict=True)
     ]
 
@@ -389,8 +387,11 @@ def realize(
                 analysis, tables, choices, calibration, progress
             )
     with timer.stage("rewrite"):
-        biases = {
-            name: item.bias for name, item in (calibrated or {}).items() if item.bias is not None
+        biases = {  # by node name: a tied weight's nodes each have their own
+            use: bias
+            for item in (calibrated or {}).values()
+            for use, bias in item.biases.items()
+            if bias is not None
         }
         compressed = rewrite(
             model,

@@ -14,7 +14,7 @@ Gemm / MatMul:
     second: MatMul(h, Uᵀ) for a MatMul; Gemm(h, U, C, transB=1, alpha, beta) for a Gemm, so the
             bias ``beta·C`` and ``alpha`` are kept.
 
-Bias correction (calibrate.py): ``biases`` maps a layer name to the layer's new bias ``b'``
+Bias correction (calibrate.py): ``biases`` maps a node name to the layer's new bias ``b'``
 (``f`` values, in output units). The second node then reads ``b'`` instead of the original bias:
 a Conv gets it as its bias input, a Gemm as ``C`` with ``beta = 1``, and a MatMul, which has no
 bias input, gets an ``Add`` after it that produces the original output name.
@@ -70,8 +70,9 @@ def rewrite(
         model: the model ``discover`` ran on.
         replacements: layers (of any graph) with their factors.
         inplace: edit ``model`` itself instead of a copy.
-        biases: layer name -> new bias ``b'`` (``f`` values in output units) that replaces the
-            layer's bias (bias correction); layers not named keep their bias.
+        biases: node name (the layer's, or a tied use's) -> new bias ``b'`` (``f`` values in
+            output units) that replaces the node's bias (bias correction); nodes not named keep
+            their bias.
 
     Returns:
         The rewritten model. The ONNX checker and shape inference accept it.
@@ -102,7 +103,7 @@ def rewrite(
             seconds = []
             for use in layer.uses():
                 node = graph.node[use.node_index]
-                bias = biases.get(layer.name)
+                bias = biases.get(use.name)
                 builder = _PairBuilder(use, factors, node, names, as_nodes, bias, shared)
                 new_nodes[use.node_index] = builder.nodes()
                 graph.initializer.extend(builder.initializers)  # one layer's factors at a time

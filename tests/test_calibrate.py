@@ -407,7 +407,8 @@ def test_mnist_calibration_lowers_output_errors_at_the_same_budget(tmp_path):
         if groups == 0:  # kept dense
             continue
         factors = factorize(discovery.weight(layer), groups, rank)
-        plain[layer.name] = cal.CalibratedLayer(factors, None, np.zeros(layer.out_channels), 0.0)
+        shifts = {use.name: np.zeros(layer.out_channels) for use in layer.uses()}
+        plain[layer.name] = cal.CalibratedLayer(factors, {}, shifts, 0.0)
     data_free = rewrite(
         analysis.model, [(discovery.layer(name), p.factors) for name, p in plain.items()]
     )

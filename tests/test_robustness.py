@@ -529,7 +529,29 @@ def test_tied_fp16_weight_behind_a_cast_and_tied_ir3_constants():
     assert_close(ir3, compressed, {"x": random_feed([16, 16])}, tolerance=1e-5)
 
 
-def test_compressing_tied_layers_twice_changes_nothing_and_calibration_falls_back(tmp_path, caplog):
+def test_calibrated_siamese_mnist_matches_the_calibrated_single_model(tmp_path):
+    # Both towers fed the same training images: the pooled statistics are the single model's,
+    # so the tied factors and corrected biases must be the same as the single model's.
+    train = np.load(MNIST.parent / "mnist_train_calib.npz")["images"][:300]
+    images = ((train.astype(np.float32) / 255.0 - 0.1307) / 0.3081)[:, None]
+    np.savez(tmp_path / "twin.npz", **{"a:input": images, "b:input": images})
+    np.savez(tmp_path / "single.npz", input=images)
+    config = CompressionConfig(params=0.3, validate=False)
+    twin = compress(siamese_mnist(), config.replace(calibration=str(tmp_path / "twin.npz")))
+    single = compress(MNIST, config.replace(calibration=str(tmp_path / "single.npz")))
+    pairs = zip(twin.report.compressed_layers, single.report.compressed_layers, strict=True)
+    for tied, alone in pairs:
+        assert (tied.groups, tied.rank) == (alone.groups, alone.rank)
+        assert tied.output_error_estimate == pytest.approx(alone.output_error_estimate, rel=1e-9)
+    test = np.load(MNIST.parent / "mnist_test.npz")
+    evaluation = ((test["images"][:500].astype(np.float32) / 255.0 - 0.1307) / 0.3081)[:, None]
+    a, b = outputs(twin.model, {"a:input": evaluation, "b:input": evaluation})
+    (alone,) = outputs(single.model, {"input": evaluation})
+    np.testing.assert_allclose(a, alone, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(b, alone, rtol=1e-4, atol=1e-4)
+
+
+def test_compressing_tied_layers_twice_changes_nothing():
     model = tied_conv_model()
     first = compress(model, CompressionConfig(params=0.5, validate=False))
     (record,) = json.loads(first.model.metadata_props[0].value)
@@ -537,15 +559,60 @@ def test_compressing_tied_layers_twice_changes_nothing_and_calibration_falls_bac
     second = compress(first.model, CompressionConfig(params=0.5, validate=False))
     assert second.report.compressed_layers == []
     assert second.model.SerializeToString() == first.model.SerializeToString()
-    calibration = tmp_path / "calibration.npz"
-    np.savez(calibration, x=random_feed([8, 16, 9, 9], seed=2))
-    with caplog.at_level(logging.WARNING):
-        calibrated = compress(
-            model, CompressionConfig(params=0.5, calibration=str(calibration), latency_runs=1)
+
+
+@pytest.mark.parametrize("kind", ["matmul", "conv"])  # input-side and output-side statistics
+def test_tied_layers_are_calibrated_with_each_node_its_own_mean(tmp_path, kind):
+    rng = np.random.default_rng(8)
+    if kind == "matmul":
+        weight = rng.standard_normal((16, 24)).astype(np.float32)  # B (c × f): input side
+        nodes = [
+            helper.make_node("MatMul", ["x1", "W"], ["y1"], name="first"),
+            helper.make_node("MatMul", ["x2", "W"], ["y2"], name="second"),
+        ]
+        shapes = [("x1", ["N", 16]), ("x2", ["N", 5, 16])]
+        weights = {"W": weight}
+    else:
+        weight = rng.standard_normal((4, 16, 3, 3)).astype(np.float32)  # f < cκ: output side
+        nodes = [
+            helper.make_node("Conv", ["x1", "W", "B"], ["y1"], name="first", pads=[1] * 4),
+            helper.make_node("Conv", ["x2", "W"], ["y2"], name="second", strides=[2, 2]),
+        ]
+        shapes = [("x1", ["N", 16, 6, 6]), ("x2", ["N", 16, 7, 7])]
+        weights = {"W": weight, "B": np.ones(4, np.float32)}
+    model = make_model(nodes, shapes, [("y1", None), ("y2", None)], weights)
+    # the two nodes see inputs with different means and correlations
+    mix = rng.standard_normal((16, 16))
+    channel_axis = -1 if kind == "matmul" else 1
+
+    def inputs(count: int, seed: int) -> dict[str, np.ndarray]:
+        local = np.random.default_rng(seed)
+        one = local.standard_normal([count, *[d for d in shapes[0][1][1:]]]) + 3.0
+        two = np.moveaxis(
+            np.moveaxis(local.standard_normal([count, *shapes[1][1][1:]]), channel_axis, -1) @ mix,
+            -1,
+            channel_axis,
         )
-    assert "with shared weights (e.g. tied_a) are factorized without calibration" in caplog.text
-    assert calibrated.report.validation.passed
-    assert_close(model, calibrated.model, {"x": random_feed([2, 16, 9, 9])})
+        return {"x1": one.astype(np.float32), "x2": (two - 1.0).astype(np.float32)}
+
+    feeds = inputs(64, 1)
+    path = tmp_path / "calibration.npz"
+    np.savez(path, **feeds)
+    config = CompressionConfig(
+        params=0.5, method="alds-error", calibration=str(path), latency_runs=1
+    )
+    result = compress(model, config)
+    (layer,) = result.report.compressed_layers
+    assert layer.shared_with == ("second",) and layer.groups == 1
+    # each node corrected with its own mean, whitened by the covariance within the nodes:
+    # for g = 1 the table's estimate is then the measured error (across both nodes)
+    assert layer.output_error == pytest.approx(layer.output_error_estimate, rel=1e-3)
+    assert layer.output_error_network == pytest.approx(layer.output_error, rel=1e-3)
+    assert 0.05 < layer.output_error < 0.9
+    # and every node keeps its mean output on the calibration data
+    for before, after in zip(outputs(model, feeds), outputs(result.model, feeds), strict=True):
+        axes = tuple(a for a in range(before.ndim) if a != channel_axis % before.ndim)
+        np.testing.assert_allclose(after.mean(axis=axes), before.mean(axis=axes), atol=2e-4)
 
 
 # 5. Quantized graphs are left alone ----------------------------------------------------------
