@@ -604,6 +604,9 @@ def test_tied_layers_are_calibrated_with_each_node_its_own_mean(tmp_path, kind):
     result = compress(model, config)
     (layer,) = result.report.compressed_layers
     assert layer.shared_with == ("second",) and layer.groups == 1
+    # every node without a bias got one (counted in the budget)
+    assert result.report.params_after == count_parameters(result.model)
+    assert result.report.params_after <= 0.5 * result.report.params_before
     # each node corrected with its own mean, whitened by the covariance within the nodes:
     # for g = 1 the table's estimate is then the measured error (across both nodes)
     assert layer.output_error == pytest.approx(layer.output_error_estimate, rel=1e-3)
