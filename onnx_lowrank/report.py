@@ -285,10 +285,16 @@ def format_summary(report: CompressionReport) -> str:
 def format_validation(validation: ValidationReport | None) -> str:
     if validation is None:
         return "validation: skipped"
-    lines = [
-        f"validation on {validation.provider} with {validation.inputs} inputs: "
-        + ("PASSED" if validation.passed else "FAILED")
-    ]
+    if not validation.passed:
+        status = "FAILED"
+    elif validation.tolerances:
+        checked = ", ".join(
+            f"--{name.replace('_', '-')} {value:g}" for name, value in validation.tolerances.items()
+        )
+        status = f"PASSED ({checked})"
+    else:  # nothing but shapes and NaN/Inf was checked: do not call it good
+        status = "ran (no tolerances set: only shapes and NaN/Inf were checked)"
+    lines = [f"validation on {validation.provider} with {validation.inputs} inputs: {status}"]
     for output in validation.outputs:
         top1 = "" if output.top1_agreement is None else f", top-1 agree {output.top1_agreement:.1%}"
         lines.append(
@@ -302,6 +308,12 @@ def format_validation(validation: ValidationReport | None) -> str:
             f"{validation.latency_ms_before:.3f} ms -> {validation.latency_ms_after:.3f} ms"
         )
     lines += [f"  FAILED: {failure}" for failure in validation.failures]
+    lines += [
+        f"  warning: {output.name} is far from the original (cosine "
+        f"{output.cosine_similarity:.3f}); the model may be broken: check it on real inputs "
+        "(--inputs) with tolerances, raise the budget, or use --calibration"
+        for output in validation.far_outputs
+    ]
     return "\n".join(lines)
 
 

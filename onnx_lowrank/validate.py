@@ -64,6 +64,9 @@ LATENCY_BATCH = 1
 LATENCY_BUDGET_S = 0.5
 #: Pairs timed before the budget may stop the latency measurement.
 MIN_LATENCY_RUNS = 3
+#: An output whose cosine similarity with the original is below this gets a warning, tolerances
+#: or not: the compressed model may be broken.
+FAR_COSINE = 0.9
 #: Largest random validation input (values); a larger declared shape is a ShapeError.
 MAX_RANDOM_ELEMENTS = 2**28
 
@@ -98,6 +101,9 @@ class ValidationReport:
         failures: every reason the compressed model failed; empty when it passed.
         latency_batch: samples per latency run (None when the inputs were not split).
         latency_runs: timed runs per model behind each median.
+        tolerances: the tolerances checked (``max_rel_error``, ``min_cosine``, ``min_top1``
+            that were set). Without any, passing only means that the compressed model runs
+            and its outputs have the original's shapes and no NaN/Inf where it has none.
     """
 
     provider: str
@@ -108,10 +114,16 @@ class ValidationReport:
     failures: tuple[str, ...] = field(default_factory=tuple)
     latency_batch: int | None = None
     latency_runs: int = 0
+    tolerances: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
         return not self.failures
+
+    @property
+    def far_outputs(self) -> list[OutputComparison]:
+        """Outputs whose cosine similarity with the original is below ``FAR_COSINE``."""
+        return [o for o in self.outputs if o.cosine_similarity < FAR_COSINE]
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -459,7 +471,13 @@ def validate(
         failures,
         latency_batch=batch,
         latency_runs=runs,
+        tolerances=_tolerances(config),
     )
+
+
+def _tolerances(config: CompressionConfig) -> dict[str, float]:
+    names = ("max_rel_error", "min_cosine", "min_top1")
+    return {name: getattr(config, name) for name in names if getattr(config, name) is not None}
 
 
 def latency_feeds(

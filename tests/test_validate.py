@@ -9,6 +9,7 @@ from builders import MNIST, conv_model, random_feed
 
 import onnx_lowrank.validate as validate_module
 from onnx_lowrank import CompressionConfig, compress
+from onnx_lowrank.report import format_validation
 from onnx_lowrank.validate import latency_feeds, random_inputs, validate
 
 
@@ -54,3 +55,25 @@ def test_validation_runs_on_the_provider_it_reports(device):
     model = onnx.load(MNIST)
     report = validate(model, model, CompressionConfig(params=0.5, device=device, latency_runs=1))
     assert report.provider in validate_module.providers_for(device)
+
+
+def test_validation_is_called_passed_only_when_tolerances_were_checked():
+    loose = compress(MNIST, CompressionConfig(params=0.5, latency_runs=1)).report.validation
+    assert loose.passed and loose.tolerances == {}
+    text = format_validation(loose)
+    assert "ran (no tolerances set: only shapes and NaN/Inf were checked)" in text
+    assert "PASSED" not in text and "warning" not in text  # MNIST at 50 %: cosine 0.98
+    config = CompressionConfig(params=0.5, latency_runs=1, min_cosine=0.5, max_rel_error=0.9)
+    checked = compress(MNIST, config).report.validation
+    assert checked.tolerances == {"max_rel_error": 0.9, "min_cosine": 0.5}
+    assert "PASSED (--max-rel-error 0.9, --min-cosine 0.5)" in format_validation(checked)
+    assert checked.to_dict()["tolerances"] == {"max_rel_error": 0.9, "min_cosine": 0.5}
+
+
+def test_outputs_far_from_the_original_get_a_warning_even_without_tolerances():
+    # svd at 10 % of the parameters breaks the MNIST CNN
+    report = compress(MNIST, CompressionConfig(params=0.1, method="svd", latency_runs=1)).report
+    (output,) = report.validation.outputs
+    assert report.validation.passed and output.cosine_similarity < 0.9
+    warning = f"warning: logits is far from the original (cosine {output.cosine_similarity:.3f})"
+    assert warning in format_validation(report.validation)
