@@ -241,6 +241,11 @@ def node_macs(node: onnx.NodeProto, shapes: ShapeInfo) -> int | None:
         return None
     weight = shapes.get(node.input[1])
     out = shapes.get(node.output[0])
+    if node.op_type == "MatMul":  # B's shape is not needed: K is A's last axis
+        x = shapes.get(node.input[0])
+        if x is None or None in x or not x or out is None or None in out:
+            return None
+        return math.prod(out) * x[-1]  # every output value is a dot product of length K
     if weight is None or out is None or None in weight or None in out:
         return None
     if len(weight) < (3 if node.op_type.startswith("Conv") else 2):
@@ -254,13 +259,8 @@ def node_macs(node: onnx.NodeProto, shapes: ShapeInfo) -> int | None:
             return None
         # every input value is spread over (f/group)·κ outputs: weight is (c, f/group, k...)
         return math.prod(x) * math.prod(weight[1:])
-    if node.op_type == "Gemm":
-        inner = weight[1] if attribute(node, "transB", 0) else weight[0]
-        return math.prod(out) * inner
-    x = shapes.get(node.input[0])
-    if x is None or None in x or not x:
-        return None
-    return math.prod(out) * x[-1]  # MatMul: every output value is a dot product of length K
+    inner = weight[1] if attribute(node, "transB", 0) else weight[0]
+    return math.prod(out) * inner  # Gemm
 
 
 def _shape_of(info: onnx.ValueInfoProto) -> Shape | None:

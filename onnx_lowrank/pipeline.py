@@ -729,8 +729,9 @@ def _require_macs(discovery: Discovery, unknown: list[str]) -> None:
     missing += [name for name in unknown if name not in missing]
     if missing:
         raise ShapeError(
-            f"--flops needs every layer's output shape, but {len(missing)} are dynamic "
-            f"(e.g. {missing[0]}); give concrete input sizes with --input-shape NAME:D1,D2,..."
+            f"--flops needs the MACs of every Conv/Gemm/MatMul, but {len(missing)} depend on "
+            f"shapes that are unknown (e.g. {missing[0]}); give concrete input sizes with "
+            "--input-shape NAME:D1,D2,..."
         )
 
 

@@ -7,9 +7,10 @@ import math
 import numpy as np
 import onnx
 from builders import MNIST, MODELS, conv_model
+from onnx import helper
 
 from onnx_lowrank import CompressionConfig, compress
-from onnx_lowrank.cost import count_macs, count_parameters, infer_shapes
+from onnx_lowrank.cost import ShapeInfo, count_macs, count_parameters, infer_shapes, node_macs
 
 
 def test_mnist_macs_are_the_sum_over_its_layers():
@@ -53,3 +54,13 @@ def test_flops_budget_on_a_model_with_computed_pads():
     direct, unknown = count_macs(result.model, infer_shapes(result.model, {}))
     assert unknown == [] and direct == report.macs_after
     assert report.params_after == count_parameters(result.model)
+
+
+def test_matmul_macs_need_only_the_left_operand_and_the_output():
+    # attention scores Q @ Kᵀ with Kᵀ computed at run time (its shape unknown, as in PP-OCRv4)
+    node = helper.make_node("MatMul", ["q", "kt"], ["scores"], name="scores")
+    shapes = ShapeInfo({"q": (1, 8, 40, 15), "scores": (1, 8, 40, 40)})
+    assert node_macs(node, shapes) == 8 * 40 * 40 * 15
+    assert node_macs(node, ShapeInfo({"q": (1, 8, 40, 15)})) is None  # output unknown
+    vector = ShapeInfo({"q": (15,), "scores": (40,)})  # 1-D left operand
+    assert node_macs(node, vector) == 40 * 15
