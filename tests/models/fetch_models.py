@@ -13,7 +13,7 @@ Usage::
     python tests/models/fetch_models.py                 # everything it can
     python tests/models/fetch_models.py --list          # what exists / where
     python tests/models/fetch_models.py --only crepe_tiny --only silero_vad
-    python tests/models/fetch_models.py --cache /work/models-cache --no-export
+    python tests/models/fetch_models.py --cache /path/to/model-cache --no-export
 
 Where files go
 --------------
