@@ -28,6 +28,8 @@ METHODS: tuple[str, ...] = ("alds", "alds-paper", "alds-error", "energy", "svd")
 #: Layer error measures (DESIGN.md §3): the valid upper bound, the reference code's lower bound,
 #: and, with calibration data, the relative output error on real activations (calibrate.py).
 ERROR_MEASURES: tuple[str, ...] = ("bound", "max-group", "output")
+#: Validation tolerances (fields of CompressionConfig; flags ``--max-rel-error`` ...).
+TOLERANCES: tuple[str, ...] = ("max_rel_error", "min_cosine", "min_top1")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -114,7 +116,7 @@ class CompressionConfig:
                 f"--groups {self.groups} exceeds --max-groups {self.max_groups}; "
                 "raise --max-groups or lower --groups"
             )
-        for name in ("max_rel_error", "min_cosine", "min_top1"):
+        for name in TOLERANCES:
             value = getattr(self, name)
             if value is not None and not (_is_number(value) and value >= 0):
                 raise ConfigError(f"--{_flag(name)} must be a non-negative number, got {value!r}")
@@ -143,6 +145,12 @@ class CompressionConfig:
                 "--error output measures errors on real activations and needs "
                 "--calibration FILE.npz; give one, or use --error bound"
             )
+
+    @property
+    def tolerances(self) -> dict[str, float]:
+        """The validation tolerances that are set, by field name."""
+        values = {name: getattr(self, name) for name in TOLERANCES}
+        return {name: value for name, value in values.items() if value is not None}
 
     @property
     def has_budget(self) -> bool:

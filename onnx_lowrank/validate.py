@@ -471,13 +471,8 @@ def validate(
         failures,
         latency_batch=batch,
         latency_runs=runs,
-        tolerances=_tolerances(config),
+        tolerances=config.tolerances,
     )
-
-
-def _tolerances(config: CompressionConfig) -> dict[str, float]:
-    names = ("max_rel_error", "min_cosine", "min_top1")
-    return {name: getattr(config, name) for name in names if getattr(config, name) is not None}
 
 
 def latency_feeds(
