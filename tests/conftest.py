@@ -1,4 +1,15 @@
 import sys
 from pathlib import Path
 
+import pytest
+from threadpoolctl import threadpool_limits
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+@pytest.fixture
+def single_threaded_reference_blas():
+    """The float64 SVDs the tests compare against run with one BLAS thread, like the code under
+    test: OpenBLAS threads spin while waiting and crawl on a machine with busy cores."""
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield

@@ -15,7 +15,6 @@ from builders import MODELS
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from test_spectra import matrix, tau
-from threadpoolctl import threadpool_limits
 
 from onnx_lowrank.backend import Backend
 from onnx_lowrank.discover import discover
@@ -30,12 +29,7 @@ from onnx_lowrank.factorize import (
 STRICT = Backend("array_api_strict", array_api_strict)
 
 
-@pytest.fixture(autouse=True)
-def single_threaded_reference_blas():
-    """The float64 SVDs the tests compare against run with one BLAS thread, like the code under
-    test: OpenBLAS threads spin while waiting and crawl on a machine with busy cores."""
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
+pytestmark = pytest.mark.usefixtures("single_threaded_reference_blas")
 
 
 def svd_truncation(weight: np.ndarray, groups: int, rank: int):

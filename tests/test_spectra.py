@@ -13,7 +13,6 @@ import pytest
 from builders import MNIST, MODELS, low_rank
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
-from threadpoolctl import threadpool_limits
 
 from onnx_lowrank.backend import Backend, numpy_backend
 from onnx_lowrank.discover import discover
@@ -28,12 +27,7 @@ from onnx_lowrank.spectra import (
 UNIT_ROUNDOFF = 2.0**-53
 
 
-@pytest.fixture(autouse=True)
-def single_threaded_reference_blas():
-    """The float64 SVDs the tests compare against run with one BLAS thread, like the code under
-    test: OpenBLAS threads spin while waiting and crawl on a machine with busy cores."""
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
+pytestmark = pytest.mark.usefixtures("single_threaded_reference_blas")
 
 
 def tau(longer: int) -> float:
