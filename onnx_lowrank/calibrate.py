@@ -445,8 +445,9 @@ class _Accumulator:
 
     def add(self, vectors: np.ndarray, use: str | None = None) -> None:
         n = len(vectors)
+        raw_sum = vectors.sum(axis=0)
         if use is not None:
-            self.use_sums[use] = self.use_sums.get(use, 0.0) + vectors.sum(axis=0)
+            self.use_sums[use] = self.use_sums.get(use, 0.0) + raw_sum
             self.use_counts[use] = self.use_counts.get(use, 0) + n
         if self.pilot is None:
             self.pilot = vectors.mean(axis=0)
@@ -455,7 +456,6 @@ class _Accumulator:
                     self.pilot_partial[count] = _bmm(self.pilot.reshape(count, 1, -1), weights)
         pilot = self.pilot
         self.count += n
-        raw_sum = vectors.sum(axis=0)
         self.total += raw_sum - n * pilot
         # Σ (x − m)² = Σ x² − 2 m Σ x + n m²; only the damping scale reads it.
         self.squares += np.einsum("nk,nk->k", vectors, vectors) - 2 * pilot * raw_sum
