@@ -99,7 +99,7 @@ class TiedUse:
     """Another node that reads the same weight as a ``Layer`` (see ``Layer.tied``).
 
     Attributes:
-        name: the node's name (``<op_type>_<index>`` when it has none).
+        name: the node's layer name (unique, as ``discover`` names layers).
         node_index: its position in the layer's graph.
         input_rank: rank of its data input, or None when unknown.
         output_positions: its ``P`` (cost.py), or None when a shape is dynamic.
@@ -328,9 +328,13 @@ def discover(
     names = _LayerNames()
     for path, graph in walk_graphs(model.graph):
         index = indexes[path] = _GraphIndex(graph, path, indexes.get(path[:-1]) if path else None)
+        # named up front: a tied layer found at its first node names its later uses too
+        index.node_names = [
+            names.name(node, position, graph if path else None)
+            for position, node in enumerate(graph.node)
+        ]
         for position, node in enumerate(graph.node):
-            name = names.name(node, position, graph if path else None)
-            outcome = _examine(node, position, name, index, shapes)
+            outcome = _examine(node, position, index.node_names[position], index, shapes)
             if isinstance(outcome, Layer):
                 layers.append(outcome)
             elif outcome is not None:
@@ -467,7 +471,7 @@ def _examine(
             )
         if position != members[0].node_index:
             return None  # a tied use of the layer at the first node that reads the weight
-        return _tied_layer(replace(members[0], name=name), members[1:])
+        return _tied_layer(members[0], members[1:])
     out_shape = shapes.get(node.output[0])
     in_shape = shapes.get(node.input[0])
     input_rank = len(in_shape) if in_shape is not None else None
@@ -562,8 +566,7 @@ def _find_tied_members(
             or list(node.input).count(weight_name) != 1
         ):
             return None
-        name = node.name or f"{node.op_type}_{position}"
-        layer = _examine(node, position, name, index, shapes, tie=False)
+        layer = _examine(node, position, index.node_names[position], index, shapes, tie=False)
         if not isinstance(layer, Layer):
             return None
         members.append(layer)
@@ -659,6 +662,7 @@ class _GraphIndex:
         self.graph_outputs = {info.name for info in graph.output}
         self.subgraph_readers = _subgraph_readers(graph, path)
         self.ties: dict[str, list[Layer] | None] = {}  # _tied_members, by weight input
+        self.node_names: list[str] = []  # layer names of the nodes (discover's _LayerNames)
 
     def resolve(self, name: str) -> _ConstantRef | str:
         """Follow ``name`` back to a stored constant, or return why it is not one."""

@@ -472,7 +472,7 @@ def test_tied_layers_inside_an_if_branch():
             helper.make_node("Constant", [], ["Wc"], value=tensor_value("Wc", weight)),
             helper.make_node("MatMul", ["x", "Wc"], ["a"], name="t1"),
             helper.make_node("Tanh", ["a"], ["b"], name="tanh"),
-            helper.make_node("MatMul", ["b", "Wc"], ["t_out"], name="t2"),
+            helper.make_node("MatMul", ["b", "Wc"], ["t_out"]),  # unnamed: named like any layer
         ],
         "then",
         [],
@@ -495,7 +495,8 @@ def test_tied_layers_inside_an_if_branch():
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     result = compress(model, CompressionConfig(params=0.7, validate=False))
-    assert [(x.name, x.shared_with) for x in result.report.compressed_layers] == [("t1", ("t2",))]
+    tied = [(x.name, x.shared_with) for x in result.report.compressed_layers]
+    assert tied == [("t1", ("then/MatMul_3",))]
     assert_close(model, result.model, {"c": np.array(True), "x": random_feed([4, 16])})
 
 
