@@ -72,7 +72,7 @@ from .allocate import CandidateTable
 from .discover import Discovery, Layer
 from .errors import CalibrationError
 from .factorize import Factors, reconstruct
-from .graphs import attribute, tensor_to_array
+from .graphs import FreshNames, attribute, tensor_to_array
 from .spectra import LayerSpectrum, group_counts
 from .validate import check_feeds, graph_inputs, load_npz
 
@@ -921,8 +921,7 @@ def _residual_probe(
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     graph = probe.graph
-    used = {name for node in graph.node for name in (*node.input, *node.output, node.name)}
-    used |= {tensor.name for tensor in graph.initializer}
+    names = FreshNames(probe)
     outputs = {}
     for layer in discovery.layers:
         if layer.name not in layers:
@@ -936,7 +935,7 @@ def _residual_probe(
         else:
             stored = residual.T
         base = f"{layer.name}/onnx_lowrank_residual"
-        weight_name = _fresh(f"{base}_weight", used)
+        weight_name = names.fresh(f"{base}_weight")
         dtype = onnx.helper.tensor_dtype_to_np_dtype(layer.weight_dtype)
         graph.initializer.append(
             onnx.numpy_helper.from_array(np.ascontiguousarray(stored, dtype=dtype), weight_name)
@@ -945,23 +944,14 @@ def _residual_probe(
             node = graph.node[use.node_index]
             twin = onnx.NodeProto()
             twin.CopyFrom(node)
-            twin.name = _fresh(base, used)
+            twin.name = names.fresh(base)
             del twin.input[:]
             twin.input.extend([node.input[0], weight_name])
             del twin.output[:]
-            twin.output.append(_fresh(base, used))
+            twin.output.append(names.fresh(base))
             graph.node.append(twin)
             outputs[use.name] = twin.output[0]
     return probe, outputs
-
-
-def _fresh(base: str, used: set[str]) -> str:
-    name, suffix = base, 1
-    while name in used:
-        suffix += 1
-        name = f"{base}_{suffix}"
-    used.add(name)
-    return name
 
 
 class _OutputErrorSums:

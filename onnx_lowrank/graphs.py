@@ -19,6 +19,7 @@ from .errors import InvalidModelError
 
 __all__ = [
     "FLOAT_TYPES",
+    "FreshNames",
     "GraphPath",
     "attribute",
     "external_location",
@@ -220,3 +221,27 @@ def tensor_nbytes(tensor: onnx.TensorProto) -> int:
     if tensor.HasField("raw_data"):
         return len(tensor.raw_data)
     return tensor.ByteSize()
+
+
+class FreshNames:
+    """New names that no tensor, node, input, output or value info of the model uses, in the
+    main graph or any subgraph (so no new name shadows an outer-scope one): ``base``, else
+    ``base_2``, ``base_3``, ... Every name handed out is taken from then on."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.used: set[str] = set()
+        for _, graph in walk_graphs(model.graph):
+            for node in graph.node:
+                self.used.update(node.input)
+                self.used.update(node.output)
+                self.used.add(node.name)
+            for collection in (graph.input, graph.output, graph.value_info, graph.initializer):
+                self.used.update(item.name for item in collection)
+
+    def fresh(self, base: str) -> str:
+        name, suffix = base, 1
+        while name in self.used:
+            suffix += 1
+            name = f"{base}_{suffix}"
+        self.used.add(name)
+        return name

@@ -48,7 +48,7 @@ from onnx import helper, numpy_helper
 
 from .discover import FACTOR_TAG, FACTORIZED_KEY, Layer
 from .factorize import Factors
-from .graphs import GraphPath, attribute, graph_at, iter_graphs, walk_graphs
+from .graphs import FreshNames, GraphPath, attribute, graph_at, iter_graphs
 
 __all__ = ["rewrite"]
 
@@ -83,7 +83,7 @@ def rewrite(
         model = copy
     if not replacements:
         return model
-    names = _Names(model)
+    names = FreshNames(model)
     biases = biases or {}
     as_nodes = 0 < model.ir_version < 4
     by_graph: dict[GraphPath, list[tuple[Layer, Factors]]] = {}
@@ -145,28 +145,6 @@ def _record(model: onnx.ModelProto, records: list[dict]) -> None:
     entry.value = json.dumps(previous + records, separators=(",", ":"))
 
 
-class _Names:
-    """Fresh names, unique across the model's main graph and every subgraph."""
-
-    def __init__(self, model: onnx.ModelProto):
-        self.used: set[str] = set()
-        for _, graph in walk_graphs(model.graph):
-            for node in graph.node:
-                self.used.update(node.input)
-                self.used.update(node.output)
-                self.used.add(node.name)
-            for collection in (graph.input, graph.output, graph.value_info, graph.initializer):
-                self.used.update(item.name for item in collection)
-
-    def fresh(self, base: str) -> str:
-        name, suffix = base, 1
-        while name in self.used:
-            suffix += 1
-            name = f"{base}_{suffix}"
-        self.used.add(name)
-        return name
-
-
 def _record_of(layer: Layer, factors: Factors) -> dict:
     """What ``rewrite`` records in ``metadata_props`` for a layer (``second`` added by the
     caller: the name of the node that now produces the layer's output; ``tied`` those of the
@@ -193,7 +171,7 @@ class _PairBuilder:
         layer: Layer,
         factors: Factors,
         node: onnx.NodeProto,
-        names: _Names,
+        names: FreshNames,
         as_nodes: bool = False,
         bias: np.ndarray | None = None,
         shared: dict[str, str] | None = None,
