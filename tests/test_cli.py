@@ -195,20 +195,3 @@ def test_console_script_and_module_agree():
     assert script is not None
     result = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.startswith("onnx-lowrank ")
-
-
-def test_model_without_compressible_layers_exits_0_and_writes_nothing(tmp_path):
-    import numpy as np
-    from builders import make_model
-    from onnx import helper
-
-    node = helper.make_node("Conv", ["x", "W"], ["y"], name="depthwise", group=4)
-    model = make_model(
-        [node], [("x", [1, 4, 8, 8])], [("y", None)], {"W": np.ones((4, 1, 3, 3), np.float32)}
-    )
-    path = tmp_path / "dw.onnx"
-    onnx.save(model, path)
-    result = run_cli("compress", str(path), "-o", str(tmp_path / "out.onnx"), "--params", "0.5")
-    assert result.returncode == 0, result.stderr
-    assert "nothing to compress" in result.stderr
-    assert not (tmp_path / "out.onnx").exists()

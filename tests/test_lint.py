@@ -22,7 +22,7 @@ def test_ruff_check_passes():
 @pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed")
 def test_ruff_format_is_clean():
     result = subprocess.run(
-        ["ruff", "format", "--check", "onnx_lowrank", "tests", "samples"],
+        ["ruff", "format", "--check", "onnx_lowrank", "tests", "samples", "benchmarks"],
         cwd=REPO,
         capture_output=True,
         text=True,
