@@ -10,15 +10,17 @@ has no weights, so it changes nothing the tool does), GELU by ``Relu``. Weights 
 scaled by ``1/sqrt(fan_in)``.
 
 It runs ``onnx-lowrank compress MODEL -o OUT --params 0.5`` as a subprocess, with the default
-``--max-groups all`` and with ``--max-groups 8``, ``--repeat`` times each, and prints the wall
-time, peak resident memory and the stage split of the median run (``resnet50.run_compress``).
-Results are in docs/performance.md.
+``--max-groups all``, with ``--max-groups 8`` and with ``--no-validate``, ``--repeat`` times
+each, and prints the wall time, peak resident memory and the stage split of the median run
+(``resnet50.run_compress``). It also measures what one ONNX Runtime CPU session of the original
+model adds to a process's peak memory. Results are in docs/performance.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -81,6 +83,22 @@ def build_transformer(layers: int, seed: int = 0) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+_SESSION_PROBE = """
+import resource, sys
+import onnxruntime
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+onnxruntime.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+def session_memory_mb(path: Path) -> float:
+    """Peak memory one ONNX Runtime CPU session of ``path`` adds to a fresh process, in MiB."""
+    probe = [sys.executable, "-c", _SESSION_PROBE, str(path)]
+    output = subprocess.run(probe, capture_output=True, text=True, check=True)
+    return int(output.stdout.strip()) / 1024  # ru_maxrss is in KiB on Linux
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=12)
@@ -97,8 +115,10 @@ def main() -> int:
         for label, extra in (
             ("--max-groups all (default)", ["--max-groups", "all"]),
             ("--max-groups 8", []),
+            ("--max-groups all --no-validate", ["--max-groups", "all", "--no-validate"]),
         ):
             results["runs"][label] = bench_compress(path, Path(folder), args.repeat, extra)
+        results["session_mb"] = session_memory_mb(path)
     results["model_mb"] = size / 1e6
     print(f"| settings | wall s | peak RSS MB (× model) | {' | '.join(STAGES)} |")
     print("|---|---:|---:|" + "---:|" * len(STAGES))
@@ -107,6 +127,7 @@ def main() -> int:
         peak = run["max_peak_rss_mb"]
         ratio = peak / (size / 2**20)
         print(f"| {label} | {run['wall_s']:.1f} | {peak:.0f} ({ratio:.1f}×) | {stages} |")
+    print(f"\none ONNX Runtime session of the original adds {results['session_mb']:.0f} MiB")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
