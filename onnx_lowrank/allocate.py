@@ -189,7 +189,7 @@ def build_table(
     ``g·r`` is a multiple of ``rank_multiple``, and ``params(g, r) < f·c·κ``.
     """
     f, cols = layer.out_channels, layer.cols
-    positions = layer.output_positions or 0
+    dense_positions, lookups = layer.mac_positions() or (0, 0)
     groups, ranks, errors, energy = [0], [0], [0.0], [0.0]
     g1 = spectrum.singular_values[1][0]
     tail_energy = np.concatenate([np.cumsum((g1 * g1)[::-1])[::-1], [0.0]])
@@ -213,7 +213,9 @@ def build_table(
     groups_a = np.asarray(groups, dtype=np.int64)
     ranks_a = np.asarray(ranks, dtype=np.int64)
     params = np.where(groups_a == 0, layer.params, ranks_a * (groups_a * f + cols))
-    costs = np.stack([params, params * positions], axis=1).astype(np.float64)
+    # MACs: params·P per Conv/Gemm/MatMul use, r·d per id looked up (a dense lookup: none)
+    macs = params * dense_positions + np.where(groups_a == 0, 0, ranks_a * cols) * lookups
+    costs = np.stack([params, macs], axis=1).astype(np.float64)
     return CandidateTable(
         layer=layer.name,
         groups=groups_a,

@@ -1083,6 +1083,12 @@ def calibrate(
         providers: ONNX Runtime execution providers.
         progress: callback ``(stage, done, total)``; stage ``"calibrate"``.
     """
+    lookups = [layer.name for layer in discovery.layers if layer.lookup]
+    if lookups:
+        log.warning("embedding table(s) %s are factorized without calibration", ", ".join(lookups))
+        discovery = replace(
+            discovery, layers=[layer for layer in discovery.layers if not layer.lookup]
+        )
     inner = [layer.name for layer in discovery.layers if layer.graph_path]
     if inner:
         # A subgraph's tensors cannot be fetched as outputs of the main graph.

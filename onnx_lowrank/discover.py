@@ -103,21 +103,34 @@ class TiedUse:
         node_index: its position in the layer's graph.
         input_rank: rank of its data input, or None when unknown.
         output_positions: its ``P`` (cost.py), or None when a shape is dynamic.
+        op_type: its operator when it differs from the layer's (an output ``MatMul`` or
+            ``Gemm`` tied with a ``Gather`` embedding table), else None.
+        weight_input: the tensor it reads as its weight, when it differs from the layer's.
+        weight_shape: that tensor's shape, when it differs from the layer's.
     """
 
     name: str
     node_index: int
     input_rank: int | None
     output_positions: int | None
+    op_type: str | None = None
+    weight_input: str | None = None
+    weight_shape: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
 class Layer:
     """A compressible layer.
 
+    A ``Gather`` layer is an embedding table ``T`` (``vocab × d``, a constant read by
+    ``Gather(T, ids)`` on axis 0). Its folded weight is ``W = T``: the rows (``f = vocab``) are
+    the outputs and ``c = d``, so the factors ``T ≈ U V`` give ``Gather(U, ids)`` followed by
+    ``MatMul(·, V)``. ``P`` is then the number of ids looked up; the dense lookup costs no
+    MACs and the factorized one ``r·d`` per id (``macs``, ``candidate_macs``).
+
     Attributes:
         name: unique layer name (the node name, or ``<op_type>_<index>`` when it has none).
-        op_type: ``Conv``, ``Gemm`` or ``MatMul``.
+        op_type: ``Conv``, ``Gemm``, ``MatMul`` or ``Gather``.
         node_index: position of the node in its graph's node list.
         weight_input: the tensor the node reads as its weight.
         weight_source: the initializer or Constant-node output that stores the weight.
@@ -169,6 +182,9 @@ class Layer:
                 replace(
                     self,
                     name=use.name,
+                    op_type=use.op_type or self.op_type,
+                    weight_input=use.weight_input or self.weight_input,
+                    weight_shape=use.weight_shape or self.weight_shape,
                     node_index=use.node_index,
                     input_rank=use.input_rank,
                     output_positions=use.output_positions,
@@ -176,6 +192,38 @@ class Layer:
                 )
             )
         return views
+
+    @property
+    def lookup(self) -> bool:
+        """Whether a ``Gather`` reads the weight (an embedding table, maybe tied)."""
+        return self.op_type == "Gather" or any(use.op_type == "Gather" for use in self.tied)
+
+    def mac_positions(self) -> tuple[int, int] | None:
+        """``(P of the Conv/Gemm/MatMul uses, ids looked up by the Gather uses)``, or None
+        when a shape is dynamic."""
+        if not self.lookup:
+            positions = self.output_positions
+            return None if positions is None else (positions, 0)
+        dense = lookups = 0
+        for use in self.uses():
+            if use.output_positions is None:
+                return None
+            if use.op_type == "Gather":
+                lookups += use.output_positions
+            else:
+                dense += use.output_positions
+        return dense, lookups
+
+    def candidate_macs(self, groups: int, rank: int) -> int | None:
+        """MACs of the factorized layer: ``params(g, r)·P`` per Conv/Gemm/MatMul use and
+        ``r·d`` per id looked up (the ``MatMul(·, V)`` after the ``Gather``); None when a
+        shape is dynamic."""
+        positions = self.mac_positions()
+        if positions is None:
+            return None
+        dense, lookups = positions
+        params = rank * (groups * self.out_channels + self.cols)
+        return params * dense + rank * self.cols * lookups
 
     @property
     def kernel_size(self) -> int:
@@ -194,10 +242,10 @@ class Layer:
 
     @property
     def macs(self) -> int | None:
-        """MACs of the dense layer, ``f·c·κ·P``, or None when ``P`` is unknown."""
-        if self.output_positions is None:
-            return None
-        return self.params * self.output_positions
+        """MACs of the dense layer, ``f·c·κ·P``, or None when ``P`` is unknown (a dense
+        ``Gather`` costs none)."""
+        positions = self.mac_positions()
+        return None if positions is None else self.params * positions[0]
 
 
 @dataclass(frozen=True)
@@ -221,12 +269,15 @@ class FactorizedLayer:
         params_dense: weights of the layer before that run, ``f·c·κ``.
         params: weights of its factorized pair now, ``r·(g·f + c·κ)``.
         output_positions: ``P`` of the pair, or None when a shape is dynamic.
+        lookup_macs: MACs of the ``MatMul(·, V)`` after each factorized table lookup (a dense
+            lookup costs none); those uses are not in ``output_positions``.
     """
 
     name: str
     params_dense: int
     params: int
     output_positions: int | None
+    lookup_macs: int = 0
 
     @property
     def params_saved(self) -> int:
@@ -236,7 +287,7 @@ class FactorizedLayer:
     def macs_saved(self) -> int | None:
         if self.output_positions is None:
             return None
-        return self.params_saved * self.output_positions
+        return self.params_saved * self.output_positions - self.lookup_macs
 
 
 @dataclass
@@ -272,7 +323,7 @@ class Discovery:
         if layer.op_type == "Conv":
             return array.reshape(layer.out_channels, layer.cols)
         node = index.graph.node[layer.node_index]
-        if layer.op_type == "Gemm" and attribute(node, "transB", 0):
+        if layer.op_type == "Gather" or (layer.op_type == "Gemm" and attribute(node, "transB", 0)):
             return array
         return array.T
 
@@ -442,13 +493,16 @@ def _examine(
         return None
     if node.op_type == "ConvTranspose":
         return skip("ConvTranspose is not factorized")
-    if node.op_type not in _LAYER_OPS:
+    lookup = node.op_type == "Gather"
+    if lookup and not _is_table_lookup(node, index):
+        return None  # a Gather of shapes, indices or activations: no layer
+    if node.op_type not in _LAYER_OPS and not lookup:
         return None
     if _FACTOR_NODE.search(node.name):
         return skip("already a low-rank factor written by onnx-lowrank")
     if len(node.input) < 2 or not node.input[1] or not node.output or not node.output[0]:
         return skip("malformed node: a required input or output is missing")
-    weight_name = node.input[1]
+    weight_name = node.input[_weight_slot(node)]
     ref = index.resolve(weight_name)
     if isinstance(ref, str):
         if node.op_type != "Conv" and not isinstance(index.resolve(node.input[0]), str):
@@ -473,10 +527,17 @@ def _examine(
             return None  # a tied use of the layer at the first node that reads the weight
         return _tied_layer(members[0], members[1:])
     out_shape = shapes.get(node.output[0])
-    in_shape = shapes.get(node.input[0])
+    in_shape = shapes.get(node.input[1 if lookup else 0])
     input_rank = len(in_shape) if in_shape is not None else None
 
-    if node.op_type == "Conv":
+    if lookup:
+        axis = attribute(node, "axis", 0)
+        if axis not in (0, -len(shape)):
+            return skip(f"Gather on axis {axis}; only row lookups (axis 0) are factorized", shape)
+        out_channels, in_channels = shape  # rows are the outputs: W = T
+        kernel = ()
+        positions = None if in_shape is None or None in in_shape else math.prod(in_shape)
+    elif node.op_type == "Conv":
         if len(shape) < 3:
             return skip(f"Conv weight has rank {len(shape)}; expected at least 3", shape)
         group = attribute(node, "group", 1)
@@ -503,8 +564,9 @@ def _examine(
             f"the layer has {out_channels * cols}",
             shape,
         )
-    # A grouped MatMul reshapes (..., c) to (..., g, 1, c/g) and needs the input's rank.
-    max_groups = 1 if node.op_type == "MatMul" and input_rank is None else None
+    # A grouped MatMul reshapes (..., c) to (..., g, 1, c/g) and needs the input's rank; a
+    # table lookup is factorized as a whole (g = 1).
+    max_groups = 1 if lookup or (node.op_type == "MatMul" and input_rank is None) else None
     return Layer(
         name=name,
         op_type=node.op_type,
@@ -522,6 +584,19 @@ def _examine(
         graph_path=index.path,
         stored_dtype=ref.stored_dtype if ref.stored_dtype != dtype else None,
     )
+
+
+def _weight_slot(node: onnx.NodeProto) -> int:
+    """Input index of the weight: a Gather's table is its first input, the others' second."""
+    return 0 if node.op_type == "Gather" else 1
+
+
+def _is_table_lookup(node: onnx.NodeProto, index: _GraphIndex) -> bool:
+    """Whether ``node`` is a Gather from a constant 2-D floating-point table (an embedding)."""
+    if not node.input or not node.input[0]:
+        return False
+    ref = index.resolve(node.input[0])
+    return not isinstance(ref, str) and ref.dtype in FLOAT_TYPES and len(ref.shape) == 2
 
 
 def _positions(out_shape: tuple[int | None, ...] | None, channel_axis: int) -> int | None:
@@ -551,32 +626,82 @@ def _find_tied_members(
     owner = ref.owner
     if owner is not index:
         return None  # the weight lives in an enclosing graph
-    tensors = {ref.source} | {owner.graph.node[p].output[0] for p in ref.chain}
-    if any(t in owner.graph_outputs or owner.subgraph_readers.get(t) for t in tensors):
-        return None
-    positions = sorted(
-        {p for t in tensors for p in owner.consumers.get(t, []) if p not in ref.chain}
-    )
+    # Every node that reads the stored constant, each through its own Identity/Cast/Transpose
+    # chain (an embedding table is read as it is by a Gather and transposed by an output
+    # MatMul).
+    readers: dict[int, str] = {}
+    frontier, seen = [ref.source], set()
+    while frontier:
+        tensor = frontier.pop()
+        if tensor in seen:
+            continue
+        seen.add(tensor)
+        if tensor in owner.graph_outputs or owner.subgraph_readers.get(tensor):
+            return None
+        for position in owner.consumers.get(tensor, []):
+            node = owner.graph.node[position]
+            if _passes_through(node, tensor):
+                frontier.append(node.output[0])
+            elif position in readers:
+                return None  # one node reading the weight twice
+            else:
+                readers[position] = tensor
     members = []
-    for position in positions:
+    for position in sorted(readers):
         node = owner.graph.node[position]
-        if (
-            len(node.input) < 2
-            or node.input[1] != weight_name
-            or list(node.input).count(weight_name) != 1
-        ):
+        read = readers[position]
+        slot = _weight_slot(node)
+        if len(node.input) <= slot or node.input[slot] != read or list(node.input).count(read) > 1:
             return None
         layer = _examine(node, position, index.node_names[position], index, shapes, tie=False)
         if not isinstance(layer, Layer):
             return None
         members.append(layer)
+    if any(layer.op_type == "Conv" for layer in members) and any(
+        layer.weight_input != weight_name for layer in members
+    ):
+        return None  # conv weights are tied only when every node reads the same tensor
+    lookup = any(layer.op_type == "Gather" for layer in members)
 
     def kind(layer: Layer) -> tuple:
+        # the folded matrices must be the same matrix: same shape, type and orientation
+        folded = (layer.out_channels, layer.cols, layer.weight_dtype, _orientation(layer, owner))
+        if lookup:
+            return folded
         node = owner.graph.node[layer.node_index]
         transposed = layer.op_type == "Gemm" and attribute(node, "transB", 0)
-        return layer.op_type, layer.weight_shape, layer.out_channels, layer.cols, transposed
+        return layer.op_type, layer.weight_shape, transposed, *folded
 
     return members if len({kind(layer) for layer in members}) == 1 else None
+
+
+def _passes_through(node: onnx.NodeProto, tensor: str) -> bool:
+    return (
+        node.op_type in _PASS_THROUGH
+        and node.domain in ("", "ai.onnx")
+        and len(node.input) >= 1
+        and node.input[0] == tensor
+        and len(node.output) == 1
+    )
+
+
+def _orientation(layer: Layer, owner: _GraphIndex) -> bool | tuple[str, ...]:
+    """For a 2-D weight: whether the folded matrix is the stored constant transposed. A Conv
+    weight (reshaped, never transposed as a matrix) is identified by the tensor it reads."""
+    if len(layer.weight_shape) != 2:
+        return (layer.weight_input,)
+    ref = owner.resolve(layer.weight_input)
+    assert not isinstance(ref, str)
+    flips = sum(
+        owner.graph.node[p].op_type == "Transpose"
+        and list(attribute(owner.graph.node[p], "perm") or [1, 0]) == [1, 0]
+        for p in ref.chain
+    )
+    node = owner.graph.node[layer.node_index]
+    read_as_is = layer.op_type == "Gather" or (
+        layer.op_type == "Gemm" and bool(attribute(node, "transB", 0))
+    )
+    return bool(flips % 2) == read_as_is
 
 
 def _tied_layer(first: Layer, rest: list[Layer]) -> Layer:
@@ -584,12 +709,25 @@ def _tied_layer(first: Layer, rest: list[Layer]) -> Layer:
     uses = [first, *rest]
     positions = [layer.output_positions for layer in uses]
     unknown_rank = any(layer.op_type == "MatMul" and layer.input_rank is None for layer in uses)
+    lookup = any(layer.op_type == "Gather" for layer in uses)
+
+    def differs(value, own):
+        return value if value != own else None
+
     return replace(
         first,
         output_positions=None if None in positions else sum(positions),  # type: ignore[arg-type]
-        max_groups=1 if unknown_rank else first.max_groups,
+        max_groups=1 if unknown_rank or lookup else first.max_groups,
         tied=tuple(
-            TiedUse(layer.name, layer.node_index, layer.input_rank, layer.output_positions)
+            TiedUse(
+                layer.name,
+                layer.node_index,
+                layer.input_rank,
+                layer.output_positions,
+                op_type=differs(layer.op_type, first.op_type),
+                weight_input=differs(layer.weight_input, first.weight_input),
+                weight_shape=differs(layer.weight_shape, first.weight_shape),
+            )
             for layer in rest
         ),
     )
@@ -615,6 +753,12 @@ def _factorized_layers(model: onnx.ModelProto, shapes: ShapeInfo) -> list[Factor
         log.warning("ignoring unreadable %s metadata (%s)", FACTORIZED_KEY, exc)
         return []
     nodes = {node.name: node for _, graph in walk_graphs(model.graph) for node in graph.node}
+    producers = {
+        output: node
+        for _, graph in walk_graphs(model.graph)
+        for node in graph.node
+        for output in node.output
+    }
     found = []
     for name, seconds, params_dense, params in records:
         uses = [nodes.get(second) for second in seconds]
@@ -622,14 +766,19 @@ def _factorized_layers(model: onnx.ModelProto, shapes: ShapeInfo) -> list[Factor
             log.warning("metadata names factorized layer %s, which is no longer there", name)
             continue
         positions: int | None = 0
+        lookup_macs = 0
         for node in uses:  # the second node of each pair: P = its MACs / its weight size
             weight = shapes.get(node.input[1])  # type: ignore[union-attr]
             macs = node_macs(node, shapes)  # type: ignore[arg-type]
             if not weight or None in weight or macs is None or math.prod(weight) == 0:
                 positions = None
                 break
+            first = producers.get(node.input[0])  # type: ignore[union-attr]
+            if first is not None and first.op_type == "Gather":
+                lookup_macs += macs  # after a lookup: the dense layer had no MACs
+                continue
             positions += macs // math.prod(weight)  # type: ignore[operator, arg-type]
-        found.append(FactorizedLayer(name, params_dense, params, positions))
+        found.append(FactorizedLayer(name, params_dense, params, positions, lookup_macs))
     return found
 
 

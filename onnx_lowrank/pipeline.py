@@ -881,9 +881,7 @@ def _layer_records(
                 params_before=layer.params,
                 params_after=params,
                 macs_before=layer.macs,
-                macs_after=None
-                if layer.output_positions is None
-                else params * layer.output_positions,
+                macs_after=_macs_after(layer, params, rank),
                 error_bound=bound,
                 error_actual=errors[layer.name],
                 skipped_reason=None,
@@ -892,6 +890,14 @@ def _layer_records(
         )
     records += [_skipped_record(skipped) for skipped in discovery.skipped]
     return records
+
+
+def _macs_after(layer: Layer, params: int, rank: int) -> int | None:
+    """MACs of the factorized layer with ``params`` weights (added biases included)."""
+    positions = layer.mac_positions()
+    if positions is None:
+        return None
+    return params * positions[0] + rank * layer.cols * positions[1]
 
 
 def _dense_record(layer: Layer, reason: str | None) -> LayerReport:

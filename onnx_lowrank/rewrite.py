@@ -14,6 +14,12 @@ Gemm / MatMul:
     second: MatMul(h, Uᵀ) for a MatMul; Gemm(h, U, C, transB=1, alpha, beta) for a Gemm, so the
             bias ``beta·C`` and ``alpha`` are kept.
 
+Gather (an embedding table ``T ≈ U V``, discover.py):
+    first:  Gather(U, ids) with the original ``axis`` (0): ``(…, r)``.
+    second: MatMul(·, V) with ``V`` ``(r, d)``, producing the original output name.
+    A table tied with an output MatMul/Gemm stores ``U`` and ``V`` once: the MatMul's pair
+    reads them through Transpose nodes where it needs the other layout.
+
 Bias correction (calibrate.py): ``biases`` maps a node name to the layer's new bias ``b'``
 (``f`` values, in output units). The second node then reads ``b'`` instead of the original bias:
 a Conv gets it as its bias input, a Gemm as ``C`` with ``beta = 1``, and a MatMul, which has no
@@ -104,13 +110,15 @@ def rewrite(
             for use in layer.uses():
                 node = graph.node[use.node_index]
                 bias = biases.get(use.name)
-                builder = _PairBuilder(use, factors, node, names, as_nodes, bias, shared)
+                builder = _PairBuilder(
+                    use, factors, node, names, as_nodes, bias, shared, layer.lookup
+                )
                 new_nodes[use.node_index] = builder.nodes()
                 graph.initializer.extend(builder.initializers)  # one layer's factors at a time
                 if bias is not None and len(node.input) > 2 and node.input[2]:
                     candidates.add(node.input[2])  # the corrected bias replaces the original
                 seconds.append(builder.second_name)
-            candidates.add(layer.weight_input)
+                candidates.add(use.weight_input)
             record = {**_record_of(layer, factors), "second": seconds[0]}
             if seconds[1:]:
                 record["tied"] = seconds[1:]
@@ -175,6 +183,7 @@ class _PairBuilder:
         as_nodes: bool = False,
         bias: np.ndarray | None = None,
         shared: dict[str, str] | None = None,
+        tied_lookup: bool = False,
     ):
         self.layer, self.factors, self.node, self.names = layer, factors, node, names
         self.as_nodes = as_nodes
@@ -191,9 +200,13 @@ class _PairBuilder:
         self.initializers: list[onnx.TensorProto] = []
         self.constants: list[onnx.NodeProto] = []
         self.second_name = ""
+        self.tied_lookup = tied_lookup
 
     def nodes(self) -> list[onnx.NodeProto]:
-        pair = self._conv() if self.layer.op_type == "Conv" else self._dense()
+        if self.layer.op_type == "Gather":
+            pair = self._lookup()
+        else:
+            pair = self._conv() if self.layer.op_type == "Conv" else self._dense()
         self.second_name = pair[-1].name
         return self.constants + pair
 
@@ -223,6 +236,18 @@ class _PairBuilder:
             helper.make_node("Cast", [name], [cast], name=self.names.fresh(cast), to=self.cast_to)
         )
         return cast
+
+    def _transposed(self, suffix: str, array: np.ndarray) -> str:
+        """``arrayᵀ`` as the node reads it. A weight tied with a table lookup stores the shared
+        factors once, in the lookup's layout, and transposes them with a node."""
+        if not self.tied_lookup:
+            return self._tensor(suffix, array.T)
+        name = self._tensor(suffix, array)
+        out = self.names.fresh(f"{name}/transposed")
+        self.constants.append(
+            helper.make_node("Transpose", [name], [out], name=self.names.fresh(out), perm=[1, 0])
+        )
+        return out
 
     def _node_name(self, suffix: str) -> str:
         return self.names.fresh(f"{self.layer.name}{FACTOR_TAG}_{suffix}")
@@ -265,6 +290,24 @@ class _PairBuilder:
         )
         return [first, second]
 
+    def _lookup(self) -> list[onnx.NodeProto]:
+        node, factors = self.node, self.factors
+        middle = self._intermediate("mid")
+        first = helper.make_node(
+            "Gather",
+            [self._tensor("u", factors.second), node.input[1]],
+            [middle],
+            name=self._node_name("u"),
+        )
+        first.attribute.extend(node.attribute)  # axis
+        second = helper.make_node(
+            "MatMul",
+            [middle, self._tensor("v", factors.first[0])],
+            list(node.output),
+            name=self._node_name("v"),
+        )
+        return [first, second]
+
     def _dense(self) -> list[onnx.NodeProto]:
         layer, factors, node = self.layer, self.factors, self.node
         g, r, c = factors.groups, factors.rank, layer.in_channels
@@ -287,7 +330,7 @@ class _PairBuilder:
             nodes.append(
                 helper.make_node(
                     "MatMul",
-                    [data, self._tensor("v", factors.first[0].T)],
+                    [data, self._transposed("v", factors.first[0])],
                     [middle],
                     name=self._node_name("v"),
                 )
@@ -341,7 +384,7 @@ class _PairBuilder:
             nodes.append(
                 helper.make_node(
                     "MatMul",
-                    [middle, self._tensor("u", factors.second.T)],
+                    [middle, self._transposed("u", factors.second)],
                     product,
                     name=self._node_name("u"),
                 )
