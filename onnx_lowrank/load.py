@@ -25,7 +25,7 @@ import threading
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, Union
 
 import onnx
 from onnx.external_data_helper import ExternalDataInfo
@@ -39,14 +39,19 @@ from .graphs import (
     tensor_nbytes,
 )
 
+if TYPE_CHECKING:
+    import onnx_graphsurgeon as gs
+
 __all__ = [
     "LAZY_EXTERNAL_BYTES",
     "LoadedModel",
     "ModelSource",
     "external_data_files",
+    "graph_to_model",
     "load_model",
     "model_file_size",
     "model_size_bytes",
+    "model_to_graph",
     "open_model",
     "save_model",
     "source_path",
@@ -55,7 +60,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ModelSource = str | os.PathLike | onnx.ModelProto | bytes
+#: A model to read: a path, serialized bytes, a ModelProto, or an ``onnx_graphsurgeon.Graph``.
+ModelSource = Union[str, os.PathLike, onnx.ModelProto, bytes, "gs.Graph"]
 
 #: Protobuf cannot serialize a single message of 2 GiB or more.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -138,7 +144,10 @@ def open_model(
         ModelFileError, InvalidModelError: as for ``load_model``.
     """
     path = source_path(source)
-    if isinstance(source, onnx.ModelProto):
+    if _is_graphsurgeon_graph(source):
+        model = graph_to_model(source)
+        label = "the given onnx_graphsurgeon.Graph"
+    elif isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(source)
         label = "the given ModelProto"
@@ -150,8 +159,8 @@ def open_model(
         label = str(path)
     else:
         raise InvalidModelError(
-            f"cannot load a model from {type(source).__name__}; "
-            "give a path to an .onnx file, its bytes, or an onnx.ModelProto"
+            f"cannot load a model from {type(source).__name__}; give a path to an .onnx file, "
+            "its bytes, an onnx.ModelProto or an onnx_graphsurgeon.Graph"
         )
     _check_structure(model, label)
     data_files: tuple[Path, ...] = ()
@@ -177,6 +186,46 @@ def open_model(
         by_path = keep_on_disk or (path is not None and model.ByteSize() > PROTOBUF_LIMIT)
         _run_checker(model, path if by_path else None, label, force)
     return LoadedModel(model=model, path=path, data_files=data_files, lazy=keep_on_disk)
+
+
+def _is_graphsurgeon_graph(source: object) -> bool:
+    # onnx_graphsurgeon is imported only when the object comes from it: plain runs never pay
+    # for the import.
+    if not type(source).__module__.startswith("onnx_graphsurgeon"):
+        return False
+    import onnx_graphsurgeon as gs
+
+    return isinstance(source, gs.Graph)
+
+
+def graph_to_model(graph: gs.Graph) -> onnx.ModelProto:
+    """Export an ``onnx_graphsurgeon.Graph`` to a ModelProto without touching the caller's graph.
+
+    ``gs.export_onnx`` updates the graph's ``import_domains`` as it exports, so a copy is
+    exported (the copy shares the weights' arrays; nothing writes to them).
+    """
+    import onnx_graphsurgeon as gs
+
+    try:
+        return gs.export_onnx(graph.copy())
+    except Exception as exc:  # graphsurgeon raises plain exceptions for graphs it cannot export
+        raise InvalidModelError(
+            f"the given onnx_graphsurgeon.Graph cannot be exported to ONNX ({_reason(exc)}); "
+            "run graph.cleanup().toposort() and give every input and output a dtype"
+        ) from exc
+
+
+def model_to_graph(model: onnx.ModelProto, data_dir: Path | None = None) -> gs.Graph:
+    """Import ``model`` as an ``onnx_graphsurgeon.Graph``; external data is read from
+    ``data_dir`` first, so the graph holds every weight."""
+    import onnx_graphsurgeon as gs
+
+    if data_dir is not None and uses_external_data(model):
+        loaded = onnx.ModelProto()
+        loaded.CopyFrom(model)
+        onnx.external_data_helper.load_external_data_for_model(loaded, str(data_dir))
+        model = loaded
+    return gs.import_onnx(model)
 
 
 def _read_file(path: Path) -> bytes:

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -46,6 +46,7 @@ from .load import (
     ModelSource,
     model_file_size,
     model_size_bytes,
+    model_to_graph,
     open_model,
     save_model,
     source_path,
@@ -61,6 +62,9 @@ from .report import (
 from .rewrite import rewrite
 from .spectra import LayerSpectrum, compute_spectra, error_table
 from .validate import providers_for, validate, validation_inputs
+
+if TYPE_CHECKING:
+    import onnx_graphsurgeon as gs
 
 __all__ = [
     "Analysis",
@@ -137,6 +141,16 @@ class CompressionResult:
         self.report.timings["save"] = time.perf_counter() - started
         self.report.size_bytes_after = model_file_size(written)
         return written
+
+    def graph(self) -> gs.Graph:
+        """The compressed model as a new ``onnx_graphsurgeon.Graph``, for pipelines that go on
+        with their own graphsurgeon passes without writing a file. Weights that a lazily loaded
+        model still reads from the input's external data files are read into the graph.
+
+        Validation is not re-checked here: look at ``report.validation`` (``save`` refuses a
+        model that failed it; a graph is handed out either way).
+        """
+        return model_to_graph(self.model, self.data_dir)
 
 
 def _package_version() -> str:
@@ -513,7 +527,8 @@ def compress(
     """Compress a model to the budget of ``config``.
 
     Args:
-        source: path to an ``.onnx`` file, its bytes, or a ModelProto (never modified).
+        source: path to an ``.onnx`` file, its bytes, a ModelProto or an
+            ``onnx_graphsurgeon.Graph`` (never modified).
         config: budget, method and options.
         progress: optional callback ``(stage, done, total)``.
 
@@ -600,7 +615,7 @@ def sweep(
     validation gets its row and report but no model.
 
     Args:
-        source: the model (path, bytes or ModelProto; never modified).
+        source: the model (path, bytes, ModelProto or onnx_graphsurgeon.Graph; never modified).
         config: every other option (error measure, constraints, validation); its own
             ``params``, ``flops`` and ``method`` are replaced per point.
         out_dir: folder for the outputs, created when missing.
