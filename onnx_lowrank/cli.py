@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import __version__
-from .config import DEVICES, ERROR_MEASURES, METHODS, CompressionConfig, parse_input_shape
+from .config import (
+    DEVICES,
+    ERROR_MEASURES,
+    METHODS,
+    CompressionConfig,
+    parse_input_shape,
+    parse_tolerances,
+)
 from .errors import ConfigError, NothingToCompressError, OnnxLowRankError, OutputPathError
 from .load import external_data_files, open_model, save_model
 from .pipeline import compress, inspect, sweep
@@ -57,6 +64,7 @@ def _fractions(text: str) -> list[float]:
 
 
 def _max_groups(text: str) -> int | str | None:
+    """A positive integer or 'all' (None); also --latency-threads."""
     if text == "all":
         return None
     try:
@@ -189,37 +197,45 @@ def _add_run_options(run: argparse.ArgumentParser, *, sweep: bool) -> None:
         "--no-validate",
         dest="validate",
         action="store_false",
-        help="skip the ONNX Runtime comparison",
+        help="skip the ONNX Runtime comparison (an error together with tolerances or "
+        "--inputs, which it would ignore)",
     )
     check.add_argument(
         "--inputs",
         metavar="FILE.npz",
         help="validation inputs keyed by input name (default: random)",
     )
-    check.add_argument(
-        "--max-rel-error",
-        type=float,
-        metavar="X",
-        help="fail when an output's relative L2 error exceeds X",
-    )
-    check.add_argument(
-        "--min-cosine",
-        type=float,
-        metavar="X",
-        help="fail when an output's cosine similarity is below X",
-    )
-    check.add_argument(
-        "--min-top1",
-        type=float,
-        metavar="X",
-        help="fail when an output's top-1 agreement is below X",
-    )
+    for flag, what in (
+        ("--max-rel-error", "an output's relative L2 error exceeds X"),
+        ("--min-cosine", "an output's cosine similarity is below X (X in [0, 1])"),
+        (
+            "--min-top1",
+            "an output's top-1 agreement (argmax over the last axis, every position "
+            "counted) is below X (X in [0, 1])",
+        ),
+    ):
+        check.add_argument(
+            flag,
+            action="append",
+            metavar="[OUTPUT:]X",
+            help=f"fail when {what}; X alone applies to every output, OUTPUT:X to one "
+            "(repeat the option for several)",
+        )
     check.add_argument(
         "--latency-runs",
         type=int,
         default=CompressionConfig.latency_runs,
         metavar="N",
-        help="timed runs per model (default: %(default)s)",
+        help="most timed interleaved pairs of runs (default: %(default)s; after 5 pairs it "
+        "stops once 1 s of runs are timed)",
+    )
+    check.add_argument(
+        "--latency-threads",
+        type=_max_groups,
+        default=CompressionConfig.latency_threads,
+        metavar="N|all",
+        help="intra-op threads of both models' ONNX Runtime sessions, or 'all' CPUs this "
+        "process may use (default: %(default)s, the most repeatable timing)",
     )
     out = run.add_argument_group("output")
     if not sweep:
@@ -322,10 +338,11 @@ def _run_config(args: argparse.Namespace, **budget) -> CompressionConfig:
         device=args.device,
         validate=args.validate,
         inputs=args.inputs,
-        max_rel_error=args.max_rel_error,
-        min_cosine=args.min_cosine,
-        min_top1=args.min_top1,
+        max_rel_error=parse_tolerances("--max-rel-error", args.max_rel_error),
+        min_cosine=parse_tolerances("--min-cosine", args.min_cosine),
+        min_top1=parse_tolerances("--min-top1", args.min_top1),
         latency_runs=args.latency_runs,
+        latency_threads=args.latency_threads,
         seed=args.seed,
         calibration=args.calibration,
         fold_batchnorm=args.fold_batchnorm,

@@ -16,11 +16,15 @@ from typing import Any, Literal
 from .errors import ConfigError
 
 __all__ = [
+    "ALL_OUTPUTS",
     "DEVICES",
     "ERROR_MEASURES",
     "METHODS",
+    "TOLERANCES",
     "CompressionConfig",
+    "Tolerance",
     "parse_input_shape",
+    "parse_tolerances",
 ]
 
 #: Allocation methods, in the order the docs list them. ``allocate.SOLVERS`` implements each.
@@ -30,9 +34,15 @@ METHODS: tuple[str, ...] = ("alds", "alds-paper", "alds-error", "energy", "svd")
 ERROR_MEASURES: tuple[str, ...] = ("bound", "max-group", "output")
 #: Validation tolerances (fields of CompressionConfig; flags ``--max-rel-error`` ...).
 TOLERANCES: tuple[str, ...] = ("max_rel_error", "min_cosine", "min_top1")
+#: Key of a per-output tolerance mapping that applies to every output not named in it (the
+#: value given without ``NAME:`` on the command line).
+ALL_OUTPUTS = "*"
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 
 Device = Literal["auto", "cpu", "cuda"]
+#: A tolerance: one value for every output, or values per output name (``ALL_OUTPUTS`` for the
+#: outputs not named).
+Tolerance = float | Mapping[str, float] | None
 
 
 @dataclass(frozen=True)
@@ -54,10 +64,23 @@ class CompressionConfig:
         input_shapes: concrete shapes for graph inputs with dynamic dimensions.
         validate: compare the compressed model with the original in ONNX Runtime.
         inputs: an ``.npz`` file of validation inputs keyed by graph input name.
-        max_rel_error: fail validation when an output's relative L2 error exceeds this.
-        min_cosine: fail validation when an output's cosine similarity is below this.
-        min_top1: fail validation when an output's top-1 agreement is below this.
-        latency_runs: timed runs per model for the latency median.
+        max_rel_error: fail validation when an output's relative L2 error exceeds this (a
+            non-negative number).
+        min_cosine: fail validation when an output's cosine similarity is below this (in
+            [0, 1]).
+        min_top1: fail validation when an output's top-1 agreement (argmax over the last axis,
+            every position counted; validate.py) is below this (in [0, 1]). An output named
+            here must have such a class axis, or the run refuses; a value for every output
+            skips the outputs without one and the report names them.
+            Each tolerance is a number for every output, or a mapping from output name to
+            number; the key ``ALL_OUTPUTS`` (``"*"``) gives the value for the outputs not
+            named. Without validation (``validate=False``) tolerances are an error.
+        latency_runs: most timed pairs of runs for the latency medians (after
+            ``validate.MIN_LATENCY_RUNS`` pairs the time budget may stop earlier).
+        latency_threads: intra-op threads of both ONNX Runtime sessions (validation and
+            latency), 1 by default: the most repeatable timing (docs/performance.md); None
+            uses every CPU this process may run on. Both models always get the same count,
+            and the report records it.
         seed: seed of the random validation inputs and of randomized solvers.
         force: go on with a model that fails the ONNX checker.
         calibration: an ``.npz`` file of real model inputs keyed by graph input name, batch
@@ -79,10 +102,11 @@ class CompressionConfig:
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     validate: bool = True
     inputs: str | None = None
-    max_rel_error: float | None = None
-    min_cosine: float | None = None
-    min_top1: float | None = None
-    latency_runs: int = 10
+    max_rel_error: Tolerance = None
+    min_cosine: Tolerance = None
+    min_top1: Tolerance = None
+    latency_runs: int = 200
+    latency_threads: int | None = 1
     seed: int = 0
     force: bool = False
     calibration: str | None = None
@@ -102,12 +126,15 @@ class CompressionConfig:
         _check_choice("device", self.device, DEVICES)
         if not isinstance(self.fold_batchnorm, bool):
             raise ConfigError(f"fold_batchnorm must be True or False, got {self.fold_batchnorm!r}")
-        for name in ("max_groups", "groups", "rank_multiple", "latency_runs"):
+        for name in ("max_groups", "groups", "rank_multiple", "latency_runs", "latency_threads"):
             value = getattr(self, name)
-            if name == "max_groups" and value is None:
-                continue  # every divisor
+            if name in ("max_groups", "latency_threads") and value is None:
+                continue  # every divisor, every CPU
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                also = " or 'all' (None: every divisor)" if name == "max_groups" else ""
+                also = {
+                    "max_groups": " or 'all' (None: every divisor)",
+                    "latency_threads": " or 'all' (None: every CPU)",
+                }.get(name, "")
                 raise ConfigError(
                     f"--{_flag(name)} must be a positive integer{also}, got {value!r}"
                 )
@@ -117,9 +144,8 @@ class CompressionConfig:
                 "raise --max-groups or lower --groups"
             )
         for name in TOLERANCES:
-            value = getattr(self, name)
-            if value is not None and not (_is_number(value) and value >= 0):
-                raise ConfigError(f"--{_flag(name)} must be a non-negative number, got {value!r}")
+            object.__setattr__(self, name, _check_tolerance(name, getattr(self, name)))
+        self._check_validation_options()
         shapes = {}
         for name, shape in dict(self.input_shapes).items():
             dims = tuple(shape)
@@ -146,11 +172,42 @@ class CompressionConfig:
                 "--calibration FILE.npz; give one, or use --error bound"
             )
 
+    def _check_validation_options(self) -> None:
+        """Tolerances and ``inputs`` only act through validation: without it they are an
+        error, so a run never looks checked when it was not."""
+        if self.validate:
+            return
+        ignored = [f"--{_flag(name)}" for name in self.tolerances]
+        if self.inputs is not None:
+            ignored.append("--inputs")
+        if not ignored:
+            return
+        missing = ""
+        if self.inputs is not None and not os.path.isfile(self.inputs):
+            missing = f"; also, the --inputs file {self.inputs} does not exist"
+        raise ConfigError(
+            f"--no-validate skips validation, so {', '.join(ignored)} would be ignored; drop "
+            f"{'it' if len(ignored) == 1 else 'them'} or drop --no-validate{missing}"
+        )
+
     @property
-    def tolerances(self) -> dict[str, float]:
-        """The validation tolerances that are set, by field name."""
+    def tolerances(self) -> dict[str, float | dict[str, float]]:
+        """The validation tolerances that are set, by field name: a number for every output,
+        or a mapping from output name (``ALL_OUTPUTS`` for the others) to a number."""
         values = {name: getattr(self, name) for name in TOLERANCES}
-        return {name: value for name, value in values.items() if value is not None}
+        return {
+            name: dict(value) if isinstance(value, Mapping) else value
+            for name, value in values.items()
+            if value is not None
+        }
+
+    def tolerance(self, name: str, output: str) -> float | None:
+        """The value of tolerance ``name`` (a field in ``TOLERANCES``) for one output, or None
+        when it does not apply to that output."""
+        value = getattr(self, name)
+        if isinstance(value, Mapping):
+            return value.get(output, value.get(ALL_OUTPUTS))
+        return value
 
     @property
     def has_budget(self) -> bool:
@@ -185,6 +242,75 @@ def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
             "dimensions, for example input:1,3,224,224"
         )
     return name, dims
+
+
+#: Allowed range of each tolerance: (low, high, how to say it).
+_TOLERANCE_RANGES: dict[str, tuple[float, float, str]] = {
+    "max_rel_error": (0.0, math.inf, "a non-negative number, e.g. 0.05"),
+    "min_cosine": (0.0, 1.0, "a number in [0, 1], e.g. 0.99"),
+    "min_top1": (0.0, 1.0, "a fraction in [0, 1], e.g. 0.95"),
+}
+
+
+def _check_tolerance(name: str, value: object) -> float | dict[str, float] | None:
+    """A tolerance checked against its range: None, a number, or {output: number}."""
+    if value is None:
+        return None
+    low, high, allowed = _TOLERANCE_RANGES[name]
+    flag = f"--{_flag(name)}"
+    if isinstance(value, Mapping):
+        if not value:
+            raise ConfigError(f"{flag} got an empty mapping; give {allowed}, or OUTPUT:X")
+        checked = {}
+        for output, item in value.items():
+            if not isinstance(output, str) or not output:
+                raise ConfigError(f"{flag}: output names must be non-empty strings, got {output!r}")
+            label = flag if output == ALL_OUTPUTS else f"{flag} {output}:"
+            checked[output] = _tolerance_value(label, item, low, high, allowed)
+        return checked
+    return _tolerance_value(flag, value, low, high, allowed)
+
+
+def _tolerance_value(label: str, value: object, low: float, high: float, allowed: str) -> float:
+    if not (_is_number(value) and low <= value <= high):
+        raise ConfigError(f"{label} must be {allowed}; got {value!r}")
+    return float(value)
+
+
+def parse_tolerances(flag: str, items: list[str]) -> float | dict[str, float] | None:
+    """Parse the values of one repeated tolerance option: ``X`` (every output) or ``NAME:X``.
+
+    A single bare value gives a number; anything else a mapping with ``ALL_OUTPUTS`` for the
+    bare value. The name may contain colons (``output:0:0.9``); the last colon separates it.
+
+    Raises:
+        ConfigError: a value is not a number, or an output (or the bare value) is given twice.
+    """
+    if not items:
+        return None
+    values: dict[str, float] = {}
+    for text in items:
+        name, value = ALL_OUTPUTS, text
+        try:
+            number = float(text)
+        except ValueError:
+            name, sep, value = text.rpartition(":")
+            try:
+                number = float(value)
+            except ValueError:
+                sep = ""
+            if not sep or not name:
+                raise ConfigError(
+                    f"bad {flag} {text!r}: expected a number for every output or OUTPUT:NUMBER "
+                    f"for one, e.g. {flag} 0.9 or {flag} logits:0.9"
+                ) from None
+        if name in values:
+            which = "a value for every output" if name == ALL_OUTPUTS else f"output {name!r}"
+            raise ConfigError(f"{flag} gives {which} twice; give each once")
+        values[name] = number
+    if list(values) == [ALL_OUTPUTS]:
+        return values[ALL_OUTPUTS]
+    return values
 
 
 def _is_number(value: object) -> bool:

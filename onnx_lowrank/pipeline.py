@@ -61,7 +61,7 @@ from .report import (
 )
 from .rewrite import rewrite
 from .spectra import LayerSpectrum, compute_spectra, error_table
-from .validate import providers_for, validate, validation_inputs
+from .validate import check_tolerances, providers_for, validate, validation_inputs
 
 if TYPE_CHECKING:
     import onnx_graphsurgeon as gs
@@ -265,6 +265,8 @@ def analyze(
         loaded = open_model(source, force=config.force)
         model = loaded.model
         feeds = None
+        if config.validate:  # tolerances name existing outputs, before any heavy work
+            check_tolerances(model, config)
         if config.calibration is not None:  # checked before any heavy work
             feeds = calibrate.load_calibration(config.calibration, model)
     original, params_model, notes = None, None, []
@@ -690,6 +692,12 @@ def sweep_row(report: CompressionReport, config: CompressionConfig) -> dict[str,
         "max_error_actual": report.max_error_actual,
         "layers_factorized": len(report.compressed_layers),
         "validation_passed": None if validation is None else validation.passed,
+        "validation_failures": [] if validation is None else list(validation.failures),
+        "validation_samples": None if validation is None else validation.samples,
+        "validation_inputs": None
+        if validation is None
+        else ("random" if validation.random_inputs else "real"),
+        "tolerances_checked": bool(validation is not None and validation.tolerances),
         "outputs": []
         if validation is None
         else [
@@ -699,11 +707,14 @@ def sweep_row(report: CompressionReport, config: CompressionConfig) -> dict[str,
                 "rel_l2_error": output.rel_l2_error,
                 "cosine_similarity": output.cosine_similarity,
                 "top1_agreement": output.top1_agreement,
+                "checked": dict(output.checked),
+                "passed": output.passed,
             }
             for output in validation.outputs
         ],
         "latency_ms_before": None if validation is None else validation.latency_ms_before,
         "latency_ms_after": None if validation is None else validation.latency_ms_after,
+        "latency_threads": None if validation is None else validation.latency_threads,
         "model": None,
     }
 

@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from .config import ALL_OUTPUTS
 from .errors import OutputPathError, RuntimeMissingError
-from .validate import ValidationReport
+from .validate import NOT_A_TASK_METRIC, ValidationReport
 
 __all__ = [
     "CompressionReport",
@@ -25,9 +26,12 @@ __all__ = [
     "format_layers",
     "format_summary",
     "format_sweep",
+    "format_tolerances",
+    "format_validation",
     "layer_figure",
     "plot_layers",
     "plot_sweep",
+    "sweep_figure",
     "write_json",
 ]
 
@@ -283,29 +287,44 @@ def format_summary(report: CompressionReport) -> str:
 
 
 def format_validation(validation: ValidationReport | None) -> str:
+    """The validation part of the summary: what the verdict rests on (samples, random or real
+    inputs, the tolerances and the outputs each was checked on), per-output metrics, latency
+    with its spread, failures and warnings."""
     if validation is None:
         return "validation: skipped"
     if not validation.passed:
         status = "FAILED"
     elif validation.tolerances:
-        checked = ", ".join(
-            f"--{name.replace('_', '-')} {value:g}" for name, value in validation.tolerances.items()
-        )
-        status = f"PASSED ({checked})"
+        status = f"PASSED ({format_tolerances(validation)})"
     else:  # nothing but shapes and NaN/Inf was checked: do not call it good
         status = "ran (no tolerances set: only shapes and NaN/Inf were checked)"
-    lines = [f"validation on {validation.provider} with {validation.inputs} inputs: {status}"]
+    samples = "?" if validation.samples is None else f"{validation.samples:,}"
+    if validation.random_inputs:
+        source = f"{validation.inputs} inputs, {samples} samples"
+    else:
+        source = f"real inputs from {validation.inputs}, {samples} samples"
+    lines = [f"validation on {validation.provider} with {source}: {status}"]
+    if validation.random_inputs and validation.outputs:
+        lines.append(f"  note: {NOT_A_TASK_METRIC}")
     for output in validation.outputs:
-        top1 = "" if output.top1_agreement is None else f", top-1 agree {output.top1_agreement:.1%}"
+        top1 = ""
+        if output.top1_agreement is not None:
+            top1 = (
+                f", top-1 agree {output.top1_agreement:.1%} of {output.top1_positions:,} positions"
+            )
         lines.append(
             f"  {output.name}: max abs {output.max_abs_error:.4g}, rel L2 "
             f"{output.rel_l2_error:.4g}, cosine {output.cosine_similarity:.6f}{top1}"
         )
-    if validation.latency_ms_before is not None and validation.latency_ms_after is not None:
+    if validation.latency_before is not None and validation.latency_after is not None:
+        before, after = validation.latency_before, validation.latency_after
         batch = "" if validation.latency_batch is None else f", batch {validation.latency_batch}"
+        threads = validation.latency_threads
         lines.append(
-            f"  latency (median of {validation.latency_runs} runs{batch}): "
-            f"{validation.latency_ms_before:.3f} ms -> {validation.latency_ms_after:.3f} ms"
+            f"  latency ({validation.latency_runs} interleaved pairs after "
+            f"{validation.latency_warmup} warm-up, {threads} thread{'s' * (threads != 1)}"
+            f"{batch}; median [min-max]): {_latency(before)} -> {_latency(after)} ms "
+            f"({after.median_ms / before.median_ms:.2f}x the time)"
         )
     lines += [f"  FAILED: {failure}" for failure in validation.failures]
     lines += [
@@ -317,6 +336,38 @@ def format_validation(validation: ValidationReport | None) -> str:
     return "\n".join(lines)
 
 
+def format_tolerances(validation: ValidationReport) -> str:
+    """Each tolerance with its value(s) and the outputs it was checked on, e.g.
+    ``--min-top1 0.95 on logits; --max-rel-error 0.1 on all 3 outputs``; outputs a tolerance
+    for every output could not apply to are named."""
+    parts = []
+    checked_on, skipped = validation.checked_on, validation.not_applicable
+    for name, value in validation.tolerances.items():
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(value, dict):
+            values = " ".join(
+                f"{limit:g}" if output == ALL_OUTPUTS else f"{output}:{limit:g}"
+                for output, limit in value.items()
+            )
+        else:
+            values = f"{value:g}"
+        outputs = checked_on.get(name, [])
+        where = (
+            f"all {len(outputs)} outputs"
+            if len(outputs) == len(validation.outputs) and len(outputs) > 1
+            else ", ".join(outputs) or "no output"
+        )
+        text = f"{flag} {values} on {where}"
+        if skipped.get(name):
+            text += f", not applicable to {', '.join(skipped[name])} (no class axis)"
+        parts.append(text)
+    return "; ".join(parts)
+
+
+def _latency(stats) -> str:
+    return f"{stats.median_ms:.3f} [{stats.min_ms:.3f}-{stats.max_ms:.3f}]"
+
+
 def _bytes(value: int) -> str:
     for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if value >= size:
@@ -325,7 +376,8 @@ def _bytes(value: int) -> str:
 
 
 def format_sweep(rows: Sequence[dict[str, Any]]) -> str:
-    """One line per sweep point: method, budget, what was kept, errors, validation."""
+    """One line per sweep point: method, budget, what was kept, errors, validation, and the
+    verdict (FAILED points are marked; their models were not written)."""
     table = []
     for row in rows:
         budget = " ".join(
@@ -337,8 +389,8 @@ def format_sweep(rows: Sequence[dict[str, Any]]) -> str:
             validation = f"rel L2 {first['rel_l2_error']:.4g}"
             if first["top1_agreement"] is not None:
                 validation += f", top-1 {first['top1_agreement']:.1%}"
-            if row["validation_passed"] is False:
-                validation += " FAILED"
+            if row.get("validation_inputs") == "random":
+                validation += " (random inputs)"
         macs = row["macs_fraction"]
         table.append(
             [
@@ -349,10 +401,20 @@ def format_sweep(rows: Sequence[dict[str, Any]]) -> str:
                 _error(row["max_error_bound"]),
                 _error(row["max_error_actual"]),
                 validation,
+                _verdict(row),
             ]
         )
-    header = ["method", "budget", "params", "MACs", "bound", "actual", "validation"]
+    header = ["method", "budget", "params", "MACs", "bound", "actual", "validation", "verdict"]
     return _table(header, table)
+
+
+def _verdict(row: dict[str, Any]) -> str:
+    passed = row["validation_passed"]
+    if passed is None:
+        return "-"
+    if passed is False:
+        return "FAILED"
+    return "passed" if row.get("tolerances_checked") else "ran"
 
 
 #: What a sweep says when it cannot draw its plot.
@@ -487,29 +549,68 @@ def plot_sweep(
 
     Left: the largest layer error bound against the fraction of parameters kept, one line per
     method. Right, when the points were validated: the relative L2 error of the first output.
+    Points that failed validation (no model written) carry a red X on both.
 
     Returns:
         ``(path, None)``, or ``(None, notice)`` when matplotlib is not installed.
     """
     try:
-        from matplotlib.figure import Figure
-    except ImportError:
+        figure = sweep_figure(rows)
+    except RuntimeMissingError:
         return None, NO_PLOT
+    return _save_figure(figure, path), None
+
+
+def sweep_figure(rows: Sequence[dict[str, Any]]):
+    """The matplotlib ``Figure`` of ``plot_sweep``.
+
+    Raises:
+        RuntimeMissingError: matplotlib is not installed.
+    """
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise RuntimeMissingError(NO_PLOT) from exc
     validated = any(row["outputs"] for row in rows)
     figure = Figure(figsize=(11 if validated else 6, 4.2), layout="constrained")
     axes = figure.subplots(1, 2 if validated else 1, squeeze=False)[0]
     methods = list(dict.fromkeys(row["method"] for row in rows))
+    failed_label = "failed validation (not written)"
     for method in methods:
         points = sorted(
             (row for row in rows if row["method"] == method), key=lambda r: r["params_fraction"]
         )
         kept = [row["params_fraction"] for row in points]
-        axes[0].plot(kept, [row["max_error_bound"] for row in points], marker="o", label=method)
+        series = [[row["max_error_bound"] for row in points]]
         if validated:
-            errors = [
-                row["outputs"][0]["rel_l2_error"] if row["outputs"] else math.nan for row in points
+            series.append(
+                [
+                    row["outputs"][0]["rel_l2_error"] if row["outputs"] else math.nan
+                    for row in points
+                ]
+            )
+        for axis, values in zip(axes, series, strict=True):
+            axis.plot(kept, values, marker="o", label=method)
+            failed = [
+                (x, y)
+                for x, y, row in zip(kept, values, points, strict=True)
+                if row["validation_passed"] is False
             ]
-            axes[1].plot(kept, errors, marker="o", label=method)
+            if failed:
+                xs, ys = zip(*failed, strict=True)
+                axis.plot(
+                    xs,
+                    ys,
+                    linestyle="none",
+                    marker="X",
+                    markersize=11,
+                    color="tab:red",
+                    label=failed_label,
+                )
+    for axis in axes:  # one legend entry for the failed points, however many methods
+        handles, labels = axis.get_legend_handles_labels()
+        unique = dict(zip(labels, handles, strict=True))
+        axis.legend(unique.values(), unique.keys())
     axes[0].set_ylabel("max layer error bound")
     axes[0].set_title("weight error")
     if validated:
@@ -518,5 +619,4 @@ def plot_sweep(
     for axis in axes:
         axis.set_xlabel("fraction of parameters kept")
         axis.grid(alpha=0.3)
-        axis.legend()
-    return _save_figure(figure, path), None
+    return figure

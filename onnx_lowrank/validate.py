@@ -1,22 +1,35 @@
 """Compare a compressed model with its original in ONNX Runtime.
 
-Both models run on the same inputs: the user's (an ``.npz`` keyed by input name) or random ones
-shaped by the model's inputs and ``--input-shape``. For every output the report gives the max
-absolute error, the relative L2 error ``‖a − b‖ / ‖a‖``, the cosine similarity, and, for
-``(batch, classes)`` score outputs, the top-1 agreement. It also gives the median latency of
-both models, measured alternately on the same inputs.
+Both models run on the same inputs: the user's (an ``.npz`` keyed by input name, "real"
+inputs) or random ones shaped by the model's inputs and ``--input-shape``. For every output the
+report gives the max absolute error, the relative L2 error ``‖a − b‖ / ‖a‖``, the cosine
+similarity, and, for an output with a class axis (floating point, at least two dimensions, the
+last of size two or more), the top-1 agreement: the fraction of positions where the argmax over
+the last axis is the same, every position counted (an ``(N, T, classes)`` sequence output has
+``N·T`` positions). Agreement on random inputs says how close the two models are, not how well
+the compressed one does its task; the report says so.
+
+Memory follows a cap, not the output size. When every input's leading (batch) dimension is
+dynamic and the same, the inputs run in slices of rows: one row first, then as many rows per
+run as keep the original's outputs under ``OUTPUT_BYTES_CAP``; the metrics are accumulated per
+slice, in chunks of ``COMPARE_CHUNK`` values in float64, so no whole-output float64 copy is
+ever made. Otherwise the inputs run whole and only the comparison is chunked.
 
 Latency is timed on ``LATENCY_BATCH`` (1) sample: the first row of every input, when every
-input's leading (batch) dimension is dynamic; otherwise on the full inputs, which a static
-batch requires. The accuracy metrics always use all inputs, and that run warms both models up;
-then the two models run alternately for ``config.latency_runs`` pairs, or until the timed runs have
-taken ``LATENCY_BUDGET_S`` seconds (at least ``MIN_LATENCY_RUNS`` pairs run), so validating a
-large model on a small machine stays quick; the report records the batch and the number of
-pairs.
+input's leading dimension is dynamic; otherwise on the full inputs, which a static batch
+requires. Both sessions have the same, explicit number of intra-op threads
+(``config.latency_threads``, 1 by default). After
+``LATENCY_WARMUP`` untimed pairs, the two models run interleaved, the first of each pair
+alternating, for at most ``config.latency_runs`` pairs, or until the timed runs have taken
+``LATENCY_BUDGET_S`` seconds (at least ``MIN_LATENCY_RUNS`` pairs). The report gives the median,
+min and max of each model and the thread count, batch and number of pairs
+(docs/performance.md, "Latency").
 
 A compressed model fails validation when ONNX Runtime cannot load or run it, when an output's
 shape differs or holds NaN/Inf where the original does not, or when a metric crosses a
-tolerance the user set.
+tolerance the user set. A tolerance is set for every output or per output name; one that names
+an output that does not exist, or ``--min-top1`` for an output without a class axis, is a
+``ConfigError``: the run refuses rather than skip it.
 """
 
 from __future__ import annotations
@@ -29,7 +42,7 @@ import statistics
 import time
 import zipfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,18 +51,32 @@ import numpy as np
 import onnx
 
 from .backend import cuda_available
-from .config import CompressionConfig
-from .errors import CalibrationError, RuntimeMissingError, ShapeError, UnsupportedModelError
+from .config import ALL_OUTPUTS, TOLERANCES, CompressionConfig
+from .errors import (
+    CalibrationError,
+    ConfigError,
+    RuntimeMissingError,
+    ShapeError,
+    UnsupportedModelError,
+)
 
 __all__ = [
+    "LatencyStats",
     "OutputComparison",
+    "OutputMetrics",
     "ValidationReport",
     "check_feeds",
+    "check_tolerances",
+    "compare_output",
     "graph_inputs",
+    "has_class_axis",
     "latency_feeds",
     "load_npz",
+    "make_session",
     "providers_for",
     "random_inputs",
+    "run_rows",
+    "session_threads",
     "validate",
     "validation_inputs",
 ]
@@ -61,9 +88,15 @@ RANDOM_BATCH = 8
 #: Samples per latency run when every input's leading dimension is dynamic.
 LATENCY_BATCH = 1
 #: Seconds of timed runs after which the latency measurement stops early.
-LATENCY_BUDGET_S = 0.5
+LATENCY_BUDGET_S = 1.0
 #: Pairs timed before the budget may stop the latency measurement.
-MIN_LATENCY_RUNS = 3
+MIN_LATENCY_RUNS = 5
+#: Untimed pairs run at the latency batch before timing (the first run at a new shape allocates).
+LATENCY_WARMUP = 2
+#: Most bytes of the original's outputs per validation run; the rows per run follow from it.
+OUTPUT_BYTES_CAP = 64 * 2**20
+#: Values compared per float64 chunk.
+COMPARE_CHUNK = 2**20
 #: An output whose cosine similarity with the original is below this gets a warning, tolerances
 #: or not: the compressed model may be broken.
 FAR_COSINE = 0.9
@@ -71,9 +104,30 @@ FAR_COSINE = 0.9
 MAX_RANDOM_ELEMENTS = 2**28
 
 
+#: What the report says next to agreement measured on random inputs.
+NOT_A_TASK_METRIC = (
+    "agreement on random inputs is not a task metric; check the task on real inputs "
+    "(--inputs FILE.npz)"
+)
+
+
 @dataclass(frozen=True)
 class OutputComparison:
-    """How one output of the compressed model compares with the original."""
+    """How one output of the compressed model compares with the original.
+
+    Attributes:
+        name: the output's name.
+        shape: its shape (the rows of every validation run together).
+        max_abs_error, rel_l2_error, cosine_similarity: over every value where both models are
+            finite.
+        top1_agreement: fraction of positions whose argmax over the last axis agrees; None when
+            the output has no class axis (``has_class_axis``).
+        failures: every tolerance (or shape, NaN/Inf check) this output failed.
+        top1_positions: how many positions ``top1_agreement`` counts.
+        checked: the tolerances checked on this output, by field name, with their values.
+        not_applicable: tolerances set for every output that cannot apply to this one (only
+            ``min_top1``, on an output without a class axis).
+    """
 
     name: str
     shape: tuple[int, ...]
@@ -82,10 +136,26 @@ class OutputComparison:
     cosine_similarity: float
     top1_agreement: float | None
     failures: tuple[str, ...] = ()
+    top1_positions: int | None = None
+    checked: Mapping[str, float] = field(default_factory=dict)
+    not_applicable: tuple[str, ...] = ()
 
     @property
     def passed(self) -> bool:
         return not self.failures
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Latency of one model over the timed runs, in milliseconds."""
+
+    median_ms: float
+    min_ms: float
+    max_ms: float
+
+    @classmethod
+    def of(cls, times_ms: Sequence[float]) -> LatencyStats:
+        return cls(statistics.median(times_ms), min(times_ms), max(times_ms))
 
 
 @dataclass(frozen=True)
@@ -100,10 +170,17 @@ class ValidationReport:
         latency_ms_after: median latency of the compressed model.
         failures: every reason the compressed model failed; empty when it passed.
         latency_batch: samples per latency run (None when the inputs were not split).
-        latency_runs: timed runs per model behind each median.
+        latency_runs: timed pairs behind each median.
         tolerances: the tolerances checked (``max_rel_error``, ``min_cosine``, ``min_top1``
-            that were set). Without any, passing only means that the compressed model runs
-            and its outputs have the original's shapes and no NaN/Inf where it has none.
+            that were set; a number for every output or a mapping per output). Without any,
+            passing only means that the compressed model runs and its outputs have the
+            original's shapes and no NaN/Inf where it has none.
+        samples: samples validation ran (rows of the inputs' batch dimension).
+        random_inputs: True when the inputs were random, not the user's (``--inputs``).
+        latency_threads: intra-op threads of both sessions.
+        latency_before, latency_after: median, min and max of each model's timed runs.
+        latency_warmup: untimed pairs run before timing.
+        rows_per_run: rows of the inputs per validation run (None: the inputs ran whole).
     """
 
     provider: str
@@ -114,7 +191,14 @@ class ValidationReport:
     failures: tuple[str, ...] = field(default_factory=tuple)
     latency_batch: int | None = None
     latency_runs: int = 0
-    tolerances: Mapping[str, float] = field(default_factory=dict)
+    tolerances: Mapping[str, float | Mapping[str, float]] = field(default_factory=dict)
+    samples: int | None = None
+    random_inputs: bool = False
+    latency_threads: int | None = None
+    latency_before: LatencyStats | None = None
+    latency_after: LatencyStats | None = None
+    latency_warmup: int = 0
+    rows_per_run: int | None = None
 
     @property
     def passed(self) -> bool:
@@ -125,9 +209,28 @@ class ValidationReport:
         """Outputs whose cosine similarity with the original is below ``FAR_COSINE``."""
         return [o for o in self.outputs if o.cosine_similarity < FAR_COSINE]
 
+    @property
+    def checked_on(self) -> dict[str, list[str]]:
+        """The outputs each set tolerance was checked on, by field name."""
+        return {
+            name: [o.name for o in self.outputs if name in o.checked] for name in self.tolerances
+        }
+
+    @property
+    def not_applicable(self) -> dict[str, list[str]]:
+        """The outputs each tolerance set for every output could not apply to."""
+        return {
+            name: [o.name for o in self.outputs if name in o.not_applicable]
+            for name in self.tolerances
+            if any(name in o.not_applicable for o in self.outputs)
+        }
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["passed"] = self.passed
+        data["checked_on"] = self.checked_on
+        data["not_applicable"] = self.not_applicable
+        data["note"] = NOT_A_TASK_METRIC if self.random_inputs else None
         for item, output in zip(data["outputs"], self.outputs, strict=True):
             item["passed"] = output.passed
         return data
@@ -181,10 +284,33 @@ def providers_for(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def _session(model: onnx.ModelProto | str | os.PathLike, providers: list[str]):
+def session_threads(config: CompressionConfig) -> int:
+    """Intra-op threads of the validation sessions: ``config.latency_threads``, or every CPU
+    this process may run on."""
+    if config.latency_threads is not None:
+        return config.latency_threads
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def make_session(
+    model: onnx.ModelProto | str | os.PathLike, providers: list[str], threads: int | None = None
+):
+    """An ONNX Runtime session of ``model`` (ModelProto or path) on ``providers``.
+
+    With ``threads``, the intra-op thread pool has exactly that many threads (one inter-op
+    thread, sequential execution), so two sessions timed in turn have the same pools. Spinning
+    is left at ONNX Runtime's default, as deployments run it (docs/performance.md, "Latency").
+    """
     ort = _ort()
     options = ort.SessionOptions()
     options.log_severity_level = 4  # failures surface as exceptions; keep stderr to one line
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     return ort.InferenceSession(source, options, providers=providers)
 
@@ -323,54 +449,231 @@ def check_feeds(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], label: 
             )
 
 
+def has_class_axis(shape: Sequence[int | None], floating: bool) -> bool | None:
+    """Whether an output of this shape and type has a class axis for top-1 agreement: floating
+    point, at least two dimensions, the last of size two or more. None when the shape leaves it
+    open (a dynamic last dimension)."""
+    if not floating or len(shape) < 2:
+        return False
+    if shape[-1] is None:
+        return None
+    return shape[-1] >= 2
+
+
+class OutputMetrics:
+    """The comparison of one output, accumulated over validation runs in float64 chunks.
+
+    Sums of ``a²``, ``b²``, ``a·b`` and ``(a − b)²`` over the values where both are finite give
+    the relative L2 error and the cosine similarity of the whole output without ever holding it
+    in float64; top-1 agreement counts equal argmaxes over the last axis, chunk by chunk.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        self.shape: tuple[int, ...] | None = None
+        self.mismatch: str | None = None
+        self.floating = True
+        self.new_nonfinite = 0
+        self.max_abs = 0.0
+        self.sums = np.zeros(4)  # a·a, b·b, a·b, (a − b)·(a − b)
+        self.top1_same = 0
+        self.top1_positions = 0
+
+    def add(self, reference: np.ndarray, candidate: np.ndarray, rows: int | None = None) -> None:
+        """Compare one run's output. ``rows``: the rows of the inputs of this run, when the
+        inputs were run in slices (the output's rows add up when its leading dimension
+        follows them)."""
+        if self.mismatch is not None:
+            return
+        if reference.shape != candidate.shape:
+            self.shape = tuple(candidate.shape)
+            self.mismatch = f"{self.name}: shape {candidate.shape} != original {reference.shape}"
+            return
+        shape = tuple(int(d) for d in reference.shape)
+        if self.shape is None:
+            self.shape = shape
+        elif rows is not None and shape[1:] == self.shape[1:] and shape[:1] == (rows,):
+            self.shape = (self.shape[0] + rows, *shape[1:])
+        self.floating = bool(np.issubdtype(reference.dtype, np.floating))
+        flat_a, flat_b = reference.reshape(-1), candidate.reshape(-1)
+        for start in range(0, flat_a.size, COMPARE_CHUNK):
+            self._add_values(
+                flat_a[start : start + COMPARE_CHUNK], flat_b[start : start + COMPARE_CHUNK]
+            )
+        if has_class_axis(shape, self.floating):
+            classes = shape[-1]
+            rows_a, rows_b = reference.reshape(-1, classes), candidate.reshape(-1, classes)
+            step = max(1, COMPARE_CHUNK // classes)
+            for start in range(0, rows_a.shape[0], step):
+                self.top1_same += int(
+                    np.count_nonzero(
+                        rows_a[start : start + step].argmax(axis=1)
+                        == rows_b[start : start + step].argmax(axis=1)
+                    )
+                )
+            self.top1_positions += rows_a.shape[0]
+
+    def _add_values(self, chunk_a: np.ndarray, chunk_b: np.ndarray) -> None:
+        a, b = chunk_a.astype(np.float64), chunk_b.astype(np.float64)
+        finite_a, finite_b = np.isfinite(a), np.isfinite(b)
+        self.new_nonfinite += int(np.count_nonzero(finite_a & ~finite_b))
+        both = finite_a & finite_b
+        if not both.all():
+            a, b = a[both], b[both]
+        diff = a - b
+        if diff.size:
+            self.max_abs = max(self.max_abs, float(np.max(np.abs(diff))))
+        self.sums += (a @ a, b @ b, a @ b, diff @ diff)
+
+    @property
+    def top1_agreement(self) -> float | None:
+        return self.top1_same / self.top1_positions if self.top1_positions else None
+
+    def result(self, config: CompressionConfig) -> OutputComparison:
+        """The metrics and the failures of the tolerances ``config`` sets for this output.
+
+        Raises:
+            ConfigError: ``min_top1`` names this output, which has no class axis.
+        """
+        if self.mismatch is not None:
+            return OutputComparison(
+                self.name, self.shape or (), math.inf, math.inf, 0.0, None, (self.mismatch,)
+            )
+        ref2, cand2, dot, diff2 = (float(x) for x in self.sums)
+        norm_a, norm_b, norm_diff = math.sqrt(ref2), math.sqrt(cand2), math.sqrt(diff2)
+        rel = norm_diff / norm_a if norm_a > 0 else norm_diff
+        cosine = dot / (norm_a * norm_b) if norm_a > 0 and norm_b > 0 else float(norm_a == norm_b)
+        top1 = self.top1_agreement
+        failures = []
+        if self.new_nonfinite:
+            failures.append(f"{self.name}: NaN or Inf where the original is finite")
+        checked: dict[str, float] = {}
+        not_applicable: list[str] = []
+        measured = {"max_rel_error": rel, "min_cosine": cosine, "min_top1": top1}
+        for name in TOLERANCES:
+            limit = config.tolerance(name, self.name)
+            if limit is None:
+                continue
+            value = measured[name]
+            if value is None:  # min_top1 on an output without a class axis
+                if _names(config, name, self.name):
+                    raise ConfigError(
+                        f"--min-top1 names output {self.name!r} of shape {self.shape}, which "
+                        "has no class axis (floating point, 2+ dimensions, last of size 2+); "
+                        "drop it or check this output with --min-cosine / --max-rel-error"
+                    )
+                not_applicable.append(name)
+                continue
+            checked[name] = limit
+            if name == "max_rel_error" and value > limit:
+                failures.append(
+                    f"{self.name}: relative L2 error {value:.4g} > --max-rel-error {limit:g}"
+                )
+            elif name == "min_cosine" and value < limit:
+                failures.append(
+                    f"{self.name}: cosine similarity {value:.4g} < --min-cosine {limit:g}"
+                )
+            elif name == "min_top1" and value < limit:
+                failures.append(
+                    f"{self.name}: top-1 agreement {value:.4g} < --min-top1 {limit:g} "
+                    f"({self.top1_positions} positions)"
+                )
+        return OutputComparison(
+            self.name,
+            self.shape or (),
+            self.max_abs,
+            rel,
+            cosine,
+            top1,
+            tuple(failures),
+            top1_positions=self.top1_positions or None,
+            checked=checked,
+            not_applicable=tuple(not_applicable),
+        )
+
+
+def _names(config: CompressionConfig, tolerance: str, output: str) -> bool:
+    """True when ``tolerance`` names ``output`` explicitly (not through the value for all)."""
+    value = getattr(config, tolerance)
+    return isinstance(value, Mapping) and output in value
+
+
 def compare_output(
     name: str, reference: np.ndarray, candidate: np.ndarray, config: CompressionConfig
 ) -> OutputComparison:
-    """Metrics and tolerance failures of one output."""
-    failures: list[str] = []
-    if reference.shape != candidate.shape:
-        return OutputComparison(
-            name,
-            tuple(candidate.shape),
-            math.inf,
-            math.inf,
-            0.0,
-            None,
-            (f"{name}: shape {candidate.shape} != original {reference.shape}",),
+    """Metrics and tolerance failures of one output (``OutputMetrics`` over one run)."""
+    metrics = OutputMetrics(name)
+    metrics.add(reference, candidate)
+    return metrics.result(config)
+
+
+def check_tolerances(model: onnx.ModelProto, config: CompressionConfig) -> None:
+    """Check, before any work, that every output a tolerance names exists and, for
+    ``min_top1``, can have a class axis by its declared type and shape.
+
+    Raises:
+        ConfigError: naming the unknown outputs (and listing the model's), an output that
+            ``min_top1`` names but that has no class axis, or a ``min_top1`` that can apply to
+            no output at all.
+    """
+    outputs = {info.name: info for info in model.graph.output}
+    for name in TOLERANCES:
+        value = getattr(config, name)
+        if not isinstance(value, Mapping):
+            continue
+        unknown = [output for output in value if output != ALL_OUTPUTS and output not in outputs]
+        if unknown:
+            raise ConfigError(
+                f"--{name.replace('_', '-')} names {', '.join(map(repr, unknown))}, which "
+                f"{'is not an output' if len(unknown) == 1 else 'are not outputs'} of the "
+                f"model; its outputs: {', '.join(outputs)}"
+            )
+    if config.min_top1 is None:
+        return
+    verdicts = {name: _declared_class_axis(info) for name, info in outputs.items()}
+    for output, verdict in verdicts.items():
+        if verdict is False and _names(config, "min_top1", output):
+            raise ConfigError(
+                f"--min-top1 names output {output!r}, which has no class axis "
+                f"({_describe(outputs[output])}); top-1 agreement needs a floating-point "
+                "output of 2+ dimensions whose last has size 2+"
+            )
+    targets = [o for o in outputs if config.tolerance("min_top1", o) is not None]
+    if targets and all(verdicts[o] is False for o in targets):
+        raise ConfigError(
+            "--min-top1 applies to no output: none has a class axis ("
+            + "; ".join(f"{o}: {_describe(outputs[o])}" for o in targets)
+            + "); use --min-cosine or --max-rel-error"
         )
-    a = reference.astype(np.float64).ravel()
-    b = candidate.astype(np.float64).ravel()
-    if np.any(np.isfinite(a) & ~np.isfinite(b)):
-        failures.append(f"{name}: NaN or Inf where the original is finite")
-    finite = np.isfinite(a) & np.isfinite(b)
-    a, b = a[finite], b[finite]
-    diff = a - b
-    max_abs = float(np.max(np.abs(diff))) if diff.size else 0.0
-    norm_a, norm_b = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-    rel = float(np.linalg.norm(diff) / norm_a) if norm_a > 0 else float(np.linalg.norm(diff))
-    cosine = (
-        float(a @ b / (norm_a * norm_b)) if norm_a > 0 and norm_b > 0 else float(norm_a == norm_b)
+
+
+def _declared_class_axis(info: onnx.ValueInfoProto) -> bool | None:
+    if not info.type.HasField("tensor_type"):
+        return False
+    tensor_type = info.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return None
+    try:
+        floating = np.issubdtype(
+            onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type), np.floating
+        )
+    except (KeyError, ValueError):
+        floating = tensor_type.elem_type == onnx.TensorProto.BFLOAT16
+    dims = [
+        d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+        for d in tensor_type.shape.dim
+    ]
+    return has_class_axis(dims, bool(floating))
+
+
+def _describe(info: onnx.ValueInfoProto) -> str:
+    tensor_type = info.type.tensor_type
+    dims = ",".join(
+        str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?")
+        for d in tensor_type.shape.dim
     )
-    top1 = None
-    if (
-        reference.ndim == 2
-        and reference.shape[1] >= 2
-        and np.issubdtype(reference.dtype, np.floating)
-    ):
-        top1 = float(np.mean(reference.argmax(axis=1) == candidate.argmax(axis=1)))
-    if config.max_rel_error is not None and rel > config.max_rel_error:
-        failures.append(
-            f"{name}: relative L2 error {rel:.4g} > --max-rel-error {config.max_rel_error:g}"
-        )
-    if config.min_cosine is not None and cosine < config.min_cosine:
-        failures.append(
-            f"{name}: cosine similarity {cosine:.4g} < --min-cosine {config.min_cosine:g}"
-        )
-    if config.min_top1 is not None and top1 is not None and top1 < config.min_top1:
-        failures.append(f"{name}: top-1 agreement {top1:.4g} < --min-top1 {config.min_top1:g}")
-    return OutputComparison(
-        name, tuple(candidate.shape), max_abs, rel, cosine, top1, tuple(failures)
-    )
+    kind = onnx.TensorProto.DataType.Name(tensor_type.elem_type).lower()
+    return f"{kind} ({dims})"
 
 
 def validation_inputs(
@@ -408,7 +711,8 @@ def validate(
     Args:
         original: the uncompressed model (ModelProto or path).
         compressed: the compressed model (ModelProto or path).
-        config: tolerances, device, seed, latency runs, input shapes and ``inputs`` (.npz).
+        config: tolerances, device, seed, latency runs and threads, input shapes and ``inputs``
+            (.npz).
         feeds: inputs to use instead of ``config.inputs`` or random ones (see
             ``validation_inputs``).
         label: where ``feeds`` came from, for the report.
@@ -418,43 +722,63 @@ def validate(
     Raises:
         UnsupportedModelError: the *original* model does not run in ONNX Runtime.
         ShapeError, CalibrationError: inputs cannot be made or do not match.
+        ConfigError: a tolerance names an output that does not exist, or ``min_top1`` cannot
+            apply to an output it names (or to any output).
     """
     if isinstance(original, onnx.ModelProto):
         reference_model = original
     else:
         reference_model = declared or onnx.load(str(original), load_external_data=False)
+    check_tolerances(reference_model, config)
     if feeds is None:
         feeds, label = validation_inputs(reference_model, config)
     else:
         label = label or "given inputs"
         check_feeds(reference_model, feeds, label)
+    random = feeds is not None and config.inputs is None and label.startswith("random")
     providers = providers_for(config.device)
+    threads = session_threads(config)
     try:
-        reference_session = _session(original, providers)
-        reference = reference_session.run(None, dict(feeds))
+        reference_session = make_session(original, providers, threads)
     except Exception as exc:
-        raise UnsupportedModelError(
-            f"the original model does not run in ONNX Runtime ({_first_line(exc)}); "
-            "pass valid --inputs or use --no-validate"
-        ) from exc
+        raise _original_fails(exc) from exc
     provider = reference_session.get_providers()[0]
     if provider != providers[0]:
         log.warning("%s did not start; validating on %s", providers[0], provider)
         providers = [provider]
+    common = {
+        "samples": _samples(reference_model, feeds),
+        "random_inputs": random,
+        "latency_threads": threads,
+        "tolerances": config.tolerances,
+    }
     try:
-        session = _session(compressed, providers)
-        outputs = session.run(None, dict(feeds))
+        session = make_session(compressed, providers, threads)
     except Exception as exc:
         return ValidationReport(
             provider,
             label,
-            failures=(f"ONNX Runtime cannot run the compressed model: {_first_line(exc)}",),
+            failures=(f"ONNX Runtime cannot load the compressed model: {_first_line(exc)}",),
+            **common,
         )
     names = [output.name for output in reference_session.get_outputs()]
-    comparisons = tuple(
-        compare_output(name, ref, out, config)
-        for name, ref, out in zip(names, reference, outputs, strict=True)
-    )
+    metrics = [OutputMetrics(name) for name in names]
+    try:
+        rows_per_run = _compare_runs(reference_model, reference_session, session, feeds, metrics)
+    except _CompressedFails as exc:
+        return ValidationReport(
+            provider,
+            label,
+            failures=(f"ONNX Runtime cannot run the compressed model: {exc}",),
+            **common,
+        )
+    comparisons = tuple(item.result(config) for item in metrics)
+    if config.min_top1 is not None and not any("min_top1" in c.checked for c in comparisons):
+        raise ConfigError(
+            "--min-top1 applies to no output: none has a class axis ("
+            + ", ".join(f"{c.name} {c.shape}" for c in comparisons)
+            + "); use --min-cosine or --max-rel-error"
+        )
     batch, timed = latency_feeds(reference_model, feeds)
     try:
         before, after, runs = _latencies(reference_session, session, timed, config.latency_runs)
@@ -466,13 +790,119 @@ def validate(
         provider,
         label,
         comparisons,
-        before,
-        after,
+        before.median_ms,
+        after.median_ms,
         failures,
         latency_batch=batch,
         latency_runs=runs,
-        tolerances=config.tolerances,
+        latency_before=before,
+        latency_after=after,
+        latency_warmup=LATENCY_WARMUP,
+        rows_per_run=rows_per_run,
+        **common,
     )
+
+
+class _CompressedFails(Exception):
+    """The compressed model cannot run on inputs the original runs on."""
+
+
+def _original_fails(exc: BaseException) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"the original model does not run in ONNX Runtime ({_first_line(exc)}); "
+        "pass valid --inputs or use --no-validate"
+    )
+
+
+def _compare_runs(
+    model: onnx.ModelProto,
+    reference_session,
+    session,
+    feeds: Mapping[str, np.ndarray],
+    metrics: list[OutputMetrics],
+) -> int | None:
+    """Run both models over ``feeds`` and accumulate every output's metrics.
+
+    Splittable inputs (``_batch_rows``) run one row first, then in slices of as many rows as
+    keep the original's outputs under ``OUTPUT_BYTES_CAP``; other inputs run whole.
+
+    Returns:
+        The rows per run after the first (None: the inputs ran whole).
+
+    Raises:
+        UnsupportedModelError: the original does not run.
+        _CompressedFails: the compressed model does not run where the original does.
+    """
+    total = _batch_rows(model, feeds)
+    if total is not None:
+        first = {name: array[:1] for name, array in feeds.items()}
+        try:
+            reference = reference_session.run(None, first)
+        except Exception:  # a graph that only runs at its full batch (e.g. a fixed Reshape)
+            total = None
+    if total is None:
+        try:
+            reference = reference_session.run(None, dict(feeds))
+        except Exception as exc:
+            raise _original_fails(exc) from exc
+        _compare_one(session, feeds, reference, metrics, None)
+        return None
+    per_row = max(1, sum(int(getattr(output, "nbytes", 0)) for output in reference))
+    step = run_rows(per_row)
+    _compare_one(session, first, reference, metrics, 1)
+    del reference
+    for start in range(1, total, step):
+        part = {name: array[start : start + step] for name, array in feeds.items()}
+        try:
+            reference = reference_session.run(None, part)
+        except Exception as exc:
+            raise _original_fails(exc) from exc
+        _compare_one(session, part, reference, metrics, len(next(iter(part.values()))))
+        del reference
+    return step
+
+
+def run_rows(bytes_per_row: int) -> int:
+    """Rows per validation run so that the original's outputs stay under ``OUTPUT_BYTES_CAP``
+    (at least one)."""
+    return max(1, OUTPUT_BYTES_CAP // max(1, bytes_per_row))
+
+
+def _compare_one(session, feeds, reference, metrics: list[OutputMetrics], rows) -> None:
+    try:
+        outputs = session.run(None, dict(feeds))
+    except Exception as exc:
+        raise _CompressedFails(_first_line(exc)) from exc
+    for item, ref, out in zip(metrics, reference, outputs, strict=True):
+        item.add(np.asarray(ref), np.asarray(out), rows)
+
+
+def _batch_rows(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> int | None:
+    """The number of rows when every input's leading dimension is dynamic and the same (the
+    inputs can then run in slices); else None."""
+    infos = graph_inputs(model)
+    if not infos or not all(_declared(info)[1][:1] == [None] for info in infos):
+        return None
+    if not all(feeds[info.name].ndim for info in infos):
+        return None
+    leading = {int(feeds[info.name].shape[0]) for info in infos}
+    if len(leading) != 1:
+        return None
+    rows = leading.pop()
+    return rows if rows >= 1 else None
+
+
+def _samples(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> int:
+    """Samples the inputs hold: their common batch rows, else the leading dimension of the
+    first input that has one (1 when no input has a dimension)."""
+    rows = _batch_rows(model, feeds)
+    if rows is not None:
+        return rows
+    for info in graph_inputs(model):
+        array = feeds[info.name]
+        if array.ndim:
+            return int(array.shape[0])
+    return 1
 
 
 def latency_feeds(
@@ -483,35 +913,42 @@ def latency_feeds(
     The first ``LATENCY_BATCH`` rows of every input when every input's leading dimension is
     dynamic and all inputs have the same number of rows; otherwise the full inputs.
     """
-    infos = graph_inputs(model)
-    leading = {int(feeds[info.name].shape[0]) for info in infos if feeds[info.name].ndim}
-    dynamic = all(_declared(info)[1][:1] == [None] and feeds[info.name].ndim for info in infos)
-    if not infos or not dynamic or len(leading) != 1:
+    rows = _batch_rows(model, feeds)
+    if rows is None:
         return None, dict(feeds)
-    batch = min(LATENCY_BATCH, leading.pop())
+    batch = min(LATENCY_BATCH, rows)
     return batch, {name: array[:batch] for name, array in feeds.items()}
 
 
 def _latencies(
     first, second, feeds: Mapping[str, np.ndarray], runs: int
-) -> tuple[float, float, int]:
-    """Median latency in ms of two sessions, timed alternately.
+) -> tuple[LatencyStats, LatencyStats, int]:
+    """Latency of two sessions, timed interleaved.
 
-    Both sessions have already run the validation inputs, which warmed them up. Stops after
-    ``runs`` pairs, or earlier once the timed runs took ``LATENCY_BUDGET_S`` and at least
-    ``MIN_LATENCY_RUNS`` pairs ran (a median of fewer says little).
+    ``LATENCY_WARMUP`` untimed pairs first (the validation runs may have used another batch).
+    Then pairs, the first of each pair alternating (AB, BA, ...) so that neither model always
+    runs right after the other; stops after ``runs`` pairs, or earlier once the timed runs took
+    ``LATENCY_BUDGET_S`` and at least ``MIN_LATENCY_RUNS`` pairs ran (a median of fewer says
+    little).
     """
+    feeds = dict(feeds)
+    for _ in range(LATENCY_WARMUP):
+        first.run(None, feeds)
+        second.run(None, feeds)
     times: tuple[list[float], list[float]] = ([], [])
+    sessions = (first, second)
     spent = 0.0
     least = min(runs, MIN_LATENCY_RUNS)
-    while len(times[0]) < runs and (len(times[0]) < least or spent < LATENCY_BUDGET_S):
-        for session, bucket in ((first, times[0]), (second, times[1])):
+    pairs = 0
+    while pairs < runs and (pairs < least or spent < LATENCY_BUDGET_S):
+        for index in (0, 1) if pairs % 2 == 0 else (1, 0):
             start = time.perf_counter()
-            session.run(None, dict(feeds))
+            sessions[index].run(None, feeds)
             elapsed = time.perf_counter() - start
-            bucket.append(elapsed * 1000)
+            times[index].append(elapsed * 1000)
             spent += elapsed
-    return statistics.median(times[0]), statistics.median(times[1]), len(times[0])
+        pairs += 1
+    return LatencyStats.of(times[0]), LatencyStats.of(times[1]), pairs
 
 
 def _first_line(exc: BaseException) -> str:
