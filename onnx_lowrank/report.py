@@ -347,7 +347,7 @@ def format_tolerances(validation: ValidationReport) -> str:
         if isinstance(value, dict):
             values = " ".join(
                 f"{limit:g}" if output == ALL_OUTPUTS else f"{output}:{limit:g}"
-                for output, limit in value.items()
+                for output, limit in sorted(value.items(), key=lambda i: i[0] != ALL_OUTPUTS)
             )
         else:
             values = f"{value:g}"
