@@ -180,7 +180,8 @@ class ValidationReport:
         latency_threads: intra-op threads of both sessions.
         latency_before, latency_after: median, min and max of each model's timed runs.
         latency_warmup: untimed pairs run before timing.
-        rows_per_run: rows of the inputs per validation run (None: the inputs ran whole).
+        rows_per_run: rows of the inputs per validation run after a first one-row run (None:
+            the inputs ran whole).
     """
 
     provider: str
@@ -827,7 +828,7 @@ def _compare_runs(
     keep the original's outputs under ``OUTPUT_BYTES_CAP``; other inputs run whole.
 
     Returns:
-        The rows per run after the first (None: the inputs ran whole).
+        The rows per run after the first one-row run (None: the inputs ran whole).
 
     Raises:
         UnsupportedModelError: the original does not run.
@@ -859,7 +860,7 @@ def _compare_runs(
             raise _original_fails(exc) from exc
         _compare_one(session, part, reference, metrics, len(next(iter(part.values()))))
         del reference
-    return step
+    return min(step, max(total - 1, 1))
 
 
 def run_rows(bytes_per_row: int) -> int:

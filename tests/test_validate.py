@@ -56,6 +56,7 @@ def test_real_model_report_records_latency_batch_and_runs():
     assert report.latency_batch == 1 and report.latency_runs == 3
     assert report.latency_ms_before > 0 and report.latency_ms_after > 0
     assert report.to_dict()["latency_runs"] == 3
+    assert report.rows_per_run == 7  # one row first, then the other 7 (far under the cap)
 
 
 def test_latency_stops_at_the_time_budget(monkeypatch):
