@@ -73,6 +73,7 @@ from .discover import Discovery, Layer
 from .errors import CalibrationError
 from .factorize import Factors, reconstruct
 from .graphs import FreshNames, attribute, tensor_to_array
+from .sessions import make_session
 from .spectra import LayerSpectrum, group_counts
 from .validate import check_feeds, graph_inputs, load_npz
 
@@ -593,16 +594,11 @@ def _exposed(model: onnx.ModelProto, outputs: Mapping[str, int]) -> onnx.ModelPr
 
 
 def _session(model: onnx.ModelProto, providers: Sequence[str]):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     # ONNX Runtime never fuses away a node whose output is a graph output, so the exposed
     # tensors are the original graph's; full optimization runs EfficientNet-Lite0 2.4x faster
     # than none, with the same exposed values to 1e-5 (checked on the MNIST CNN, CREPE and
     # EfficientNet-Lite0).
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
+    return make_session(model, providers, log_level=3)
 
 
 def _run_batches(

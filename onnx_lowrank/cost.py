@@ -28,6 +28,7 @@ import onnx
 
 from .errors import ConfigError
 from .graphs import FLOAT_TYPES, attribute, iter_graphs, iter_tensors
+from .sessions import make_session
 
 __all__ = [
     "ShapeInfo",
@@ -173,7 +174,7 @@ def _probe_shapes(
     ``_PROBE_BYTES``, custom ops, inputs whose values matter).
     """
     try:
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401
     except ImportError:
         return {}
     if model.ByteSize() > _PROBE_BYTES or any(
@@ -197,11 +198,7 @@ def _probe_shapes(
             for info in model.graph.input
             if info.name in input_shapes
         }
-        options = ort.SessionOptions()
-        options.log_severity_level = 4
-        session = ort.InferenceSession(
-            probe.SerializeToString(), options, providers=["CPUExecutionProvider"]
-        )
+        session = make_session(probe, ["CPUExecutionProvider"])
         values = session.run(names, feeds)
     except Exception as exc:  # the model needs real inputs, custom ops, ...: shapes stay unknown
         log.info("could not run the model to measure shapes (%s)", " ".join(str(exc).split())[:200])

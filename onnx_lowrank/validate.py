@@ -55,10 +55,11 @@ from .config import ALL_OUTPUTS, TOLERANCES, CompressionConfig
 from .errors import (
     CalibrationError,
     ConfigError,
-    RuntimeMissingError,
     ShapeError,
     UnsupportedModelError,
 )
+from .sessions import make_session
+from .sessions import runtime as _ort
 
 __all__ = [
     "LatencyStats",
@@ -237,17 +238,6 @@ class ValidationReport:
         return data
 
 
-def _ort():
-    try:
-        import onnxruntime
-    except ImportError as exc:
-        raise RuntimeMissingError(
-            "onnxruntime is not installed; install it with pip install 'onnx-lowrank[cpu]' "
-            "(or [gpu]), or pass --no-validate"
-        ) from exc
-    return onnxruntime
-
-
 def _both_runtimes_installed() -> bool:
     found = set()
     for name in ("onnxruntime", "onnxruntime-gpu"):
@@ -294,26 +284,6 @@ def session_threads(config: CompressionConfig) -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
-
-
-def make_session(
-    model: onnx.ModelProto | str | os.PathLike, providers: list[str], threads: int | None = None
-):
-    """An ONNX Runtime session of ``model`` (ModelProto or path) on ``providers``.
-
-    With ``threads``, the intra-op thread pool has exactly that many threads (one inter-op
-    thread, sequential execution), so two sessions timed in turn have the same pools. Spinning
-    is left at ONNX Runtime's default, as deployments run it (docs/performance.md, "Latency").
-    """
-    ort = _ort()
-    options = ort.SessionOptions()
-    options.log_severity_level = 4  # failures surface as exceptions; keep stderr to one line
-    if threads is not None:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(source, options, providers=providers)
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:

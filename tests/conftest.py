@@ -1,10 +1,16 @@
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# Latency tables are cached in a folder of this test session, never in the user's cache.
+_CACHE = tempfile.TemporaryDirectory(prefix="onnx-lowrank-test-cache-")
+os.environ["ONNX_LOWRANK_CACHE"] = _CACHE.name
 
 
 @pytest.fixture

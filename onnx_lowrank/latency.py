@@ -1,0 +1,612 @@
+r"""Measured latency of every candidate: the third cost column of the candidate tables.
+
+Parameters and MACs do not predict speed on a real runtime (docs/performance.md), so the
+allocator can budget what users pay: the latency of each layer, measured on the execution
+provider the model will run on (DESIGN.md §8).
+
+**What is timed.** For one use of a layer (one node reading the weight):
+
+* *dense*: a one-node model, the node itself with its attributes, random weights of the layer's
+  shapes and the node's real input shape (from shape inference, with the batch ``cost.py`` and
+  validation use: a dynamic batch is 1);
+* *candidate* ``(g, r)``: that one-node model rewritten by ``rewrite.rewrite`` (the code that
+  writes the compressed model) with random factors of the candidate's shapes, i.e. the same
+  factorized pair, reshapes included.
+
+Every session comes from ``sessions.make_session``, so it has the options validation uses
+(threads, graph optimization level). Sessions run *interleaved*, ``BATCH`` at a time with the
+dense layer in every batch, round after round (the order rotated each round), after two warm-up
+runs each; the inputs are bound once (IO binding) so no input copy is timed. A session's cost
+is the median of its rounds (``MIN_ROUNDS`` to ``MAX_ROUNDS`` rounds, no new one once
+``LAYER_BUDGET_S`` seconds are spent), scaled by the dense layer's median over all batches
+divided by its median in that batch, so load that changes between batches cancels out. Only
+``BATCH`` sessions live at once: each has its own thread pool, whose threads spin after a run,
+and many at once on few cores would time each other's spinning (measured: the MNIST CNN's
+large Gemm timed 4x slower among 113 live sessions than among 8).
+
+**Which candidates.** A table may hold hundreds of ranks per group count. First the dense layer
+and the smallest rank of every group count ``g`` are timed; a group count whose smallest rank is
+not faster than the dense layer is dropped (its larger ranks are slower still, and a candidate
+slower than its dense layer is never offered). For each remaining ``g``, ``GRID_POINTS`` ranks
+of ``g = 1`` and ``GROUPED_GRID_POINTS`` of ``g > 1``, spread evenly over the table's ranks of
+that ``g`` (the smallest and the largest included), are timed; a rank between two timed ones
+gets the linear interpolation of their times. The timed values are first made non-decreasing in
+``r`` (a running maximum), so the table never says that a larger rank is cheaper than a smaller
+one of the same ``g``: the interpolation is monotone in ``r``. The dense row is always timed.
+
+**The whole model.** ``measure_model`` times the whole original model the same way (on the
+validation inputs, batch 1 when it is dynamic). What no allocation changes, the *rest* of the
+model, is ``T_model − Σ_ℓ T_ℓ(dense)``: a latency budget ``F`` is ``Σ_ℓ T_ℓ(x_ℓ) ≤
+F·T_model − rest`` (pipeline._budgets).
+
+**Cache.** Every timing is stored on disk in ``cache_dir()`` (``$ONNX_LOWRANK_CACHE/latency``,
+else ``~/.cache/onnx-lowrank/latency``), one JSON file per layer signature: execution provider,
+ONNX Runtime version and session options, CPU (or GPU) model, op type, attributes, input,
+weight and bias shapes and element type. It holds the dense time and every timed ``(g, r)``, so
+a second run, or a sweep, times nothing again. Files are written atomically (a temporary file
+renamed over the old one); a file that cannot be read is ignored with a warning and rewritten.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .discover import Discovery, Layer
+from .factorize import Factors
+from .graphs import graph_at
+from .rewrite import rewrite
+from .sessions import make_session, runtime, session_settings
+
+__all__ = [
+    "GRID_POINTS",
+    "GROUPED_GRID_POINTS",
+    "LatencyCache",
+    "LatencyStats",
+    "LayerLatency",
+    "cache_dir",
+    "device_name",
+    "grid_ranks",
+    "interpolate",
+    "measure_layers",
+    "measure_model",
+    "time_sessions",
+]
+
+log = logging.getLogger(__name__)
+
+#: Timed ranks of ``g = 1`` (the rest are interpolated).
+GRID_POINTS = 6
+#: Timed ranks of every other group count.
+GROUPED_GRID_POINTS = 3
+#: Rounds of the interleaved timing of one layer's sessions.
+MIN_ROUNDS = 5
+MAX_ROUNDS = 25
+#: Seconds of timed runs per layer after which no round beyond ``MIN_ROUNDS`` starts.
+LAYER_BUDGET_S = 0.25
+#: Warm-up runs per session before timing.
+WARMUP = 2
+#: Environment variable naming the cache's parent folder.
+CACHE_ENV = "ONNX_LOWRANK_CACHE"
+#: Version of the cache files' layout; part of every key.
+_CACHE_FORMAT = 1
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class LayerLatency:
+    """Measured latency of one layer's rows (summed over every node that reads its weight).
+
+    Attributes:
+        layer: layer name.
+        dense_ms: the dense layer's time in ms.
+        row_ms: time per candidate-table row (row 0 is the dense layer), timed or interpolated.
+        timed: True for rows whose time was measured (or read from the cache), False for
+            interpolated ones.
+    """
+
+    layer: str
+    dense_ms: float
+    row_ms: np.ndarray
+    timed: np.ndarray
+
+
+@dataclass
+class LatencyStats:
+    """What measuring the cost tables took.
+
+    Attributes:
+        seconds: wall time spent building and timing sessions (cache reads included).
+        measured: sessions timed in this run.
+        cached: timings read from the cache.
+        unknown: layers whose input shape is not fully known; their latency is not measured.
+        provider: the execution provider timed.
+        device: the CPU or GPU model.
+        cache: the cache folder.
+    """
+
+    seconds: float = 0.0
+    measured: int = 0
+    cached: int = 0
+    unknown: list[str] = field(default_factory=list)
+    provider: str = ""
+    device: str = ""
+    cache: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def cache_dir() -> Path:
+    """The latency cache folder: ``$ONNX_LOWRANK_CACHE/latency``, else
+    ``~/.cache/onnx-lowrank/latency``."""
+    root = os.environ.get(CACHE_ENV)
+    base = Path(root) if root else Path.home() / ".cache" / "onnx-lowrank"
+    return base / "latency"
+
+
+def device_name(provider: str) -> str:
+    """The model of the device ``provider`` runs on: the GPU's name for GPU providers (when it
+    can be read), else the CPU's model name."""
+    if provider != "CPUExecutionProvider":
+        try:
+            import subprocess
+
+            names = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            ).stdout.split("\n")
+            if names and names[0].strip():
+                return names[0].strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+        return f"unknown GPU for {provider}"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class LatencyCache:
+    """Timings on disk, one JSON file per layer signature (see the module docstring)."""
+
+    def __init__(self, folder: Path | None = None):
+        self.folder = folder or cache_dir()
+
+    def _path(self, key: Mapping[str, Any]) -> Path:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:40]
+        return self.folder / f"{digest}.json"
+
+    def read(self, key: Mapping[str, Any]) -> dict[str, float]:
+        """Timings stored under ``key``: ``"dense"`` and ``"g,r"`` -> ms ({} when none)."""
+        path = self._path(key)
+        if not path.exists():
+            return {}
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if data.get("key") != json.loads(json.dumps(key)):
+                raise ValueError("the file holds another key")
+            times = {str(name): float(ms) for name, ms in data["times"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("ignoring unreadable latency cache file %s (%s)", path, exc)
+            return {}
+        return {name: ms for name, ms in times.items() if math.isfinite(ms) and ms >= 0}
+
+    def write(self, key: Mapping[str, Any], times: Mapping[str, float]) -> None:
+        """Merge ``times`` into the file of ``key``, atomically. A cache that cannot be
+        written costs a warning, not the run."""
+        merged = {**self.read(key), **times}
+        path = self._path(key)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            handle, temporary = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
+            with os.fdopen(handle, "w", encoding="utf-8") as stream:
+                json.dump({"key": key, "times": merged}, stream, sort_keys=True)
+            os.replace(temporary, path)
+        except OSError as exc:
+            log.warning("cannot write the latency cache in %s (%s)", self.folder, exc)
+
+
+def grid_ranks(ranks: Sequence[int], points: int = GRID_POINTS) -> list[int]:
+    """``points`` ranks spread evenly over the sorted ``ranks`` (first and last included)."""
+    ordered = sorted(set(int(r) for r in ranks))
+    if len(ordered) <= points:
+        return ordered
+    positions = np.unique(np.round(np.linspace(0, len(ordered) - 1, points)).astype(int))
+    return [ordered[p] for p in positions]
+
+
+def interpolate(timed: Mapping[int, float], ranks: Sequence[int]) -> np.ndarray:
+    """Time of every rank in ``ranks`` from the timed ones, monotone in the rank.
+
+    The timed values, in rank order, are replaced by their running maximum; ranks between two
+    timed ranks get the linear interpolation, ranks outside the timed range the nearest end.
+    """
+    known = sorted(timed)
+    values = np.maximum.accumulate(np.asarray([timed[r] for r in known], dtype=np.float64))
+    return np.interp(np.asarray(ranks, dtype=np.float64), np.asarray(known, float), values)
+
+
+def time_sessions(
+    runners: Sequence[Callable[[], Any]],
+    *,
+    min_rounds: int | None = None,
+    max_rounds: int | None = None,
+    budget_s: float | None = None,
+) -> list[float]:
+    """Median ms of each runner, timed interleaved after ``WARMUP`` runs each.
+
+    Every round runs each runner once, starting one further along each round, so no runner
+    always follows the same one. At least ``min_rounds`` and at most ``max_rounds`` rounds run;
+    no new round starts once the timed runs took ``budget_s`` (defaults: ``MIN_ROUNDS``,
+    ``MAX_ROUNDS``, ``LAYER_BUDGET_S``).
+    """
+    min_rounds = MIN_ROUNDS if min_rounds is None else min_rounds
+    max_rounds = MAX_ROUNDS if max_rounds is None else max(max_rounds, min_rounds)
+    budget_s = LAYER_BUDGET_S if budget_s is None else budget_s
+    for runner in runners:
+        for _ in range(WARMUP):
+            runner()
+    times: list[list[float]] = [[] for _ in runners]
+    spent = 0.0
+    count = len(runners)
+    for round_index in range(max_rounds):
+        if round_index >= min_rounds and spent >= budget_s:
+            break
+        for step in range(count):
+            which = (round_index + step) % count
+            started = time.perf_counter()
+            runners[which]()
+            elapsed = time.perf_counter() - started
+            times[which].append(elapsed * 1000)
+            spent += elapsed
+    return [statistics.median(values) for values in times]
+
+
+def measure_model(
+    model: onnx.ModelProto | str | os.PathLike,
+    feeds: Mapping[str, np.ndarray],
+    providers: Sequence[str],
+    *,
+    rounds: int | None = None,
+    budget_s: float | None = None,
+) -> float:
+    """Median ms of the whole model on ``feeds`` (not cached: models change, layers repeat)."""
+    session = make_session(model, providers)
+    runner = _BoundRunner(session, feeds)
+    rounds = 2 * MAX_ROUNDS if rounds is None else rounds
+    budget_s = 4 * LAYER_BUDGET_S if budget_s is None else budget_s
+    return time_sessions([runner], max_rounds=rounds, budget_s=budget_s)[0]
+
+
+def measure_layers(
+    model: onnx.ModelProto,
+    discovery: Discovery,
+    tables: Sequence[Any],
+    providers: Sequence[str],
+    *,
+    cache: LatencyCache | None = None,
+    points: int = GRID_POINTS,
+    progress: Progress | None = None,
+    stats: LatencyStats | None = None,
+) -> dict[str, LayerLatency]:
+    """The latency of every row of every table whose layer's input shapes are known.
+
+    Args:
+        model: the model ``discovery`` ran on (its layers' nodes and opsets are read).
+        discovery: its layers and shapes.
+        tables: one ``allocate.CandidateTable`` per layer of ``discovery``, in order.
+        providers: the execution providers to time on (``validate.providers_for``).
+        cache: where timings are kept (default ``LatencyCache()``).
+        points: timed ranks per group count.
+        progress: ``progress("latency", done, total)`` per layer.
+        stats: filled with what the measurement took.
+
+    Returns:
+        layer name -> its latency; layers with unknown input shapes are absent (and listed in
+        ``stats.unknown``).
+    """
+    started = time.perf_counter()
+    cache = cache or LatencyCache()
+    stats = stats if stats is not None else LatencyStats()
+    provider = _provider(providers)
+    device = device_name(provider)
+    stats.provider, stats.device, stats.cache = provider, device, str(cache.folder)
+    context = {
+        "format": _CACHE_FORMAT,
+        "provider": provider,
+        "device": device,
+        "session": session_settings(None),
+    }
+    opsets = {entry.domain or "": entry.version for entry in model.opset_import}
+    result: dict[str, LayerLatency] = {}
+    layers = list(zip(discovery.layers, tables, strict=True))
+    for done, (layer, table) in enumerate(layers):
+        uses = [_Use.of(model, discovery, view) for view in layer.uses()]
+        if any(use is None for use in uses):
+            stats.unknown.append(layer.name)
+        else:
+            result[layer.name] = _measure_layer(
+                layer, table, uses, opsets, providers, context, cache, points, stats
+            )
+        if progress is not None:
+            progress("latency", done + 1, len(layers))
+    stats.seconds += time.perf_counter() - started
+    return result
+
+
+@dataclass(frozen=True)
+class _Use:
+    """One node reading a layer's weight, with everything its micro-models need."""
+
+    layer: Layer
+    node: onnx.NodeProto
+    input_shape: tuple[int, ...]
+    bias_shape: tuple[int, ...] | None
+    dtype: int
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto, discovery: Discovery, view: Layer) -> _Use | None:
+        node = graph_at(model.graph, view.graph_path).node[view.node_index]
+        shape = discovery.shapes.get(node.input[0])
+        if shape is None or None in shape or not shape:
+            return None
+        bias_shape = None
+        if len(node.input) > 2 and node.input[2]:
+            known = discovery.shapes.get(node.input[2])
+            bias_shape = (
+                tuple(int(d) for d in known)
+                if known is not None and None not in known
+                else (view.out_channels,)
+            )
+        return cls(view, node, tuple(int(d) for d in shape), bias_shape, view.weight_dtype)
+
+    def key(self, context: Mapping[str, Any]) -> dict[str, Any]:
+        attributes = {a.name: _plain(helper.get_attribute_value(a)) for a in self.node.attribute}
+        return {
+            **context,
+            "op": self.node.op_type,
+            "attributes": attributes,
+            "input": list(self.input_shape),
+            "weight": list(self.layer.weight_shape),
+            "bias": None if self.bias_shape is None else list(self.bias_shape),
+            "dtype": self.dtype,
+        }
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (int, float, str)):
+        return value
+    return str(value)
+
+
+def _measure_layer(
+    layer: Layer,
+    table: Any,
+    uses: Sequence[_Use],
+    opsets: Mapping[str, int],
+    providers: Sequence[str],
+    context: Mapping[str, Any],
+    cache: LatencyCache,
+    points: int,
+    stats: LatencyStats,
+) -> LayerLatency:
+    """Time the dense layer and the grid of each group count, summed over ``uses``.
+
+    First the dense layer and the smallest rank of every group count; a group count whose
+    smallest rank is not faster than the dense layer is dropped (its other ranks, slower still
+    by the monotone model, can never be offered). Then the grid ranks of the others.
+    """
+    by_groups: dict[int, list[int]] = {}
+    for g, r in zip(table.groups[1:], table.ranks[1:], strict=True):
+        by_groups.setdefault(int(g), []).append(int(r))
+    first = [(0, 0)] + [(g, min(ranks)) for g, ranks in by_groups.items()]
+    totals = _timed_totals(uses, first, opsets, providers, context, cache, stats)
+    kept = [g for g in by_groups if totals[(g, min(by_groups[g]))] < totals[(0, 0)]]
+    grid = [
+        (g, r)
+        for g in kept
+        for r in grid_ranks(by_groups[g], points if g == 1 else min(points, GROUPED_GRID_POINTS))
+        if (g, r) not in totals
+    ]
+    totals.update(_timed_totals(uses, grid, opsets, providers, context, cache, stats))
+    row_ms = np.zeros(len(table))
+    timed = np.zeros(len(table), dtype=bool)
+    row_ms[0], timed[0] = totals[(0, 0)], True
+    for g in by_groups:
+        rows = np.flatnonzero(table.groups == g)
+        points_g = {r: ms for (gg, r), ms in totals.items() if gg == g}
+        row_ms[rows] = interpolate(points_g, table.ranks[rows])
+        timed[rows] = np.isin(table.ranks[rows], list(points_g))
+    return LayerLatency(layer.name, float(totals[(0, 0)]), row_ms, timed)
+
+
+def _timed_totals(
+    uses: Sequence[_Use],
+    items: Sequence[tuple[int, int]],
+    opsets: Mapping[str, int],
+    providers: Sequence[str],
+    context: Mapping[str, Any],
+    cache: LatencyCache,
+    stats: LatencyStats,
+) -> dict[tuple[int, int], float]:
+    """ms of every item summed over ``uses``, from the cache or timed (and then cached)."""
+    totals = dict.fromkeys(items, 0.0)
+    for use in uses:
+        key = use.key(context)
+        known = cache.read(key)
+        missing = [item for item in items if _name(item) not in known]
+        stats.cached += len(items) - len(missing)
+        if missing:
+            measured = _time_candidates(use, missing, opsets, providers)
+            stats.measured += len(missing)
+            fresh = {_name(item): ms for item, ms in measured.items()}
+            cache.write(key, fresh)
+            known.update(fresh)
+        for item in items:
+            totals[item] += known[_name(item)]
+    return totals
+
+
+def _name(item: tuple[int, int]) -> str:
+    return "dense" if item == (0, 0) else f"{item[0]},{item[1]}"
+
+
+#: Sessions timed interleaved at once (the dense one included). Every live session keeps its own
+#: thread pool, whose threads spin after a run; many at once on few cores would time each
+#: other's spinning.
+BATCH = 8
+
+
+def _time_candidates(
+    use: _Use,
+    items: Sequence[tuple[int, int]],
+    opsets: Mapping[str, int],
+    providers: Sequence[str],
+) -> dict[tuple[int, int], float]:
+    """Build the micro-model of every item and time them interleaved, ``BATCH`` at a time.
+
+    The dense layer runs in every batch; each batch's times are scaled by the ratio of the dense
+    layer's median over all batches to its median in that batch, so load that changes between
+    batches cancels out.
+    """
+    rng = np.random.default_rng(0)
+    dense_model = _dense_model(use, opsets, rng)
+    feeds = {"x": _random(rng, use.input_shape, use.dtype)}
+    dense = _BoundRunner(make_session(dense_model, providers), feeds)
+    others = [item for item in items if item != (0, 0)]
+    batches = [others[i : i + BATCH - 1] for i in range(0, len(others), BATCH - 1)] or [[]]
+    references: list[float] = []
+    raw: list[dict[tuple[int, int], float]] = []
+    for batch in batches:
+        runners = [dense] + [
+            _BoundRunner(
+                make_session(_factorized_model(dense_model, use, g, r, rng), providers), feeds
+            )
+            for g, r in batch
+        ]
+        times = time_sessions(runners)
+        references.append(times[0])
+        raw.append(dict(zip(batch, times[1:], strict=True)))
+        del runners
+    reference = statistics.median(references)
+    result = {(0, 0): reference} if (0, 0) in items else {}
+    for batch_reference, batch_times in zip(references, raw, strict=True):
+        scale = reference / batch_reference if batch_reference > 0 else 1.0
+        result.update({item: ms * scale for item, ms in batch_times.items()})
+    return result
+
+
+def _random(rng: np.random.Generator, shape: Sequence[int], dtype: int) -> np.ndarray:
+    """Uniform values in [-1, 1): the values do not change the speed of dense float kernels,
+    and drawing them is cheap."""
+    values = rng.random(tuple(shape), dtype=np.float32) * 2 - 1
+    return values.astype(helper.tensor_dtype_to_np_dtype(dtype))
+
+
+def _dense_model(use: _Use, opsets: Mapping[str, int], rng: np.random.Generator) -> onnx.ModelProto:
+    """The node alone: input ``x`` of the real shape, random weight ``w`` and bias ``b``."""
+    node = onnx.NodeProto()
+    node.CopyFrom(use.node)
+    node.name = "layer"
+    inputs = ["x", "w"] + (["b"] if use.bias_shape is not None else [])
+    del node.input[:]
+    node.input.extend(inputs)
+    del node.output[:]
+    node.output.append("y")
+    scale = 1.0 / math.sqrt(max(use.layer.cols, 1))
+    weight = _random(rng, use.layer.weight_shape, use.dtype)
+    initializers = [numpy_helper.from_array(weight * weight.dtype.type(scale), "w")]
+    if use.bias_shape is not None:
+        initializers.append(numpy_helper.from_array(_random(rng, use.bias_shape, use.dtype), "b"))
+    graph = helper.make_graph(
+        [node],
+        "latency",
+        [helper.make_tensor_value_info("x", use.dtype, list(use.input_shape))],
+        [helper.make_tensor_value_info("y", use.dtype, None)],
+        initializers,
+    )
+    opset = [helper.make_opsetid("", opsets.get("", opsets.get("ai.onnx", 13)))]
+    model = helper.make_model(graph, opset_imports=opset)
+    model.ir_version = min(model.ir_version, 8)  # what every ONNX Runtime we support reads
+    return model
+
+
+def _factorized_model(
+    dense: onnx.ModelProto, use: _Use, groups: int, rank: int, rng: np.random.Generator
+) -> onnx.ModelProto:
+    """``dense`` with its node replaced by the factorized pair, by ``rewrite``."""
+    layer = use.layer
+    view = dataclasses.replace(
+        layer,
+        name="layer",
+        node_index=0,
+        weight_input="w",
+        weight_source="w",
+        graph_path=(),
+        stored_dtype=None,
+        tied=(),
+        input_rank=len(use.input_shape),
+    )
+    width = layer.cols // groups
+    factors = Factors(
+        groups=groups,
+        rank=rank,
+        first=_random(rng, (groups, rank, width), use.dtype) / math.sqrt(width),
+        second=_random(rng, (layer.out_channels, groups * rank), use.dtype) / math.sqrt(rank),
+    )
+    return rewrite(dense, [(view, factors)])
+
+
+class _BoundRunner:
+    """A zero-argument run of a session with its inputs bound once (no copy per run). It
+    holds the bound values, which must outlive the binding."""
+
+    def __init__(self, session, feeds: Mapping[str, np.ndarray]):
+        ort = runtime()
+        self.session = session
+        self.binding = session.io_binding()
+        device = "cpu" if session.get_providers()[0] == "CPUExecutionProvider" else "cuda"
+        self.values = [
+            ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), device, 0)
+            for array in feeds.values()
+        ]
+        for name, value in zip(feeds, self.values, strict=True):
+            self.binding.bind_ortvalue_input(name, value)
+        for output in session.get_outputs():
+            self.binding.bind_output(output.name, device)
+
+    def __call__(self) -> None:
+        self.session.run_with_iobinding(self.binding)
+
+
+def _provider(providers: Sequence[str]) -> str:
+    return str(providers[0])

@@ -1,0 +1,120 @@
+"""Measured latency tables (latency.py): micro-models, interleaved timing, the disk cache."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import onnx
+import pytest
+from builders import MNIST, conv_model, gemm_model, low_rank
+
+from onnx_lowrank import CompressionConfig, latency
+from onnx_lowrank.latency import LatencyCache, LatencyStats, grid_ranks, interpolate
+from onnx_lowrank.pipeline import analyze, candidate_tables
+
+CPU = ["CPUExecutionProvider"]
+
+
+@pytest.fixture(autouse=True)
+def few_rounds(monkeypatch):
+    """Timing values are not asserted here; a few rounds keep the tests fast."""
+    monkeypatch.setattr(latency, "MIN_ROUNDS", 2)
+    monkeypatch.setattr(latency, "MAX_ROUNDS", 3)
+    monkeypatch.setattr(latency, "LAYER_BUDGET_S", 0.01)
+
+
+def _tables(model, **options):
+    config = CompressionConfig(params=0.5, validate=False, **options)
+    analysis = analyze(model, config)
+    return analysis, candidate_tables(analysis, config)
+
+
+def test_grid_includes_both_ends_and_is_sorted():
+    assert grid_ranks([5, 1, 3], 6) == [1, 3, 5]
+    grid = grid_ranks(range(1, 101), 6)
+    assert grid[0] == 1 and grid[-1] == 100 and len(grid) == 6 and grid == sorted(grid)
+
+
+def test_interpolation_is_monotone_between_timed_ranks():
+    values = interpolate({1: 2.0, 5: 1.0, 9: 4.0}, [1, 3, 5, 7, 9])
+    # the dip at rank 5 is lifted to the running maximum 2.0, then 2.0 -> 4.0 linearly
+    np.testing.assert_allclose(values, [2.0, 2.0, 2.0, 3.0, 4.0])
+    assert np.all(np.diff(values) >= 0)
+
+
+def test_conv_and_gemm_tables_are_measured_then_cached(tmp_path):
+    weight = low_rank(32, 16 * 9, 8).reshape(32, 16, 3, 3)
+    for model in (conv_model(weight, [12, 12], pads=[1, 1, 1, 1]), gemm_model(low_rank(64, 48, 4))):
+        analysis, tables = _tables(model)
+        cache = LatencyCache(tmp_path)
+        stats = LatencyStats()
+        first = latency.measure_layers(
+            analysis.model, analysis.discovery, tables, CPU, cache=cache, stats=stats
+        )
+        (table,) = tables
+        (measured,) = first.values()
+        assert stats.measured > 1 and stats.cached == 0 and not stats.unknown
+        assert measured.row_ms.shape == (len(table),) and measured.timed[0]
+        assert np.all(measured.row_ms > 0) and measured.dense_ms == measured.row_ms[0]
+        for g in np.unique(table.groups[1:]):  # monotone in the rank within a group count
+            rows = np.flatnonzero(table.groups == g)
+            assert np.all(np.diff(measured.row_ms[rows[np.argsort(table.ranks[rows])]]) >= 0)
+        again = LatencyStats()
+        second = latency.measure_layers(
+            analysis.model, analysis.discovery, tables, CPU, cache=cache, stats=again
+        )
+        assert again.measured == 0 and again.cached == stats.measured
+        np.testing.assert_array_equal(next(iter(second.values())).row_ms, measured.row_ms)
+
+
+def test_cache_key_separates_shapes(tmp_path):
+    weight = low_rank(16, 8 * 9, 4).reshape(16, 8, 3, 3)
+    cache = LatencyCache(tmp_path)
+    for size in (8, 10):
+        analysis, tables = _tables(conv_model(weight, [size, size]))
+        stats = LatencyStats()
+        latency.measure_layers(
+            analysis.model, analysis.discovery, tables, CPU, cache=cache, stats=stats
+        )
+        assert stats.measured > 0 and stats.cached == 0  # another input shape: timed again
+    assert len(list(tmp_path.glob("*.json"))) == 2
+
+
+def test_corrupt_cache_file_is_ignored_with_a_warning(tmp_path, caplog):
+    analysis, tables = _tables(gemm_model(low_rank(32, 24, 4)))
+    cache = LatencyCache(tmp_path)
+    latency.measure_layers(analysis.model, analysis.discovery, tables, CPU, cache=cache)
+    (path,) = tmp_path.glob("*.json")
+    path.write_text("{not json")
+    stats = LatencyStats()
+    with caplog.at_level(logging.WARNING, logger="onnx_lowrank.latency"):
+        latency.measure_layers(
+            analysis.model, analysis.discovery, tables, CPU, cache=cache, stats=stats
+        )
+    assert "ignoring unreadable latency cache file" in caplog.text
+    assert stats.measured > 0  # timed again, and the file rewritten whole
+    assert "times" in json.loads(path.read_text())
+
+
+def test_cache_folder_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONNX_LOWRANK_CACHE", str(tmp_path))
+    assert latency.cache_dir() == tmp_path / "latency"
+    monkeypatch.delenv("ONNX_LOWRANK_CACHE")
+    assert latency.cache_dir().parts[-2:] == ("onnx-lowrank", "latency")
+
+
+def test_mnist_tables_measured_on_the_real_model(tmp_path):
+    model = onnx.load(MNIST)
+    analysis, tables = _tables(model, max_groups=4)
+    stats = LatencyStats()
+    result = latency.measure_layers(
+        analysis.model, analysis.discovery, tables, CPU, cache=LatencyCache(tmp_path), stats=stats
+    )
+    assert set(result) == {layer.name for layer in analysis.discovery.layers}
+    assert stats.device and stats.provider == "CPUExecutionProvider" and stats.seconds > 0
+    whole = latency.measure_model(
+        analysis.model, {"input": np.zeros((1, 1, 28, 28), np.float32)}, CPU
+    )
+    assert whole > 0
