@@ -327,8 +327,8 @@ def measure_layers(
         stats: filled with what the measurement took.
 
     Returns:
-        layer name -> its latency; layers with unknown input shapes are absent (and listed in
-        ``stats.unknown``).
+        layer name -> its latency; layers with unknown input shapes, and embedding tables
+        (Gather), are absent (and listed in ``stats.unknown``).
     """
     started = time.perf_counter()
     cache = cache or LatencyCache()
@@ -359,6 +359,10 @@ def measure_layers(
     return result
 
 
+#: Layers whose micro-models are built here (the data input first, the weight second).
+_TIMED_OPS = frozenset({"Conv", "Gemm", "MatMul"})
+
+
 @dataclass(frozen=True)
 class _Use:
     """One node reading a layer's weight, with everything its micro-models need."""
@@ -371,6 +375,8 @@ class _Use:
 
     @classmethod
     def of(cls, model: onnx.ModelProto, discovery: Discovery, view: Layer) -> _Use | None:
+        if view.op_type not in _TIMED_OPS:
+            return None
         node = graph_at(model.graph, view.graph_path).node[view.node_index]
         shape = discovery.shapes.get(node.input[0])
         if shape is None or None in shape or not shape:
