@@ -8,12 +8,16 @@ limit ``B_k`` per budgeted cost kind ``k``, and a choice ``x_ℓ`` per layer is 
 only the tables (no models, no device arrays), so any error measure that fills ``errors`` (the
 spectral bounds, or calibration-aware ones) works with every solver.
 
-**One order for both budgets.** Within one layer, every row's MACs are its parameters times the
-same ``P_ℓ ≥ 0`` (cost.py), so the row that is cheapest in parameters is also cheapest in MACs,
-and "cheapest row with error ≤ t" is one row whether one budget or both are active. This is what
-makes the min-max solver below exact for two budgets at once. (With cost kinds that order a
-layer's rows differently, such as measured latency, feasibility of a threshold becomes a
-multi-dimensional knapsack question and the binary search below would only be a heuristic.)
+**One order for several budgets.** Where several budgets are active, "cheapest" means the least
+*budget share* ``Σ_k c_{ℓ,k}(x) / T_k`` (``T_k`` the whole model's count of kind ``k``). Within
+one layer, every row's MACs are its parameters times the same ``P_ℓ ≥ 0`` (cost.py), so the row
+of least share is the row cheapest in parameters and in MACs at once, and "cheapest row with
+error ≤ t" is one row whether one budget or both are active. This is what makes the min-max
+solver below exact for both at once. Measured latency (latency.py; the third cost column)
+orders a layer's rows differently; alone it is exact like any single budget, while together
+with ``params`` or ``macs`` the feasibility of a threshold is a multi-dimensional knapsack
+question, and the search below, which walks the least-share rows, is a heuristic that always
+meets every budget but may miss the optimum.
 
 Methods (``SOLVERS``; ``config.METHODS`` lists the same names):
 
@@ -34,7 +38,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -57,12 +61,15 @@ __all__ = [
     "solve_alds_paper",
     "solve_energy",
     "solve_svd",
+    "with_latency",
+    "without_rows",
 ]
 
 log = logging.getLogger(__name__)
 
-#: Cost columns of every candidate table, in order.
-COST_KINDS: tuple[str, ...] = ("params", "macs")
+#: Cost columns of every candidate table, in order. ``latency`` is in ms, measured per
+#: candidate (latency.py), or 0 in every row when it was not measured.
+COST_KINDS: tuple[str, ...] = ("params", "macs", "latency")
 
 
 @dataclass(frozen=True)
@@ -74,7 +81,8 @@ class CandidateTable:
         groups: group count per row (0 for the dense row).
         ranks: rank per row (0 for the dense row).
         errors: relative layer error per row, in the configured measure.
-        costs: ``(rows, 2)`` parameters and MACs per row (MACs 0 when unknown).
+        costs: ``(rows, 3)`` parameters, MACs and latency (ms) per row (MACs 0 when unknown,
+            latency 0 when not measured).
         energy: removed Frobenius energy ``Σ_{i>r} σ_i² / ‖W‖_F²`` of ``g = 1`` rows (NaN for
             others, 0 for the dense row).
         full_rank: ``min(f, c·κ)``, the ``g = 1`` rank that reproduces ``W``.
@@ -97,7 +105,7 @@ class BudgetLimit:
     """A whole-model budget on one cost kind.
 
     Attributes:
-        kind: ``"params"`` or ``"macs"``.
+        kind: ``"params"``, ``"macs"`` or ``"latency"`` (ms).
         fraction: fraction of the whole model's count to keep.
         total: the whole model's count.
         fixed: the part of ``total`` outside the compressible layers' weights (biases, skipped
@@ -136,6 +144,15 @@ class Problem:
     def costs(self, layer: int) -> np.ndarray:
         """``(rows, K)`` costs of layer ``layer`` in the active kinds."""
         return self.tables[layer].costs[:, self.columns]
+
+    def shares(self, layer: int) -> np.ndarray:
+        """``(rows,)`` budget share ``Σ_k c_k / T_k`` of layer ``layer``'s rows: the order in
+        which solvers call a row cheaper (see the module docstring)."""
+        costs = self.costs(layer)
+        totals = [b.total if b.total > 0 else 1.0 for b in self.budgets]
+        if len(totals) != costs.shape[1]:  # a Problem built without its budgets
+            totals = [1.0] * costs.shape[1]
+        return (costs / np.asarray(totals, dtype=np.float64)).sum(axis=1)
 
     def total(self, choices: Sequence[int]) -> np.ndarray:
         """``(K,)`` summed cost of one choice per layer."""
@@ -215,7 +232,7 @@ def build_table(
     params = np.where(groups_a == 0, layer.params, ranks_a * (groups_a * f + cols))
     # MACs: params·P per Conv/Gemm/MatMul use, r·d per id looked up (a dense lookup: none)
     macs = params * dense_positions + np.where(groups_a == 0, 0, ranks_a * cols) * lookups
-    costs = np.stack([params, macs], axis=1).astype(np.float64)
+    costs = np.stack([params, macs, 0 * params], axis=1).astype(np.float64)  # latency: unmeasured
     return CandidateTable(
         layer=layer.name,
         groups=groups_a,
@@ -224,6 +241,37 @@ def build_table(
         costs=costs,
         energy=np.asarray(energy),
         full_rank=min(f, cols),
+    )
+
+
+def with_latency(
+    table: CandidateTable, row_ms: np.ndarray, *, drop_slower: bool = True
+) -> CandidateTable:
+    """The table with its latency column set to ``row_ms`` (ms per row, row 0 dense).
+
+    With ``drop_slower``, rows measured slower than the dense layer are dropped: they are never
+    offered to a solver (DESIGN.md §8).
+    """
+    costs = table.costs.copy()
+    costs[:, COST_KINDS.index("latency")] = row_ms
+    keep = np.ones(len(table), dtype=bool)
+    if drop_slower:
+        keep = (table.groups == 0) | (row_ms <= row_ms[0])
+    return without_rows(replace(table, costs=costs), ~keep)
+
+
+def without_rows(table: CandidateTable, drop: np.ndarray) -> CandidateTable:
+    """The table without the rows where ``drop`` holds (the dense row is always kept)."""
+    keep = ~np.asarray(drop, dtype=bool) | (table.groups == 0)
+    if keep.all():
+        return table
+    return replace(
+        table,
+        groups=table.groups[keep],
+        ranks=table.ranks[keep],
+        errors=table.errors[keep],
+        costs=table.costs[keep],
+        energy=table.energy[keep],
     )
 
 
@@ -480,13 +528,17 @@ def _max_value(values: Sequence[np.ndarray], choices: Sequence[int]) -> float:
 
 
 def _cheapest(problem: Problem, allowed: Sequence[np.ndarray]) -> list[int]:
-    """The cheapest allowed row of every layer (the same row in every cost kind)."""
+    """The cheapest allowed row of every layer: least budget share, then the smaller costs."""
     choices = []
     for layer, mask in enumerate(allowed):
         rows = np.flatnonzero(mask)
         costs = problem.costs(layer)[rows]
-        order = np.lexsort(tuple(costs[:, k] for k in reversed(range(costs.shape[1]))))
-        choices.append(int(rows[order[0]]) if costs.shape[1] else 0)
+        if not costs.shape[1]:
+            choices.append(0)
+            continue
+        keys = tuple(costs[:, k] for k in reversed(range(costs.shape[1])))
+        order = np.lexsort((*keys, problem.shares(layer)[rows]))
+        choices.append(int(rows[order[0]]))
     return choices
 
 
@@ -498,12 +550,12 @@ class _Staircase:
     the smaller row index).
     """
 
-    def __init__(self, values: np.ndarray, costs: np.ndarray, allowed: np.ndarray):
+    def __init__(self, values: np.ndarray, shares: np.ndarray, allowed: np.ndarray):
         rows = np.flatnonzero(allowed & np.isfinite(values))
         order = np.lexsort((rows, values[rows]))
         self.rows = rows[order]
         self.values = values[self.rows]
-        key = costs[self.rows, 0] if costs.shape[1] else np.zeros(len(self.rows))
+        key = shares[self.rows]
         earlier = np.concatenate([[np.inf], np.minimum.accumulate(key)[:-1]])
         positions = np.arange(len(key))
         #: position of the cheapest row among the first ``i + 1`` (first on ties)
@@ -519,13 +571,14 @@ def _min_max(
 ) -> list[int]:
     r"""Exact ``min_x max_ℓ v_ℓ(x_ℓ)`` subject to every budget, over allowed rows.
 
-    For a threshold ``t`` let every layer take its cheapest allowed row with ``v_ℓ(x) ≤ t``,
-    of cost ``C_ℓ(t)`` (the same row for both cost kinds, see the module docstring). Any choice
-    with maximum ``≤ t`` costs at least ``Σ_ℓ C_ℓ(t)`` in every kind, so ``t`` is achievable iff
-    ``Σ_ℓ C_ℓ(t) ≤ B``. ``C_ℓ`` is non-increasing in ``t``, hence so is the sum, and the optimum
-    ``t*`` is the smallest feasible value in the finite sorted set of allowed row values. A
-    binary search finds it with ``O(L log R)`` work per probe and ``O(log N)`` probes
-    (``N`` rows in all); sorting costs ``O(N log N)``. The dense row (value 0) is always
+    For a threshold ``t`` let every layer take its cheapest allowed row with ``v_ℓ(x) ≤ t``, of
+    cost ``C_ℓ(t)`` (the same row for params and MACs, see the module docstring; with latency
+    and another budget, the row of least budget share, and the search is a heuristic). Any
+    choice with maximum ``≤ t`` costs at least ``Σ_ℓ C_ℓ(t)`` in every kind, so ``t`` is
+    achievable iff ``Σ_ℓ C_ℓ(t) ≤ B``. ``C_ℓ`` is non-increasing in ``t``, hence so is the sum,
+    and the optimum ``t*`` is the smallest feasible value in the finite sorted set of allowed
+    row values. A binary search finds it with ``O(L log R)`` work per probe and ``O(log N)``
+    probes (``N`` rows in all); sorting costs ``O(N log N)``. The dense row (value 0) is always
     allowed, and the caller has checked that the cheapest allowed rows fit, so ``t*`` exists.
 
     Returns:
@@ -533,7 +586,7 @@ def _min_max(
         smaller value). Its maximum is exactly ``t*``.
     """
     stairs = [
-        _Staircase(v, problem.costs(layer), mask)
+        _Staircase(v, problem.shares(layer), mask)
         for layer, (v, mask) in enumerate(zip(values, allowed, strict=True))
     ]
     thresholds = np.unique(np.concatenate([s.values for s in stairs] + [np.zeros(1)]))

@@ -120,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_run_options(run: argparse.ArgumentParser, *, sweep: bool) -> None:
     """Options of compress and sweep; sweep takes lists of budgets and methods."""
-    budget = run.add_argument_group("budget (at least one; both must hold when both are given)")
-    lists = " (comma-separated list; with both lists, pairs)" if sweep else ""
+    budget = run.add_argument_group("budget (at least one; all given must hold)")
+    lists = " (comma-separated list; with several lists, one point per position)" if sweep else ""
     budget.add_argument(
         "--params",
         type=_fractions if sweep else _fraction,
@@ -133,6 +133,13 @@ def _add_run_options(run: argparse.ArgumentParser, *, sweep: bool) -> None:
         type=_fractions if sweep else _fraction,
         metavar="F1,F2,..." if sweep else "F",
         help="fraction of the model's MACs (Conv/Gemm/MatMul) to keep, in (0, 1]" + lists,
+    )
+    budget.add_argument(
+        "--latency",
+        type=_fractions if sweep else _fraction,
+        metavar="F1,F2,..." if sweep else "F",
+        help="fraction of the model's latency to keep, measured on the execution provider "
+        "(candidates timed and cached, see docs/performance.md)" + lists,
     )
     method = run.add_argument_group("method")
     method.add_argument(
@@ -190,6 +197,14 @@ def _add_run_options(run: argparse.ArgumentParser, *, sweep: bool) -> None:
         default=CompressionConfig.seed,
         help="seed of random inputs and randomized methods",
     )
+    method.add_argument(
+        "--no-latency-check",
+        dest="latency_check",
+        action="store_false",
+        default=None,
+        help="do not time the chosen candidates; by default a candidate measured slower than "
+        "its dense layer is never chosen",
+    )
     _add_calibration_option(method)
     _add_shape_options(run)
     check = run.add_argument_group("validation")
@@ -236,6 +251,12 @@ def _add_run_options(run: argparse.ArgumentParser, *, sweep: bool) -> None:
         metavar="N|all",
         help="intra-op threads of both models' ONNX Runtime sessions, or 'all' CPUs this "
         "process may use (default: %(default)s, the most repeatable timing)",
+    )
+    check.add_argument(
+        "--max-latency-ratio",
+        type=float,
+        metavar="X",
+        help="fail when the compressed model's measured latency exceeds X times the original's",
     )
     out = run.add_argument_group("output")
     if not sweep:
@@ -346,11 +367,15 @@ def _run_config(args: argparse.Namespace, **budget) -> CompressionConfig:
         seed=args.seed,
         calibration=args.calibration,
         fold_batchnorm=args.fold_batchnorm,
+        latency_check=args.latency_check,
+        max_latency_ratio=args.max_latency_ratio,
     )
 
 
 def _compress(args: argparse.Namespace) -> int:
-    config = _run_config(args, params=args.params, flops=args.flops, method=args.method)
+    config = _run_config(
+        args, params=args.params, flops=args.flops, latency=args.latency, method=args.method
+    )
     _check_output(Path(args.input), Path(args.output), args.overwrite)
     for extra in (args.report, args.plot):
         if extra:
@@ -447,6 +472,11 @@ def _input_data_files(source: Path) -> tuple[Path, ...]:
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    if args.latency and args.latency_check is False:
+        raise ConfigError(
+            "--latency budgets measured latency, which --no-latency-check turns off; "
+            "drop one of them"
+        )
     config = _run_config(args, method=args.method[0])
     bars = _ProgressBars(enabled=not args.quiet)
     try:
@@ -456,6 +486,7 @@ def _sweep(args: argparse.Namespace) -> int:
             args.out,
             params=args.params or (),
             flops=args.flops or (),
+            latency=args.latency or (),
             methods=args.method,
             external_data=args.external_data,
             progress=bars,

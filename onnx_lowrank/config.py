@@ -38,6 +38,8 @@ TOLERANCES: tuple[str, ...] = ("max_rel_error", "min_cosine", "min_top1")
 #: value given without ``NAME:`` on the command line).
 ALL_OUTPUTS = "*"
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+#: Environment variable that turns the default latency check off (``0``).
+LATENCY_CHECK_ENV = "ONNX_LOWRANK_LATENCY_CHECK"
 
 Device = Literal["auto", "cpu", "cuda"]
 #: A tolerance: one value for every output, or values per output name (``ALL_OUTPUTS`` for the
@@ -52,6 +54,8 @@ class CompressionConfig:
     Attributes:
         params: fraction in (0, 1] of the model's total parameter count to keep, or None.
         flops: fraction in (0, 1] of the model's total MACs (Conv/Gemm/MatMul) to keep, or None.
+        latency: fraction in (0, 1] of the model's latency to keep, measured on the execution
+            provider of ``device`` (latency.py), or None.
         method: allocation method, one of ``METHODS``.
         error: layer error measure, one of ``ERROR_MEASURES``. None (the default) means
             ``"output"`` when ``calibration`` is given and ``"bound"`` otherwise; the config
@@ -89,6 +93,14 @@ class CompressionConfig:
         fold_batchnorm: fold BatchNormalization and constant per-channel Mul/Add into the
             preceding Conv before discovery (fold.py), so errors are measured on the weight as
             it acts.
+        latency_check: time candidates on the execution provider and never offer one measured
+            slower than its dense layer (only the chosen candidates are timed, see
+            pipeline.choose; a ``latency`` budget times every table's grid). None (the
+            default) resolves to True with a ``latency`` budget, else to True unless the
+            environment variable ``ONNX_LOWRANK_LATENCY_CHECK`` is ``0``; the config stores
+            the resolved value.
+        max_latency_ratio: fail validation when the compressed model's measured latency is more
+            than this times the original's.
     """
 
     params: float | None = None
@@ -111,9 +123,13 @@ class CompressionConfig:
     force: bool = False
     calibration: str | None = None
     fold_batchnorm: bool = True
+    latency: float | None = None
+    latency_check: bool | None = None
+    max_latency_ratio: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("params", "flops"):
+        self._check_latency()
+        for name in ("params", "flops", "latency"):
             value = getattr(self, name)
             if value is not None and not (_is_number(value) and 0 < value <= 1):
                 raise ConfigError(
@@ -156,6 +172,24 @@ class CompressionConfig:
                 )
             shapes[str(name)] = dims
         object.__setattr__(self, "input_shapes", shapes)
+
+    def _check_latency(self) -> None:
+        if self.latency_check is None:  # a latency budget always times candidates
+            off = os.environ.get(LATENCY_CHECK_ENV, "1").strip().lower() in ("0", "false", "off")
+            object.__setattr__(self, "latency_check", self.latency is not None or not off)
+        if not isinstance(self.latency_check, bool):
+            raise ConfigError(f"latency_check must be True or False, got {self.latency_check!r}")
+        if self.latency is not None and not self.latency_check:
+            raise ConfigError(
+                "--latency budgets measured latency, which --no-latency-check turns off; "
+                "drop one of them"
+            )
+        ratio = self.max_latency_ratio
+        if ratio is not None and not (_is_number(ratio) and ratio > 0):
+            raise ConfigError(
+                f"--max-latency-ratio must be a positive number, got {ratio!r}; for example "
+                "--max-latency-ratio 1.0 fails a model slower than the original"
+            )
 
     def _check_calibration(self) -> None:
         if self.calibration is not None:
@@ -211,8 +245,8 @@ class CompressionConfig:
 
     @property
     def has_budget(self) -> bool:
-        """True when at least one of ``params`` and ``flops`` is set."""
-        return self.params is not None or self.flops is not None
+        """True when at least one of ``params``, ``flops`` and ``latency`` is set."""
+        return self.params is not None or self.flops is not None or self.latency is not None
 
     def replace(self, **changes: Any) -> CompressionConfig:
         """A copy with some fields changed, validated again."""

@@ -77,6 +77,7 @@ from .sessions import make_session, runtime, session_settings
 __all__ = [
     "GRID_POINTS",
     "GROUPED_GRID_POINTS",
+    "LatencyBook",
     "LatencyCache",
     "LatencyStats",
     "LayerLatency",
@@ -84,6 +85,7 @@ __all__ = [
     "device_name",
     "grid_ranks",
     "interpolate",
+    "measure_choice",
     "measure_layers",
     "measure_model",
     "time_sessions",
@@ -303,6 +305,158 @@ def measure_model(
     return time_sessions([runner], max_rounds=rounds, budget_s=budget_s)[0]
 
 
+class LatencyBook:
+    """Timings of one model's layers on one execution provider, from the cache or measured.
+
+    ``grid`` times what a latency budget needs (every table's grid, see the module docstring);
+    ``items`` times only given candidates (what the never-slower check needs). Both keep what
+    they timed, summed over every node that reads a layer's weight, in ``timed``.
+
+    Attributes:
+        stats: what measuring took.
+        timed: layer name -> ``(g, r)`` -> ms (``(0, 0)`` is the dense layer).
+        unknown: layers that cannot be timed (unknown input shape, embedding tables).
+    """
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        discovery: Discovery,
+        providers: Sequence[str],
+        *,
+        cache: LatencyCache | None = None,
+        progress: Progress | None = None,
+    ):
+        self.model, self.discovery, self.providers = model, discovery, list(providers)
+        self.cache = cache or LatencyCache()
+        self.progress = progress
+        provider = str(self.providers[0])
+        device = device_name(provider)
+        self.stats = LatencyStats(provider=provider, device=device, cache=str(self.cache.folder))
+        self.context = {
+            "format": _CACHE_FORMAT,
+            "provider": provider,
+            "device": device,
+            "session": session_settings(),
+        }
+        self.opsets = {entry.domain or "": entry.version for entry in model.opset_import}
+        self.timed: dict[str, dict[tuple[int, int], float]] = {}
+        self._uses: dict[str, list[_Use] | None] = {}
+        for layer in discovery.layers:
+            uses = [_Use.of(model, discovery, view) for view in layer.uses()]
+            self._uses[layer.name] = None if None in uses else uses  # type: ignore[assignment]
+        self.unknown = [name for name, uses in self._uses.items() if uses is None]
+        self.stats.unknown = list(self.unknown)
+        #: the inputs the whole model is timed on (set by whoever times it)
+        self.model_feeds: dict[str, np.ndarray] = {}
+
+    def dense_ms(self, layer: str) -> float | None:
+        """The dense layer's time (None when it was not timed)."""
+        return self.timed.get(layer, {}).get((0, 0))
+
+    def items(self, wanted: Mapping[str, Sequence[tuple[int, int]]]) -> None:
+        """Time the dense layer and the given ``(g, r)`` of every named layer (unless known)."""
+        started = time.perf_counter()
+        names = [name for name in wanted if self._uses.get(name)]
+        for done, name in enumerate(names):
+            self._time(name, [(0, 0), *wanted[name]])
+            if self.progress is not None:
+                self.progress("latency", done + 1, len(names))
+        self.stats.seconds += time.perf_counter() - started
+
+    def grid(self, tables: Sequence[Any], points: int = GRID_POINTS) -> dict[str, LayerLatency]:
+        """The latency of every row of every table whose layer can be timed.
+
+        Args:
+            tables: ``allocate.CandidateTable`` per layer (any subset of the layers).
+            points: timed ranks of ``g = 1`` (``GROUPED_GRID_POINTS`` for larger ``g``).
+
+        Returns:
+            layer name -> its latency; layers in ``unknown`` are absent.
+        """
+        started = time.perf_counter()
+        result: dict[str, LayerLatency] = {}
+        measurable = [table for table in tables if self._uses.get(table.layer)]
+        for done, table in enumerate(measurable):
+            result[table.layer] = self._grid(table, points)
+            if self.progress is not None:
+                self.progress("latency", done + 1, len(measurable))
+        self.stats.seconds += time.perf_counter() - started
+        return result
+
+    def _grid(self, table: Any, points: int) -> LayerLatency:
+        """Dense and the smallest rank of every group count first; a group count whose smallest
+        rank is not faster than dense is dropped; then the grid ranks of the others."""
+        by_groups: dict[int, list[int]] = {}
+        for g, r in zip(table.groups[1:], table.ranks[1:], strict=True):
+            by_groups.setdefault(int(g), []).append(int(r))
+        totals = self._time(table.layer, [(0, 0)] + [(g, min(r)) for g, r in by_groups.items()])
+        kept = [g for g in by_groups if totals[(g, min(by_groups[g]))] < totals[(0, 0)]]
+        limit = {g: points if g == 1 else min(points, GROUPED_GRID_POINTS) for g in kept}
+        grid = [(g, r) for g in kept for r in grid_ranks(by_groups[g], limit[g])]
+        totals = self._time(table.layer, grid)
+        row_ms = np.zeros(len(table))
+        timed = np.zeros(len(table), dtype=bool)
+        row_ms[0], timed[0] = totals[(0, 0)], True
+        for g in by_groups:
+            rows = np.flatnonzero(table.groups == g)
+            points_g = {r: ms for (gg, r), ms in totals.items() if gg == g}
+            row_ms[rows] = interpolate(points_g, table.ranks[rows])
+            timed[rows] = np.isin(table.ranks[rows], list(points_g))
+        return LayerLatency(table.layer, float(totals[(0, 0)]), row_ms, timed)
+
+    def _time(self, layer: str, items: Sequence[tuple[int, int]]) -> dict[tuple[int, int], float]:
+        """Every timing of ``layer`` so far, after timing those of ``items`` not yet known:
+        from the disk cache, else measured (and cached). Summed over the layer's uses."""
+        known = self.timed.setdefault(layer, {})
+        wanted = list(dict.fromkeys(item for item in items if item not in known))
+        if not wanted:
+            return known
+        totals = dict.fromkeys(wanted, 0.0)
+        for use in self._uses[layer] or []:
+            key = use.key(self.context)
+            stored = self.cache.read(key)
+            missing = [item for item in wanted if _name(item) not in stored]
+            self.stats.cached += len(wanted) - len(missing)
+            if missing:
+                measured = _time_candidates(use, missing, self.opsets, self.providers)
+                self.stats.measured += len(missing)
+                fresh = {_name(item): ms for item, ms in measured.items()}
+                self.cache.write(key, fresh)
+                stored.update(fresh)
+            for item in wanted:
+                totals[item] += stored[_name(item)]
+        known.update(totals)
+        return known
+
+
+def measure_choice(
+    original: onnx.ModelProto | str | os.PathLike,
+    model: onnx.ModelProto,
+    picks: Sequence[tuple[Layer, int, int]],
+    feeds: Mapping[str, np.ndarray],
+    providers: Sequence[str],
+) -> tuple[float, float]:
+    """Median ms of ``original`` and of ``model`` with ``picks`` factorized, timed interleaved.
+
+    The factorized model is written by ``rewrite`` with random factors of the chosen shapes
+    (speed does not depend on the values), so a choice's real end-to-end latency is known
+    before any factorization.
+    """
+    rng = np.random.default_rng(0)
+    replacements = []
+    for layer, groups, rank in picks:
+        width = layer.cols // groups
+        dtype = layer.weight_dtype
+        first = _random(rng, (groups, rank, width), dtype) / math.sqrt(width)
+        second = _random(rng, (layer.out_channels, groups * rank), dtype) / math.sqrt(rank)
+        replacements.append((layer, Factors(groups, rank, first, second)))
+    compressed = rewrite(model, replacements)
+    runners = [_BoundRunner(make_session(m, providers), feeds) for m in (original, compressed)]
+    before, after = time_sessions(runners, max_rounds=2 * MAX_ROUNDS, budget_s=4 * LAYER_BUDGET_S)
+    return before, after
+
+
 def measure_layers(
     model: onnx.ModelProto,
     discovery: Discovery,
@@ -314,48 +468,12 @@ def measure_layers(
     progress: Progress | None = None,
     stats: LatencyStats | None = None,
 ) -> dict[str, LayerLatency]:
-    """The latency of every row of every table whose layer's input shapes are known.
-
-    Args:
-        model: the model ``discovery`` ran on (its layers' nodes and opsets are read).
-        discovery: its layers and shapes.
-        tables: one ``allocate.CandidateTable`` per layer of ``discovery``, in order.
-        providers: the execution providers to time on (``validate.providers_for``).
-        cache: where timings are kept (default ``LatencyCache()``).
-        points: timed ranks per group count.
-        progress: ``progress("latency", done, total)`` per layer.
-        stats: filled with what the measurement took.
-
-    Returns:
-        layer name -> its latency; layers with unknown input shapes, and embedding tables
-        (Gather), are absent (and listed in ``stats.unknown``).
-    """
-    started = time.perf_counter()
-    cache = cache or LatencyCache()
-    stats = stats if stats is not None else LatencyStats()
-    provider = _provider(providers)
-    device = device_name(provider)
-    stats.provider, stats.device, stats.cache = provider, device, str(cache.folder)
-    context = {
-        "format": _CACHE_FORMAT,
-        "provider": provider,
-        "device": device,
-        "session": session_settings(None),
-    }
-    opsets = {entry.domain or "": entry.version for entry in model.opset_import}
-    result: dict[str, LayerLatency] = {}
-    layers = list(zip(discovery.layers, tables, strict=True))
-    for done, (layer, table) in enumerate(layers):
-        uses = [_Use.of(model, discovery, view) for view in layer.uses()]
-        if any(use is None for use in uses):
-            stats.unknown.append(layer.name)
-        else:
-            result[layer.name] = _measure_layer(
-                layer, table, uses, opsets, providers, context, cache, points, stats
-            )
-        if progress is not None:
-            progress("latency", done + 1, len(layers))
-    stats.seconds += time.perf_counter() - started
+    """``LatencyBook(...).grid(tables, points)``; ``stats`` (when given) gets what it took."""
+    book = LatencyBook(model, discovery, providers, cache=cache, progress=progress)
+    result = book.grid(tables, points)
+    if stats is not None:
+        for name, value in book.stats.to_dict().items():
+            setattr(stats, name, value)
     return result
 
 
@@ -412,74 +530,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (int, float, str)):
         return value
     return str(value)
-
-
-def _measure_layer(
-    layer: Layer,
-    table: Any,
-    uses: Sequence[_Use],
-    opsets: Mapping[str, int],
-    providers: Sequence[str],
-    context: Mapping[str, Any],
-    cache: LatencyCache,
-    points: int,
-    stats: LatencyStats,
-) -> LayerLatency:
-    """Time the dense layer and the grid of each group count, summed over ``uses``.
-
-    First the dense layer and the smallest rank of every group count; a group count whose
-    smallest rank is not faster than the dense layer is dropped (its other ranks, slower still
-    by the monotone model, can never be offered). Then the grid ranks of the others.
-    """
-    by_groups: dict[int, list[int]] = {}
-    for g, r in zip(table.groups[1:], table.ranks[1:], strict=True):
-        by_groups.setdefault(int(g), []).append(int(r))
-    first = [(0, 0)] + [(g, min(ranks)) for g, ranks in by_groups.items()]
-    totals = _timed_totals(uses, first, opsets, providers, context, cache, stats)
-    kept = [g for g in by_groups if totals[(g, min(by_groups[g]))] < totals[(0, 0)]]
-    grid = [
-        (g, r)
-        for g in kept
-        for r in grid_ranks(by_groups[g], points if g == 1 else min(points, GROUPED_GRID_POINTS))
-        if (g, r) not in totals
-    ]
-    totals.update(_timed_totals(uses, grid, opsets, providers, context, cache, stats))
-    row_ms = np.zeros(len(table))
-    timed = np.zeros(len(table), dtype=bool)
-    row_ms[0], timed[0] = totals[(0, 0)], True
-    for g in by_groups:
-        rows = np.flatnonzero(table.groups == g)
-        points_g = {r: ms for (gg, r), ms in totals.items() if gg == g}
-        row_ms[rows] = interpolate(points_g, table.ranks[rows])
-        timed[rows] = np.isin(table.ranks[rows], list(points_g))
-    return LayerLatency(layer.name, float(totals[(0, 0)]), row_ms, timed)
-
-
-def _timed_totals(
-    uses: Sequence[_Use],
-    items: Sequence[tuple[int, int]],
-    opsets: Mapping[str, int],
-    providers: Sequence[str],
-    context: Mapping[str, Any],
-    cache: LatencyCache,
-    stats: LatencyStats,
-) -> dict[tuple[int, int], float]:
-    """ms of every item summed over ``uses``, from the cache or timed (and then cached)."""
-    totals = dict.fromkeys(items, 0.0)
-    for use in uses:
-        key = use.key(context)
-        known = cache.read(key)
-        missing = [item for item in items if _name(item) not in known]
-        stats.cached += len(items) - len(missing)
-        if missing:
-            measured = _time_candidates(use, missing, opsets, providers)
-            stats.measured += len(missing)
-            fresh = {_name(item): ms for item, ms in measured.items()}
-            cache.write(key, fresh)
-            known.update(fresh)
-        for item in items:
-            totals[item] += known[_name(item)]
-    return totals
 
 
 def _name(item: tuple[int, int]) -> str:
@@ -612,7 +662,3 @@ class _BoundRunner:
 
     def __call__(self) -> None:
         self.session.run_with_iobinding(self.binding)
-
-
-def _provider(providers: Sequence[str]) -> str:
-    return str(providers[0])

@@ -26,7 +26,14 @@ import numpy as np
 import onnx
 
 from . import calibrate
-from .allocate import BudgetLimit, CandidateTable, allocate, build_table
+from .allocate import (
+    BudgetLimit,
+    CandidateTable,
+    allocate,
+    build_table,
+    with_latency,
+    without_rows,
+)
 from .backend import Backend, get_backend
 from .config import CompressionConfig
 from .cost import count_macs, count_parameters, infer_shapes
@@ -41,6 +48,7 @@ from .errors import (
 )
 from .factorize import Factors, factorize_with_error, relative_error
 from .fold import fold
+from .latency import LatencyBook, measure_choice, measure_model
 from .load import (
     LoadedModel,
     ModelSource,
@@ -61,7 +69,7 @@ from .report import (
 )
 from .rewrite import rewrite
 from .spectra import LayerSpectrum, compute_spectra, error_table
-from .validate import check_tolerances, providers_for, validate, validation_inputs
+from .validate import check_tolerances, latency_feeds, providers_for, validate, validation_inputs
 
 if TYPE_CHECKING:
     import onnx_graphsurgeon as gs
@@ -77,6 +85,7 @@ __all__ = [
     "compress",
     "group_limit",
     "inspect",
+    "latency_book",
     "realize",
     "sweep",
     "sweep_row",
@@ -227,6 +236,9 @@ class Analysis:
             when nothing was folded (then it is ``model``).
         params_model: parameters of ``model`` (after folding); None when it is ``params_total``.
         notes: what the analysis changed (folded nodes), for reports.
+        latency: the layers' measured latencies (latency.py), made by ``latency_book`` when
+            a run first needs them.
+        latency_ms: the whole original model's measured latency, with ``latency``.
     """
 
     source: str
@@ -245,6 +257,8 @@ class Analysis:
     original: onnx.ModelProto | None = None
     params_model: int | None = None
     notes: list[str] = field(default_factory=list)
+    latency: LatencyBook | None = None
+    latency_ms: float | None = None
 
 
 def analyze(
@@ -347,7 +361,7 @@ def candidate_tables(analysis: Analysis, config: CompressionConfig) -> list[Cand
         for layer in analysis.discovery.layers
     ]
     if analysis.calibration is None:
-        return tables
+        return _timed_tables(analysis, tables, config)
     # Layers inside subgraphs have no calibration statistics; they keep weight-error tables.
     spectra = analysis.calibration.spectra
     if output:
@@ -356,9 +370,46 @@ def candidate_tables(analysis: Analysis, config: CompressionConfig) -> list[Cand
             for t in tables
         ]
     graph = analysis.model.graph
-    return [  # bias correction adds a bias where there is none
+    tables = [  # bias correction adds a bias where there is none
         calibrate.with_bias_cost(table, layer, graph) if layer.name in spectra else table
         for table, layer in zip(tables, analysis.discovery.layers, strict=True)
+    ]
+    return _timed_tables(analysis, tables, config)
+
+
+def latency_book(
+    analysis: Analysis, config: CompressionConfig, progress: Progress | None = None
+) -> LatencyBook:
+    """The analysis's latency book, made on first use, with the whole model timed once."""
+    if analysis.latency is None:
+        started = time.perf_counter()
+        providers = providers_for(config.device)
+        book = LatencyBook(analysis.model, analysis.discovery, providers, progress=progress)
+        reference = analysis.original or analysis.model
+        feeds = (analysis.validation_inputs or validation_inputs(reference, config))[0]
+        book.model_feeds = latency_feeds(reference, feeds)[1]
+        analysis.latency_ms = measure_model(reference, book.model_feeds, providers)
+        book.stats.seconds += time.perf_counter() - started
+        analysis.latency = book
+    return analysis.latency
+
+
+def _timed_tables(
+    analysis: Analysis, tables: list[CandidateTable], config: CompressionConfig
+) -> list[CandidateTable]:
+    """With a latency budget, every table gets its measured latency column (latency.py), and
+    rows measured slower than their dense layer are dropped."""
+    if config.latency is None:
+        return tables
+    book = latency_book(analysis, config)
+    started = time.perf_counter()
+    measured = book.grid(tables)
+    analysis.timings["latency"] = analysis.timings.get("latency", 0.0) + (
+        time.perf_counter() - started
+    )
+    return [
+        with_latency(table, measured[table.layer].row_ms) if table.layer in measured else table
+        for table in tables
     ]
 
 
@@ -367,7 +418,9 @@ def choose(
 ) -> list[int]:
     """Row of each table chosen by ``config.method`` under the budgets of ``config``."""
     if not config.has_budget:
-        raise ConfigError("no budget given; pass --params F and/or --flops F, e.g. --params 0.5")
+        raise ConfigError(
+            "no budget given; pass --params F, --flops F and/or --latency F, e.g. --params 0.5"
+        )
     if config.flops is not None:
         _require_macs(analysis.discovery, analysis.unknown_macs)
     budgets = _budgets(
@@ -377,7 +430,159 @@ def choose(
         analysis.macs_total,
         params_model=analysis.params_model,
     )
-    return allocate(tables, budgets, config)
+    if config.latency is not None:
+        budgets.append(_latency_budget(analysis, tables, config.latency))
+    choices = allocate(tables, budgets, config)
+    if config.latency is not None:
+        return _measured_latency(analysis, tables, budgets, choices, config)
+    if not config.latency_check:
+        return choices
+    return _never_slower(analysis, tables, budgets, choices, config)
+
+
+#: Re-solves of a latency budget on the measured end-to-end ratio, and the relative distance
+#: to the target at which it stops.
+_LATENCY_ROUNDS = 3
+_LATENCY_TOLERANCE = 0.03
+
+
+def _measured_latency(
+    analysis: Analysis,
+    tables: list[CandidateTable],
+    budgets: list[BudgetLimit],
+    choices: list[int],
+    config: CompressionConfig,
+) -> list[int]:
+    """Meet a latency budget on the measured end-to-end ratio, not only on the layer sum.
+
+    The layers' times do not add up exactly to the model's (fused activations, layout
+    conversions between layers, caches), so the choice is timed end to end: the original and
+    the model with the chosen layers factorized (random factors, ``latency.measure_choice``),
+    interleaved. When the measured ratio ``m`` misses the target ``F`` by more than
+    ``_LATENCY_TOLERANCE`` (relative), the layer budget is re-solved for the fraction ``p'``
+    that the line through ``(1, 1)`` and ``(p, m)`` maps to ``F``, ``p' = 1 − (1 − F)(1 − p) /
+    (1 − m)`` (``p`` the predicted fraction; no lower than the fastest layer choice's), at most
+    ``_LATENCY_ROUNDS`` times; the choice
+    measured nearest ``F`` without exceeding it (else the fastest) is kept. Models whose weights
+    stay on disk keep the first choice.
+    """
+    loaded = analysis.loaded
+    book = analysis.latency
+    if book is None or not analysis.latency_ms or (loaded is not None and loaded.lazy):
+        return choices
+    started = time.perf_counter()
+    target = config.latency
+    latency = budgets[-1]
+    reference = analysis.original or analysis.model
+    feeds = book.model_feeds
+    tried: list[tuple[float, list[int]]] = []
+    fraction = target
+    for _ in range(_LATENCY_ROUNDS):
+        picks = [
+            (layer, int(table.groups[row]), int(table.ranks[row]))
+            for layer, table, row in zip(analysis.discovery.layers, tables, choices, strict=True)
+            if table.groups[row] > 0
+        ]
+        before, after = measure_choice(reference, analysis.model, picks, feeds, book.providers)
+        measured = after / before
+        tried.append((measured, choices))
+        log.info("latency budget %.3g: layer budget %.3g measured %.3f", target, fraction, measured)
+        if abs(measured - target) <= _LATENCY_TOLERANCE * target:
+            break
+        predicted = _predicted(analysis, tables, choices)
+        if measured >= 1 or predicted >= 1:
+            break
+        wanted = 1 - (1 - target) * (1 - predicted) / (1 - measured)
+        fastest = _predicted(analysis, tables, [int(np.argmin(t.costs[:, 2])) for t in tables])
+        if wanted < fastest and predicted <= fastest + 1e-9:
+            break  # the fastest layer choice was measured already
+        fraction = min(max(wanted, fastest * (1 + 1e-9)), 1.0)
+        adjusted = [*budgets[:-1], replace(latency, fraction=fraction)]
+        try:
+            choices = allocate(tables, adjusted, config)
+        except InfeasibleBudgetError:
+            break  # another budget (--params, --flops) does not allow a faster choice
+    within = [item for item in tried if item[0] <= target * (1 + _LATENCY_TOLERANCE)]
+    best = max(within, key=lambda item: item[0]) if within else min(tried, key=lambda i: i[0])
+    analysis.timings["latency"] = analysis.timings.get("latency", 0.0) + (
+        time.perf_counter() - started
+    )
+    return best[1]
+
+
+def _predicted(analysis: Analysis, tables: list[CandidateTable], choices: list[int]) -> float:
+    """``(T_model − Σ_ℓ T_ℓ(dense) + Σ_ℓ T_ℓ(x_ℓ)) / T_model`` from the latency column."""
+    total = analysis.latency_ms or 1.0
+    saved = sum(t.costs[0, 2] - t.costs[row, 2] for t, row in zip(tables, choices, strict=True))
+    return 1 - saved / total
+
+
+def _latency_budget(
+    analysis: Analysis, tables: list[CandidateTable], fraction: float
+) -> BudgetLimit:
+    """``Σ_ℓ T_ℓ(x_ℓ) ≤ F·T_model − rest`` with ``rest = T_model − Σ_ℓ T_ℓ(dense)``."""
+    total = analysis.latency_ms or 0.0
+    dense = sum(float(table.costs[0, 2]) for table in tables)
+    return BudgetLimit("latency", fraction, total, total - dense)
+
+
+#: Candidates of one layer measured slower than dense before the never-slower check times the
+#: layer's whole grid (latency.py) instead of dropping one group count's ranks at a time.
+_STRIKES = 3
+
+
+def _never_slower(
+    analysis: Analysis,
+    tables: list[CandidateTable],
+    budgets: list[BudgetLimit],
+    choices: list[int],
+    config: CompressionConfig,
+) -> list[int]:
+    """Re-solve until no chosen candidate is measured slower than its dense layer.
+
+    Only the chosen candidates are timed (with their dense layers; cached on disk). When a
+    layer's chosen ``(g, r)`` is slower, its rows with the same ``g`` and a rank ``≥ r`` are
+    dropped (a larger rank of the same shape is not faster, see latency.py); at the
+    ``_STRIKES``-th slower candidate of a layer, its grid is timed and every row measured or
+    interpolated slower than dense is dropped (and the chosen row itself). Then the budget is
+    solved again. Rows are dropped from ``tables`` in place, so ``realize`` and later sweep
+    points see the same tables. Every round drops at least one row, so the loop ends. A budget
+    that only slower candidates can meet is an ``InfeasibleBudgetError``.
+    """
+    book = latency_book(analysis, config)
+    started = time.perf_counter()
+    strikes: dict[str, int] = {}
+    while True:
+        chosen = {
+            table.layer: (int(table.groups[row]), int(table.ranks[row]))
+            for table, row in zip(tables, choices, strict=True)
+            if table.groups[row] > 0 and table.layer not in book.unknown
+        }
+        book.items({layer: [item] for layer, item in chosen.items()})
+        slow = [
+            index
+            for index, table in enumerate(tables)
+            if table.layer in chosen
+            and book.timed[table.layer][chosen[table.layer]] > book.dense_ms(table.layer)
+        ]
+        if not slow:
+            break
+        for index in slow:
+            table = tables[index]
+            strikes[table.layer] = strikes.get(table.layer, 0) + 1
+            groups, rank = chosen[table.layer]
+            same = table.groups == groups
+            if strikes[table.layer] < _STRIKES:
+                tables[index] = without_rows(table, same & (table.ranks >= rank))
+            else:  # the grid, and the chosen row whatever its interpolated time says
+                table = with_latency(table, book.grid([table])[table.layer].row_ms)
+                same = table.groups == groups
+                tables[index] = without_rows(table, same & (table.ranks == rank))
+        choices = allocate(tables, budgets, config)
+    analysis.timings["latency"] = analysis.timings.get("latency", 0.0) + (
+        time.perf_counter() - started
+    )
+    return choices
 
 
 def realize(
@@ -429,7 +634,11 @@ def realize(
     if config.validate:
         with timer.stage("validate"):
             validation = _validate(loaded, compressed, data_dir, config, analysis.validation_inputs)
+        validation = _check_latency_ratio(validation, config)
     layers = _layer_records(discovery, tables, choices, analysis.spectra, errors)
+    latency = _latency_summary(analysis, tables, choices, validation)
+    if latency is not None:
+        layers = [_with_latency(layer, latency["layers"]) for layer in layers]
     if calibration is not None and calibrated:  # estimates always; measured ones with validate
         measured = {}
         if config.validate:
@@ -460,6 +669,7 @@ def realize(
         layers=_in_graph_order(layers, model),
         validation=validation,
         timings=timer.timings,
+        latency=None if latency is None else {k: v for k, v in latency.items() if k != "layers"},
         notes=analysis.notes
         + _shape_notes(discovery, analysis.unknown_macs)
         + _history_notes(analysis),
@@ -471,6 +681,69 @@ def realize(
         source_data_files=loaded.data_files,
         _spill=spill,
     )
+
+
+def _check_latency_ratio(validation, config: CompressionConfig):
+    """Add a failure when the compressed model measured more than ``--max-latency-ratio``
+    times the original's latency."""
+    if validation is None or config.max_latency_ratio is None:
+        return validation
+    before, after = validation.latency_ms_before, validation.latency_ms_after
+    if not before or after is None or after / before <= config.max_latency_ratio:
+        return validation
+    failure = (
+        f"latency {after:.3f} ms is {after / before:.2f}x the original's {before:.3f} ms "
+        f"> --max-latency-ratio {config.max_latency_ratio:g}"
+    )
+    return replace(validation, failures=(*validation.failures, failure))
+
+
+def _latency_summary(
+    analysis: Analysis,
+    tables: list[CandidateTable],
+    choices: list[int],
+    validation,
+) -> dict[str, Any] | None:
+    """Measured latencies for the report: per layer (dense, chosen), the whole model, the
+    predicted ratio ``1 − Σ_ℓ (T_ℓ(dense) − T_ℓ(x_ℓ)) / T_model``, the ratio validation
+    measured, and what measuring took. None when nothing was timed."""
+    book = analysis.latency
+    if book is None or not analysis.latency_ms:
+        return None
+    per_layer: dict[str, tuple[float, float]] = {}
+    for table, row in zip(tables, choices, strict=True):
+        dense = book.dense_ms(table.layer)
+        if dense is None:
+            continue
+        item = (int(table.groups[row]), int(table.ranks[row]))
+        chosen = book.timed[table.layer].get(item)
+        if chosen is None:  # an interpolated grid row
+            chosen = float(table.costs[row, 2]) if table.costs[row, 2] > 0 else None
+        per_layer[table.layer] = (dense, dense if chosen is None else chosen)
+    saved = sum(dense - chosen for dense, chosen in per_layer.values())
+    measured = None
+    if validation is not None and validation.latency_ms_before and validation.latency_ms_after:
+        measured = validation.latency_ms_after / validation.latency_ms_before
+    return {
+        "provider": book.stats.provider,
+        "device": book.stats.device,
+        "model_ms": analysis.latency_ms,
+        "predicted_ratio": 1 - saved / analysis.latency_ms,
+        "measured_ratio": measured,
+        "seconds": book.stats.seconds,
+        "measured": book.stats.measured,
+        "cached": book.stats.cached,
+        "cache": book.stats.cache,
+        "untimed_layers": list(book.unknown),
+        "layers": per_layer,
+    }
+
+
+def _with_latency(layer: LayerReport, timed: dict[str, tuple[float, float]]) -> LayerReport:
+    if layer.name not in timed:
+        return layer
+    dense, chosen = timed[layer.name]
+    return replace(layer, latency_ms_before=dense, latency_ms_after=chosen)
 
 
 #: File name of the compressed model in the spill folder of a lazily loaded model.
@@ -543,12 +816,16 @@ def compress(
         OnnxLowRankError: any other subclass, for bad input, options or budgets.
     """
     if not config.has_budget:
-        raise ConfigError("no budget given; pass --params F and/or --flops F, e.g. --params 0.5")
+        raise ConfigError(
+            "no budget given; pass --params F, --flops F and/or --latency F, e.g. --params 0.5"
+        )
     analysis = analyze(source, config, progress=progress)
     tables = candidate_tables(analysis, config)
     started = time.perf_counter()
+    timing = analysis.timings.get("latency", 0.0)
     choices = choose(analysis, tables, config)
-    analysis.timings["allocate"] = time.perf_counter() - started
+    timing = analysis.timings.get("latency", 0.0) - timing  # the never-slower check's timing
+    analysis.timings["allocate"] = time.perf_counter() - started - timing
     return realize(analysis, tables, choices, config, progress=progress)
 
 
@@ -605,16 +882,17 @@ def sweep(
     methods: Sequence[str] | None = None,
     external_data: bool | None = None,
     progress: Progress | None = None,
+    latency: Sequence[float] = (),
 ) -> SweepResult:
     """Compress one model to several budgets with several methods; spectra are computed once.
 
-    Budget points: each ``params`` fraction alone, each ``flops`` fraction alone, or, when both
-    are given, pairs ``(params[i], flops[i])`` that must both hold. For every point and method
-    it writes ``<stem>.<method>.<budget>.onnx`` and ``<stem>.<method>.<budget>.json`` (a row:
-    params, MACs, max layer error bound, validation metrics; plus the full report) into
-    ``out_dir``, then ``sweep.json`` (every row) and ``sweep.png`` (error against kept
-    parameters, one line per method) when matplotlib is installed. A point that fails
-    validation gets its row and report but no model.
+    Budget points: the fractions at one position of the given lists (``params``, ``flops``,
+    ``latency``; lists given together must have the same length), which must all hold. For every
+    point and method it writes ``<stem>.<method>.<budget>.onnx`` and
+    ``<stem>.<method>.<budget>.json`` (a row: params, MACs, max layer error bound, validation
+    metrics; plus the full report) into ``out_dir``, then ``sweep.json`` (every row) and
+    ``sweep.png`` (error against kept parameters, one line per method) when matplotlib is
+    installed. A point that fails validation gets its row and report but no model.
 
     Args:
         source: the model (path, bytes, ModelProto or onnx_graphsurgeon.Graph; never modified).
@@ -623,6 +901,7 @@ def sweep(
         out_dir: folder for the outputs, created when missing.
         params: fractions of the parameters to keep.
         flops: fractions of the MACs to keep.
+        latency: fractions of the measured latency to keep.
         methods: allocation methods (default: ``config.method``).
         external_data: store each model's weights in a ``.data`` file beside it (default: when
             the input had external data or a model exceeds 2 GiB).
@@ -633,16 +912,26 @@ def sweep(
             before anything is written.
         ConfigError: no budget, lists of different lengths, or an unknown method.
     """
-    points = _sweep_points(params, flops)
+    points = _sweep_points(params, flops, latency)
     methods = list(methods or [config.method])
     configs = [
-        config.replace(params=p, flops=f, method=method) for p, f in points for method in methods
+        config.replace(
+            params=p,
+            flops=f,
+            latency=t,
+            method=method,
+            latency_check=True if t is not None else config.latency_check,
+        )
+        for p, f, t in points
+        for method in methods
     ]
     folder = Path(out_dir)
     if folder.exists() and not folder.is_dir():
         raise OutputPathError(f"--out {folder} is a file; give a folder")
     analysis = analyze(source, configs[0], progress=progress)
-    tables = candidate_tables(analysis, configs[0])
+    # one set of tables for every point: timed for all when any point budgets latency
+    timed = next((point for point in configs if point.latency is not None), configs[0])
+    tables = candidate_tables(analysis, timed)
     chosen = []
     for point in configs:  # every point is solved before anything is written
         try:
@@ -684,6 +973,7 @@ def sweep_row(report: CompressionReport, config: CompressionConfig) -> dict[str,
         "method": config.method,
         "params": config.params,
         "flops": config.flops,
+        "latency": config.latency,
         "params_after": report.params_after,
         "params_fraction": report.params_after / report.params_before,
         "macs_after": report.macs_after,
@@ -715,29 +1005,41 @@ def sweep_row(report: CompressionReport, config: CompressionConfig) -> dict[str,
         "latency_ms_before": None if validation is None else validation.latency_ms_before,
         "latency_ms_after": None if validation is None else validation.latency_ms_after,
         "latency_threads": None if validation is None else validation.latency_threads,
+        "latency_predicted": None if report.latency is None else report.latency["predicted_ratio"],
         "model": None,
     }
 
 
 def _sweep_points(
-    params: Sequence[float], flops: Sequence[float]
-) -> list[tuple[float | None, float | None]]:
-    params, flops = list(params), list(flops)
-    if not params and not flops:
-        raise ConfigError("no budget given; pass --params F1,F2,... and/or --flops F1,F2,...")
-    if params and flops:
-        if len(params) != len(flops):
-            raise ConfigError(
-                f"--params has {len(params)} fractions and --flops {len(flops)}; give lists of "
-                "the same length (each pair is one point where both hold), or only one of them"
-            )
-        return list(zip(params, flops, strict=True))
-    return [(p, None) for p in params] or [(None, f) for f in flops]
+    params: Sequence[float], flops: Sequence[float], latency: Sequence[float] = ()
+) -> list[tuple[float | None, float | None, float | None]]:
+    lists = {"params": list(params), "flops": list(flops), "latency": list(latency)}
+    given = {flag: values for flag, values in lists.items() if values}
+    if not given:
+        raise ConfigError(
+            "no budget given; pass --params F1,F2,..., --flops F1,F2,... and/or --latency F1,..."
+        )
+    lengths = {len(values) for values in given.values()}
+    if len(lengths) > 1:
+        counts = " and ".join(f"--{flag} {len(values)}" for flag, values in given.items())
+        raise ConfigError(
+            f"the budget lists have different lengths ({counts} fractions); give lists of the "
+            "same length (the fractions at one position are one point where all hold), or one list"
+        )
+    count = lengths.pop()
+    return [
+        tuple(lists[flag][i] if lists[flag] else None for flag in lists)  # type: ignore[misc]
+        for i in range(count)
+    ]
 
 
 def _budget_label(config: CompressionConfig, short: bool = False) -> str:
     parts = []
-    for flag, value in (("params", config.params), ("flops", config.flops)):
+    for flag, value in (
+        ("params", config.params),
+        ("flops", config.flops),
+        ("latency", config.latency),
+    ):
         if value is not None:
             parts.append(f"{flag[0]}{value:g}" if short else f"--{flag} {value:g}")
     return ("_" if short else " ").join(parts)

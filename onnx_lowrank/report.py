@@ -53,6 +53,9 @@ class LayerReport:
     ``shared_with`` names the other nodes that read the same weight (discover.Layer.tied): the
     weight is factorized once for all of them, counted once in ``params_*``, and ``macs_*`` cover
     every use.
+
+    ``latency_ms_before``/``latency_ms_after`` are the layer's measured latency dense and as
+    chosen (latency.py; summed over its nodes), when candidates were timed.
     """
 
     name: str
@@ -71,6 +74,8 @@ class LayerReport:
     output_error: float | None = None
     output_error_network: float | None = None
     shared_with: tuple[str, ...] = ()
+    latency_ms_before: float | None = None
+    latency_ms_after: float | None = None
 
 
 @dataclass
@@ -108,6 +113,9 @@ class CompressionReport:
     notes: list[str] = field(default_factory=list)
     max_output_error: float | None = None
     calibration: dict[str, Any] | None = None
+    #: Measured latency (pipeline._latency_summary): provider, device, the whole model's ms,
+    #: predicted and measured ratios, and what timing the candidates took; None when untimed.
+    latency: dict[str, Any] | None = None
 
     @property
     def compressed_layers(self) -> list[LayerReport]:
@@ -282,8 +290,36 @@ def format_summary(report: CompressionReport) -> str:
         )
     elif measure is not None:
         text.append(f"error measure: {measure} (data-free)")
+    text.append(format_latency(report))
     text.append(format_validation(report.validation))
     return "\n".join(line for line in text if line)
+
+
+def format_latency(report: CompressionReport) -> str:
+    """The candidate timing line, and a warning when the compressed model measured slower."""
+    lines = []
+    latency = report.latency
+    if latency is not None:
+        lines.append(
+            f"latency on {latency['provider']} ({latency['device']}): predicted "
+            f"{latency['predicted_ratio']:.1%} of the original's {latency['model_ms']:.3f} ms"
+            + (
+                ""
+                if latency["measured_ratio"] is None
+                else f", measured {latency['measured_ratio']:.1%}"
+            )
+            + f"; candidates timed in {latency['seconds']:.1f} s ({latency['measured']} "
+            f"measured, {latency['cached']} from the cache)"
+        )
+    validation = report.validation
+    if validation is not None and validation.latency_ms_before and validation.latency_ms_after:
+        ratio = validation.latency_ms_after / validation.latency_ms_before
+        if ratio > 1:
+            lines.append(
+                f"warning: the compressed model measured SLOWER than the original "
+                f"({ratio:.2f}x its latency); --max-latency-ratio 1 makes this a failure"
+            )
+    return "\n".join(lines)
 
 
 def format_validation(validation: ValidationReport | None) -> str:
@@ -381,7 +417,9 @@ def format_sweep(rows: Sequence[dict[str, Any]]) -> str:
     table = []
     for row in rows:
         budget = " ".join(
-            f"{flag} {row[flag]:g}" for flag in ("params", "flops") if row[flag] is not None
+            f"{flag} {row[flag]:g}"
+            for flag in ("params", "flops", "latency")
+            if row.get(flag) is not None
         )
         first = row["outputs"][0] if row["outputs"] else None
         validation = "-"
@@ -392,19 +430,31 @@ def format_sweep(rows: Sequence[dict[str, Any]]) -> str:
             if row.get("validation_inputs") == "random":
                 validation += " (random inputs)"
         macs = row["macs_fraction"]
+        before, after = row.get("latency_ms_before"), row.get("latency_ms_after")
         table.append(
             [
                 row["method"],
                 budget,
                 f"{row['params_fraction']:.1%}",
                 "?" if macs is None else f"{macs:.1%}",
+                f"{after / before:.1%}" if before and after is not None else "-",
                 _error(row["max_error_bound"]),
                 _error(row["max_error_actual"]),
                 validation,
                 _verdict(row),
             ]
         )
-    header = ["method", "budget", "params", "MACs", "bound", "actual", "validation", "verdict"]
+    header = [
+        "method",
+        "budget",
+        "params",
+        "MACs",
+        "latency",
+        "bound",
+        "actual",
+        "validation",
+        "verdict",
+    ]
     return _table(header, table)
 
 

@@ -10,9 +10,10 @@ import onnx
 import pytest
 from builders import MNIST, conv_model, gemm_model, low_rank
 
-from onnx_lowrank import CompressionConfig, latency
+from onnx_lowrank import CompressionConfig, ConfigError, InfeasibleBudgetError, compress, latency
 from onnx_lowrank.latency import LatencyCache, LatencyStats, grid_ranks, interpolate
-from onnx_lowrank.pipeline import analyze, candidate_tables
+from onnx_lowrank.pipeline import analyze, candidate_tables, choose, latency_book, sweep
+from onnx_lowrank.report import format_summary
 
 CPU = ["CPUExecutionProvider"]
 
@@ -118,3 +119,87 @@ def test_mnist_tables_measured_on_the_real_model(tmp_path):
         analysis.model, {"input": np.zeros((1, 1, 28, 28), np.float32)}, CPU
     )
     assert whole > 0
+
+
+# --- budgets and the never-slower check (allocate.py, pipeline.py) ---------------------------
+
+
+def _mnist(**options):
+    config = CompressionConfig(inputs=None, **options)
+    analysis = analyze(MNIST, config)
+    return config, analysis
+
+
+def test_latency_budget_alone_is_met_by_the_predicted_sum():
+    config, analysis = _mnist(latency=0.6, validate=False, max_groups=4, latency_check=True)
+    tables = candidate_tables(analysis, config)
+    assert all(np.all(t.costs[1:, 2] <= t.costs[0, 2]) for t in tables)  # none slower offered
+    choices = choose(analysis, tables, config)
+    total = analysis.latency_ms
+    dense = sum(t.costs[0, 2] for t in tables)
+    chosen = sum(t.costs[row, 2] for t, row in zip(tables, choices, strict=True))
+    assert (total - dense + chosen) / total <= 0.6 + 1e-9
+
+
+def test_latency_with_params_meets_both():
+    config, analysis = _mnist(latency=0.8, params=0.4, validate=False, max_groups=4)
+    tables = candidate_tables(analysis, config)
+    choices = choose(analysis, tables, config)
+    total = analysis.latency_ms
+    dense = sum(t.costs[0, 2] for t in tables)
+    chosen = sum(t.costs[row, 2] for t, row in zip(tables, choices, strict=True))
+    assert (total - dense + chosen) / total <= 0.8 + 1e-9
+    fixed = analysis.params_total - sum(layer.params for layer in analysis.discovery.layers)
+    params = fixed + sum(t.costs[row, 0] for t, row in zip(tables, choices, strict=True))
+    assert params / analysis.params_total <= 0.4 + 1e-9
+
+
+def test_unreachable_latency_names_the_smallest_reachable():
+    config, analysis = _mnist(latency=0.01, validate=False, max_groups=4)
+    tables = candidate_tables(analysis, config)
+    with pytest.raises(InfeasibleBudgetError, match=r"--latency 0.01 is below the smallest"):
+        choose(analysis, tables, config)
+
+
+def test_latency_budget_needs_timing():
+    with pytest.raises(ConfigError, match="--no-latency-check"):
+        CompressionConfig(latency=0.5, latency_check=False)
+
+
+def test_never_slower_drops_candidates_measured_slower(monkeypatch):
+    """Timings planted in the analysis's book (every candidate slower than its dense layer):
+    no candidate may be chosen, so --params 0.5 cannot be met; without the check it can."""
+    config, analysis = _mnist(params=0.5, validate=False, max_groups=4, latency_check=True)
+    tables = candidate_tables(analysis, config)
+    book = latency_book(analysis, config)
+    for table in tables:
+        book.timed[table.layer] = {(0, 0): 1.0} | {
+            (int(g), int(r)): 2.0 for g, r in zip(table.groups[1:], table.ranks[1:], strict=True)
+        }
+    with pytest.raises(InfeasibleBudgetError, match=r"--params 0\.5"):
+        choose(analysis, list(tables), config)
+    unchecked = config.replace(latency_check=False)
+    choices = choose(analysis, candidate_tables(analysis, unchecked), unchecked)
+    assert any(row > 0 for row in choices)
+
+
+def test_compress_reports_measured_latency_and_max_ratio_fails():
+    config = CompressionConfig(params=0.5, latency_check=True, max_latency_ratio=0.01)
+    result = compress(MNIST, config)
+    latency_report = result.report.latency
+    assert latency_report is not None and latency_report["model_ms"] > 0
+    assert 0 < latency_report["predicted_ratio"] <= 1.0  # never slower by prediction
+    timed = [layer for layer in result.report.compressed_layers if layer.latency_ms_after]
+    assert timed and all(layer.latency_ms_after <= layer.latency_ms_before for layer in timed)
+    assert not result.report.validation.passed
+    assert any("--max-latency-ratio 0.01" in f for f in result.report.validation.failures)
+    assert "latency on CPUExecutionProvider" in format_summary(result.report)
+
+
+def test_sweep_accepts_latency_lists(tmp_path):
+    config = CompressionConfig(validate=False, max_groups=4)
+    result = sweep(MNIST, config, tmp_path, latency=[0.8, 0.6])
+    assert [row["latency"] for row in result.rows] == [0.8, 0.6]
+    assert all(row["latency_predicted"] <= row["latency"] + 1e-9 for row in result.rows)
+    with pytest.raises(ConfigError, match="same length"):
+        sweep(MNIST, config, tmp_path, latency=[0.8, 0.6], params=[0.5])
