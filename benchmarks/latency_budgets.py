@@ -1,0 +1,251 @@
+"""Measured speed of compressed models: parameter, MAC and latency budgets side by side.
+
+    python benchmarks/latency_budgets.py [--models-dir DIR] [--json OUT.json] [--plot OUT.png]
+                                 [--only NAME,...] [--pairs N]
+
+For every public model (the MNIST CNN in ``samples/``, CREPE tiny, the PP-OCR direction
+classifier and MTCNN O-Net in ``tests/models/``, EfficientNet-Lite0 from the models folder when
+present) and every point
+
+  * ``--params 0.5 --no-latency-check`` (what earlier releases did),
+  * ``--params 0.5`` (the default: the never-slower check is on),
+  * ``--flops 0.5``, ``--latency 0.7``, ``--latency 0.5``,
+
+it compresses the model (``alds``, data-free, validation off: this script measures), then
+reports the parameter and MAC ratios, the predicted latency ratio (from the measured cost
+tables) and the *measured* one: the original and the compressed model run alternately in one
+process, ``--pairs`` pairs at batch 1 with the tool's own session options (sessions.py), and the
+median of the per-pair ratios is given with its interquartile range (the spread). A first row
+per model times the original against itself: the noise floor. Task quality: MNIST accuracy on
+the first 2000 labelled test images, CREPE raw pitch accuracy on 300 synthetic tones, top-1
+agreement with the original for EfficientNet-Lite0 (280 natural-image views), the PP-OCR
+classifier and O-Net (256 random inputs each, no labels offline).
+
+It also reports the time spent timing candidates against the whole compression (the share),
+and repeats one point per model with the cache warm, which must time nothing. The latency cache
+is a fresh temporary folder, so the first runs measure everything. Prints a markdown table
+(pasted into docs/performance.md), writes every number to ``--json`` and draws latency ratio
+against quality to ``--plot``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from compare_methods import (
+    Task,
+    crepe_task,
+    default_models_dir,
+    efficientnet_task,
+    machine,
+    markdown,
+    mnist_task,
+    run_batches,
+)
+
+from onnx_lowrank import CompressionConfig, compress
+from onnx_lowrank.sessions import make_session
+
+REPO = Path(__file__).resolve().parent.parent
+CPU = ["CPUExecutionProvider"]
+
+POINTS: list[tuple[str, dict]] = [
+    ("params 0.5, no check", {"params": 0.5, "latency_check": False}),
+    ("params 0.5", {"params": 0.5, "latency_check": True}),
+    ("flops 0.5", {"flops": 0.5, "latency_check": True}),
+    ("latency 0.7", {"latency": 0.7}),
+    ("latency 0.5", {"latency": 0.5}),
+]
+
+
+def agreement_task(name: str, path: Path, shape: tuple[int, ...]) -> Task:
+    """Top-1 agreement with the original on random inputs (no labels offline)."""
+    model = onnx.load(path, load_external_data=False)
+    input_name = model.graph.input[0].name
+    inputs = np.random.default_rng(0).standard_normal((256, *shape)).astype(np.float32)
+    task = Task(name, path, input_name, inputs, 1, "agreement")
+    task.reference = run_batches(path, input_name, inputs, 0, 32)
+    return task
+
+
+def timed_pairs(original, compressed, feed: dict, pairs: int) -> dict[str, float]:
+    """Median and quartiles of the compressed/original time ratio over adjacent pairs."""
+    sessions = [make_session(original, CPU), make_session(compressed, CPU)]
+    for runner in sessions:
+        for _ in range(5):
+            runner.run(None, feed)
+    ratios, firsts = [], []
+    for index in range(pairs):
+        times = [0.0, 0.0]
+        for which in (0, 1) if index % 2 == 0 else (1, 0):
+            started = time.perf_counter()
+            sessions[which].run(None, feed)
+            times[which] = time.perf_counter() - started
+        ratios.append(times[1] / times[0])
+        firsts.append(times[0] * 1000)
+    quartiles = statistics.quantiles(ratios, n=4)
+    return {
+        "ratio": statistics.median(ratios),
+        "ratio_q1": quartiles[0],
+        "ratio_q3": quartiles[2],
+        "original_ms": statistics.median(firsts),
+    }
+
+
+def quality(task: Task, model) -> float:
+    return task.quality(model, 0)[task.metric]
+
+
+def run_model(task: Task, pairs: int) -> list[dict]:
+    feed = {task.input_name: task.inputs[:1]}
+    noise = timed_pairs(task.path, task.path, feed, pairs)
+    rows = [
+        {
+            "model": task.name,
+            "point": "original vs itself",
+            "measured": noise["ratio"],
+            "spread": f"{noise['ratio_q1']:.2f}-{noise['ratio_q3']:.2f}",
+            "original_ms": noise["original_ms"],
+            "quality": quality(task, task.path),
+            "metric": task.metric,
+        }
+    ]
+    for label, options in POINTS:
+        config = CompressionConfig(validate=False, **options)
+        started = time.perf_counter()
+        try:
+            result = compress(task.path, config)
+        except Exception as exc:  # an unreachable budget is a row, not the end of the run
+            rows.append({"model": task.name, "point": label, "error": str(exc)})
+            print(f"{task.name} {label}: {exc}", file=sys.stderr)
+            continue
+        seconds = time.perf_counter() - started
+        report = result.report
+        latency = report.latency or {}
+        measured = timed_pairs(task.path, result.model, feed, pairs)
+        row = {
+            "model": task.name,
+            "point": label,
+            "params": report.params_after / report.params_before,
+            "macs": report.macs_after / report.macs_before if report.macs_before else None,
+            "predicted": latency.get("predicted_ratio"),
+            "measured": measured["ratio"],
+            "spread": f"{measured['ratio_q1']:.2f}-{measured['ratio_q3']:.2f}",
+            "quality": quality(task, result.model),
+            "metric": task.metric,
+            "compress_s": seconds,
+            "timing_s": latency.get("seconds"),
+            "timing_share": None if not latency else latency["seconds"] / seconds,
+            "timed": latency.get("measured"),
+            "cached": latency.get("cached"),
+        }
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+    again = compress(task.path, CompressionConfig(validate=False, latency=0.7))
+    rows.append(
+        {
+            "model": task.name,
+            "point": "latency 0.7, warm cache",
+            "timed": again.report.latency["measured"],
+            "cached": again.report.latency["cached"],
+            "timing_s": again.report.latency["seconds"],
+        }
+    )
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    markers = {"params 0.5": "o", "flops 0.5": "s", "latency 0.7": "^", "latency 0.5": "v"}
+    models = sorted({row["model"] for row in rows})
+    colors = dict(zip(models, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
+    for row in rows:
+        if row.get("point") not in markers or "measured" not in row:
+            continue
+        base = next(r for r in rows if r["model"] == row["model"] and "vs itself" in r["point"])
+        relative = row["quality"] / base["quality"] if base["quality"] else row["quality"]
+        axes.scatter(
+            row["measured"],
+            relative,
+            marker=markers[row["point"]],
+            color=colors[row["model"]],
+            label=f"{row['model']}, {row['point']}",
+        )
+    axes.axvline(1.0, color="grey", linewidth=0.8)
+    axes.set_xlabel("measured latency ratio (compressed / original, ORT CPU, batch 1)")
+    axes.set_ylabel("task quality relative to the original")
+    axes.legend(fontsize=6, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models-dir", type=Path, default=default_models_dir())
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--plot", type=Path)
+    parser.add_argument("--only", help="comma-separated model names")
+    parser.add_argument("--pairs", type=int, default=200)
+    args = parser.parse_args()
+    os.environ["ONNX_LOWRANK_CACHE"] = tempfile.mkdtemp(prefix="latency-bench-")
+    info = machine()
+    tasks = [
+        mnist_task(2000),
+        crepe_task(300),
+        agreement_task(
+            "ppocr_cls", REPO / "tests" / "models" / "ppocr_mobile_v2.0_cls.onnx", (3, 48, 192)
+        ),
+        agreement_task("mtcnn_onet", REPO / "tests" / "models" / "mtcnn_onet.onnx", (48, 48, 3)),
+    ]
+    efficientnet = efficientnet_task(args.models_dir, 0)
+    if efficientnet is not None:
+        tasks.append(efficientnet)
+    if args.only:
+        wanted = set(args.only.split(","))
+        tasks = [task for task in tasks if task.name in wanted]
+    started = time.perf_counter()
+    rows = [row for task in tasks for row in run_model(task, args.pairs)]
+    columns = [
+        ("model", "model"),
+        ("point", "budget"),
+        ("params", "params"),
+        ("macs", "MACs"),
+        ("predicted", "latency predicted"),
+        ("measured", "latency measured"),
+        ("spread", "IQR"),
+        ("quality", "quality"),
+        ("timing_share", "timing share"),
+        ("timed", "timed"),
+        ("cached", "cached"),
+    ]
+    shown = [{key: value for key, value in row.items() if value is not None} for row in rows]
+    print(markdown(shown, columns))
+    info["load_average_at_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    info["seconds"] = f"{time.perf_counter() - started:.0f}"
+    print(f"\n{info}")
+    if args.json:
+        args.json.write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
+    if args.plot:
+        plot(rows, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
