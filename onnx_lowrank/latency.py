@@ -296,9 +296,10 @@ def measure_model(
     *,
     rounds: int | None = None,
     budget_s: float | None = None,
+    threads: int | None = None,
 ) -> float:
     """Median ms of the whole model on ``feeds`` (not cached: models change, layers repeat)."""
-    session = make_session(model, providers)
+    session = make_session(model, providers, threads)
     runner = _BoundRunner(session, feeds)
     rounds = 2 * MAX_ROUNDS if rounds is None else rounds
     budget_s = 4 * LAYER_BUDGET_S if budget_s is None else budget_s
@@ -308,9 +309,11 @@ def measure_model(
 class LatencyBook:
     """Timings of one model's layers on one execution provider, from the cache or measured.
 
-    ``grid`` times what a latency budget needs (every table's grid, see the module docstring);
-    ``items`` times only given candidates (what the never-slower check needs). Both keep what
-    they timed, summed over every node that reads a layer's weight, in ``timed``.
+    Sessions get ``threads`` intra-op threads (``validate.session_threads``: the validation's
+    count), and the count is part of every cache key. ``grid`` times what a latency budget needs
+    (every table's grid, see the module docstring); ``items`` times only given candidates (what
+    the never-slower check needs). Both keep what they timed, summed over every node that reads
+    a layer's weight, in ``timed``.
 
     Attributes:
         stats: what measuring took.
@@ -326,8 +329,10 @@ class LatencyBook:
         *,
         cache: LatencyCache | None = None,
         progress: Progress | None = None,
+        threads: int | None = None,
     ):
         self.model, self.discovery, self.providers = model, discovery, list(providers)
+        self.threads = threads
         self.cache = cache or LatencyCache()
         self.progress = progress
         provider = str(self.providers[0])
@@ -337,7 +342,7 @@ class LatencyBook:
             "format": _CACHE_FORMAT,
             "provider": provider,
             "device": device,
-            "session": session_settings(),
+            "session": session_settings(threads),
         }
         self.opsets = {entry.domain or "": entry.version for entry in model.opset_import}
         self.timed: dict[str, dict[tuple[int, int], float]] = {}
@@ -419,7 +424,7 @@ class LatencyBook:
             missing = [item for item in wanted if _name(item) not in stored]
             self.stats.cached += len(wanted) - len(missing)
             if missing:
-                measured = _time_candidates(use, missing, self.opsets, self.providers)
+                measured = _time_candidates(use, missing, self.opsets, self.providers, self.threads)
                 self.stats.measured += len(missing)
                 fresh = {_name(item): ms for item, ms in measured.items()}
                 self.cache.write(key, fresh)
@@ -436,6 +441,7 @@ def measure_choice(
     picks: Sequence[tuple[Layer, int, int]],
     feeds: Mapping[str, np.ndarray],
     providers: Sequence[str],
+    threads: int | None = None,
 ) -> tuple[float, float]:
     """Median ms of ``original`` and of ``model`` with ``picks`` factorized, timed interleaved.
 
@@ -452,7 +458,9 @@ def measure_choice(
         second = _random(rng, (layer.out_channels, groups * rank), dtype) / math.sqrt(rank)
         replacements.append((layer, Factors(groups, rank, first, second)))
     compressed = rewrite(model, replacements)
-    runners = [_BoundRunner(make_session(m, providers), feeds) for m in (original, compressed)]
+    runners = [
+        _BoundRunner(make_session(m, providers, threads), feeds) for m in (original, compressed)
+    ]
     before, after = time_sessions(runners, max_rounds=2 * MAX_ROUNDS, budget_s=4 * LAYER_BUDGET_S)
     return before, after
 
@@ -467,9 +475,10 @@ def measure_layers(
     points: int = GRID_POINTS,
     progress: Progress | None = None,
     stats: LatencyStats | None = None,
+    threads: int | None = None,
 ) -> dict[str, LayerLatency]:
     """``LatencyBook(...).grid(tables, points)``; ``stats`` (when given) gets what it took."""
-    book = LatencyBook(model, discovery, providers, cache=cache, progress=progress)
+    book = LatencyBook(model, discovery, providers, cache=cache, progress=progress, threads=threads)
     result = book.grid(tables, points)
     if stats is not None:
         for name, value in book.stats.to_dict().items():
@@ -547,6 +556,7 @@ def _time_candidates(
     items: Sequence[tuple[int, int]],
     opsets: Mapping[str, int],
     providers: Sequence[str],
+    threads: int | None = None,
 ) -> dict[tuple[int, int], float]:
     """Build the micro-model of every item and time them interleaved, ``BATCH`` at a time.
 
@@ -557,7 +567,7 @@ def _time_candidates(
     rng = np.random.default_rng(0)
     dense_model = _dense_model(use, opsets, rng)
     feeds = {"x": _random(rng, use.input_shape, use.dtype)}
-    dense = _BoundRunner(make_session(dense_model, providers), feeds)
+    dense = _BoundRunner(make_session(dense_model, providers, threads), feeds)
     others = [item for item in items if item != (0, 0)]
     batches = [others[i : i + BATCH - 1] for i in range(0, len(others), BATCH - 1)] or [[]]
     references: list[float] = []
@@ -565,7 +575,8 @@ def _time_candidates(
     for batch in batches:
         runners = [dense] + [
             _BoundRunner(
-                make_session(_factorized_model(dense_model, use, g, r, rng), providers), feeds
+                make_session(_factorized_model(dense_model, use, g, r, rng), providers, threads),
+                feeds,
             )
             for g, r in batch
         ]

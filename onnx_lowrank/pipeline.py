@@ -69,7 +69,14 @@ from .report import (
 )
 from .rewrite import rewrite
 from .spectra import LayerSpectrum, compute_spectra, error_table
-from .validate import check_tolerances, latency_feeds, providers_for, validate, validation_inputs
+from .validate import (
+    check_tolerances,
+    latency_feeds,
+    providers_for,
+    session_threads,
+    validate,
+    validation_inputs,
+)
 
 if TYPE_CHECKING:
     import onnx_graphsurgeon as gs
@@ -384,11 +391,14 @@ def latency_book(
     if analysis.latency is None:
         started = time.perf_counter()
         providers = providers_for(config.device)
-        book = LatencyBook(analysis.model, analysis.discovery, providers, progress=progress)
+        threads = session_threads(config)
+        book = LatencyBook(
+            analysis.model, analysis.discovery, providers, progress=progress, threads=threads
+        )
         reference = analysis.original or analysis.model
         feeds = (analysis.validation_inputs or validation_inputs(reference, config))[0]
         book.model_feeds = latency_feeds(reference, feeds)[1]
-        analysis.latency_ms = measure_model(reference, book.model_feeds, providers)
+        analysis.latency_ms = measure_model(reference, book.model_feeds, providers, threads=threads)
         book.stats.seconds += time.perf_counter() - started
         analysis.latency = book
     return analysis.latency
@@ -483,7 +493,9 @@ def _measured_latency(
             for layer, table, row in zip(analysis.discovery.layers, tables, choices, strict=True)
             if table.groups[row] > 0
         ]
-        before, after = measure_choice(reference, analysis.model, picks, feeds, book.providers)
+        before, after = measure_choice(
+            reference, analysis.model, picks, feeds, book.providers, book.threads
+        )
         measured = after / before
         tried.append((measured, choices))
         log.info("latency budget %.3g: layer budget %.3g measured %.3f", target, fraction, measured)
