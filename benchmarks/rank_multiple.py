@@ -9,7 +9,8 @@ the layer's real input shape, batch 1, the tool's session options), then reports
 multiple ``m`` in 1, 2, 4, 8, 16, how much slower a rank that is *not* a multiple of ``m`` runs
 than the next multiple of ``m`` above it (the median over layers and ranks of
 ``T(r) / T(⌈r/m⌉·m)``): above 1 means rounding a rank *up* to the multiple costs no time. The
-latency cache is a fresh temporary folder.
+latency cache is a fresh temporary folder unless ``--cache`` names one. One intra-op thread
+(the validation's default).
 """
 
 from __future__ import annotations
@@ -46,12 +47,21 @@ def models(models_dir: Path) -> list[Path]:
     return [path for path in paths if path.exists()]
 
 
+#: Concrete input shapes of models with dynamic spatial dimensions.
+INPUT_SHAPES = {"ppocr_mobile_v2.0_cls": {"x": (1, 3, 48, 192)}}
+
+
 def layer_times(path: Path, ranks: range, cache: LatencyCache) -> dict[str, dict[int, float]]:
-    config = CompressionConfig(params=0.5, validate=False)
+    shapes = INPUT_SHAPES.get(path.stem, {})
+    config = CompressionConfig(params=0.5, validate=False, input_shapes=shapes)
     analysis = analyze(path, config)
-    book = LatencyBook(analysis.model, analysis.discovery, ["CPUExecutionProvider"], cache=cache)
+    book = LatencyBook(
+        analysis.model, analysis.discovery, ["CPUExecutionProvider"], cache=cache, threads=1
+    )
     wanted = {}
     for layer in analysis.discovery.layers:
+        if layer.name in book.unknown:
+            continue
         full = min(layer.out_channels, layer.cols)
         usable = [r for r in ranks if r < full]
         if layer.op_type in ("Conv", "Gemm", "MatMul") and len(usable) > 16:
@@ -81,10 +91,11 @@ def main() -> int:
     parser.add_argument("--models-dir", type=Path, default=default_models_dir())
     parser.add_argument("--ranks", default="8:49")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--cache", type=Path, help="latency cache folder (default: a new one)")
     args = parser.parse_args()
     start, stop = (int(part) for part in args.ranks.split(":"))
     info = machine()
-    cache = LatencyCache(Path(tempfile.mkdtemp(prefix="rank-multiple-")))
+    cache = LatencyCache(args.cache or Path(tempfile.mkdtemp(prefix="rank-multiple-")))
     times: dict[str, dict[int, float]] = {}
     for path in models(args.models_dir):
         times.update(layer_times(path, range(start, stop), cache))

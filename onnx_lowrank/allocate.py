@@ -61,6 +61,7 @@ __all__ = [
     "solve_alds_paper",
     "solve_energy",
     "solve_svd",
+    "with_block",
     "with_latency",
     "without_rows",
 ]
@@ -258,6 +259,25 @@ def with_latency(
     if drop_slower:
         keep = (table.groups == 0) | (row_ms <= row_ms[0])
     return without_rows(replace(table, costs=costs), ~keep)
+
+
+def with_block(table: CandidateTable, layer: Layer, block: int) -> CandidateTable:
+    """``--rank-multiple auto``: the Conv candidates whose shapes the runtime's blocked kernels
+    take, when the layer has any.
+
+    A Conv candidate is kept when its first, grouped conv has input and output channels per group
+    that are multiples of ``block`` (``c/g`` and ``r``; for ``g = 1`` only ``r``, since ONNX
+    Runtime's NCHWc path converts an unaligned input once but needs the output aligned), so
+    neither conv of the pair leaves the blocked layout (docs/performance.md). A layer with no such
+    candidate keeps its table, and other ops are unchanged.
+    """
+    if layer.op_type != "Conv" or block <= 1:
+        return table
+    width = np.where(table.groups > 0, layer.in_channels // np.maximum(table.groups, 1), 0)
+    aligned = (table.ranks % block == 0) & ((table.groups == 1) | (width % block == 0))
+    if not np.any(aligned & (table.groups > 0)):
+        return table
+    return without_rows(table, ~aligned)
 
 
 def without_rows(table: CandidateTable, drop: np.ndarray) -> CandidateTable:

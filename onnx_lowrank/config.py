@@ -63,7 +63,9 @@ class CompressionConfig:
         max_groups: largest channel-group count tried per layer (divisors of the input channels);
             None, the default, tries every divisor (chosen by measurement: docs/methods.md).
         groups: the fixed group count of methods that do not search groups.
-        rank_multiple: every factorized layer's ``groups * rank`` is a multiple of this.
+        rank_multiple: every factorized layer's ``groups * rank`` is a multiple of this; or
+            ``"auto"``: Conv candidates whose per-group channels are multiples of the execution
+            provider's channel block (``latency.preferred_multiple``; allocate.with_block).
         device: ``"auto"`` (GPU when CuPy and a device are present), ``"cpu"`` or ``"cuda"``.
         input_shapes: concrete shapes for graph inputs with dynamic dimensions.
         validate: compare the compressed model with the original in ONNX Runtime.
@@ -109,7 +111,7 @@ class CompressionConfig:
     error: str | None = None
     max_groups: int | None = None
     groups: int = 1
-    rank_multiple: int = 1
+    rank_multiple: int | Literal["auto"] = 1
     device: Device = "auto"
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     validate: bool = True
@@ -146,10 +148,13 @@ class CompressionConfig:
             value = getattr(self, name)
             if name in ("max_groups", "latency_threads") and value is None:
                 continue  # every divisor, every CPU
+            if name == "rank_multiple" and value == "auto":
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 also = {
                     "max_groups": " or 'all' (None: every divisor)",
                     "latency_threads": " or 'all' (None: every CPU)",
+                    "rank_multiple": " or 'auto'",
                 }.get(name, "")
                 raise ConfigError(
                     f"--{_flag(name)} must be a positive integer{also}, got {value!r}"

@@ -88,6 +88,7 @@ __all__ = [
     "measure_choice",
     "measure_layers",
     "measure_model",
+    "preferred_multiple",
     "time_sessions",
 ]
 
@@ -191,6 +192,23 @@ def device_name(provider: str) -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def preferred_multiple(provider: str) -> int:
+    """The channel block of ``provider``'s fast convolution kernels (``--rank-multiple auto``).
+
+    ONNX Runtime's CPU EP runs Conv in the NCHWc layout with blocks of 16 channels on AVX-512
+    and 8 on AVX2 (MLAS ``MlasNchwcGetBlockSize``); GPU providers get 8 (tensor cores, FP16).
+    A CPU without AVX2 gets 1.
+    """
+    if provider != "CPUExecutionProvider":
+        return 8
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            flags = next((line for line in info if line.startswith("flags")), "").split()
+    except OSError:
+        return 1
+    return 16 if "avx512f" in flags else 8 if "avx2" in flags else 1
 
 
 class LatencyCache:

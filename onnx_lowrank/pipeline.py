@@ -31,6 +31,7 @@ from .allocate import (
     CandidateTable,
     allocate,
     build_table,
+    with_block,
     with_latency,
     without_rows,
 )
@@ -48,7 +49,7 @@ from .errors import (
 )
 from .factorize import Factors, factorize_with_error, relative_error
 from .fold import fold
-from .latency import LatencyBook, measure_choice, measure_model
+from .latency import LatencyBook, measure_choice, measure_model, preferred_multiple
 from .load import (
     LoadedModel,
     ModelSource,
@@ -363,10 +364,16 @@ def candidate_tables(analysis: Analysis, config: CompressionConfig) -> list[Cand
             analysis.spectra[layer.name],
             "bound" if output else config.error,
             group_limit(config, analysis.discovery),
-            config.rank_multiple,
+            1 if config.rank_multiple == "auto" else config.rank_multiple,
         )
         for layer in analysis.discovery.layers
     ]
+    if config.rank_multiple == "auto":
+        block = preferred_multiple(providers_for(config.device)[0])
+        tables = [
+            with_block(table, layer, block)
+            for table, layer in zip(tables, analysis.discovery.layers, strict=True)
+        ]
     if analysis.calibration is None:
         return _timed_tables(analysis, tables, config)
     # Layers inside subgraphs have no calibration statistics; they keep weight-error tables.
@@ -590,7 +597,14 @@ def _never_slower(
                 table = with_latency(table, book.grid([table])[table.layer].row_ms)
                 same = table.groups == groups
                 tables[index] = without_rows(table, same & (table.ranks == rank))
-        choices = allocate(tables, budgets, config)
+        try:
+            choices = allocate(tables, budgets, config)
+        except InfeasibleBudgetError as exc:
+            raise InfeasibleBudgetError(
+                f"{exc} (candidates measured slower than their dense layer were dropped; "
+                "--no-latency-check allows them)",
+                exc.smallest_fraction,
+            ) from exc
     analysis.timings["latency"] = analysis.timings.get("latency", 0.0) + (
         time.perf_counter() - started
     )

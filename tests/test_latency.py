@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import onnx
 import pytest
-from builders import MNIST, conv_model, gemm_model, low_rank
+from builders import MNIST, MODELS, conv_model, gemm_model, low_rank
 
 from onnx_lowrank import CompressionConfig, ConfigError, InfeasibleBudgetError, compress, latency
 from onnx_lowrank.allocate import allocate
@@ -208,3 +208,48 @@ def test_sweep_accepts_latency_lists(tmp_path):
     assert all(row["latency_predicted"] <= row["latency"] + 1e-9 for row in result.rows)
     with pytest.raises(ConfigError, match="same length"):
         sweep(MNIST, config, tmp_path, latency=[0.8, 0.6], params=[0.5])
+
+
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers(),
+    reason="needs onnxruntime-gpu with a CUDA device",
+)
+def test_tables_on_the_cuda_execution_provider(tmp_path):
+    """--device cuda: the candidates are timed with the CUDA EP, keyed by the GPU's name."""
+    weight = low_rank(64, 32 * 9, 8).reshape(64, 32, 3, 3)
+    analysis, tables = _tables(conv_model(weight, [28, 28], pads=[1, 1, 1, 1]))
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    stats = LatencyStats()
+    result = latency.measure_layers(
+        analysis.model,
+        analysis.discovery,
+        tables,
+        providers,
+        cache=LatencyCache(tmp_path),
+        stats=stats,
+    )
+    assert stats.provider == "CUDAExecutionProvider" and stats.measured > 0
+    assert "CPU" not in stats.device or "GPU" in stats.device
+    assert all(np.all(value.row_ms > 0) for value in result.values())
+
+
+def test_rank_multiple_auto_keeps_blocked_conv_shapes():
+    """The NHWC O-Net's conv2d_9 (64x32x3x3) at g = 4 has 8 input channels per group: ONNX
+    Runtime's NCHWc kernels (blocks of 8 or 16 channels) do not take it, and the pair pays two
+    layout conversions. ``auto`` offers only aligned Conv candidates; the MatMul heads and a
+    Conv without any aligned candidate keep their tables."""
+    path = MODELS / "mtcnn_onet.onnx"
+    free = CompressionConfig(params=0.5, validate=False)
+    analysis = analyze(path, free)
+    plain = {t.layer: t for t in candidate_tables(analysis, free)}
+    auto = {t.layer: t for t in candidate_tables(analysis, free.replace(rank_multiple="auto"))}
+    block = latency.preferred_multiple("CPUExecutionProvider")
+    conv = auto["conv2d_9"]
+    assert len(conv) < len(plain["conv2d_9"]) and len(conv) > 1
+    factorized = conv.groups > 0
+    assert np.all(conv.ranks[factorized] % block == 0)
+    assert np.all((32 // conv.groups[factorized]) % block == 0)
+    assert len(auto["dense_3"]) == len(plain["dense_3"])  # MatMul: unchanged
+    assert len(auto["conv2d_8"]) == len(plain["conv2d_8"])  # 32x3x3x3: no aligned candidate
+    with pytest.raises(ConfigError, match="rank-multiple"):
+        CompressionConfig(rank_multiple="fast")
