@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import tempfile
 import time
@@ -449,10 +450,10 @@ def choose(
     )
     if config.latency is not None:
         budgets.append(_latency_budget(analysis, tables, config.latency))
+        if _end_to_end(analysis):
+            return _measured_latency(analysis, tables, budgets, config)
     choices = allocate(tables, budgets, config)
-    if config.latency is not None:
-        return _measured_latency(analysis, tables, budgets, choices, config)
-    if not config.latency_check:
+    if config.latency is not None or not config.latency_check:
         return choices
     return _never_slower(analysis, tables, budgets, choices, config)
 
@@ -461,72 +462,107 @@ def choose(
 #: to the target at which it stops.
 _LATENCY_ROUNDS = 3
 _LATENCY_TOLERANCE = 0.03
+#: How far (relative) the fastest choice may measure above ``F`` before ``F`` is called
+#: unreachable: end-to-end ratios on a loaded machine move by several per cent between calls.
+_REACHABLE_TOLERANCE = 0.10
+
+
+def _end_to_end(analysis: Analysis) -> bool:
+    """Whether choices can be timed end to end (not for models whose weights stay on disk)."""
+    loaded = analysis.loaded
+    return bool(analysis.latency and analysis.latency_ms) and not (loaded and loaded.lazy)
 
 
 def _measured_latency(
     analysis: Analysis,
     tables: list[CandidateTable],
     budgets: list[BudgetLimit],
-    choices: list[int],
     config: CompressionConfig,
 ) -> list[int]:
     """Meet a latency budget on the measured end-to-end ratio, not only on the layer sum.
 
-    The layers' times do not add up exactly to the model's (fused activations, layout
-    conversions between layers, caches), so the choice is timed end to end: the original and
-    the model with the chosen layers factorized (random factors, ``latency.measure_choice``),
-    interleaved. When the measured ratio ``m`` misses the target ``F`` by more than
-    ``_LATENCY_TOLERANCE`` (relative), the layer budget is re-solved for the fraction ``p'``
-    that the line through ``(1, 1)`` and ``(p, m)`` maps to ``F``, ``p' = 1 − (1 − F)(1 − p) /
-    (1 − m)`` (``p`` the predicted fraction; no lower than the fastest layer choice's), at most
-    ``_LATENCY_ROUNDS`` times; the choice
-    measured nearest ``F`` without exceeding it (else the fastest) is kept. Models whose weights
-    stay on disk keep the first choice.
+    The layers' times do not add up to the model's (fused activations, layout conversions
+    between layers, memory traffic the one-layer models do not have: on EfficientNet-Lite0 the
+    sum predicted 0.97 where the model measured 0.73), so choices are timed end to end: the
+    original against the model with the chosen layers factorized (random factors,
+    ``latency.measure_choice``), interleaved. First the fastest choice (every layer's
+    fastest row): its measured ratio ``m_min`` is the smallest reachable fraction, and an ``F``
+    with ``m_min > F·(1 + _REACHABLE_TOLERANCE)`` is an ``InfeasibleBudgetError`` naming it.
+    Then the layer budget is solved for the fraction ``p'`` that the line through ``(1, 1)``
+    and the last measured point ``(p, m)`` (``p`` the predicted fraction) maps to ``F``,
+    ``p' = 1 − (1 − F)(1 − p) / (1 − m)``, no lower than the fastest choice's, timed, and
+    re-solved until ``m`` is within ``_LATENCY_TOLERANCE`` of ``F`` (relative), at most
+    ``_LATENCY_ROUNDS`` times. The choice measured nearest ``F`` without exceeding it by more
+    than the tolerance (else the fastest measured) is kept.
     """
-    loaded = analysis.loaded
-    book = analysis.latency
-    if book is None or not analysis.latency_ms or (loaded is not None and loaded.lazy):
-        return choices
     started = time.perf_counter()
     target = config.latency
     latency = budgets[-1]
-    reference = analysis.original or analysis.model
-    feeds = book.model_feeds
-    tried: list[tuple[float, list[int]]] = []
-    fraction = target
-    for _ in range(_LATENCY_ROUNDS):
-        picks = [
-            (layer, int(table.groups[row]), int(table.ranks[row]))
-            for layer, table, row in zip(analysis.discovery.layers, tables, choices, strict=True)
-            if table.groups[row] > 0
-        ]
-        before, after = measure_choice(
-            reference, analysis.model, picks, feeds, book.providers, book.threads
+    fastest = [int(np.argmin(t.costs[:, 2])) for t in tables]
+    floor = _predicted(analysis, tables, fastest)
+    point = (floor, _measure_end_to_end(analysis, tables, fastest))
+    # the fastest choice may break another budget (--params, --flops): then it is only a bound
+    tried: list[tuple[float, list[int]]] = [(point[1], fastest)] if len(budgets) == 1 else []
+    log.info("latency budget %.3g: fastest choice measured %.3f", target, point[1])
+    if point[1] > target * (1 + _REACHABLE_TOLERANCE):
+        smallest = math.ceil(point[1] * 1000) / 1000
+        raise InfeasibleBudgetError(
+            f"budget cannot be met: --latency {target:g} is below the smallest reachable "
+            f"{smallest:.3f} (every layer at its fastest candidate, measured end to end); raise "
+            "the budget, or allow more candidates (higher --max-groups, lower --rank-multiple)",
+            {"latency": point[1]},
         )
-        measured = after / before
-        tried.append((measured, choices))
-        log.info("latency budget %.3g: layer budget %.3g measured %.3f", target, fraction, measured)
+    for _ in range(_LATENCY_ROUNDS):
+        predicted, measured = point
         if abs(measured - target) <= _LATENCY_TOLERANCE * target:
             break
-        predicted = _predicted(analysis, tables, choices)
-        if measured >= 1 or predicted >= 1:
-            break
-        wanted = 1 - (1 - target) * (1 - predicted) / (1 - measured)
-        fastest = _predicted(analysis, tables, [int(np.argmin(t.costs[:, 2])) for t in tables])
-        if wanted < fastest and predicted <= fastest + 1e-9:
-            break  # the fastest layer choice was measured already
-        fraction = min(max(wanted, fastest * (1 + 1e-9)), 1.0)
-        adjusted = [*budgets[:-1], replace(latency, fraction=fraction)]
+        wanted = 1 - (1 - target) * (1 - predicted) / (1 - measured) if measured < 1 else target
+        fraction = min(max(wanted, floor * (1 + 1e-9)), 1.0)
         try:
-            choices = allocate(tables, adjusted, config)
+            choices = allocate(tables, [*budgets[:-1], replace(latency, fraction=fraction)], config)
         except InfeasibleBudgetError:
-            break  # another budget (--params, --flops) does not allow a faster choice
+            if len(budgets) == 1:
+                raise
+            break  # another budget (--params, --flops) does not allow this choice
+        point = (
+            _predicted(analysis, tables, choices),
+            _measure_end_to_end(analysis, tables, choices),
+        )
+        tried.append((point[1], choices))
+        log.info("latency budget %.3g: layer budget %.3g measured %.3f", target, fraction, point[1])
+    if not tried:  # another budget refused every latency fraction tried
+        raise InfeasibleBudgetError(
+            f"budget cannot be met: --latency {target:g} together with the other budgets; "
+            "raise one of them",
+            {"latency": point[1]},
+        )
     within = [item for item in tried if item[0] <= target * (1 + _LATENCY_TOLERANCE)]
-    best = max(within, key=lambda item: item[0]) if within else min(tried, key=lambda i: i[0])
+    best = max(within, key=lambda i: i[0]) if within else min(tried, key=lambda i: i[0])
     analysis.timings["latency"] = analysis.timings.get("latency", 0.0) + (
         time.perf_counter() - started
     )
     return best[1]
+
+
+def _measure_end_to_end(
+    analysis: Analysis, tables: list[CandidateTable], choices: list[int]
+) -> float:
+    """Measured latency ratio of the model with ``choices`` to the original."""
+    book = analysis.latency
+    picks = [
+        (layer, int(table.groups[row]), int(table.ranks[row]))
+        for layer, table, row in zip(analysis.discovery.layers, tables, choices, strict=True)
+        if table.groups[row] > 0
+    ]
+    before, after = measure_choice(
+        analysis.original or analysis.model,
+        analysis.model,
+        picks,
+        book.model_feeds,
+        book.providers,
+        book.threads,
+    )
+    return after / before
 
 
 def _predicted(analysis: Analysis, tables: list[CandidateTable], choices: list[int]) -> float:
