@@ -224,8 +224,9 @@ def load_calibration(path: str | os.PathLike, model: onnx.ModelProto) -> dict[st
     Raises:
         CalibrationError: the file cannot be read or does not match the model.
     """
-    feeds = load_npz(path, "--calibration")
-    check_calibration(model, feeds, f"--calibration {path}")
+    label = f"--calibration {path}"  # checked against the model before the data is read
+    feeds = load_npz(path, "--calibration", lambda arrays: check_calibration(model, arrays, label))
+    check_calibration(model, feeds, label)
     return feeds
 
 

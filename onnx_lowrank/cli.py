@@ -4,18 +4,22 @@ A thin layer over the Python API: it parses arguments, renders progress and tabl
 every ``OnnxLowRankError`` into one line on stderr and an exit code. It is the only place that
 configures logging.
 
-Exit codes: 0 success (or nothing to compress), 2 bad input or options, 3 validation failed,
-1 internal error, 130 interrupted.
+Exit codes: 0 success (or nothing to compress), 2 bad input or options (or out of memory),
+3 validation failed, 1 internal error, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import re
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -28,8 +32,20 @@ from .config import (
     parse_input_shape,
     parse_tolerances,
 )
-from .errors import ConfigError, NothingToCompressError, OnnxLowRankError, OutputPathError
-from .load import external_data_files, open_model, save_model
+from .errors import (
+    ConfigError,
+    NothingToCompressError,
+    OnnxLowRankError,
+    OutOfMemoryError,
+    OutputPathError,
+)
+from .load import (
+    check_output_path,
+    external_data_files,
+    open_model,
+    same_file,
+    save_model,
+)
 from .pipeline import compress, inspect, sweep
 from .report import (
     format_layers,
@@ -46,7 +62,12 @@ log = logging.getLogger("onnx_lowrank")
 
 
 class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line, like every other error of the tool."""
+    """An ArgumentParser whose errors are one line, like every other error of the tool, and
+    that takes no abbreviated options (``--latency 0.6`` must not mean ``--latency-runs``)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         raise ConfigError(f"{message}; see '{self.prog} --help'")
@@ -331,8 +352,10 @@ class _ProgressBars:
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self.bars: dict[str, object] = {}
+        self.stage: str | None = None  # the last stage reported, for out-of-memory messages
 
     def __call__(self, stage: str, done: int, total: int) -> None:
+        self.stage = stage
         if not self.enabled:
             return
         from tqdm import tqdm
@@ -387,6 +410,7 @@ def _compress(args: argparse.Namespace) -> int:
         args, params=args.params, flops=args.flops, latency=args.latency, method=args.method
     )
     _check_output(Path(args.input), Path(args.output), args.overwrite)
+    _check_distinct(args)
     for extra in (args.report, args.plot):
         if extra:
             _check_output(Path(args.input), Path(extra), False)
@@ -394,7 +418,8 @@ def _compress(args: argparse.Namespace) -> int:
         require_matplotlib()
     bars = _ProgressBars(enabled=not args.quiet)
     try:
-        result = compress(args.input, config, progress=bars)
+        with _memory_context(f"compressing {args.input} ({_size(args.input)})", bars):
+            result = compress(args.input, config, progress=bars)
     except NothingToCompressError as exc:
         if not args.always_write:
             raise
@@ -404,12 +429,13 @@ def _compress(args: argparse.Namespace) -> int:
     report = result.report
     validation = report.validation
     saved = validation is None or validation.passed
-    if saved:
-        result.save(args.output, external_data=args.external_data)
-    if args.report:
-        write_json(report.to_dict(), args.report)
-    if args.plot:
-        plot_layers(report, args.plot)
+    with _memory_context(f"writing {args.output}"):
+        if saved:
+            result.save(args.output, external_data=args.external_data)
+        if args.report:
+            write_json(report.to_dict(), args.report)
+        if args.plot:
+            plot_layers(report, args.plot)
     if not args.quiet:
         print(format_layers(report.layers))
         print()
@@ -441,6 +467,7 @@ def _write_unchanged(args: argparse.Namespace, reason: NothingToCompressError) -
         external_data=external,
         data_dir=loaded.data_dir,
         protect=loaded.data_files,
+        force=args.force,
     )
     print(f"onnx-lowrank: {reason}", file=sys.stderr)
     if not args.quiet:
@@ -458,19 +485,75 @@ def _check_output(source: Path, target: Path, overwrite: bool) -> None:
         raise OutputPathError(
             f"output {target} is the input model; choose another path or pass --overwrite"
         )
-    if target.exists() and target.resolve() in _input_data_files(source):
+    if any(same_file(target, data) for data in _input_data_files(source)):
         raise OutputPathError(
             f"output {target} is an external data file of the input model; choose another path"
         )
-    if target.is_dir():
-        raise OutputPathError(f"output {target} is a directory; give a file name")
+    check_output_path(target)  # not a directory, device, FIFO or socket
     folder = target.parent if str(target.parent) else Path(".")
-    if folder.exists() and not folder.is_dir():
-        raise OutputPathError(f"output folder {folder} is a file, not a folder")
-    if not folder.is_dir():
-        raise OutputPathError(f"output folder {folder} does not exist; create it first")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputPathError(f"output folder {folder} is not writable; choose another path")
+
+
+def _check_distinct(args: argparse.Namespace) -> None:
+    """-o, --report and --plot name different files, none of them a file of the input model or
+    the output model's external data file (``OUTPUT.data``, ``OUTPUT.<n>.data``)."""
+    output = Path(args.output)
+    data_name = re.compile(re.escape(output.name) + r"(\.[0-9]+)?\.data")
+    output_data = (
+        _input_data_files(output) if output.is_file() and not same_file(output, args.input) else ()
+    )
+    files = [("--report", args.report), ("--plot", args.plot)]
+    for position, (flag, value) in enumerate(files):
+        if not value:
+            continue
+        path = Path(value)
+        others = [
+            ("the input model", Path(args.input)),
+            ("the output model (-o)", output),
+            *(
+                ("an external data file of the input model", f)
+                for f in _input_data_files(Path(args.input))
+            ),
+            *(("an external data file of the output model", f) for f in output_data),
+            *((f"the file of {other}", Path(v)) for other, v in files[:position] if v),
+        ]
+        clash = next((what for what, other in others if same_file(path, other)), None)
+        if (
+            clash is None
+            and data_name.fullmatch(path.name)
+            and same_file(path.parent, output.parent)
+        ):
+            clash = "the output model's external data file"
+        if clash is not None:
+            raise OutputPathError(f"{flag} {path} is {clash}; give it a file name of its own")
+
+
+@contextlib.contextmanager
+def _memory_context(doing: str, bars: _ProgressBars | None = None) -> Iterator[None]:
+    """Turn a ``MemoryError`` into a one-line ``OutOfMemoryError`` that says what was being
+    done and, when Python or NumPy reported it, the size of the allocation."""
+    try:
+        yield
+    except MemoryError as exc:
+        stage = f", stage {bars.stage}" if bars is not None and bars.stage else ""
+        raise OutOfMemoryError(_out_of_memory(exc, f"{doing}{stage}")) from exc
+
+
+def _out_of_memory(exc: MemoryError, doing: str | None) -> str:
+    detail = " ".join(str(exc).split())[:200] or "the size of the allocation was not reported"
+    where = f" while {doing}" if doing else ""
+    return (
+        f"out of memory{where}: {detail}; use a machine with more memory, or lower "
+        "--max-groups and the validation inputs' size"
+    )
+
+
+def _size(path: str) -> str:
+    try:
+        return f"a {os.stat(path).st_size / 2**20:,.1f} MiB model file"
+    except (OSError, ValueError):  # the load stage reports an unreadable file
+        return "size unknown"
 
 
 def _input_data_files(source: Path) -> tuple[Path, ...]:
@@ -490,17 +573,18 @@ def _sweep(args: argparse.Namespace) -> int:
     config = _run_config(args, method=args.method[0])
     bars = _ProgressBars(enabled=not args.quiet)
     try:
-        result = sweep(
-            args.input,
-            config,
-            args.out,
-            params=args.params or (),
-            flops=args.flops or (),
-            latency=args.latency or (),
-            methods=args.method,
-            external_data=args.external_data,
-            progress=bars,
-        )
+        with _memory_context(f"sweeping {args.input} ({_size(args.input)})", bars):
+            result = sweep(
+                args.input,
+                config,
+                args.out,
+                params=args.params or (),
+                flops=args.flops or (),
+                latency=args.latency or (),
+                methods=args.method,
+                external_data=args.external_data,
+                progress=bars,
+            )
     finally:
         bars.close()
     if not args.quiet:
@@ -535,8 +619,35 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every cleanup that runs for Ctrl-C runs for it."""
+
+
+def _terminate(number: int, frame: object) -> NoReturn:
+    raise _Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While the CLI runs, SIGTERM (``kill``) unwinds like Ctrl-C: temporary files and folders
+    are removed and the exit code is 143. Only the main thread can install the handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI and return its exit code."""
+    with _sigterm_raises():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
@@ -551,9 +662,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         prefix = "onnx-lowrank: " if exc.exit_code == 0 else "onnx-lowrank: error: "
         print(f"{prefix}{exc}", file=sys.stderr)
         return exc.exit_code
+    except _Terminated:
+        print("onnx-lowrank: terminated (SIGTERM); nothing was written", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("onnx-lowrank: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except MemoryError as exc:  # outside the steps that name what they allocate
+        print(f"onnx-lowrank: error: {_out_of_memory(exc, None)}", file=sys.stderr)
+        return OutOfMemoryError.exit_code
     except Exception as exc:  # a bug: one line, unless --debug asks for the traceback
         if debug:
             traceback.print_exc()

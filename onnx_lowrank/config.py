@@ -159,6 +159,8 @@ class CompressionConfig:
                 raise ConfigError(
                     f"--{_flag(name)} must be a positive integer{also}, got {value!r}"
                 )
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ConfigError(f"--seed must be a non-negative integer, got {self.seed!r}")
         if self.max_groups is not None and self.groups > self.max_groups:
             raise ConfigError(
                 f"--groups {self.groups} exceeds --max-groups {self.max_groups}; "

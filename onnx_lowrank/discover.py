@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 
 from .cost import ShapeInfo, infer_shapes, node_macs
-from .errors import UnsupportedModelError
+from .errors import InvalidModelError, UnsupportedModelError
 from .graphs import (
     FLOAT_TYPES,
     GraphPath,
@@ -744,14 +744,22 @@ def _factorized_layers(model: onnx.ModelProto, shapes: ShapeInfo) -> list[Factor
             (
                 str(e["name"]),
                 [str(e["second"]), *map(str, e.get("tied", []))],
-                int(e["params_dense"]),
-                int(e["params"]),
+                _count(e["params_dense"]),
+                _count(e["params"]),
             )
             for e in entries
         ]
-    except (ValueError, TypeError, KeyError) as exc:
-        log.warning("ignoring unreadable %s metadata (%s)", FACTORIZED_KEY, exc)
-        return []
+        if sum(record[2] for record in records) > _MOST_PARAMS:
+            raise ValueError("the recorded layers claim more than 2**40 original parameters")
+        # r·(g·f + c·κ) >= f + c·κ >= 2·sqrt(f·c·κ): no factorization is smaller than that
+        if any(dense > params * params // 4 for _, _, dense, params in records):
+            raise ValueError("a layer's recorded dense size exceeds what its factors allow")
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+        reason = " ".join(str(exc).split())[:120] or type(exc).__name__
+        raise InvalidModelError(
+            f"the model's {FACTORIZED_KEY} metadata is unreadable ({reason}); it is written by "
+            "onnx-lowrank and was damaged: remove that metadata entry from the model"
+        ) from exc
     nodes = {node.name: node for _, graph in walk_graphs(model.graph) for node in graph.node}
     producers = {
         output: node
@@ -780,6 +788,17 @@ def _factorized_layers(model: onnx.ModelProto, shapes: ShapeInfo) -> list[Factor
             positions += macs // math.prod(weight)  # type: ignore[operator, arg-type]
         found.append(FactorizedLayer(name, params_dense, params, positions, lookup_macs))
     return found
+
+
+#: No ONNX layer has more weights than this (2**40: a 4 TiB float32 weight).
+_MOST_PARAMS = 2**40
+
+
+def _count(value: object) -> int:
+    """A parameter count recorded in the metadata: an integer in [0, 2**40]."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MOST_PARAMS:
+        raise ValueError(f"parameter count {str(value)[:40]} is not an integer in [0, 2**40]")
+    return value
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ __all__ = [
     "ModelFileError",
     "NothingToCompressError",
     "OnnxLowRankError",
+    "OutOfMemoryError",
     "OutputPathError",
     "RuntimeMissingError",
     "ShapeError",
@@ -69,6 +70,10 @@ class NothingToCompressError(OnnxLowRankError):
 
 class OutputPathError(OnnxLowRankError):
     """The output path cannot be written, or would overwrite the input."""
+
+
+class OutOfMemoryError(OnnxLowRankError):
+    """An allocation failed (``MemoryError``); the message names its size when it is known."""
 
 
 class RuntimeMissingError(OnnxLowRankError):

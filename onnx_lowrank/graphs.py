@@ -180,19 +180,56 @@ def external_location(tensor: onnx.TensorProto, data_dir: str | os.PathLike) -> 
         InvalidModelError: the location is absolute, leaves the folder, or does not exist.
     """
     location = ExternalDataInfo(tensor).location
+    _check_location(tensor.name, location)
     folder = Path(data_dir).resolve()
-    path = (folder / location).resolve()
-    if not location or Path(location).is_absolute() or not path.is_relative_to(folder):
+    try:
+        path = (folder / location).resolve()
+        inside = path.is_relative_to(folder)
+        exists = path.is_file()
+    except (OSError, ValueError) as exc:  # a name the filesystem refuses
+        raise InvalidModelError(
+            f"external data location {location[:80]!r} of tensor {tensor.name!r} cannot be "
+            f"opened ({getattr(exc, 'strerror', None) or exc}); re-export the model"
+        ) from exc
+    if not location or Path(location).is_absolute() or not inside:
         raise InvalidModelError(
             f"tensor {tensor.name!r} names external data {location!r} outside the model's "
             "folder; external data files must sit beside the model"
         )
-    if not path.is_file():
+    if not exists:
         raise InvalidModelError(
             f"external data file {location!r} of tensor {tensor.name!r} is missing; keep the "
             "data file(s) the model names next to it"
         )
     return path
+
+
+#: Longest file name most filesystems accept (bytes per path component), and longest path.
+_NAME_MAX, _PATH_MAX = 255, 4096
+
+
+def _check_location(tensor: str, location: str) -> None:
+    """Refuse external data locations no filesystem can hold before they reach one."""
+    shown = repr(location[:60] + ("..." if len(location) > 60 else ""))
+    problem = None
+    if "\0" in location:
+        problem = "holds a NUL byte"
+    elif location.endswith(("/", "\\")):
+        problem = "ends in a path separator (it names a folder, not a file)"
+    else:
+        encoded = location.encode("utf-8", "surrogateescape")
+        longest = max((len(part) for part in encoded.split(b"/")), default=0)
+        if longest > _NAME_MAX or len(encoded) > _PATH_MAX:
+            problem = (
+                f"is too long ({longest} bytes in one name; file systems allow {_NAME_MAX})"
+                if longest > _NAME_MAX
+                else f"is too long ({len(encoded)} bytes; paths allow {_PATH_MAX})"
+            )
+    if problem is not None:
+        raise InvalidModelError(
+            f"external data location {shown} of tensor {tensor!r} {problem}; the model file is "
+            "damaged or was edited by hand; re-export it"
+        )
 
 
 def read_external_bytes(tensor: onnx.TensorProto, data_dir: str | os.PathLike) -> bytes:

@@ -54,12 +54,15 @@ from .latency import LatencyBook, measure_choice, measure_model, preferred_multi
 from .load import (
     LoadedModel,
     ModelSource,
+    check_output_path,
     model_file_size,
     model_size_bytes,
     model_to_graph,
     open_model,
+    remove_stale_temporaries,
     save_model,
     source_path,
+    temporary_prefix,
 )
 from .report import (
     KEPT_DENSE,
@@ -155,6 +158,7 @@ class CompressionResult:
             external_data=external_data,
             data_dir=self.data_dir,
             protect=self.source_data_files,
+            force=bool(self.report.config.get("force")),  # the input failed the checker too
         )
         self.report.timings["save"] = time.perf_counter() - started
         self.report.size_bytes_after = model_file_size(written)
@@ -690,7 +694,7 @@ def realize(
     spill, data_dir = None, loaded.data_dir
     if loaded.lazy:
         with timer.stage("rewrite"):
-            spill, compressed = _spill(compressed, loaded)
+            spill, compressed = _spill(compressed, loaded, config.force)
             data_dir = Path(spill.name)
     validation = None
     if config.validate:
@@ -811,16 +815,26 @@ def _with_latency(layer: LayerReport, timed: dict[str, tuple[float, float]]) -> 
 #: File name of the compressed model in the spill folder of a lazily loaded model.
 _SPILLED = "compressed.onnx"
 
+#: Spill folders are ``<temp>/onnx-lowrank-spill.<host>-<pid>.<random>``.
+_SPILL_STEM = "onnx-lowrank-spill"
+
 
 def _spill(
-    compressed: onnx.ModelProto, loaded: LoadedModel
+    compressed: onnx.ModelProto, loaded: LoadedModel, force: bool
 ) -> tuple[tempfile.TemporaryDirectory, onnx.ModelProto]:
     """Write the compressed model of a lazily loaded input to a temporary folder (external
     data) and load it back lazily, so its weights leave memory too. The folder lives as long
-    as the ``CompressionResult`` that holds it."""
-    spill = tempfile.TemporaryDirectory(prefix="onnx-lowrank-")
+    as the ``CompressionResult`` that holds it; its name carries this process's id, so the next
+    run removes it if this one is killed before it can."""
+    folder = Path(tempfile.gettempdir())
+    remove_stale_temporaries(folder, _SPILL_STEM)
+    spill = tempfile.TemporaryDirectory(prefix=temporary_prefix(_SPILL_STEM), dir=folder)
     path = save_model(
-        compressed, Path(spill.name) / _SPILLED, external_data=True, data_dir=loaded.data_dir
+        compressed,
+        Path(spill.name) / _SPILLED,
+        external_data=True,
+        data_dir=loaded.data_dir,
+        force=force,
     )
     return spill, open_model(path, check=False, lazy=True).model
 
@@ -990,6 +1004,11 @@ def sweep(
     folder = Path(out_dir)
     if folder.exists() and not folder.is_dir():
         raise OutputPathError(f"--out {folder} is a file; give a folder")
+    stem = source_path(source).stem if source_path(source) is not None else "model"
+    names = [f"{stem}.{point.method}.{_budget_label(point, short=True)}" for point in configs]
+    files = [f"{name}{ext}" for name in names for ext in (".onnx", ".onnx.data", ".json")]
+    for file in ("sweep.json", "sweep.png", *files) if folder.is_dir() else ():
+        check_output_path(folder / file, "sweep output")  # not a device, FIFO or folder
     analysis = analyze(source, configs[0], progress=progress)
     # one set of tables for every point: timed for all when any point budgets latency
     timed = next((point for point in configs if point.latency is not None), configs[0])
@@ -1007,11 +1026,9 @@ def sweep(
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputPathError(f"cannot create {folder}: {exc.strerror or exc}") from exc
-    stem = source_path(source).stem if source_path(source) is not None else "model"
     rows = []
-    for done, (point, choices) in enumerate(zip(configs, chosen, strict=True)):
+    for done, (point, choices, name) in enumerate(zip(configs, chosen, names, strict=True)):
         result = realize(analysis, tables, choices, point)
-        name = f"{stem}.{point.method}.{_budget_label(point, short=True)}"
         row = sweep_row(result.report, point)
         if row["validation_passed"] is not False:
             result.save(folder / f"{name}.onnx", external_data=external_data)

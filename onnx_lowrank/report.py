@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any, BinaryIO
 
 from .config import ALL_OUTPUTS
 from .errors import OutputPathError, RuntimeMissingError
+from .load import write_file
 from .validate import NOT_A_TASK_METRIC, ValidationReport
 
 __all__ = [
@@ -160,25 +160,8 @@ def write_json(data: dict[str, Any], path: str | os.PathLike) -> Path:
 
 
 def _atomic_write(target: Path, write: Callable[[BinaryIO], None], what: str) -> Path:
-    """Write a file through a temporary file in the same folder and a rename.
-
-    The temporary file is created with the usual permissions (``0o666`` less the umask), so the
-    result is readable like any other file the user writes; it is removed when anything fails.
-    """
-    folder = target.parent if str(target.parent) else Path(".")
-    temporary = folder / f".{target.name}.{secrets.token_hex(4)}.tmp"
-    try:
-        try:
-            handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            with os.fdopen(handle, "wb") as stream:
-                write(stream)
-            os.replace(temporary, target)
-        finally:
-            if temporary.exists():
-                temporary.unlink()
-    except OSError as exc:
-        raise OutputPathError(f"cannot write {what} {target}: {exc.strerror or exc}") from exc
-    return target
+    """Write a file atomically (``load.write_file``: never onto a device, FIFO or folder)."""
+    return write_file(target, write, what)
 
 
 def _count(value: int | None) -> str:

@@ -40,11 +40,8 @@ import math
 import os
 import statistics
 import time
-import zipfile
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -58,6 +55,7 @@ from .errors import (
     ShapeError,
     UnsupportedModelError,
 )
+from .load import load_npz  # re-exported: it lived here
 from .sessions import make_session
 from .sessions import runtime as _ort
 
@@ -356,30 +354,6 @@ def random_inputs(
     return feeds
 
 
-def load_npz(path: str | os.PathLike, what: str = "--inputs") -> dict[str, np.ndarray]:
-    """Arrays of an ``.npz`` file, with a clear error when it cannot be read."""
-    target = Path(path)
-    fix = "save one array per model input with numpy.savez(FILE, name=array, ...)"
-    if not target.exists():
-        raise CalibrationError(f"{what} file not found: {path}")
-    if target.is_dir():
-        raise CalibrationError(f"{what} {path} is a directory; give an .npz file")
-    try:
-        if not zipfile.is_zipfile(target):  # empty, truncated, .npy, text, ...
-            raise CalibrationError(f"{what} file {path} is not an .npz archive; {fix}")
-        with np.load(target, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
-        raise CalibrationError(f"{what} file {path} cannot be read ({reason}); {fix}") from exc
-    stray = sorted(key for key, value in arrays.items() if not isinstance(value, np.ndarray))
-    if stray:
-        raise CalibrationError(
-            f"{what} file {path} holds {stray[0]!r}, which is not a NumPy array; {fix}"
-        )
-    return arrays
-
-
 def check_feeds(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], label: str) -> None:
     """Check that ``feeds`` match the model's inputs in names, dtypes and fixed dimensions.
 
@@ -660,8 +634,8 @@ def validation_inputs(
         CalibrationError: the ``.npz`` cannot be read or does not match the model's inputs.
     """
     if config.inputs is not None:
-        feeds = load_npz(config.inputs)
-        label = str(config.inputs)
+        label = str(config.inputs)  # the file's arrays are checked before they are read
+        feeds = load_npz(config.inputs, check=lambda arrays: check_feeds(model, arrays, label))
     else:
         feeds = random_inputs(model, config.input_shapes, config.seed)
         label = f"random (seed {config.seed})"

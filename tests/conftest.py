@@ -14,6 +14,10 @@ os.environ["ONNX_LOWRANK_CACHE"] = _CACHE.name
 # The never-slower check times candidates, so what it allows depends on the machine's load;
 # tests of other stages run without it (tests/test_latency.py turns it on where it is tested).
 os.environ["ONNX_LOWRANK_LATENCY_CHECK"] = "0"
+# The CLI run in a subprocess (python -m onnx_lowrank) imports this checkout, not the copy that
+# happens to be installed (an editable install may point at another worktree).
+ROOT = Path(__file__).resolve().parent.parent
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture

@@ -3,8 +3,15 @@ atomic writes that never touch the input's files."""
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import signal
+import stat
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -15,15 +22,24 @@ from robust_helpers import assert_close, file_hashes, outputs
 
 from onnx_lowrank import CompressionConfig, compress
 from onnx_lowrank import load as load_module
-from onnx_lowrank.errors import InvalidModelError, ModelFileError, OutputPathError
+from onnx_lowrank.errors import (
+    CalibrationError,
+    InvalidModelError,
+    ModelFileError,
+    OutputPathError,
+)
 from onnx_lowrank.graphs import tensor_to_array
 from onnx_lowrank.load import (
     external_data_files,
     load_model,
+    load_npz,
     model_file_size,
     open_model,
     save_model,
 )
+from onnx_lowrank.validate import validation_inputs
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def two_layer_model() -> onnx.ModelProto:
@@ -231,3 +247,236 @@ def test_output_paths_that_cannot_be_written(tmp_path):
     with pytest.raises(OutputPathError, match="file of the input model"):
         save_model(model, protected, protect=[protected])
     assert protected.read_bytes() == b"weights"
+
+
+def test_a_crash_between_the_renames_leaves_the_old_model_with_its_old_weights(
+    tmp_path, monkeypatch
+):
+    """Fault injection: the process dies after the data file is renamed into place and before
+    the model is. The old model must still load and compute with its own weights."""
+    target = tmp_path / "out.onnx"
+    old = two_layer_model()
+    save_model(old, target, external_data=True)
+    expected = outputs(target, FEEDS)[0]
+    new = two_layer_model()
+    for tensor in new.graph.initializer:  # other weights, same shapes and data file size
+        tensor.raw_data = (2 * onnx.numpy_helper.to_array(tensor)).tobytes()
+    real_replace = os.replace
+    calls = []
+
+    def crash_after_the_first_rename(source, destination):
+        if calls:
+            raise OSError(5, "simulated crash")
+        calls.append(destination)
+        real_replace(source, destination)
+
+    monkeypatch.setattr(load_module.os, "replace", crash_after_the_first_rename)
+    with pytest.raises(OutputPathError, match="simulated crash"):
+        save_model(new, target, external_data=True)
+    monkeypatch.undo()
+    assert calls and calls[0] != tmp_path / "out.onnx.data"  # the old data file is untouched
+    np.testing.assert_array_equal(load_model(target) and outputs(target, FEEDS)[0], expected)
+    # The next write replaces the orphan and removes the old data file once it is published.
+    save_model(new, target, external_data=True)
+    np.testing.assert_allclose(outputs(target, FEEDS)[0], 2 * 2 * expected, rtol=1e-5)
+    assert external_data_files(target) == ((tmp_path / "out.onnx.1.data").resolve(),)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx", "out.onnx.1.data"]
+
+
+def test_rewriting_an_output_alternates_data_files_and_keeps_its_permissions(tmp_path):
+    target = tmp_path / "out.onnx"
+    names = []
+    for _ in range(3):
+        save_model(two_layer_model(), target, external_data=True)
+        names.append(sorted(p.name for p in tmp_path.iterdir()))
+        target.chmod(0o640)
+    first, second = ["out.onnx", "out.onnx.data"], ["out.onnx", "out.onnx.1.data"]
+    assert names == [first, second, first]
+    assert target.stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "out.onnx.data").stat().st_mode & 0o777 == 0o640
+    save_model(two_layer_model(), target)  # inline now: the old data file goes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx"]
+    assert target.stat().st_mode & 0o777 == 0o640
+    assert_close(two_layer_model(), target, FEEDS, tolerance=0)
+
+
+def test_a_data_file_of_another_name_is_never_removed(tmp_path):
+    """Only data files named after the output are the output's own; others may be shared."""
+    shared = external_model(tmp_path, name="out.onnx", data="weights.bin")
+    save_model(two_layer_model(), shared, external_data=True)
+    assert (tmp_path / "weights.bin").exists()
+    assert external_data_files(shared) == ((tmp_path / "out.onnx.data").resolve(),)
+
+
+def test_written_models_must_pass_the_checker(tmp_path, caplog):
+    broken = two_layer_model()
+    broken.graph.node[2].input[0] = "nowhere"
+    target = tmp_path / "out.onnx"
+    target.write_bytes(b"previous output")
+    with pytest.raises(InvalidModelError, match=r"fails the ONNX checker.*nothing was written"):
+        save_model(broken, target)
+    assert target.read_bytes() == b"previous output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx"]
+    with caplog.at_level("WARNING", logger="onnx_lowrank"):
+        save_model(broken, target, force=True)
+    assert "because of --force" in caplog.text
+    assert onnx.load(target).graph.node[2].input[0] == "nowhere"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "link to fifo", "link to directory"])
+def test_special_files_are_never_replaced(tmp_path, kind):
+    special = tmp_path / "special"
+    if "fifo" in kind:
+        os.mkfifo(special)
+    else:
+        special.mkdir()
+    target = special
+    if kind.startswith("link"):
+        target = tmp_path / "link.onnx"
+        target.symlink_to(special)
+    expected = "named pipe" if "fifo" in kind else "directory"
+    with pytest.raises(OutputPathError, match=f"is a {expected}.*not a regular file"):
+        save_model(two_layer_model(), target)
+    assert special.is_fifo() if "fifo" in kind else special.is_dir()
+    assert target.is_symlink() == kind.startswith("link")
+
+
+def test_dev_null_stays_a_device():
+    """As root, renaming onto /dev/null would replace the system's null device."""
+    before = os.stat("/dev/null")
+    with pytest.raises(OutputPathError, match="is a character device"):
+        save_model(two_layer_model(), "/dev/null")
+    after = os.stat("/dev/null")
+    assert stat.S_ISCHR(after.st_mode) and after.st_rdev == before.st_rdev
+
+
+def test_sigterm_between_the_renames_is_held_back(tmp_path, monkeypatch):
+    """SIGTERM, like SIGINT, takes effect after both files are in place."""
+    real_replace = os.replace
+    delivered = []
+
+    def replace_with_sigterm(source, target):
+        real_replace(source, target)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def handler(number, frame):
+        delivered.append(number)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        monkeypatch.setattr(load_module.os, "replace", replace_with_sigterm)
+        with pytest.raises(KeyboardInterrupt):
+            save_model(two_layer_model(), tmp_path / "out.onnx", external_data=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    monkeypatch.undo()
+    assert delivered == [signal.SIGTERM]
+    assert_close(two_layer_model(), tmp_path / "out.onnx", FEEDS, tolerance=0)
+
+
+def test_temporaries_of_a_killed_process_are_removed_by_the_next_write(tmp_path):
+    """A writer killed with SIGKILL between the renames leaves its staging folder; the next write
+    to that folder removes it (the pid in its name is dead), and never one of a live process."""
+    script = (
+        "import os, signal, sys\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from test_load import two_layer_model\n"
+        "from onnx_lowrank import load\n"
+        "os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"load.save_model(two_layer_model(), {str(tmp_path / 'out.onnx')!r}, external_data=True)\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", script], cwd=ROOT, timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    stale = [p for p in tmp_path.iterdir() if p.name.startswith(".out.onnx.")]
+    assert len(stale) == 1 and (stale[0] / "out.onnx.data").exists()
+    live = tmp_path / f"{load_module.temporary_prefix('.out.onnx')}live"
+    live.mkdir()  # this process is alive: its folder stays
+    save_model(two_layer_model(), tmp_path / "out.onnx", external_data=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["out.onnx", "out.onnx.data", live.name]
+    )
+
+
+# locations onnx or the file system refuse ------------------------------------------------------
+
+
+def relocated_model(folder, location, make=None):
+    """``external_model`` whose tensors name ``location``; ``make(folder)`` adds files."""
+    path = external_model(folder)
+    model = onnx.load(path, load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    path.write_bytes(model.SerializeToString())
+    if make is not None:
+        make(folder)
+    return path
+
+
+def link_data(folder):
+    os.symlink("model.onnx.data", folder / "link.data")
+
+
+@pytest.mark.parametrize(
+    ("location", "make", "message"),
+    [
+        ("link.data", link_data, "is a symbolic link"),
+        ("model.onnx.data/", None, "ends in a path separator"),
+        ("model\0.data", None, "holds a NUL byte"),
+        ("x" * 300, None, "is too long (300 bytes in one name"),
+        ("d/" * 2100 + "x", None, "is too long (4201 bytes; paths allow 4096)"),
+    ],
+)
+def test_external_locations_that_cannot_be_read_are_typed_errors(tmp_path, location, make, message):
+    path = relocated_model(tmp_path, location, make)
+    for lazy in (False, True) if "link" not in location else (False,):
+        with pytest.raises(InvalidModelError, match=re.escape(message)):
+            open_model(path, lazy=lazy)
+
+
+# .npz files -----------------------------------------------------------------------------------
+
+
+def npy_member(archive, name, dtype, shape, data=b""):
+    """A .npy member whose header declares ``shape`` but which holds only ``data``."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": shape}
+    )
+    archive.writestr(name, header.getvalue() + data)  # the header starts with the magic
+
+
+def test_npz_declaring_terabytes_is_refused_with_its_size(tmp_path):
+    path = tmp_path / "huge.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        npy_member(archive, "x.npy", np.float32, (10**12,), b"\0" * 64)
+    assert path.stat().st_size < 1000
+    with pytest.raises(CalibrationError, match=r"declares 3\.64 TiB of arrays \('x': float32"):
+        load_npz(path)
+
+
+def test_npz_keys_are_checked_before_the_data_is_read(tmp_path):
+    """A small file whose member inflates to 256 MiB, under a name the model does not have: the
+    name is refused from the header, before a byte of the data is inflated."""
+    path = tmp_path / "inflating.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        npy_member(archive, "wrong.npy", np.float32, (2**26,), b"\0" * 2**28)
+    assert path.stat().st_size < 2**20
+    seen = {}
+
+    def check(arrays):
+        seen.update(arrays)
+        raise CalibrationError("wrong key")
+
+    with pytest.raises(CalibrationError, match="wrong key"):
+        load_npz(path, check=check)
+    assert seen["wrong"].shape == (2**26,) and seen["wrong"].nbytes == 2**28
+    assert seen["wrong"].base is not None and seen["wrong"].strides == (0,)  # no memory
+    model = make_model(
+        [helper.make_node("Relu", ["x"], ["y"])], [("x", [2**26])], [("y", None)], {}
+    )
+    config = CompressionConfig(params=0.5, inputs=str(path))
+    with pytest.raises(CalibrationError, match="missing x; unknown wrong"):
+        validation_inputs(model, config)

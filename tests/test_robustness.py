@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import onnx
@@ -832,3 +837,94 @@ def test_models_older_than_opset_7_are_listed_but_not_factorized():
     assert "opset 1" in discovery.skipped[0].reason
     with pytest.raises(NothingToCompressError):
         compress(model, CompressionConfig(params=0.5))
+
+
+# signals and killed runs (issue 10, item 11) ----------------------------------------------------
+
+#: Runs the CLI on a model whose weights stay on disk (so it spills to TMPDIR), pausing at a
+#: named step: the step writes ``ready`` and sleeps, so the test can signal the run right there.
+PAUSED_RUN = """
+import pathlib, sys, time
+from onnx_lowrank import cli, load, pipeline
+load.LAZY_EXTERNAL_BYTES = 0
+module, name, ready = sys.argv[1], sys.argv[2], pathlib.Path(sys.argv[3])
+real = getattr(globals()[module], name)
+def paused(*args, **kwargs):
+    ready.write_text("paused")
+    time.sleep(120)
+    return real(*args, **kwargs)
+setattr(globals()[module], name, paused)
+sys.exit(cli.main(sys.argv[4:]))
+"""
+
+
+def paused_run(tmp_path, step: tuple[str, str]):
+    """A CLI run paused at ``step``; returns the process once it is there."""
+    from test_load import external_model
+
+    model = external_model(tmp_path / "in")
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    ready = tmp_path / "ready"
+    ready.unlink(missing_ok=True)
+    args = [*step, ready, "compress", model, "-o", tmp_path / "out.onnx", "--params", "0.5"]
+    process = subprocess.Popen(
+        [sys.executable, "-c", PAUSED_RUN, *map(str, args), "-q"],
+        env={**os.environ, "TMPDIR": str(tmp_path / "tmp")},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not ready.exists():
+        assert process.poll() is None, process.communicate()[1]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return process
+
+
+def leftovers(tmp_path) -> list[str]:
+    """Temporary files and folders of onnx-lowrank in TMPDIR and beside the output."""
+    names = [p.name for p in (tmp_path / "tmp").iterdir() if p.name.startswith("onnx-lowrank")]
+    return names + [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.onnx")]
+
+
+@pytest.mark.parametrize(
+    "step", [("pipeline", "_validate"), ("load", "_check_written")], ids=["validate", "save"]
+)
+def test_sigterm_removes_the_spill_and_staging_folders(tmp_path, step):
+    process = paused_run(tmp_path, step)
+    assert leftovers(tmp_path)  # the spill folder (and, when saving, the staging folder)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr
+    assert stderr.strip().splitlines() == [
+        "onnx-lowrank: terminated (SIGTERM); nothing was written"
+    ]
+    assert leftovers(tmp_path) == []
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_a_killed_runs_spill_folder_is_removed_by_the_next_run(tmp_path):
+    process = paused_run(tmp_path, ("pipeline", "_validate"))
+    process.kill()  # SIGKILL: no cleanup can run
+    process.communicate(timeout=60)
+    stale = leftovers(tmp_path)
+    assert len(stale) == 1 and stale[0].startswith(f"onnx-lowrank-spill.{_host()}-{process.pid}.")
+    script = "import sys; from onnx_lowrank import cli, load; load.LAZY_EXTERNAL_BYTES = 0; "
+    script += "sys.exit(cli.main(sys.argv[1:]))"
+    args = ["compress", tmp_path / "in" / "model.onnx", "-o", tmp_path / "out.onnx"]
+    rerun = subprocess.run(
+        [sys.executable, "-c", script, *map(str, args), "--params", "0.5", "--latency-runs", "1"],
+        env={**os.environ, "TMPDIR": str(tmp_path / "tmp")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert rerun.returncode == 0, rerun.stderr
+    assert leftovers(tmp_path) == []
+    assert (tmp_path / "out.onnx").exists()
+
+
+def _host() -> str:
+    from onnx_lowrank import load
+
+    return load.temporary_prefix("x").split(".")[1].split("-")[0]
