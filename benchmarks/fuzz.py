@@ -1,5 +1,6 @@
-"""Long fuzzing run: mutate real and tiny model bytes and fields, compress each, and count the
-outcomes (valid compressed model, model refused by validation, typed error, anything else).
+"""Long fuzzing run: mutate real and tiny model bytes and fields, external-data entries and data
+files, metadata and option values (API and command line), run each, and count the outcomes
+(valid compressed model, model refused by validation, typed error, anything else).
 
 Unlike tests/test_fuzz.py, which stops at the first failure, this keeps going and prints every
 distinct unexpected exception with its traceback, so one run shows all the crashes there are.
@@ -30,7 +31,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=20261128)
     args = parser.parse_args()
     os.environ["ONNX_LOWRANK_FUZZ_EXAMPLES"] = str(args.examples)  # also fuzzes the MNIST file
-    sys.path.insert(0, str(TESTS))
+    sys.path[:0] = [str(TESTS.parent), str(TESTS)]  # this checkout's package and tests
     import test_fuzz  # after the path and the environment are set
     from hypothesis import HealthCheck, given, seed, settings
 
@@ -44,12 +45,13 @@ def main() -> int:
         database=None,
         suppress_health_check=list(HealthCheck),
     )
-    @given(test_fuzz.mutated_models())
-    def run(data: bytes) -> None:
+    @given(test_fuzz.mutated_cases())
+    def run(case: test_fuzz.Case) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
+            warnings.simplefilter("ignore", UserWarning)
             try:
-                outcomes[test_fuzz.check_outcome(data)] += 1
+                outcomes[test_fuzz.check_case(case)] += 1
             except Exception as exc:
                 key = f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
                 outcomes["crash"] += 1

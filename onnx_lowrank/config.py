@@ -170,8 +170,14 @@ class CompressionConfig:
             object.__setattr__(self, name, _check_tolerance(name, getattr(self, name)))
         self._check_validation_options()
         shapes = {}
-        for name, shape in dict(self.input_shapes).items():
-            dims = tuple(shape)
+        try:
+            given = dict(self.input_shapes).items()
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"input shapes must map input names to shapes, got {self.input_shapes!r}"
+            ) from None
+        for name, shape in given:
+            dims = tuple(shape) if isinstance(shape, (tuple, list)) else ()
             if not dims or not all(isinstance(d, int) and d > 0 for d in dims):
                 raise ConfigError(
                     f"input shape for {name!r} must be positive integers, got {shape!r}; "
@@ -199,6 +205,10 @@ class CompressionConfig:
             )
 
     def _check_calibration(self) -> None:
+        if self.inputs is not None:
+            if not isinstance(self.inputs, (str, os.PathLike)) or not str(self.inputs):
+                raise ConfigError(f"--inputs must be the path of an .npz file, got {self.inputs!r}")
+            object.__setattr__(self, "inputs", os.fspath(self.inputs))
         if self.calibration is not None:
             if not isinstance(self.calibration, (str, os.PathLike)) or not str(self.calibration):
                 raise ConfigError(

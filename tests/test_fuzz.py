@@ -7,16 +7,28 @@ The suite runs a small seeded subset (100 cases). For the long run (results in d
 
 Mutations: truncation, bit flips, overwritten byte runs, and field edits of the parsed model
 (wrong or absurd dims, missing or absurd attributes, changed element types, op types, inputs,
-opsets and IR versions, removed initializers, duplicated nodes, absurd input shapes).
+opsets and IR versions, removed initializers, duplicated nodes, absurd input shapes); the
+external-data entries of a model saved with a data file (location, offset, length, unknown
+keys) and the data file itself (truncated, a folder, a link, a FIFO); metadata
+(``onnx_lowrank.factorized`` records with absurd, deeply nested or non-numeric values, and
+other keys); and option values, both as ``CompressionConfig`` fields and as command lines
+(values of every type, output paths that are the input, a folder or a FIFO), where the exit
+code must be 0, 2 or 3.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
+import json
 import math
 import os
+import tempfile
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -34,6 +46,8 @@ from onnx_lowrank import (
     compress,
     inspect,
 )
+from onnx_lowrank.cli import build_parser, main
+from onnx_lowrank.discover import FACTORIZED_KEY
 
 EXAMPLES = int(os.environ.get("ONNX_LOWRANK_FUZZ_EXAMPLES", "100"))
 LONG_RUN = EXAMPLES > 100
@@ -222,7 +236,10 @@ FIELD_MUTATIONS: list[Mutation] = [
 
 @st.composite
 def mutated_models(draw) -> bytes:
-    data = SEEDS[draw(st.sampled_from(sorted(SEEDS)))]
+    return mutate_bytes(draw, SEEDS[draw(st.sampled_from(sorted(SEEDS)))])
+
+
+def mutate_bytes(draw, data: bytes) -> bytes:
     kind = draw(st.sampled_from(["truncate", "flip", "overwrite", "fields"]))
     if kind == "truncate":
         return data[: draw(st.integers(0, len(data) - 1))]
@@ -240,6 +257,332 @@ def mutated_models(draw) -> bytes:
     for _ in range(draw(st.integers(1, 3))):
         draw(st.sampled_from(FIELD_MUTATIONS))(draw, model)
     return model.SerializeToString()
+
+
+# external data, metadata and options ---------------------------------------------------------
+
+DATA = "model.onnx.data"
+
+
+def _external_seeds() -> dict[str, tuple[bytes, bytes]]:
+    """Seed models saved with every tensor in one data file: (model bytes, data bytes)."""
+    seeds = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for name in ("conv_net", "tied", "gemm"):
+            model = onnx.ModelProto()
+            model.ParseFromString(SEEDS[name])
+            path = Path(folder) / f"{name}.onnx"
+            onnx.save_model(
+                model, path, save_as_external_data=True, location=DATA, size_threshold=0
+            )
+            seeds[name] = (path.read_bytes(), (Path(folder) / DATA).read_bytes())
+            (Path(folder) / DATA).unlink()
+    return seeds
+
+
+EXTERNAL_SEEDS = _external_seeds()
+
+LOCATIONS = [
+    "",
+    DATA + "/",
+    "../" + DATA,
+    "/etc/passwd",
+    "a\0b",
+    "x" * 300,
+    "d/" * 2100,
+    "missing.data",
+    "model.onnx",
+    "link.data",
+    "folder",
+    "fifo",
+    ".",
+    DATA,
+]
+NUMBERS = ["-1", "0", "1", "7", "abc", "1e3", "", " 5", "99999999999999999999", str(2**63)]
+
+
+def external_entries(draw, model):
+    """Edit one external tensor's entries: location, offset, length, unknown or missing keys."""
+    tensors = [t for t in model.graph.initializer if t.external_data]
+    tensor = _pick(draw, tensors)
+    if tensor is None:
+        return
+    action = draw(st.sampled_from(["location", "offset", "length", "unknown", "drop", "clear"]))
+    entries = {entry.key: entry.value for entry in tensor.external_data}
+    if action in ("location", "offset", "length"):
+        values = LOCATIONS if action == "location" else NUMBERS
+        entries[action] = draw(st.one_of(st.sampled_from(values), st.text(max_size=12)))
+    elif action == "unknown":
+        entries[draw(st.text(min_size=1, max_size=8))] = draw(st.text(max_size=8))
+    elif action == "drop" and entries:
+        del entries[draw(st.sampled_from(sorted(entries)))]
+    else:
+        entries = {}
+    del tensor.external_data[:]
+    for key, value in entries.items():
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
+FACTORIZED_VALUES = st.one_of(
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([10**30, 2**40, 1e400, 0, -1, "12", None, [], {}, True]),
+)
+
+
+def factorized_metadata(draw, model):
+    """An ``onnx_lowrank.factorized`` record: valid-looking entries with absurd values, JSON of
+    another shape, deep nesting, or not JSON."""
+    names = [n.name for n in model.graph.node] + ["missing"]
+    kind = draw(st.sampled_from(["records", "json", "deep", "text"]))
+    if kind == "records":
+        records = []
+        for _ in range(draw(st.integers(0, 3))):
+            record = {
+                "name": draw(st.sampled_from(names)),
+                "second": draw(st.sampled_from(names)),
+                "groups": draw(FACTORIZED_VALUES),
+                "rank": draw(FACTORIZED_VALUES),
+                "params_dense": draw(FACTORIZED_VALUES),
+                "params": draw(FACTORIZED_VALUES),
+            }
+            if draw(st.booleans()):
+                record["tied"] = draw(st.lists(st.sampled_from(names), max_size=2))
+            if draw(st.booleans()):
+                del record[draw(st.sampled_from(sorted(record)))]
+            records.append(record)
+        text = json.dumps(records, allow_nan=True).replace("1e+400", "1e400")
+    elif kind == "json":
+        json_values = st.recursive(
+            st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+            lambda inner: (
+                st.lists(inner, max_size=3)
+                | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+            ),
+            max_leaves=10,
+        )
+        text = json.dumps(draw(json_values))
+    elif kind == "deep":
+        depth = draw(st.sampled_from([10, 1000, 100_000]))
+        text = "[" * depth + "]" * depth
+    else:
+        text = draw(st.text(max_size=40))
+    onnx.helper.set_model_props(model, {FACTORIZED_KEY: text})
+
+
+def other_metadata(draw, model):
+    key = draw(st.text(max_size=20))
+    value = draw(st.text(max_size=60))
+    entry = model.metadata_props.add()
+    entry.key, entry.value = key, value
+
+
+OPTION_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**65), 2**65),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+    st.sampled_from([0.5, 1, 2, "all", "svd", "alds", "bound", "cpu", "cuda", "output"]),
+)
+
+OPTION_FIELDS = [
+    "params",
+    "flops",
+    "method",
+    "error",
+    "max_groups",
+    "groups",
+    "rank_multiple",
+    "device",
+    "max_rel_error",
+    "min_cosine",
+    "min_top1",
+    "latency_runs",
+    "seed",
+    "fold_batchnorm",
+    "input_shapes",
+    "inputs",
+    "calibration",
+]
+
+
+@dataclass
+class Case:
+    """One fuzz case: a model (bytes), files beside it, and how it is run."""
+
+    model: bytes
+    files: dict[str, bytes | str] = field(default_factory=dict)  # bytes, "dir", "fifo", "link"
+    options: dict[str, object] | None = None  # CompressionConfig fields (CONFIG when None)
+    argv: list[str] | None = None  # a command line instead of the API
+
+
+@st.composite
+def mutated_cases(draw) -> Case:
+    kind = draw(st.sampled_from(["bytes"] * 5 + ["external", "metadata", "options", "argv"]))
+    name = draw(st.sampled_from(sorted(SEEDS)))
+    if kind == "bytes":
+        return Case(mutate_bytes(draw, SEEDS[name]))
+    if kind == "external":
+        model_bytes, data = EXTERNAL_SEEDS[draw(st.sampled_from(sorted(EXTERNAL_SEEDS)))]
+        model = onnx.ModelProto()
+        model.ParseFromString(model_bytes)
+        for _ in range(draw(st.integers(0, 2))):
+            external_entries(draw, model)
+        files: dict[str, bytes | str] = {DATA: data, "link.data": "link", "fifo": "fifo"}
+        files["folder"] = "dir"
+        damage = draw(st.sampled_from(["none", "truncate", "empty", "dir", "link", "fifo"]))
+        if damage == "truncate":
+            files[DATA] = data[: draw(st.integers(0, max(len(data) - 1, 0)))]
+        elif damage == "empty":
+            files[DATA] = b""
+        elif damage != "none":
+            files[DATA] = damage
+            files["target.data"] = data
+        return Case(model.SerializeToString(), files)
+    model = onnx.ModelProto()
+    model.ParseFromString(SEEDS[name])
+    if kind == "metadata":
+        draw(st.sampled_from([factorized_metadata, other_metadata]))(draw, model)
+        return Case(model.SerializeToString())
+    if kind == "options":
+        options = dict(params=0.5, latency_runs=1, max_groups=2)
+        for key in draw(st.lists(st.sampled_from(OPTION_FIELDS), min_size=1, max_size=3)):
+            options[key] = draw(OPTION_VALUES)
+        return Case(model.SerializeToString(), options=options)
+    return Case(
+        model.SerializeToString(),
+        files={"folder": "dir", "fifo": "fifo"},
+        argv=draw(command_lines()),
+    )
+
+
+def _flags() -> list[str]:
+    parser = build_parser()
+    commands = next(a for a in parser._actions if hasattr(a, "choices") and a.choices)
+    flags = set()
+    for sub in commands.choices.values():
+        for action in sub._actions:
+            flags.update(o for o in action.option_strings if o not in ("-h", "--help"))
+    return sorted(flags - {"--version"})
+
+
+FLAGS = _flags()
+PATHS = [
+    "out.onnx",
+    "model.onnx",
+    DATA,
+    "out.onnx.data",
+    "folder",
+    "fifo",
+    "missing/x.onnx",
+    "r.json",
+    "p.png",
+    "model",
+]
+
+
+@st.composite
+def command_lines(draw) -> list[str]:
+    command = draw(st.sampled_from(["compress", "inspect", "sweep"]))
+    argv = [command, "model.onnx"]
+    if command == "compress":
+        argv += ["-o", draw(st.sampled_from(PATHS))]
+    elif command == "sweep":
+        argv += ["--out", draw(st.sampled_from(["sweep", "folder", "model.onnx", "fifo"]))]
+    for _ in range(draw(st.integers(0, 4))):
+        flag = draw(st.sampled_from(FLAGS))
+        if draw(st.integers(0, 9)) == 0:  # an abbreviation
+            flag = flag[: draw(st.integers(3, max(3, len(flag) - 1)))]
+        value = draw(
+            st.one_of(
+                st.sampled_from(PATHS),
+                st.sampled_from(["0.5", "1", "0", "-1", "1.5", "nan", "inf", "all", "x:1,2"]),
+                st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=6),
+            )
+        )
+        argv += [flag, value] if draw(st.booleans()) else [flag]
+    if command != "inspect" and draw(st.integers(0, 3)):
+        argv += ["--params", "0.5"]
+    return [*argv, "--latency-runs", "1", "-q"] if command != "inspect" else [*argv, "-q"]
+
+
+def check_case(case: Case) -> str:
+    """The outcome of one case, like ``check_outcome``; the input's files are never changed."""
+    if case.options is None and not case.files and case.argv is None:
+        return check_outcome(case.model)
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        path = root / "model.onnx"
+        path.write_bytes(case.model)
+        for name, content in case.files.items():
+            if isinstance(content, bytes):
+                (root / name).write_bytes(content)
+            elif content == "dir":
+                (root / name).mkdir()
+            elif content == "fifo":
+                os.mkfifo(root / name)
+            else:  # a link to the real data
+                (root / name).symlink_to("target.data" if name == DATA else DATA)
+        before = _hashes(root)
+        if case.argv is not None:
+            outcome = _run_command(case.argv, root)
+        else:
+            outcome = _run_api(path, case.options)
+        if case.argv is not None and "--overwrite" in case.argv:
+            before.pop("model.onnx", None)  # asked to replace the input
+        after = _hashes(root)
+        assert {k: v for k, v in after.items() if k in before} == before, "input files changed"
+        return outcome
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in folder.iterdir()
+        if p.is_file() and not p.is_symlink() and p.name in ("model.onnx", DATA, "target.data")
+    }
+
+
+def _run_api(path: Path, options: dict[str, object] | None) -> str:
+    try:
+        config = CONFIG if options is None else CompressionConfig(**options)
+    except OnnxLowRankError:
+        return "typed"
+    with contextlib.suppress(OnnxLowRankError):
+        inspect(path, config)
+    try:
+        result = compress(path, config)
+    except OnnxLowRankError:
+        return "typed"
+    onnx.checker.check_model(result.model)
+    validation = result.report.validation
+    if validation is not None and not validation.passed:
+        with pytest.raises(ValidationFailedError):
+            result.save(path.parent / "out.onnx")
+        return "refused"
+    try:
+        result.save(path.parent / "out.onnx")
+    except OnnxLowRankError:
+        return "typed"
+    return "compressed"
+
+
+def _run_command(argv: list[str], folder: Path) -> str:
+    """Run the CLI in ``folder``; exit code 1 (an internal error) fails."""
+    previous = Path.cwd()
+    stderr = io.StringIO()
+    os.chdir(folder)
+    try:
+        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+            code = main(argv)
+    finally:
+        os.chdir(previous)
+    assert code in (0, 2, 3), f"exit {code} for {argv}: {stderr.getvalue()}"
+    lines = stderr.getvalue().strip().splitlines()
+    assert code == 0 or (lines and lines[-1].startswith("onnx-lowrank:")), (argv, lines)
+    return {0: "compressed", 2: "typed", 3: "refused"}[code]
 
 
 def check_outcome(data: bytes) -> str:
@@ -273,11 +616,12 @@ def check_outcome(data: bytes) -> str:
     database=None,
     suppress_health_check=list(HealthCheck),
 )
-@given(mutated_models())
-def test_mutated_models_compress_or_raise_typed_errors(data):
+@given(mutated_cases())
+def test_mutated_models_compress_or_raise_typed_errors(case):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # numpy on absurd values
-        outcome = check_outcome(data)
+        warnings.simplefilter("ignore", UserWarning)  # onnx on unknown external-data keys
+        outcome = check_case(case)
     assert outcome in ("typed", "compressed", "refused")
 
 
