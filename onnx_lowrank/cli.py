@@ -496,19 +496,25 @@ def _check_output(source: Path, target: Path, overwrite: bool) -> None:
 
 
 def _check_distinct(args: argparse.Namespace) -> None:
-    """-o, --report and --plot name different files, none of them a file of the input model or
-    the output model's external data file (``OUTPUT.data``, ``OUTPUT.<n>.data``)."""
+    """-o, --report and --plot name different files, none of them a file of the input model,
+    the --inputs or --calibration file, or the output model's external data file
+    (``OUTPUT.data``, ``OUTPUT.<n>.data``)."""
     output = Path(args.output)
     data_name = re.compile(re.escape(output.name) + r"(\.[0-9]+)?\.data")
     output_data = (
         _input_data_files(output) if output.is_file() and not same_file(output, args.input) else ()
     )
+    data = [(f"the {flag} file", value) for flag, value in _data_options(args) if value]
+    clash = next((what for what, other in data if same_file(args.output, other)), None)
+    if clash is not None:
+        raise OutputPathError(f"-o {args.output} is {clash}; give the output its own file name")
     files = [("--report", args.report), ("--plot", args.plot)]
     for position, (flag, value) in enumerate(files):
         if not value:
             continue
         path = Path(value)
         others = [
+            *data,
             ("the input model", Path(args.input)),
             ("the output model (-o)", output),
             *(
@@ -527,6 +533,10 @@ def _check_distinct(args: argparse.Namespace) -> None:
             clash = "the output model's external data file"
         if clash is not None:
             raise OutputPathError(f"{flag} {path} is {clash}; give it a file name of its own")
+
+
+def _data_options(args: argparse.Namespace) -> list[tuple[str, str | None]]:
+    return [("--inputs", args.inputs), ("--calibration", args.calibration)]
 
 
 @contextlib.contextmanager
@@ -603,6 +613,14 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    if args.report:  # never onto the model or its data, nor a device, FIFO or folder
+        source = Path(args.input)
+        if any(same_file(args.report, f) for f in (source, *_input_data_files(source))):
+            raise OutputPathError(
+                f"--report {args.report} is a file of the input model; give the report a file "
+                "name of its own"
+            )
+        check_output_path(args.report, "--report")
     listing = inspect(args.input, _config(args))
     if args.report:
         write_json(listing.to_dict(), args.report)

@@ -5,12 +5,15 @@ whose external data is larger than ``LAZY_EXTERNAL_BYTES`` is loaded *lazily*: i
 pointing at the side files, and stages read one weight at a time
 (``graphs.tensor_to_array(tensor, data_dir)``), so a model over 2 GiB never sits in memory whole.
 
-Writing is atomic: everything goes to a temporary folder beside the target, then each file is
-renamed into place (data file first, model last, with Ctrl-C held back between the two renames),
-so an interrupted run never leaves half a model. External data is written by a streaming writer
-that copies lazily referenced tensors from their source file chunk by chunk and never writes
-into a file of the input model: when the default data file name is one of the input's files, the
-output gets another name.
+Writing is atomic: everything goes to a temporary folder beside the target, is checked by the
+ONNX checker and synced, then each file is renamed into place (the data file first, under a name
+the previous model at the target does not read, then the model, with Ctrl-C and SIGTERM held
+back between the two renames), so an interrupted or crashed run never leaves half a model, nor
+an old model reading new weights. Nothing is ever renamed onto a device, FIFO, socket or folder.
+
+External data is written by a streaming writer that copies lazily referenced tensors from their
+source file chunk by chunk and never writes into a file of the input model: when the default
+data file name is one of the input's files, the output gets another name.
 """
 
 from __future__ import annotations

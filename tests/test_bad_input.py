@@ -212,10 +212,13 @@ def test_unreadable_npz_files_get_one_line(tmp_path, capsys, option, kind):
         (["--report", "model.onnx.data"], "is an external data file of the input model"),
         (["--report", "hardlink.json"], "is the input model"),
         (["--report", "r.json", "--plot", "./r.json"], "--plot r.json is the file of --report"),
+        (["--inputs", "x.npz", "--report", "x.npz"], "--report x.npz is the --inputs file"),
+        (["--calibration", "out.onnx"], "-o out.onnx is the --calibration file"),
     ],
 )
 def test_report_and_plot_never_name_the_model_files(tmp_path, options, message):
     path = external_model(tmp_path)
+    np.savez(tmp_path / "x.npz", x=np.zeros((1, 8, 4, 4), np.float32))
     os.link(path, tmp_path / "hardlink.json")
     (tmp_path / "out.onnx").write_bytes(b"previous output")
     before = file_hashes(tmp_path)
@@ -387,3 +390,15 @@ def test_no_validate_still_runs_the_checker_on_the_written_model(tmp_path, capsy
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "fails the ONNX checker" in lines[0], lines
     assert not out.exists()
+
+
+@pytest.mark.parametrize("report", ["model.onnx", "model.onnx.data", "fifo"])
+def test_inspect_report_never_replaces_the_model_or_a_special_file(tmp_path, report):
+    external_model(tmp_path)
+    os.mkfifo(tmp_path / "fifo")
+    before = file_hashes(tmp_path / "model.onnx", tmp_path / "model.onnx.data")
+    result = run_cli("inspect", "model.onnx", "--report", report, cwd=tmp_path)
+    message = "is a named pipe (FIFO)" if report == "fifo" else "is a file of the input model"
+    assert_one_line(result, 2, message)
+    assert file_hashes(tmp_path / "model.onnx", tmp_path / "model.onnx.data") == before
+    assert (tmp_path / "fifo").is_fifo()
