@@ -63,7 +63,7 @@ log = logging.getLogger("onnx_lowrank")
 
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line, like every other error of the tool, and
-    that takes no abbreviated options (``--latency 0.6`` must not mean ``--latency-runs``)."""
+    that takes no abbreviated options (``--latency-r 3`` must not mean ``--latency-runs 3``)."""
 
     def __init__(self, *args, **kwargs):
         kwargs["allow_abbrev"] = False

@@ -275,7 +275,7 @@ def test_sweep_never_writes_onto_a_fifo(tmp_path):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (["--latency", "0.6"], "unrecognized arguments: --latency 0.6"),
+        (["--latency-r", "3"], "unrecognized arguments: --latency-r 3"),
         (["--par", "0.5"], "unrecognized arguments: --par"),
         (["--seed", "-1"], "--seed must be a non-negative integer, got -1"),
     ],
