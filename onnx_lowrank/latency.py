@@ -373,6 +373,14 @@ class LatencyBook:
         #: the inputs the whole model is timed on (set by whoever times it)
         self.model_feeds: dict[str, np.ndarray] = {}
 
+    def _give_up(self, layer: str, exc: Exception) -> None:
+        """A layer whose micro-models do not run is not timed (its latency stays unknown)."""
+        log.warning("cannot time %s alone (%s); its latency is not measured", layer, exc)
+        self._uses[layer] = None
+        self.timed.pop(layer, None)
+        self.unknown.append(layer)
+        self.stats.unknown.append(layer)
+
     def dense_ms(self, layer: str) -> float | None:
         """The dense layer's time (None when it was not timed)."""
         return self.timed.get(layer, {}).get((0, 0))
@@ -382,7 +390,10 @@ class LatencyBook:
         started = time.perf_counter()
         names = [name for name in wanted if self._uses.get(name)]
         for done, name in enumerate(names):
-            self._time(name, [(0, 0), *wanted[name]])
+            try:
+                self._time(name, [(0, 0), *wanted[name]])
+            except Exception as exc:  # an op ONNX Runtime cannot run alone (e.g. fp16 on CPU)
+                self._give_up(name, exc)
             if self.progress is not None:
                 self.progress("latency", done + 1, len(names))
         self.stats.seconds += time.perf_counter() - started
@@ -401,7 +412,10 @@ class LatencyBook:
         result: dict[str, LayerLatency] = {}
         measurable = [table for table in tables if self._uses.get(table.layer)]
         for done, table in enumerate(measurable):
-            result[table.layer] = self._grid(table, points)
+            try:
+                result[table.layer] = self._grid(table, points)
+            except Exception as exc:
+                self._give_up(table.layer, exc)
             if self.progress is not None:
                 self.progress("latency", done + 1, len(measurable))
         self.stats.seconds += time.perf_counter() - started

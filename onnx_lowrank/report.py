@@ -188,9 +188,11 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def format_layers(layers: list[LayerReport], *, compression: bool = True) -> str:
-    """The per-layer table: name, op, shape, g, r, params, MACs, errors or skip reason."""
+    """The per-layer table: name, op, shape, g, r, params, MACs, errors, measured latency
+    (dense and chosen, when candidates were timed) or skip reason."""
     rows = []
     outputs = compression and any(layer.output_error_estimate is not None for layer in layers)
+    timed = compression and any(layer.latency_ms_before is not None for layer in layers)
     for layer in layers:
         shape = "x".join(map(str, layer.weight_shape)) if layer.weight_shape else "-"
         row = [layer.name, layer.op_type, shape]
@@ -209,6 +211,8 @@ def format_layers(layers: list[LayerReport], *, compression: bool = True) -> str
                     _error(layer.output_error),
                     _error(layer.output_error_network),
                 ]
+            if timed:
+                row += [_ms(layer.latency_ms_before), _ms(layer.latency_ms_after)]
         else:
             row += [_count(layer.params_before), _count(layer.macs_before)]
         notes = [layer.skipped_reason] if layer.skipped_reason else []
@@ -222,8 +226,14 @@ def format_layers(layers: list[LayerReport], *, compression: bool = True) -> str
     )
     if outputs:
         header += ["out est", "out err", "in net"]
+    if timed:
+        header += ["ms", "ms after"]
     header.append("note")
     return _table(header, rows)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def format_summary(report: CompressionReport) -> str:

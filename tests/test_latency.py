@@ -8,9 +8,17 @@ import logging
 import numpy as np
 import onnx
 import pytest
-from builders import MNIST, MODELS, conv_model, gemm_model, low_rank
+from builders import MNIST, MODELS, conv_model, gemm_model, low_rank, make_model
+from onnx import TensorProto
 
-from onnx_lowrank import CompressionConfig, ConfigError, InfeasibleBudgetError, compress, latency
+from onnx_lowrank import (
+    CompressionConfig,
+    ConfigError,
+    InfeasibleBudgetError,
+    ShapeError,
+    compress,
+    latency,
+)
 from onnx_lowrank.allocate import allocate
 from onnx_lowrank.latency import LatencyCache, LatencyStats, grid_ranks, interpolate
 from onnx_lowrank.pipeline import (
@@ -254,3 +262,30 @@ def test_rank_multiple_auto_keeps_blocked_conv_shapes():
     assert len(auto["conv2d_8"]) == len(plain["conv2d_8"])  # 32x3x3x3: no aligned candidate
     with pytest.raises(ConfigError, match="rank-multiple"):
         CompressionConfig(rank_multiple="fast")
+
+
+def test_check_skips_what_it_cannot_time(caplog):
+    """Dynamic spatial sizes and no validation inputs: neither the layer nor the model can be
+    timed; the never-slower check says so and the budget is met without it."""
+    weight = low_rank(32, 16 * 9, 8).reshape(32, 16, 3, 3)
+    model = conv_model(weight, ["H", "W"])
+    config = CompressionConfig(params=0.5, validate=False, latency_check=True)
+    with caplog.at_level(logging.WARNING, logger="onnx_lowrank.pipeline"):
+        result = compress(model, config)
+    assert "cannot time the whole model" in caplog.text
+    assert result.report.compressed_layers
+    with pytest.raises(ShapeError, match="--input-shape"):
+        compress(model, config.replace(params=None, latency=0.5))
+
+
+def test_fp16_layers_are_timed():
+    weight = low_rank(32, 16 * 9, 8).reshape(32, 16, 3, 3).astype(np.float16)
+    node = onnx.helper.make_node("Conv", ["x", "W"], ["y"], name="conv", pads=[1, 1, 1, 1])
+    model = make_model(
+        [node], [("x", [1, 16, 12, 12])], [("y", None)], {"W": weight}, dtype=TensorProto.FLOAT16
+    )
+    analysis, _ = _tables(model)
+    book = latency.LatencyBook(analysis.model, analysis.discovery, CPU, threads=1)
+    book.items({"conv": [(1, 4), (2, 4)]})
+    timed = book.timed["conv"]
+    assert not book.unknown and all(timed[item] > 0 for item in [(0, 0), (1, 4), (2, 4)])
