@@ -368,8 +368,8 @@ class _ProgressBars:
             )
         bar.n = done
         bar.refresh()
-        if done >= total:
-            bar.close()
+        if done >= total:  # a stage that runs again (latency rounds) gets a new bar
+            self.bars.pop(stage).close()
 
     def close(self) -> None:
         for bar in self.bars.values():
