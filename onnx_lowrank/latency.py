@@ -103,6 +103,10 @@ MIN_ROUNDS = 5
 MAX_ROUNDS = 25
 #: Seconds of timed runs per layer after which no round beyond ``MIN_ROUNDS`` starts.
 LAYER_BUDGET_S = 0.25
+#: Most rounds, and seconds after which no new round starts, of an end-to-end timing
+#: (``measure_choice``): a small model gets many pairs, a large one at least ``MIN_ROUNDS``.
+CHOICE_ROUNDS = 200
+CHOICE_BUDGET_S = 1.0
 #: Warm-up runs per session before timing.
 WARMUP = 2
 #: Environment variable naming the cache's parent folder.
@@ -493,7 +497,7 @@ def measure_choice(
     runners = [
         _BoundRunner(make_session(m, providers, threads), feeds) for m in (original, compressed)
     ]
-    before, after = time_sessions(runners, max_rounds=2 * MAX_ROUNDS, budget_s=4 * LAYER_BUDGET_S)
+    before, after = time_sessions(runners, max_rounds=CHOICE_ROUNDS, budget_s=CHOICE_BUDGET_S)
     return before, after
 
 

@@ -502,16 +502,15 @@ def _measured_latency(
     ``latency.measure_choice``), interleaved. First the fastest choice (every layer's
     fastest row): its measured ratio ``m_min`` is the smallest reachable fraction, and an ``F``
     with ``m_min > F·(1 + _REACHABLE_TOLERANCE)`` is an ``InfeasibleBudgetError`` naming it.
-    Then the layer budget is solved for the fraction ``p'`` that the line through ``(1, 1)``
-    and the last measured point ``(p, m)`` (``p`` the predicted fraction) maps to ``F``,
-    ``p' = 1 − (1 − F)(1 − p) / (1 − m)``, no lower than the fastest choice's, timed, and
-    re-solved until ``m`` is within ``_LATENCY_TOLERANCE`` of ``F`` (relative), at most
-    ``_LATENCY_ROUNDS`` times. The choice measured nearest ``F`` without exceeding it by more
-    than the tolerance (else the fastest measured) is kept.
+    Then the layer budget is solved for the predicted fraction ``p'`` that interpolates
+    linearly between the nearest measured (predicted, measured) points below and above ``F``
+    (at first the fastest choice and ``(1, 1)``, the dense model; regula falsi, so one noisy
+    timing cannot send the next guess outside what has been measured), timed, and re-solved
+    until ``m`` is within ``_LATENCY_TOLERANCE`` of ``F`` (relative), at most
+    ``_LATENCY_ROUNDS`` times. The choice measured nearest ``F`` is kept.
     """
     started = time.perf_counter()
     target = config.latency
-    latency = budgets[-1]
     fastest = [int(np.argmin(t.costs[:, 2])) for t in tables]
     floor = _predicted(analysis, tables, fastest)
     point = (floor, _measure_end_to_end(analysis, tables, fastest))
@@ -526,22 +525,26 @@ def _measured_latency(
             "the budget, or allow more candidates (higher --max-groups, lower --rank-multiple)",
             {"latency": point[1]},
         )
+    points = [point]
     for _ in range(_LATENCY_ROUNDS):
-        predicted, measured = point
-        if abs(measured - target) <= _LATENCY_TOLERANCE * target:
+        if tried and abs(tried[-1][0] - target) <= _LATENCY_TOLERANCE * target:
             break
-        wanted = 1 - (1 - target) * (1 - predicted) / (1 - measured) if measured < 1 else target
+        # regula falsi: interpolate between the nearest measured points on either side of F,
+        # (1, 1) (the dense model) and the fastest choice to start with; a noisy timing then
+        # cannot throw the next guess outside what has been measured
+        below = max((q for q in points if q[1] <= target), key=lambda q: q[1], default=None)
+        above = min((q for q in points if q[1] > target), key=lambda q: q[1], default=(1.0, 1.0))
+        if below is None or above[1] <= below[1]:
+            break  # the fastest choice measured over F (within the reachable tolerance)
+        share = (target - below[1]) / (above[1] - below[1])
+        wanted = below[0] + share * (above[0] - below[0])
         fraction = min(max(wanted, floor * (1 + 1e-9)), 1.0)
-        try:
-            choices = allocate(tables, [*budgets[:-1], replace(latency, fraction=fraction)], config)
-        except InfeasibleBudgetError:
-            if len(budgets) == 1:
-                raise
-            break  # another budget (--params, --flops) does not allow this choice
+        choices = _allocate_latency(tables, budgets, fraction, config)
         point = (
             _predicted(analysis, tables, choices),
             _measure_end_to_end(analysis, tables, choices),
         )
+        points.append(point)
         tried.append((point[1], choices))
         log.info("latency budget %.3g: layer budget %.3g measured %.3f", target, fraction, point[1])
     if not tried:  # another budget refused every latency fraction tried
@@ -550,12 +553,28 @@ def _measured_latency(
             "raise one of them",
             {"latency": point[1]},
         )
-    within = [item for item in tried if item[0] <= target * (1 + _LATENCY_TOLERANCE)]
-    best = max(within, key=lambda i: i[0]) if within else min(tried, key=lambda i: i[0])
+    best = min(tried, key=lambda item: (abs(item[0] - target), item[0]))
     analysis.timings["latency"] = analysis.timings.get("latency", 0.0) + (
         time.perf_counter() - started
     )
     return best[1]
+
+
+def _allocate_latency(
+    tables: list[CandidateTable], budgets: list[BudgetLimit], fraction: float, config
+) -> list[int]:
+    """Allocate with the latency budget (last) at ``fraction``. With other budgets, whose rows
+    of least joint share may not fit a low latency fraction, the fraction moves halfway to 1
+    until they do (at 1 the latency budget holds the dense model, which every budget allows)."""
+    for _ in range(8):
+        try:
+            latency = replace(budgets[-1], fraction=fraction)
+            return allocate(tables, [*budgets[:-1], latency], config)
+        except InfeasibleBudgetError:
+            if len(budgets) == 1:
+                raise
+            fraction = (fraction + 1) / 2
+    return allocate(tables, budgets[:-1], config)
 
 
 def _measure_end_to_end(
