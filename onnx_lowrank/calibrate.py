@@ -69,13 +69,14 @@ import onnx
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .allocate import CandidateTable
+from .data import read_arrays
 from .discover import Discovery, Layer
 from .errors import CalibrationError
 from .factorize import Factors, reconstruct
 from .graphs import FreshNames, attribute, tensor_to_array
 from .sessions import make_session
 from .spectra import LayerSpectrum, group_counts
-from .validate import check_feeds, graph_inputs, load_npz
+from .validate import check_feeds, graph_inputs
 
 __all__ = [
     "CHUNK_BYTES",
@@ -219,13 +220,14 @@ class OutputErrors:
 
 
 def load_calibration(path: str | os.PathLike, model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Read a calibration ``.npz`` and check it against the model's inputs.
+    """Read calibration data (``.npz``, ``.npy`` or a folder of ``.npy``: ``data.read_arrays``)
+    and check it against the model's inputs.
 
     Raises:
         CalibrationError: the file cannot be read or does not match the model.
     """
     label = f"--calibration {path}"  # checked against the model before the data is read
-    feeds = load_npz(path, "--calibration", lambda arrays: check_calibration(model, arrays, label))
+    feeds = read_arrays(path, model, "--calibration", lambda a: check_calibration(model, a, label))
     check_calibration(model, feeds, label)
     return feeds
 

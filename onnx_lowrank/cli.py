@@ -4,14 +4,16 @@ A thin layer over the Python API: it parses arguments, renders progress and tabl
 every ``OnnxLowRankError`` into one line on stderr and an exit code. It is the only place that
 configures logging.
 
-Exit codes: 0 success (or nothing to compress), 2 bad input or options (or out of memory),
-3 validation failed, 1 internal error, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
+Exit codes (``EXIT_CODES``, also listed by ``--help``): 0 success (or nothing to compress),
+2 bad input or options (or out of memory), 3 validation failed, 1 internal error, 130
+interrupted (Ctrl-C), 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import re
@@ -29,9 +31,10 @@ from .config import (
     ERROR_MEASURES,
     METHODS,
     CompressionConfig,
-    parse_input_shape,
+    parse_input_shapes,
     parse_tolerances,
 )
+from .data import IMAGE_EXTENSIONS, ImagePreprocessing, images_to_batch, model_input
 from .errors import (
     ConfigError,
     NothingToCompressError,
@@ -48,17 +51,28 @@ from .load import (
 )
 from .pipeline import compress, inspect, sweep
 from .report import (
+    format_inspection,
     format_layers,
     format_summary,
     format_sweep,
     plot_layers,
     require_matplotlib,
     write_json,
+    write_npz,
 )
 
 __all__ = ["main"]
 
 log = logging.getLogger("onnx_lowrank")
+
+#: Exit codes of every command, as ``--help`` lists them.
+EXIT_CODES = """exit codes:
+  0    success (also when there is nothing to compress)
+  1    internal error (a bug: rerun with --debug and report it)
+  2    bad input or options, or out of memory (one line on stderr)
+  3    validation failed (the model is not written; the report still is)
+  130  interrupted (Ctrl-C)
+  143  terminated (SIGTERM)"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -113,39 +127,144 @@ def _methods(text: str) -> list[str]:
     return names
 
 
-def _shape(text: str) -> tuple[str, tuple[int, ...]]:
-    try:
-        return parse_input_shape(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="onnx-lowrank",
         description="Compress ONNX models after export by grouped low-rank factorization.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    run = commands.add_parser("compress", help="compress a model to a budget")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name,
+            help=help,
+            epilog=EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    run = command("compress", "compress a model to a budget")
     run.add_argument("input", help="the .onnx model to compress (never modified)")
-    run.add_argument("-o", "--output", required=True, help="where to write the compressed model")
+    run.add_argument(
+        "output", nargs="?", help="where to write the compressed model (or give -o OUTPUT)"
+    )
+    run.add_argument(
+        "-o", "--output", dest="output_option", metavar="OUTPUT", help="the same as OUTPUT"
+    )
     _add_run_options(run, sweep=False)
 
-    show = commands.add_parser("inspect", help="list layers, shapes, params, MACs, skip reasons")
+    show = command("inspect", "list inputs, outputs, layers, shapes, params, MACs, skip reasons")
     show.add_argument("input", help="the .onnx model")
     _add_shape_options(show)
     show.add_argument("--report", metavar="FILE.json", help="write the listing as JSON")
+    show.add_argument(
+        "--json", action="store_true", help="print the listing as JSON on stdout (for scripts)"
+    )
     _add_common(show)
 
-    many = commands.add_parser(
-        "sweep", help="compress to several budgets and methods; trade-off JSON and plot"
-    )
+    many = command("sweep", "compress to several budgets and methods; trade-off JSON and plot")
     many.add_argument("input", help="the .onnx model to compress (never modified)")
-    many.add_argument("--out", required=True, metavar="DIR", help="folder for models and JSON")
+    many.add_argument(
+        "-o", "--out", required=True, metavar="DIR", help="folder for models and JSON"
+    )
     _add_run_options(many, sweep=True)
+
+    images = command(
+        "make-calibration",
+        "turn a folder of images into calibration (or validation) inputs for a model",
+    )
+    _add_image_options(images)
     return parser
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    """``M`` or ``M1,M2,M3``; each may be a fraction ``1/255``."""
+    values = []
+    for part in text.split(","):
+        number, slash, divisor = part.partition("/")
+        try:
+            values.append(float(number) / (float(divisor) if slash else 1.0))
+        except (ValueError, ZeroDivisionError):
+            raise argparse.ArgumentTypeError(
+                f"expected numbers like 0.5, 1/255 or 0.485,0.456,0.406; got {text!r}"
+            ) from None
+    return tuple(values)
+
+
+def _add_image_options(images: argparse.ArgumentParser) -> None:
+    images.description = (
+        "Every image in IMAGES (png, jpg, jpeg, bmp, gif, tif, tiff, webp), sorted by name, "
+        "becomes one sample: converted to RGB (or grayscale), shorter side resized to --resize "
+        "(bicubic), centre-cropped to the model's input size, normalised as "
+        "(pixel*scale - mean)/std on 0..255 values, laid out NCHW or NHWC as float32, and saved "
+        "under the model's input name in OUT.npz, as --calibration and --inputs take it. "
+        "Needs Pillow."
+    )
+    images.add_argument("images", type=Path, help="folder of images")
+    images.add_argument("out", type=Path, help="the .npz file to write")
+    images.add_argument("--model", type=Path, help="read the input name and size from it")
+    images.add_argument("--input", help="input name (default: the model's only input)")
+    images.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="crop size")
+    images.add_argument("--resize", type=int, help="shorter side before the crop (bicubic)")
+    images.add_argument(
+        "--scale", type=_floats, default=(1 / 255,), help="factor on 0..255 pixels (default 1/255)"
+    )
+    images.add_argument("--mean", type=_floats, default=(0.0,), help="M or M1,M2,M3 (default 0)")
+    images.add_argument("--std", type=_floats, default=(1.0,), help="S or S1,S2,S3 (default 1)")
+    images.add_argument("--grayscale", action="store_true", help="one channel")
+    images.add_argument("--bgr", action="store_true", help="BGR channel order")
+    images.add_argument("--layout", choices=("nchw", "nhwc"), default="nchw")
+    images.add_argument(
+        "--crops",
+        type=int,
+        default=1,
+        help="samples per image: the whole image, then random square regions (a third of the "
+        "area or more, every other one mirrored; default 1)",
+    )
+    images.add_argument("--seed", type=int, default=0, help="seed of the random crops")
+    images.add_argument("--limit", type=int, help="use at most this many images")
+    images.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    images.add_argument("-v", "--verbose", action="store_true", help="print progress details")
+    images.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+
+
+def _make_calibration(args: argparse.Namespace) -> int:
+    name, dims = args.input or "input", [None, None, None, None]
+    if args.model is not None:
+        name, dims = model_input(open_model(args.model).model, args.input)
+    spatial = dims[2:4] if args.layout == "nchw" else dims[1:3]
+    size = tuple(args.size) if args.size else tuple(spatial)
+    if len(size) != 2 or None in size:
+        raise ConfigError("the model's input size is dynamic or unknown; give --size H W")
+    if not args.images.is_dir():
+        raise ConfigError(f"{args.images} is not a folder of images")
+    paths = sorted(p for p in args.images.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if args.limit is not None:
+        paths = paths[: args.limit]
+    if not paths:
+        raise ConfigError(f"no images in {args.images} ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    if args.crops < 1:
+        raise ConfigError(f"--crops must be a positive integer, got {args.crops}")
+    _check_output(args.images, args.out, False)
+    options = ImagePreprocessing(
+        size=size,  # type: ignore[arg-type]
+        resize=args.resize,
+        scale=args.scale[0],
+        mean=args.mean,
+        std=args.std,
+        grayscale=args.grayscale,
+        bgr=args.bgr,
+        layout=args.layout,
+        crops=args.crops,
+        seed=args.seed,
+    )
+    batch = images_to_batch(paths, options)
+    write_npz({name: batch}, args.out)
+    if not args.quiet:
+        print(f"wrote {len(batch)} samples of shape {batch.shape[1:]} as {name!r} to {args.out}")
+    return 0
 
 
 def _add_run_options(run: argparse.ArgumentParser, *, sweep: bool) -> None:
@@ -248,8 +367,9 @@ def _add_run_options(run: argparse.ArgumentParser, *, sweep: bool) -> None:
     )
     check.add_argument(
         "--inputs",
-        metavar="FILE.npz",
-        help="validation inputs keyed by input name (default: random)",
+        metavar="FILE.npz|FILE.npy|DIR",
+        help="validation inputs: .npz keyed by input name, .npy (one input), or a folder of "
+        ".npy files, one per input name or one per sample (default: random)",
     )
     for flag, what in (
         ("--max-rel-error", "an output's relative L2 error exceeds X"),
@@ -320,20 +440,23 @@ def _add_run_options(run: argparse.ArgumentParser, *, sweep: bool) -> None:
 def _add_shape_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--input-shape",
-        type=_shape,
-        action="append",
+        "--input-shapes",
+        dest="input_shapes",
+        action="extend",
+        nargs="+",
         default=[],
         metavar="NAME:D1,D2,...",
-        help="concrete shape of a dynamic input (repeat per input)",
+        help="concrete shape of a dynamic input, as NAME:1,3,224,224 or NAME:1x3x224x224; "
+        "several per option (x:1,3,224,224 y:1,10) or one option per input",
     )
 
 
 def _add_calibration_option(parser) -> None:
     parser.add_argument(
         "--calibration",
-        metavar="FILE.npz",
-        help="real inputs keyed by input name, batch first: factorize each layer to keep its "
-        "outputs on them (whitened SVD, bias correction); see docs/calibration.md",
+        metavar="FILE.npz|FILE.npy|DIR",
+        help="real inputs, batch first, in any format of --inputs: factorize each layer to keep "
+        "its outputs on them (whitened SVD, bias correction); see docs/calibration.md",
     )
 
 
@@ -377,7 +500,7 @@ class _ProgressBars:
 
 
 def _config(args: argparse.Namespace, **extra) -> CompressionConfig:
-    shapes = dict(args.input_shape)
+    shapes = parse_input_shapes(args.input_shapes)
     return CompressionConfig(input_shapes=shapes, force=args.force, **extra)
 
 
@@ -405,7 +528,21 @@ def _run_config(args: argparse.Namespace, **budget) -> CompressionConfig:
     )
 
 
+def _output(args: argparse.Namespace) -> str:
+    """The compressed model's path, given as OUTPUT or as -o OUTPUT (not both)."""
+    if args.output is not None and args.output_option is not None:
+        raise ConfigError(
+            f"the output is given twice ({args.output} and -o {args.output_option}); give "
+            "either 'compress INPUT OUTPUT' or 'compress INPUT -o OUTPUT'"
+        )
+    output = args.output if args.output is not None else args.output_option
+    if output is None:
+        raise ConfigError("no output given; use 'onnx-lowrank compress INPUT OUTPUT' or -o OUTPUT")
+    return output
+
+
 def _compress(args: argparse.Namespace) -> int:
+    args.output = _output(args)
     config = _run_config(
         args, params=args.params, flops=args.flops, latency=args.latency, method=args.method
     )
@@ -469,8 +606,8 @@ def _write_unchanged(args: argparse.Namespace, reason: NothingToCompressError) -
         protect=loaded.data_files,
         force=args.force,
     )
-    print(f"onnx-lowrank: {reason}", file=sys.stderr)
     if not args.quiet:
+        print(f"onnx-lowrank: {reason}", file=sys.stderr)
         print(f"wrote an unchanged copy to {args.output}")
     return 0
 
@@ -600,7 +737,7 @@ def _sweep(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(format_sweep(result.rows))
         print(f"wrote {result.json}" + (f" and {result.plot}" if result.plot else ""))
-    if result.notice:
+    if result.notice and not args.quiet:
         print(f"onnx-lowrank: note: {result.notice}", file=sys.stderr)
     if not result.passed:
         print(
@@ -624,16 +761,10 @@ def _inspect(args: argparse.Namespace) -> int:
     listing = inspect(args.input, _config(args))
     if args.report:
         write_json(listing.to_dict(), args.report)
-    if not args.quiet:
-        print(format_layers(listing.layers, compression=False))
-        print()
-        compressible = sum(1 for layer in listing.layers if layer.skipped_reason is None)
-        print(
-            f"{listing.source}: {listing.params:,} parameters, {listing.macs:,} MACs, "
-            f"{compressible} compressible layer(s) of {len(listing.layers)}"
-        )
-        for note in listing.notes:
-            print(f"note: {note}")
+    if args.json:
+        print(json.dumps(listing.to_dict(), indent=2))
+    elif not args.quiet:
+        print(format_inspection(listing))
     return 0
 
 
@@ -659,6 +790,27 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line.
+
+    ``compress IN --params 0.5 OUT`` is accepted as well as ``compress IN OUT --params 0.5``:
+    argparse fills optional positionals only where they stand, so a lone positional left over
+    after the options is taken as OUTPUT.
+    """
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if (
+        args.command == "compress"
+        and args.output is None
+        and len(extra) == 1
+        and not extra[0].startswith("-")
+    ):
+        args.output, extra = extra[0], []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI and return its exit code."""
     with _sigterm_raises():
@@ -667,18 +819,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    quiet = False
     try:
-        args = build_parser().parse_args(argv)
+        args = parse_args(argv)
+        quiet = args.quiet
         level = logging.ERROR if args.quiet else logging.INFO if args.verbose else logging.WARNING
         logging.basicConfig(level=level, format="onnx-lowrank: %(levelname)s: %(message)s")
         if args.command == "compress":
             return _compress(args)
         if args.command == "sweep":
             return _sweep(args)
+        if args.command == "make-calibration":
+            return _make_calibration(args)
         return _inspect(args)
     except OnnxLowRankError as exc:
-        prefix = "onnx-lowrank: " if exc.exit_code == 0 else "onnx-lowrank: error: "
-        print(f"{prefix}{exc}", file=sys.stderr)
+        if exc.exit_code != 0:
+            print(f"onnx-lowrank: error: {exc}", file=sys.stderr)
+        elif not quiet:  # not a failure ("nothing to compress"): a note, silenced by -q
+            print(f"onnx-lowrank: {exc}", file=sys.stderr)
         return exc.exit_code
     except _Terminated:
         print("onnx-lowrank: terminated (SIGTERM); nothing was written", file=sys.stderr)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -24,6 +24,7 @@ __all__ = [
     "CompressionConfig",
     "Tolerance",
     "parse_input_shape",
+    "parse_input_shapes",
     "parse_tolerances",
 ]
 
@@ -69,7 +70,8 @@ class CompressionConfig:
         device: ``"auto"`` (GPU when CuPy and a device are present), ``"cpu"`` or ``"cuda"``.
         input_shapes: concrete shapes for graph inputs with dynamic dimensions.
         validate: compare the compressed model with the original in ONNX Runtime.
-        inputs: an ``.npz`` file of validation inputs keyed by graph input name.
+        inputs: validation inputs: an ``.npz`` keyed by graph input name, an ``.npy`` (one
+            input), or a folder of ``.npy`` files (``data.read_arrays``).
         max_rel_error: fail validation when an output's relative L2 error exceeds this (a
             non-negative number).
         min_cosine: fail validation when an output's cosine similarity is below this (in
@@ -89,9 +91,9 @@ class CompressionConfig:
             and the report records it.
         seed: seed of the random validation inputs and of randomized solvers.
         force: go on with a model that fails the ONNX checker.
-        calibration: an ``.npz`` file of real model inputs keyed by graph input name, batch
-            first. When given, every layer is factorized to minimize its output error on these
-            activations (whitened SVD with bias correction; see calibrate.py).
+        calibration: real model inputs, batch first, in any format of ``inputs``. When
+            given, every layer is factorized to minimize its output error on these activations
+            (whitened SVD with bias correction; see calibrate.py).
         fold_batchnorm: fold BatchNormalization and constant per-channel Mul/Add into the
             preceding Conv before discovery (fold.py), so errors are measured on the weight as
             it acts.
@@ -212,7 +214,8 @@ class CompressionConfig:
         if self.calibration is not None:
             if not isinstance(self.calibration, (str, os.PathLike)) or not str(self.calibration):
                 raise ConfigError(
-                    f"--calibration must be the path of an .npz file, got {self.calibration!r}"
+                    "--calibration must be the path of an .npz, an .npy or a folder, got "
+                    f"{self.calibration!r}"
                 )
             object.__setattr__(self, "calibration", os.fspath(self.calibration))
         if self.error is None:
@@ -279,18 +282,20 @@ class CompressionConfig:
 def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
     """Parse ``NAME:D1,D2,...`` into ``(NAME, (D1, D2, ...))``.
 
+    The dimensions may also be written ``D1xD2x...`` (trtexec) or ``[D1,D2,...]`` (Polygraphy).
     The name may itself contain colons (tf2onnx names inputs ``input_1:0``); the last colon
     separates it from the dimensions.
     """
     name, sep, dims_text = text.rpartition(":")
+    dims_text = dims_text.strip().removeprefix("[").removesuffix("]")
     try:
-        dims = tuple(int(d) for d in dims_text.split(","))
+        dims = tuple(int(d) for d in dims_text.replace("x", ",").split(","))
     except ValueError:
         dims = ()
     if not sep or not name or not dims or any(d <= 0 for d in dims):
         raise ConfigError(
-            f"bad --input-shape {text!r}: expected NAME:D1,D2,... with positive integer "
-            "dimensions, for example input:1,3,224,224"
+            f"bad --input-shape {text!r}: expected NAME:D1,D2,... or NAME:D1xD2x... with "
+            "positive integer dimensions, for example input:1,3,224,224"
         )
     return name, dims
 
@@ -362,6 +367,29 @@ def parse_tolerances(flag: str, items: list[str]) -> float | dict[str, float] | 
     if list(values) == [ALL_OUTPUTS]:
         return values[ALL_OUTPUTS]
     return values
+
+
+def parse_input_shapes(texts: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """Parse several ``NAME:DIMS`` texts (each may hold several, separated by spaces).
+
+    Raises:
+        ConfigError: a text is malformed, or a name is given twice.
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+    for text in texts:
+        for part in text.split():
+            name, dims = parse_input_shape(part)
+            if name in shapes:
+                raise ConfigError(
+                    f"--input-shape for {name!r} is given twice ({_dims(shapes[name])} and "
+                    f"{_dims(dims)}); give each input once"
+                )
+            shapes[name] = dims
+    return shapes
+
+
+def _dims(dims: tuple[int, ...]) -> str:
+    return ",".join(map(str, dims))
 
 
 def _is_number(value: object) -> bool:

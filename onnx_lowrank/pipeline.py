@@ -40,6 +40,7 @@ from .backend import Backend, get_backend
 from .config import CompressionConfig
 from .cost import count_macs, count_parameters, infer_shapes
 from .discover import Discovery, Layer, discover
+from .discover import _GraphIndex as GraphIndex
 from .errors import (
     ConfigError,
     InfeasibleBudgetError,
@@ -50,6 +51,7 @@ from .errors import (
 )
 from .factorize import Factors, factorize_with_error, relative_error
 from .fold import fold
+from .graphs import FLOAT_TYPES, GraphPath, attribute, type_name, walk_graphs
 from .latency import LatencyBook, measure_choice, measure_model, preferred_multiple
 from .load import (
     LoadedModel,
@@ -69,6 +71,8 @@ from .report import (
     CompressionReport,
     InspectionReport,
     LayerReport,
+    ParameterShares,
+    TensorInfo,
     plot_sweep,
     write_json,
 )
@@ -76,6 +80,7 @@ from .rewrite import rewrite
 from .spectra import LayerSpectrum, compute_spectra, error_table
 from .validate import (
     check_tolerances,
+    graph_inputs,
     latency_feeds,
     providers_for,
     session_threads,
@@ -95,12 +100,15 @@ __all__ = [
     "candidate_tables",
     "choose",
     "compress",
+    "embedding_tables",
     "group_limit",
     "inspect",
     "latency_book",
+    "parameter_shares",
     "realize",
     "sweep",
     "sweep_row",
+    "tensor_info",
 ]
 
 log = logging.getLogger(__name__)
@@ -206,7 +214,12 @@ def _source_size(source: ModelSource, model: onnx.ModelProto) -> int:
 
 
 def inspect(source: ModelSource, config: CompressionConfig | None = None) -> InspectionReport:
-    """List the model's layers, their shapes, parameters and MACs, and why any is skipped."""
+    """What a user needs to know to feed and compress a model.
+
+    Its graph inputs and outputs (name, dtype, shape with dynamic dimensions named), opsets and
+    IR version, every Conv/Gemm/MatMul with its shapes, parameters and MACs (and why any is
+    skipped), and where the parameters are (``parameter_shares``).
+    """
     config = config or CompressionConfig()
     loaded = open_model(source, force=config.force)
     model = loaded.model
@@ -214,13 +227,80 @@ def inspect(source: ModelSource, config: CompressionConfig | None = None) -> Ins
     macs, unknown = count_macs(model, discovery.shapes)
     layers = [_dense_record(layer, None) for layer in discovery.layers]
     layers += [_skipped_record(skipped) for skipped in discovery.skipped]
+    shares = parameter_shares(model, discovery)
     return InspectionReport(
         source=_source_label(source),
-        params=count_parameters(model),
+        params=shares.total,
         macs=macs,
         layers=_in_graph_order(layers, model),
         notes=_shape_notes(discovery, unknown),
+        inputs=[tensor_info(info) for info in graph_inputs(model)],
+        outputs=[tensor_info(info) for info in model.graph.output],
+        opsets={entry.domain: entry.version for entry in model.opset_import},
+        ir_version=model.ir_version,
+        shares=shares,
     )
+
+
+def tensor_info(info: onnx.ValueInfoProto) -> TensorInfo:
+    """Name, dtype and shape of a graph input or output (dynamic dimensions by name or ``?``)."""
+    kind = info.type.WhichOneof("value")
+    if kind != "tensor_type":
+        return TensorInfo(info.name, (kind or "unknown").removesuffix("_type"), None)
+    tensor = info.type.tensor_type
+    try:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
+    except (KeyError, TypeError, ValueError):
+        dtype = type_name(tensor.elem_type)
+    if not tensor.HasField("shape"):
+        return TensorInfo(info.name, dtype, None)
+    shape: list[int | str] = []
+    for dim in tensor.shape.dim:
+        if dim.HasField("dim_value") and dim.dim_value > 0:
+            shape.append(dim.dim_value)
+        else:
+            shape.append(dim.dim_param if dim.HasField("dim_param") and dim.dim_param else "?")
+    return TensorInfo(info.name, dtype, tuple(shape))
+
+
+def parameter_shares(model: onnx.ModelProto, discovery: Discovery) -> ParameterShares:
+    """How many of the model's parameters are in compressible layers, in embeddings, and in
+    nothing compressible.
+
+    Embeddings are ``embedding_tables``: discovery does not yet treat them as layers, so they
+    are counted here; a table that is also a compressible layer's weight (a tied output
+    projection) counts as compressible.
+    """
+    weights = {(layer.graph_path, layer.weight_source) for layer in discovery.layers}
+    embeddings = sum(size for key, size in embedding_tables(model).items() if key not in weights)
+    return ParameterShares(
+        total=count_parameters(model),
+        compressible=sum(layer.params for layer in discovery.layers),
+        embeddings=embeddings,
+    )
+
+
+def embedding_tables(model: onnx.ModelProto) -> dict[tuple[GraphPath, str], int]:
+    """Constant 2-D floating-point tables read by ``Gather`` on axis 0, with their sizes.
+
+    Keyed by ``(graph path, stored constant name)`` like ``Layer.weight_source``; tables reached
+    through Identity/Cast/Transpose count once, at the constant that stores them.
+    """
+    tables: dict[tuple[GraphPath, str], int] = {}
+    indexes: dict[GraphPath, GraphIndex] = {}
+    for path, graph in walk_graphs(model.graph):
+        parent = indexes.get(path[:-1]) if path else None
+        index = indexes[path] = GraphIndex(graph, path, parent)
+        for node in graph.node:
+            if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or not node.input:
+                continue
+            ref = index.resolve(node.input[0])
+            if isinstance(ref, str) or len(ref.shape) != 2:
+                continue
+            if attribute(node, "axis", 0) not in (0, -2) or ref.stored_dtype not in FLOAT_TYPES:
+                continue
+            tables[(ref.owner.path, ref.source)] = math.prod(ref.shape)
+    return tables
 
 
 @dataclass

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
+
 from .config import ALL_OUTPUTS
 from .errors import OutputPathError, RuntimeMissingError
 from .load import write_file
@@ -23,6 +25,9 @@ __all__ = [
     "CompressionReport",
     "InspectionReport",
     "LayerReport",
+    "ParameterShares",
+    "TensorInfo",
+    "format_inspection",
     "format_layers",
     "format_summary",
     "format_sweep",
@@ -33,6 +38,7 @@ __all__ = [
     "plot_sweep",
     "sweep_figure",
     "write_json",
+    "write_npz",
 ]
 
 
@@ -78,18 +84,85 @@ class LayerReport:
     latency_ms_after: float | None = None
 
 
+@dataclass(frozen=True)
+class TensorInfo:
+    """A graph input or output as a user feeding the model sees it.
+
+    Attributes:
+        name: the tensor name.
+        dtype: NumPy's name of the element type (``float32``, ``int64``), or the ONNX name for
+            types NumPy lacks (``BFLOAT16``), or the kind of a non-tensor (``sequence``, ...).
+        shape: one entry per dimension: its size, its symbolic name (``"batch"``), or ``"?"``
+            when it is dynamic without a name; None when the rank is unknown.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...] | None
+
+
+@dataclass(frozen=True)
+class ParameterShares:
+    """Where a model's parameters are, by what onnx-lowrank can do with them.
+
+    Attributes:
+        total: every floating-point constant value (``cost.count_parameters``).
+        compressible: weights of the layers ``discover`` finds compressible (a tied weight once).
+        embeddings: constant 2-D tables read by ``Gather`` on axis 0 (token or position
+            embeddings), not counted in ``compressible``.
+    """
+
+    total: int
+    compressible: int
+    embeddings: int
+
+    @property
+    def other(self) -> int:
+        """Parameters in nothing compressible: biases, norms, skipped layers, other constants."""
+        return self.total - self.compressible - self.embeddings
+
+    def to_dict(self) -> dict[str, Any]:
+        shares = {"compressible": self.compressible, "embeddings": self.embeddings}
+        shares["other"] = self.other
+        fractions = {
+            f"{key}_fraction": value / self.total if self.total else 0.0
+            for key, value in shares.items()
+        }
+        return {"total": self.total, **shares, **fractions}
+
+
 @dataclass
 class InspectionReport:
-    """What ``inspect`` found in a model."""
+    """What ``inspect`` found in a model.
+
+    Attributes:
+        source: where the model came from.
+        params: the model's parameter count (``shares.total``).
+        macs: MACs of its Conv/Gemm/MatMul nodes (per sample with a dynamic batch).
+        layers: every Conv/Gemm/MatMul with a weight, compressible or with a skip reason.
+        notes: shape assumptions and unknown MACs.
+        inputs: the graph inputs to feed (initializers excluded).
+        outputs: the graph outputs.
+        opsets: imported opset version by domain (``""`` is the ONNX domain).
+        ir_version: the model's IR version.
+        shares: where the parameters are (compressible layers, embeddings, the rest).
+    """
 
     source: str
     params: int
     macs: int
     layers: list[LayerReport]
     notes: list[str] = field(default_factory=list)
+    inputs: list[TensorInfo] = field(default_factory=list)
+    outputs: list[TensorInfo] = field(default_factory=list)
+    opsets: dict[str, int] = field(default_factory=dict)
+    ir_version: int = 0
+    shares: ParameterShares | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(asdict(self))
+        data = asdict(self)
+        data["shares"] = None if self.shares is None else self.shares.to_dict()
+        return _plain(data)
 
 
 @dataclass
@@ -157,6 +230,16 @@ def write_json(data: dict[str, Any], path: str | os.PathLike) -> Path:
         stream.write(json.dumps(data, indent=2).encode("utf-8") + b"\n")
 
     return _atomic_write(target, dump, "report")
+
+
+def write_npz(arrays: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write arrays keyed by name as an ``.npz`` archive, atomically."""
+    target = Path(path)
+
+    def dump(stream: BinaryIO) -> None:
+        np.savez(stream, **arrays)
+
+    return _atomic_write(target, dump, "array file")
 
 
 def _atomic_write(target: Path, write: Callable[[BinaryIO], None], what: str) -> Path:
@@ -234,6 +317,38 @@ def format_layers(layers: list[LayerReport], *, compression: bool = True) -> str
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
+
+
+def _tensor_line(info: TensorInfo) -> str:
+    shape = "?" if info.shape is None else "(" + ", ".join(map(str, info.shape)) + ")"
+    return f"  {info.name}: {info.dtype} {shape}"
+
+
+def format_inspection(report: InspectionReport) -> str:
+    """What ``inspect`` prints: inputs, outputs, opsets, the layer table, parameter shares."""
+    opsets = ", ".join(
+        f"{domain or 'ai.onnx'} {version}" for domain, version in sorted(report.opsets.items())
+    )
+    lines = [f"model: {report.source}", f"IR version {report.ir_version}, opset {opsets}"]
+    lines += ["inputs:", *map(_tensor_line, report.inputs)]
+    lines += ["outputs:", *map(_tensor_line, report.outputs), ""]
+    lines += [format_layers(report.layers, compression=False), ""]
+    compressible = sum(1 for layer in report.layers if layer.skipped_reason is None)
+    lines.append(
+        f"{report.params:,} parameters, {report.macs:,} MACs, "
+        f"{compressible} compressible layer(s) of {len(report.layers)}"
+    )
+    shares = report.shares
+    if shares is not None:
+        for label, value in (
+            ("in compressible layers", shares.compressible),
+            ("in embeddings (Gather tables)", shares.embeddings),
+            ("in nothing compressible", shares.other),
+        ):
+            share = value / shares.total if shares.total else 0.0
+            lines.append(f"  {share:6.1%}  {value:>12,}  {label}")
+    lines += [f"note: {note}" for note in report.notes]
+    return "\n".join(lines)
 
 
 def format_summary(report: CompressionReport) -> str:

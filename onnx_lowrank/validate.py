@@ -634,8 +634,11 @@ def validation_inputs(
         CalibrationError: the ``.npz`` cannot be read or does not match the model's inputs.
     """
     if config.inputs is not None:
+        from .data import read_arrays  # data.py reads through load_npz: imported here
+
         label = str(config.inputs)  # the file's arrays are checked before they are read
-        feeds = load_npz(config.inputs, check=lambda arrays: check_feeds(model, arrays, label))
+        check = lambda arrays: check_feeds(model, arrays, label)  # noqa: E731
+        feeds = read_arrays(config.inputs, model, "--inputs", check)
     else:
         feeds = random_inputs(model, config.input_shapes, config.seed)
         label = f"random (seed {config.seed})"

@@ -1,0 +1,112 @@
+"""inspect: graph inputs and outputs, opsets, IR version and where the parameters are."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from builders import MNIST, MODELS, make_model
+from onnx import TensorProto, helper
+from robust_helpers import cached
+
+from onnx_lowrank import inspect
+from onnx_lowrank.cli import main
+from onnx_lowrank.pipeline import embedding_tables
+
+
+def _embedding_model():
+    """Token embedding (Gather axis 0, 50x16), a tied output projection reading the same table
+    through Transpose, a Gather on axis 1 (not an embedding), and a dense MatMul 16x8."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Gather", ["E", "ids"], ["h"], name="embed"),
+        helper.make_node("MatMul", ["h", "W"], ["z"], name="proj"),
+        helper.make_node("Transpose", ["E"], ["Et"], name="tie", perm=[1, 0]),
+        helper.make_node("MatMul", ["h", "Et"], ["logits"], name="head"),
+        helper.make_node("Gather", ["C", "ids"], ["cols"], name="columns", axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "embedding",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
+        [
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", "seq", 8]),
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", 50]),
+            helper.make_tensor_value_info("cols", TensorProto.FLOAT, [4, "batch", "seq"]),
+        ],
+        [
+            helper.make_tensor("E", TensorProto.FLOAT, [50, 16], rng.standard_normal(800)),
+            helper.make_tensor("W", TensorProto.FLOAT, [16, 8], rng.standard_normal(128)),
+            helper.make_tensor("C", TensorProto.FLOAT, [4, 30], rng.standard_normal(120)),
+        ],
+    )
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8, producer_name="t"
+    )
+
+
+def test_inputs_outputs_opset_and_shares_of_a_tiny_model():
+    model = _embedding_model()
+    listing = inspect(model)
+    assert [(i.name, i.dtype, i.shape) for i in listing.inputs] == [
+        ("ids", "int64", ("batch", "seq"))
+    ]
+    assert [(o.name, o.shape) for o in listing.outputs] == [
+        ("z", ("batch", "seq", 8)),
+        ("logits", ("batch", "seq", 50)),
+        ("cols", (4, "batch", "seq")),
+    ]
+    assert listing.opsets == {"": 17} and listing.ir_version == 8
+    assert set(embedding_tables(model)) == {((), "E")}
+    # the head shares E with the Gather, so discovery skips it: E counts as an embedding
+    head = next(layer for layer in listing.layers if layer.name == "head")
+    assert head.skipped_reason is not None
+    shares = listing.shares
+    assert shares.total == 800 + 128 + 120
+    assert (shares.compressible, shares.embeddings, shares.other) == (128, 800, 120)
+
+
+def test_inspect_cli_text_and_json(capsys, tmp_path):
+    assert main(["inspect", str(MNIST)]) == 0
+    out = capsys.readouterr().out
+    assert "IR version 8, opset ai.onnx 17" in out
+    assert "  input: float32 (batch, 1, 28, 28)" in out
+    assert "  logits: float32 (batch, 10)" in out
+    assert "in compressible layers" in out and "in embeddings" in out
+    assert main(["inspect", str(MNIST), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["inputs"] == [{"name": "input", "dtype": "float32", "shape": ["batch", 1, 28, 28]}]
+    assert data["opsets"] == {"": 17} and data["ir_version"] == 8
+    shares = data["shares"]
+    assert shares["total"] == data["params"] == 421_642
+    assert shares["compressible"] + shares["embeddings"] + shares["other"] == shares["total"]
+    assert abs(shares["compressible_fraction"] - 421_408 / 421_642) < 1e-12
+
+
+def test_unnamed_dynamic_dims_and_scalars_on_a_real_model():
+    listing = inspect(MODELS / "silero_vad.onnx")
+    shapes = {i.name: (i.dtype, i.shape) for i in listing.inputs}
+    assert shapes == {
+        "input": ("float32", ("?", "?")),
+        "state": ("float32", (2, "?", 128)),
+        "sr": ("int64", ()),
+    }
+
+
+def test_embedding_share_of_a_real_transformer():
+    """khmersm: a token embedding read by Gather, next to MatMul layers."""
+    listing = inspect(cached("khmersm/model.onnx"))
+    assert listing.shares.embeddings > 0
+    assert listing.shares.compressible > listing.shares.embeddings
+    assert [i.name for i in listing.inputs] == ["x", "mask"]
+    assert listing.inputs[0].dtype == "int64" and listing.inputs[0].shape == ("batch", "seq")
+
+
+def test_make_model_helper_has_no_embeddings():
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "B"], ["y"], name="m")],
+        [("x", ["n", 4])],
+        [("y", None)],
+        {"B": np.ones((4, 3), np.float32)},
+    )
+    assert embedding_tables(model) == {}
