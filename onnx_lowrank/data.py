@@ -267,7 +267,8 @@ def images_to_batch(paths: Sequence[Path], options: ImagePreprocessing) -> np.nd
         from PIL import Image, UnidentifiedImageError
     except ImportError:
         raise RuntimeMissingError(
-            "make-calibration needs Pillow; install it with pip install pillow (or the images extra)"
+            "make-calibration needs Pillow; install it with pip install pillow "
+            "(or the images extra)"
         ) from None
     rng = np.random.default_rng(options.seed)
     mean = np.asarray(options.mean, dtype=np.float32)

@@ -267,16 +267,17 @@ def parameter_shares(model: onnx.ModelProto, discovery: Discovery) -> ParameterS
     """How many of the model's parameters are in compressible layers, in embeddings, and in
     nothing compressible.
 
-    Embeddings are ``embedding_tables``: discovery does not yet treat them as layers, so they
-    are counted here; a table that is also a compressible layer's weight (a tied output
-    projection) counts as compressible.
+    Embeddings are the tables of ``Gather`` layers (compressible too, but counted apart since
+    users budget them differently) and any other ``embedding_tables`` that discovery skipped.
+    A weight counts once, however many nodes read it.
     """
     weights = {(layer.graph_path, layer.weight_source) for layer in discovery.layers}
-    embeddings = sum(size for key, size in embedding_tables(model).items() if key not in weights)
+    tables = sum(size for key, size in embedding_tables(model).items() if key not in weights)
+    gathers = sum(layer.params for layer in discovery.layers if layer.op_type == "Gather")
     return ParameterShares(
         total=count_parameters(model),
-        compressible=sum(layer.params for layer in discovery.layers),
-        embeddings=embeddings,
+        compressible=sum(layer.params for layer in discovery.layers) - gathers,
+        embeddings=gathers + tables,
     )
 
 

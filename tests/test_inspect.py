@@ -58,11 +58,23 @@ def test_inputs_outputs_opset_and_shares_of_a_tiny_model():
     ]
     assert listing.opsets == {"": 17} and listing.ir_version == 8
     assert set(embedding_tables(model)) == {((), "E")}
-    # the head shares E with the Gather, so discovery skips it: E counts as an embedding
-    head = next(layer for layer in listing.layers if layer.name == "head")
-    assert head.skipped_reason is not None
+    # the head shares E with the Gather: one tied layer, counted once, as an embedding
+    embed = next(layer for layer in listing.layers if layer.name == "embed")
+    assert embed.op_type == "Gather" and embed.shared_with == ("head",)
     shares = listing.shares
     assert shares.total == 800 + 128 + 120
+    assert (shares.compressible, shares.embeddings, shares.other) == (128, 800, 120)
+
+
+def test_a_gather_table_that_discovery_skips_still_counts_as_embedding():
+    model = _embedding_model()
+    del model.graph.node[2:4]  # no tied head; the table is also summed: not a layer
+    model.graph.node.append(helper.make_node("ReduceSum", ["E"], ["total"], keepdims=0))
+    model.graph.output[1].CopyFrom(helper.make_tensor_value_info("total", TensorProto.FLOAT, []))
+    listing = inspect(model)
+    embed = next(layer for layer in listing.layers if layer.name == "embed")
+    assert embed.skipped_reason is not None
+    shares = listing.shares
     assert (shares.compressible, shares.embeddings, shares.other) == (128, 800, 120)
 
 
