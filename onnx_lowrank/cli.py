@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -23,9 +24,10 @@ import threading
 import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from . import __version__
+from .choices import read_recipe
 from .config import (
     DEVICES,
     ERROR_MEASURES,
@@ -64,6 +66,9 @@ from .report import (
 __all__ = ["main"]
 
 log = logging.getLogger("onnx_lowrank")
+
+#: The subcommands.
+COMMANDS = ("compress", "inspect", "sweep", "make-calibration")
 
 #: Exit codes of every command, as ``--help`` lists them.
 EXIT_CODES = """exit codes:
@@ -136,14 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser.commands = {}  # type: ignore[attr-defined]
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
-        return commands.add_parser(
+        parser.commands[name] = commands.add_parser(  # type: ignore[attr-defined]
             name,
             help=help,
             epilog=EXIT_CODES,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
+        return parser.commands[name]  # type: ignore[attr-defined]
 
     run = command("compress", "compress a model to a budget")
     run.add_argument("input", help="the .onnx model to compress (never modified)")
@@ -357,6 +364,7 @@ def _add_run_options(run: argparse.ArgumentParser, *, sweep: bool) -> None:
     )
     _add_calibration_option(method)
     _add_shape_options(run)
+    _add_layer_options(run, sweep=sweep)
     check = run.add_argument_group("validation")
     check.add_argument(
         "--no-validate",
@@ -460,7 +468,53 @@ def _add_calibration_option(parser) -> None:
     )
 
 
+def _add_layer_options(run: argparse.ArgumentParser, *, sweep: bool) -> None:
+    layers = run.add_argument_group(
+        "layer control (names as 'inspect' lists them; the budget goes to the other layers)"
+    )
+    layers.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="keep matching layers dense: a layer name, an op type (Gemm) or a regular "
+        "expression over whole names ('/encoder/.*'); repeatable",
+    )
+    layers.add_argument(
+        "--rank",
+        dest="ranks",
+        action="append",
+        default=[],
+        metavar="NAME=R",
+        help="factorize layer NAME at rank R (0: keep it dense), with --groups-for NAME or "
+        "else 1 group; repeatable",
+    )
+    layers.add_argument(
+        "--groups-for",
+        dest="groups_for",
+        action="append",
+        default=[],
+        metavar="NAME=G",
+        help="give layer NAME G channel groups (the allocator chooses its rank unless --rank "
+        "pins it); repeatable",
+    )
+    if not sweep:
+        layers.add_argument(
+            "--recipe",
+            metavar="REPORT.json",
+            help="apply the per-layer (g, r) of an earlier run's --report (or a sweep point's "
+            "JSON) with its recorded options: the same input gives the same model, byte for "
+            "byte, without spectra or allocation; flags override the recorded options",
+        )
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="read options from a TOML or JSON file (keys are option names: params = 0.5, "
+        "exclude = ['Gemm'], [ranks] fc = 8); flags on the command line override it",
+    )
     parser.add_argument(
         "--force", action="store_true", help="go on with a model that fails the ONNX checker"
     )
@@ -525,7 +579,29 @@ def _run_config(args: argparse.Namespace, **budget) -> CompressionConfig:
         fold_batchnorm=args.fold_batchnorm,
         latency_check=args.latency_check,
         max_latency_ratio=args.max_latency_ratio,
+        exclude=tuple(args.exclude),
+        ranks=_assignments(args.ranks, "--rank"),
+        groups_for=_assignments(args.groups_for, "--groups-for"),
+        recipe=getattr(args, "recipe", None),
+        **getattr(args, "recorded", {}),
     )
+
+
+def _assignments(texts: Sequence[str], flag: str) -> dict[str, int]:
+    """``NAME=N`` texts as a dict; the last ``=`` separates (names may contain ``=``)."""
+    values: dict[str, int] = {}
+    for text in texts:
+        name, sep, number = str(text).rpartition("=")
+        try:
+            value = int(number)
+        except ValueError:
+            value = None
+        if not sep or not name or value is None:
+            raise ConfigError(f"bad {flag} {text!r}: expected NAME=N, for example {flag} fc=8")
+        if name in values:
+            raise ConfigError(f"{flag} for {name!r} is given twice; give each layer once")
+        values[name] = value
+    return values
 
 
 def _output(args: argparse.Namespace) -> str:
@@ -808,7 +884,118 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.output, extra = extra[0], []
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "config", None) or getattr(args, "recipe", None):
+        _apply_files(args, _given_options(argv), parser.commands[args.command])
     return args
+
+
+def _given_options(argv: Sequence[str] | None) -> set[str]:
+    """The destinations of the options given on the command line (not left at defaults)."""
+    probe = build_parser()
+    for command in probe.commands.values():
+        for action in command._actions:
+            if action.option_strings:
+                action.default = argparse.SUPPRESS
+    given, _ = probe.parse_known_args(argv)
+    return set(vars(given))
+
+
+#: Keys of a --config file or a recipe's config that name an option by another name.
+_ALIASES = {"input_shape": "input_shapes", "rank": "ranks", "output": "output_option"}
+#: Recorded options a recipe does not carry over: its layers already fix every layer.
+_NOT_FROM_RECIPE = {"recipe", "exclude", "ranks", "groups_for"}
+
+
+def _apply_files(args: argparse.Namespace, given: set[str], command: argparse.ArgumentParser):
+    """Fill the options not given on the command line from ``--recipe`` (its recorded config)
+    and then ``--config`` (which overrides the recipe); command-line flags override both."""
+    actions = {a.dest: a for a in command._actions if a.option_strings and a.dest != "help"}
+    from_file = _read_config_file(args.config, args.command) if args.config else {}
+    recipe_path = getattr(args, "recipe", None)
+    if "recipe" not in given:
+        recipe_path = from_file.get("recipe", recipe_path)
+    layers: list[tuple[str, dict[str, Any]]] = []
+    args.recorded = {}
+    if recipe_path and args.command == "compress":
+        recipe = read_recipe(recipe_path)
+        recorded = {k: v for k, v in recipe.config.items() if k not in _NOT_FROM_RECIPE}
+        fields = {f.name for f in dataclasses.fields(CompressionConfig)}
+        for key in list(recorded):
+            if key not in actions and key in fields:  # an option without a flag
+                args.recorded[key] = recorded.pop(key)
+        layers.append((f"--recipe {recipe_path}", recorded))
+    layers.append((f"--config {args.config}", from_file))
+    for label, values in layers:
+        for key, value in values.items():
+            dest = _ALIASES.get(key.replace("-", "_"), key.replace("-", "_"))
+            if dest not in actions:
+                if label.startswith("--recipe"):
+                    continue  # recorded by another version: nothing to apply
+                known = ", ".join(sorted(actions))
+                raise ConfigError(f"{label}: {key!r} is not an option of {args.command}; {known}")
+            if dest not in given:
+                setattr(args, dest, _file_value(actions[dest], value, f"{label}: {key}"))
+
+
+def _read_config_file(path: str, command: str) -> dict[str, Any]:
+    """Options from a TOML or JSON file; a table named after the command overrides the rest."""
+    target = Path(path)
+    try:
+        text = target.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"--config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--config {path} cannot be read: {exc}") from None
+    try:
+        json_file = target.suffix.lower() == ".json"
+        data = json.loads(text) if json_file else _toml().loads(text)
+    except ValueError as exc:  # json.JSONDecodeError and tomllib.TOMLDecodeError
+        kind = "JSON" if target.suffix.lower() == ".json" else "TOML"
+        reason = " ".join(str(exc).split())[:200]
+        raise ConfigError(f"--config {path} is not valid {kind} ({reason})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path} must hold a table of options, not {type(data)}")
+    values = {k: v for k, v in data.items() if k not in COMMANDS}
+    section = data.get(command)
+    if isinstance(section, dict):
+        values.update(section)
+    return values
+
+
+def _toml():
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    return tomllib
+
+
+def _file_value(action: argparse.Action, value: Any, where: str) -> Any:
+    """A value from a file in the form argparse would have produced for the flag."""
+    if isinstance(action, (argparse._AppendAction, argparse._ExtendAction)):
+        if isinstance(value, dict):
+            separator = ":" if action.dest == "input_shapes" else "="
+            return [
+                f"{k}{separator}{','.join(map(str, v)) if isinstance(v, list) else v}"
+                for k, v in value.items()
+            ]
+        return [str(item) for item in value] if isinstance(value, list) else [str(value)]
+    if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):
+        # the destination says what is on (validate = true, fold_batchnorm = false)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if action.type in (_fractions, _methods):  # sweep's lists: a list, one value, or "a,b"
+        value = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    if isinstance(value, str) and action.type is not None:
+        try:
+            value = action.type(value)
+        except (argparse.ArgumentTypeError, ValueError) as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    if action.choices is not None and value not in action.choices:
+        choices = ", ".join(map(str, action.choices))
+        raise ConfigError(f"{where} must be one of {choices}; got {value!r}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -105,6 +105,15 @@ class CompressionConfig:
             the resolved value.
         max_latency_ratio: fail validation when the compressed model's measured latency is more
             than this times the original's.
+        exclude: layers kept dense whatever the budget: each pattern is a layer name, an op
+            type (``Gemm``), or a regular expression matching whole layer names.
+        ranks: layer name -> the rank it is factorized at (0: kept dense); with ``groups_for``
+            or else ``g = 1``. The allocator spends the rest of the budget on the other layers.
+        groups_for: layer name -> its group count. Without a ``ranks`` entry, the allocator
+            still chooses the layer's rank (or dense) among candidates with that many groups.
+        recipe: a JSON report of an earlier run (``--report``, or a sweep point's JSON) whose
+            per-layer ``(g, r)`` are applied as they are: every layer it factorized is pinned,
+            every other layer stays dense, and neither spectra nor allocation are computed.
     """
 
     params: float | None = None
@@ -130,6 +139,10 @@ class CompressionConfig:
     latency: float | None = None
     latency_check: bool | None = None
     max_latency_ratio: float | None = None
+    exclude: tuple[str, ...] = ()
+    ranks: Mapping[str, int] = field(default_factory=dict)
+    groups_for: Mapping[str, int] = field(default_factory=dict)
+    recipe: str | None = None
 
     def __post_init__(self) -> None:
         self._check_latency()
@@ -171,6 +184,7 @@ class CompressionConfig:
         for name in TOLERANCES:
             object.__setattr__(self, name, _check_tolerance(name, getattr(self, name)))
         self._check_validation_options()
+        self._check_layer_choices()
         shapes = {}
         try:
             given = dict(self.input_shapes).items()
@@ -205,6 +219,30 @@ class CompressionConfig:
                 f"--max-latency-ratio must be a positive number, got {ratio!r}; for example "
                 "--max-latency-ratio 1.0 fails a model slower than the original"
             )
+
+    def _check_layer_choices(self) -> None:
+        exclude = (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude)
+        if not all(isinstance(pattern, str) and pattern for pattern in exclude):
+            raise ConfigError(f"--exclude takes layer names, op types or patterns; got {exclude}")
+        object.__setattr__(self, "exclude", exclude)
+        for name, flag, least in (("ranks", "--rank", 0), ("groups_for", "--groups-for", 1)):
+            values = dict(getattr(self, name))
+            for layer, value in values.items():
+                if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                    kind = "a non-negative integer (0: dense)" if least == 0 else "positive"
+                    raise ConfigError(f"{flag} {layer}={value!r}: must be {kind}")
+            object.__setattr__(self, name, {str(k): v for k, v in values.items()})
+        if self.recipe is not None:
+            if not isinstance(self.recipe, (str, os.PathLike)) or not str(self.recipe):
+                raise ConfigError(
+                    f"--recipe must be the path of a JSON report, got {self.recipe!r}"
+                )
+            object.__setattr__(self, "recipe", os.fspath(self.recipe))
+            if exclude or self.ranks or self.groups_for:
+                raise ConfigError(
+                    "--recipe fixes every layer's (g, r); drop --exclude, --rank and "
+                    "--groups-for, or edit the recipe's layers"
+                )
 
     def _check_calibration(self) -> None:
         if self.inputs is not None:
@@ -276,7 +314,13 @@ class CompressionConfig:
         """The config as JSON-ready plain data."""
         data = dataclasses.asdict(self)
         data["input_shapes"] = {k: list(v) for k, v in self.input_shapes.items()}
+        data["exclude"] = list(self.exclude)
         return data
+
+    @property
+    def fixes_layers(self) -> bool:
+        """True when the user excluded or pinned layers, or applies a recipe."""
+        return bool(self.exclude or self.ranks or self.groups_for or self.recipe)
 
 
 def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:

@@ -28,6 +28,7 @@ import onnx
 
 from . import calibrate
 from .allocate import (
+    COST_KINDS,
     BudgetLimit,
     CandidateTable,
     allocate,
@@ -37,6 +38,7 @@ from .allocate import (
     without_rows,
 )
 from .backend import Backend, get_backend
+from .choices import UserChoice, constrain_table, read_recipe, user_choices
 from .config import CompressionConfig
 from .cost import count_macs, count_parameters, infer_shapes
 from .discover import Discovery, Layer, discover
@@ -333,6 +335,8 @@ class Analysis:
         latency: the layers' measured latencies (latency.py), made by ``latency_book`` when
             a run first needs them.
         latency_ms: the whole original model's measured latency, with ``latency``.
+        user_choices: the layers the user excluded or pinned (``--exclude``, ``--rank``,
+            ``--groups-for``, ``--recipe``), by layer name.
     """
 
     source: str
@@ -353,6 +357,16 @@ class Analysis:
     notes: list[str] = field(default_factory=list)
     latency: LatencyBook | None = None
     latency_ms: float | None = None
+    user_choices: dict[str, UserChoice] = field(default_factory=dict)
+
+    @property
+    def fixed(self) -> bool:
+        """True when the user fixed every layer: no spectra, no allocation (a recipe)."""
+        return _all_fixed(self.discovery, self.user_choices)
+
+
+def _all_fixed(discovery: Discovery, choices: dict[str, UserChoice]) -> bool:
+    return all(layer.name in choices and choices[layer.name].fixed for layer in discovery.layers)
 
 
 def analyze(
@@ -370,6 +384,7 @@ def analyze(
     """
     timer = _Timer()
     with timer.stage("load"):
+        recipe = read_recipe(config.recipe) if config.recipe is not None else None
         loaded = open_model(source, force=config.force)
         model = loaded.model
         feeds = None
@@ -403,18 +418,25 @@ def analyze(
         _require_macs(discovery, unknown_macs)
     # Validation inputs are checked before any heavy work, but after "nothing to compress":
     # a model without compressible layers needs no input shapes.
+    choices = user_choices(discovery, config, recipe)
+    fixed = _all_fixed(discovery, choices)
     with timer.stage("load"):
         checked = validation_inputs(loaded.model, config) if config.validate else None
     backend = get_backend(config.device)
-    with timer.stage("spectra"):
-        spectra = compute_spectra(discovery, group_limit(config, discovery), backend, progress)
+    spectra: dict[str, LayerSpectrum] = {}
+    if not fixed:  # with every layer fixed (a recipe), nothing needs the spectra
+        with timer.stage("spectra"):
+            spectra = compute_spectra(discovery, group_limit(config, discovery), backend, progress)
     calibration = None
     if feeds is not None:
+        limit = group_limit(config, discovery)
+        if fixed:  # whitened spectra only of the pinned group counts (output error estimates)
+            limit = max((c.groups or 1 for c in choices.values()), default=1)
         with timer.stage("calibrate"):
             calibration = calibrate.calibrate(
                 discovery,
                 feeds,
-                group_limit(config, discovery),
+                limit,
                 source=str(config.calibration),
                 providers=providers_for(config.device),
                 progress=progress,
@@ -436,43 +458,53 @@ def analyze(
         original=original,
         params_model=params_model,
         notes=notes,
+        user_choices=choices,
     )
 
 
 def candidate_tables(analysis: Analysis, config: CompressionConfig) -> list[CandidateTable]:
-    """One candidate table per layer, for the error measure and constraints of ``config``."""
+    """One candidate table per layer, for the error measure and constraints of ``config``,
+    restricted by the user's choices (``choices.constrain_table``). A layer without spectra
+    (every layer fixed, as with a recipe) gets the one row of its pinned ``(g, r)``, or dense."""
     output = config.error == "output"
     if output and analysis.calibration is None:
         raise ConfigError("--error output needs an analysis made with --calibration FILE.npz")
+    discovery, spectra = analysis.discovery, analysis.spectra
     tables = [
         build_table(
             layer,
-            analysis.spectra[layer.name],
+            spectra[layer.name],
             "bound" if output else config.error,
-            group_limit(config, analysis.discovery),
+            group_limit(config, discovery),
             1 if config.rank_multiple == "auto" else config.rank_multiple,
         )
-        for layer in analysis.discovery.layers
+        if layer.name in spectra
+        else _dense_table(layer)
+        for layer in discovery.layers
     ]
     if config.rank_multiple == "auto":
         block = preferred_multiple(providers_for(config.device)[0])
         tables = [
             with_block(table, layer, block)
-            for table, layer in zip(tables, analysis.discovery.layers, strict=True)
+            for table, layer in zip(tables, discovery.layers, strict=True)
         ]
-    if analysis.calibration is None:
-        return _timed_tables(analysis, tables, config)
-    # Layers inside subgraphs have no calibration statistics; they keep weight-error tables.
-    spectra = analysis.calibration.spectra
-    if output:
-        tables = [
-            calibrate.with_output_errors(t, spectra[t.layer]) if t.layer in spectra else t
-            for t in tables
+    if analysis.calibration is not None and spectra:
+        # Layers inside subgraphs have no calibration statistics; they keep weight-error tables.
+        whitened = analysis.calibration.spectra
+        if output:
+            tables = [
+                calibrate.with_output_errors(t, whitened[t.layer]) if t.layer in whitened else t
+                for t in tables
+            ]
+        graph = analysis.model.graph
+        tables = [  # bias correction adds a bias where there is none
+            calibrate.with_bias_cost(table, layer, graph) if layer.name in whitened else table
+            for table, layer in zip(tables, discovery.layers, strict=True)
         ]
-    graph = analysis.model.graph
-    tables = [  # bias correction adds a bias where there is none
-        calibrate.with_bias_cost(table, layer, graph) if layer.name in spectra else table
-        for table, layer in zip(tables, analysis.discovery.layers, strict=True)
+    choices = analysis.user_choices
+    tables = [
+        constrain_table(table, layer, choices[layer.name]) if layer.name in choices else table
+        for table, layer in zip(tables, discovery.layers, strict=True)
     ]
     return _timed_tables(analysis, tables, config)
 
@@ -526,16 +558,40 @@ def _timed_tables(
     ]
 
 
+def _dense_table(layer: Layer) -> CandidateTable:
+    """The dense row alone: the table of a layer without spectra before the user's choice."""
+    macs = layer.macs or 0
+    return CandidateTable(
+        layer=layer.name,
+        groups=np.zeros(1, dtype=np.int64),
+        ranks=np.zeros(1, dtype=np.int64),
+        errors=np.zeros(1),
+        costs=np.asarray([[layer.params, macs]], dtype=np.float64),
+        energy=np.zeros(1),
+        full_rank=min(layer.out_channels, layer.cols),
+    )
+
+
 def choose(
     analysis: Analysis, tables: list[CandidateTable], config: CompressionConfig
 ) -> list[int]:
-    """Row of each table chosen by ``config.method`` under the budgets of ``config``."""
+    """Row of each table chosen by ``config.method`` under the budgets of ``config``.
+
+    A table of one row (an excluded or pinned layer, or one without a candidate that saves
+    weights) leaves no choice: its cost is fixed, and the method allocates the rest of the
+    budget among the other layers. When every layer is fixed (a recipe), nothing is allocated
+    and the budget is not checked.
+    """
+    free = [index for index, table in enumerate(tables) if len(table) > 1]
+    if not free and analysis.fixed:
+        return [0] * len(tables)
     if not config.has_budget:
         raise ConfigError(
             "no budget given; pass --params F, --flops F and/or --latency F, e.g. --params 0.5"
         )
     if config.flops is not None:
         _require_macs(analysis.discovery, analysis.unknown_macs)
+    _check_method_choices(analysis, config)
     budgets = _budgets(
         config,
         analysis.discovery,
@@ -547,7 +603,7 @@ def choose(
         budgets.append(_latency_budget(analysis, tables, config.latency))
         if _end_to_end(analysis):
             return _measured_latency(analysis, tables, budgets, config)
-    choices = allocate(tables, budgets, config)
+    choices = _allocate(analysis, tables, budgets, config)
     if config.latency is not None or not config.latency_check:
         return choices
     return _never_slower(analysis, tables, budgets, choices, config)
@@ -620,7 +676,7 @@ def _measured_latency(
         share = (target - below[1]) / (above[1] - below[1])
         wanted = below[0] + share * (above[0] - below[0])
         fraction = min(max(wanted, floor * (1 + 1e-9)), 1.0)
-        choices = _allocate_latency(tables, budgets, fraction, config)
+        choices = _allocate_latency(analysis, tables, budgets, fraction, config)
         point = (
             _predicted(analysis, tables, choices),
             _measure_end_to_end(analysis, tables, choices),
@@ -642,7 +698,11 @@ def _measured_latency(
 
 
 def _allocate_latency(
-    tables: list[CandidateTable], budgets: list[BudgetLimit], fraction: float, config
+    analysis: Analysis,
+    tables: list[CandidateTable],
+    budgets: list[BudgetLimit],
+    fraction: float,
+    config,
 ) -> list[int]:
     """Allocate with the latency budget (last) at ``fraction``. With other budgets, whose rows
     of least joint share may not fit a low latency fraction, the fraction moves halfway to 1
@@ -650,12 +710,12 @@ def _allocate_latency(
     for _ in range(8):
         try:
             latency = replace(budgets[-1], fraction=fraction)
-            return allocate(tables, [*budgets[:-1], latency], config)
+            return _allocate(analysis, tables, [*budgets[:-1], latency], config)
         except InfeasibleBudgetError:
             if len(budgets) == 1:
                 raise
             fraction = (fraction + 1) / 2
-    return allocate(tables, budgets[:-1], config)
+    return _allocate(analysis, tables, budgets[:-1], config)
 
 
 def _measure_end_to_end(
@@ -691,7 +751,13 @@ def _latency_budget(
 ) -> BudgetLimit:
     """``Σ_ℓ T_ℓ(x_ℓ) ≤ F·T_model − rest`` with ``rest = T_model − Σ_ℓ T_ℓ(dense)``."""
     total = analysis.latency_ms or 0.0
-    dense = sum(float(table.costs[0, 2]) for table in tables)
+    book = analysis.latency
+    dense = sum(  # row 0 is dense but in the one row of a layer the user pinned
+        float(table.costs[0, 2])
+        if table.groups[0] == 0 or book is None
+        else book.dense_ms(table.layer)
+        for table in tables
+    )
     return BudgetLimit("latency", fraction, total, total - dense)
 
 
@@ -725,7 +791,9 @@ def _never_slower(
         chosen = {
             table.layer: (int(table.groups[row]), int(table.ranks[row]))
             for table, row in zip(tables, choices, strict=True)
-            if table.groups[row] > 0 and table.layer not in book.unknown
+            if table.groups[row] > 0
+            and table.layer not in book.unknown
+            and table.layer not in analysis.user_choices  # the user's choice stands
         }
         book.items({layer: [item] for layer, item in chosen.items()})
         slow = [
@@ -748,7 +816,7 @@ def _never_slower(
                 same = table.groups == groups
                 tables[index] = without_rows(table, same & (table.ranks == rank))
         try:
-            choices = allocate(tables, budgets, config)
+            choices = _allocate(analysis, tables, budgets, config)
         except InfeasibleBudgetError as exc:
             raise InfeasibleBudgetError(
                 f"{exc} (candidates measured slower than their dense layer were dropped; "
@@ -759,6 +827,59 @@ def _never_slower(
         time.perf_counter() - started
     )
     return choices
+
+
+def _allocate(
+    analysis: Analysis,
+    tables: list[CandidateTable],
+    budgets: list[BudgetLimit],
+    config: CompressionConfig,
+) -> list[int]:
+    """``allocate`` on the tables that leave a choice; a table of one row is a fixed cost.
+
+    The budgets exclude every layer (``_budgets``), so each fixed layer's one row is added to
+    their fixed part, and the method spends the rest on the other layers.
+    """
+    free = [index for index, table in enumerate(tables) if len(table) > 1]
+    fixed = [index for index, table in enumerate(tables) if len(table) == 1]
+    budgets = [
+        replace(
+            budget,
+            fixed=budget.fixed
+            + sum(float(tables[i].costs[0, COST_KINDS.index(budget.kind)]) for i in fixed),
+        )
+        for budget in budgets
+    ]
+    try:
+        picked = allocate([tables[i] for i in free], budgets, config)
+    except InfeasibleBudgetError as exc:
+        if not analysis.user_choices:
+            raise
+        raise InfeasibleBudgetError(
+            f"{exc}; the layers excluded or pinned by the user count at their fixed cost",
+            exc.smallest_fraction,
+        ) from exc
+    choices = [0] * len(tables)
+    for index, row in zip(free, picked, strict=True):
+        choices[index] = row
+    return choices
+
+
+def _check_method_choices(analysis: Analysis, config: CompressionConfig) -> None:
+    """Group counts pinned without a rank must be ones the method may choose."""
+    for name, choice in analysis.user_choices.items():
+        if choice.kind != "pinned" or choice.rank is not None or choice.groups is None:
+            continue
+        if config.method in ("energy", "svd") and choice.groups != 1:
+            raise ConfigError(
+                f"--method {config.method} factorizes with g = 1 only, but {choice.source} pins "
+                f"{name!r} to {choice.groups} groups; pin its rank too, or use --method alds"
+            )
+        if config.method == "alds-error" and choice.groups > config.groups:
+            raise ConfigError(
+                f"--method alds-error uses at most --groups {config.groups} groups, but "
+                f"{choice.source} asks for {choice.groups}; raise --groups or pin the rank too"
+            )
 
 
 def realize(
@@ -811,7 +932,9 @@ def realize(
         with timer.stage("validate"):
             validation = _validate(loaded, compressed, data_dir, config, analysis.validation_inputs)
         validation = _check_latency_ratio(validation, config)
-    layers = _layer_records(discovery, tables, choices, analysis.spectra, errors)
+    layers = _layer_records(
+        discovery, tables, choices, analysis.spectra, errors, analysis.user_choices
+    )
     latency = _latency_summary(analysis, tables, choices, validation)
     if latency is not None:
         layers = [_with_latency(layer, latency["layers"]) for layer in layers]
@@ -1001,7 +1124,7 @@ def compress(
         NothingToCompressError: the model has no compressible layer.
         OnnxLowRankError: any other subclass, for bad input, options or budgets.
     """
-    if not config.has_budget:
+    if not config.has_budget and not config.fixes_layers:
         raise ConfigError(
             "no budget given; pass --params F, --flops F and/or --latency F, e.g. --params 0.5"
         )
@@ -1300,8 +1423,11 @@ def _factorize(
         layer, table, row = item
         weight = discovery.weight(layer)
         groups, rank = int(table.groups[row]), int(table.ranks[row])
-        norm = spectra[layer.name].spectral_norm
+        spectrum = spectra.get(layer.name)  # none for a recipe: the error is not measured
+        norm = 0.0 if spectrum is None else spectrum.spectral_norm
         factors, error = factorize_with_error(weight, groups, rank, norm, backend)
+        if spectrum is None:
+            error = None
         if layer.weight_dtype == onnx.TensorProto.FLOAT and layer.stored_dtype is None:
             # the rewrite writes float32 anyway; holding float32 halves the factors' memory
             factors = dataclasses.replace(
@@ -1350,8 +1476,12 @@ def _factorize_calibrated(
     )
     for layer, _, _ in chosen:
         item = calibrated[layer.name]
-        norm = analysis.spectra[layer.name].spectral_norm
-        error = relative_error(discovery.weight(layer), item.factors, norm)
+        spectrum = analysis.spectra.get(layer.name)
+        error = (
+            None
+            if spectrum is None
+            else relative_error(discovery.weight(layer), item.factors, spectrum.spectral_norm)
+        )
         factors[layer.name] = (item.factors, error)
     return calibrated, factors
 
@@ -1377,21 +1507,30 @@ def _layer_records(
     tables: list[CandidateTable],
     choices: list[int],
     spectra: dict[str, LayerSpectrum],
-    errors: dict[str, float],
+    errors: dict[str, float | None],
+    user: dict[str, UserChoice],
 ) -> list[LayerReport]:
     records = []
     for layer, table, row in zip(discovery.layers, tables, choices, strict=True):
+        choice = user.get(layer.name)
+        by_user = None if choice is None else choice.describe()
         if layer.name not in errors:
-            reason = (
-                "no candidate saves weights under the candidate constraints"
-                if len(table) == 1
-                else KEPT_DENSE
-            )
-            records.append(_dense_record(layer, reason))
+            if choice is not None and choice.kind == "excluded":
+                reason = by_user
+            elif len(table) == 1:
+                reason = "no candidate saves weights under the candidate constraints"
+            else:
+                reason = KEPT_DENSE
+            records.append(replace(_dense_record(layer, reason), user_choice=by_user))
             continue
         groups, rank = int(table.groups[row]), int(table.ranks[row])
         params = int(table.costs[row, 0])
-        bound = float(error_table(spectra[layer.name], groups, "bound")[rank])
+        spectrum = spectra.get(layer.name)
+        bound = (
+            float(error_table(spectrum, groups, "bound")[rank])
+            if spectrum is not None and groups in spectrum.singular_values
+            else None
+        )
         records.append(
             LayerReport(
                 name=layer.name,
@@ -1407,6 +1546,7 @@ def _layer_records(
                 error_actual=errors[layer.name],
                 skipped_reason=None,
                 shared_with=tuple(use.name for use in layer.tied),
+                user_choice=by_user,
             )
         )
     records += [_skipped_record(skipped) for skipped in discovery.skipped]

@@ -62,6 +62,9 @@ class LayerReport:
 
     ``latency_ms_before``/``latency_ms_after`` are the layer's measured latency dense and as
     chosen (latency.py; summed over its nodes), when candidates were timed.
+    ``user_choice`` says when the user fixed the layer, and with which option: ``"excluded by
+    the user (--exclude Gemm)"`` or ``"pinned by the user (--rank fc=8)"``; None otherwise.
+    A layer without spectra (a recipe) has ``error_bound`` and ``error_actual`` None.
     """
 
     name: str
@@ -82,6 +85,7 @@ class LayerReport:
     shared_with: tuple[str, ...] = ()
     latency_ms_before: float | None = None
     latency_ms_after: float | None = None
+    user_choice: str | None = None
 
 
 @dataclass(frozen=True)
@@ -299,6 +303,8 @@ def format_layers(layers: list[LayerReport], *, compression: bool = True) -> str
         else:
             row += [_count(layer.params_before), _count(layer.macs_before)]
         notes = [layer.skipped_reason] if layer.skipped_reason else []
+        if layer.user_choice and layer.user_choice not in notes:
+            notes.append(layer.user_choice)
         if layer.shared_with:
             notes.append(f"weight shared by {1 + len(layer.shared_with)} nodes")
         row.append("; ".join(notes))
@@ -381,8 +387,13 @@ def format_summary(report: CompressionReport) -> str:
     text.append(
         f"layers factorized: {len(report.compressed_layers)} of "
         f"{sum(1 for layer in report.layers if layer.weight_shape)}; "
-        f"max layer error: bound {report.max_error_bound:.4f}, "
-        f"actual {report.max_error_actual:.4f}"
+        + (
+            "layer errors not measured (a recipe: no spectra)"
+            if report.compressed_layers
+            and all(layer.error_actual is None for layer in report.compressed_layers)
+            else f"max layer error: bound {report.max_error_bound:.4f}, "
+            f"actual {report.max_error_actual:.4f}"
+        )
     )
     measure = report.config.get("error")
     if report.calibration is not None:
