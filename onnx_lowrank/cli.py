@@ -885,7 +885,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "config", None) or getattr(args, "recipe", None):
-        _apply_files(args, _given_options(argv), parser.commands[args.command])
+        _apply_files(args, _given_options(argv), parser.commands)  # type: ignore[attr-defined]
     return args
 
 
@@ -906,10 +906,23 @@ _ALIASES = {"input_shape": "input_shapes", "rank": "ranks", "output": "output_op
 _NOT_FROM_RECIPE = {"recipe", "exclude", "ranks", "groups_for"}
 
 
-def _apply_files(args: argparse.Namespace, given: set[str], command: argparse.ArgumentParser):
+def _options(command: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {a.dest: a for a in command._actions if a.option_strings and a.dest != "help"}
+
+
+def _apply_files(
+    args: argparse.Namespace, given: set[str], commands: dict[str, argparse.ArgumentParser]
+) -> None:
     """Fill the options not given on the command line from ``--recipe`` (its recorded config)
-    and then ``--config`` (which overrides the recipe); command-line flags override both."""
-    actions = {a.dest: a for a in command._actions if a.option_strings and a.dest != "help"}
+    and then ``--config`` (which overrides the recipe); command-line flags override both.
+
+    A config file may hold options of other commands (one file for compress, sweep and
+    inspect); those are skipped here. A key that is no command's option is an error.
+    """
+    actions = _options(commands[args.command])
+    everywhere = {dest for command in commands.values() for dest in _options(command)}
+    if getattr(args, "output", None) is not None:
+        given = given | {"output_option"}  # the positional OUTPUT was given
     from_file = _read_config_file(args.config, args.command) if args.config else {}
     recipe_path = getattr(args, "recipe", None)
     if "recipe" not in given:
@@ -929,10 +942,10 @@ def _apply_files(args: argparse.Namespace, given: set[str], command: argparse.Ar
         for key, value in values.items():
             dest = _ALIASES.get(key.replace("-", "_"), key.replace("-", "_"))
             if dest not in actions:
-                if label.startswith("--recipe"):
-                    continue  # recorded by another version: nothing to apply
-                known = ", ".join(sorted(actions))
-                raise ConfigError(f"{label}: {key!r} is not an option of {args.command}; {known}")
+                if label.startswith("--recipe") or dest in everywhere:
+                    continue  # another command's option, or recorded by another version
+                known = ", ".join(sorted(everywhere))
+                raise ConfigError(f"{label}: {key!r} is not an option of onnx-lowrank; {known}")
             if dest not in given:
                 setattr(args, dest, _file_value(actions[dest], value, f"{label}: {key}"))
 

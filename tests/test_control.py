@@ -246,6 +246,7 @@ def test_config_file_toml_and_json_with_flags_overriding(tmp_path, capsys):
     assert cli("compress", MNIST, out, "--config", as_json, "--report", report, "-q") == 0
     assert json.loads(report.read_text())["config"]["ranks"] == {FC1: 4}
     assert cli("sweep", MNIST, "-o", tmp_path / "s", "--config", toml, "-q") == 0
+    assert cli("inspect", MNIST, "--config", toml, "-q") == 0  # compress's options: skipped
     rows = json.loads((tmp_path / "s" / "sweep.json").read_text())["rows"]
     assert [row["params"] for row in rows] == [0.6, 0.4]
     capsys.readouterr()
@@ -254,7 +255,7 @@ def test_config_file_toml_and_json_with_flags_overriding(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ("params = 0.5\nfrobnicate = 1\n", "'frobnicate' is not an option of compress"),
+        ("params = 0.5\nfrobnicate = 1\n", "'frobnicate' is not an option of onnx-lowrank"),
         ("params = [0.5\n", "is not valid TOML"),
         ("params = 0.5\nvalidate = 'no'\n", "must be true or false"),
         ("params = 0.5\nmethod = 'magic'\n", "must be one of alds"),
@@ -281,3 +282,12 @@ def test_cli_pins_and_bad_assignments(tmp_path, capsys):
     assert layers[FC1]["user_choice"] == f"excluded by the user (--exclude {FC1})"
     assert cli("compress", MNIST, out, "--params", "0.5", "--rank", "fc") == 2
     assert "bad --rank 'fc': expected NAME=N" in capsys.readouterr().err
+
+
+def test_config_file_output_and_the_positional_output(tmp_path):
+    config = tmp_path / "out.toml"
+    config.write_text(f'output = "{tmp_path / "from_file.onnx"}"\nparams = 0.5\nvalidate = false\n')
+    assert cli("compress", MNIST, "--config", config, "-q") == 0
+    assert (tmp_path / "from_file.onnx").is_file()
+    assert cli("compress", MNIST, tmp_path / "given.onnx", "--config", config, "-q") == 0
+    assert (tmp_path / "given.onnx").is_file()  # the command line wins, no "given twice"
