@@ -28,7 +28,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .allocate import CandidateTable
-from .config import CompressionConfig
+from .config import TOLERANCES, CompressionConfig
 from .discover import Discovery, Layer
 from .errors import ConfigError
 from .spectra import group_counts
@@ -137,6 +137,8 @@ def recipe_config(path: str | os.PathLike, **changes: Any) -> CompressionConfig:
     recipe = read_recipe(path)
     fields = {f.name for f in dataclasses.fields(CompressionConfig)}
     skip = {"recipe", "exclude", "ranks", "groups_for"}  # the recipe's layers fix every layer
+    if changes.get("validate") is False:  # the recorded validation options would conflict
+        skip |= {*TOLERANCES, "inputs"}
     recorded = {k: v for k, v in recipe.config.items() if k in fields and k not in skip}
     return CompressionConfig(**{**recorded, "recipe": os.fspath(path), **changes})
 

@@ -32,6 +32,7 @@ from .config import (
     DEVICES,
     ERROR_MEASURES,
     METHODS,
+    TOLERANCES,
     CompressionConfig,
     parse_input_shapes,
     parse_tolerances,
@@ -931,7 +932,10 @@ def _apply_files(
     args.recorded = {}
     if recipe_path and args.command == "compress":
         recipe = read_recipe(recipe_path)
-        recorded = {k: v for k, v in recipe.config.items() if k not in _NOT_FROM_RECIPE}
+        skip = set(_NOT_FROM_RECIPE)
+        if "validate" in given and not args.validate:  # recorded tolerances would conflict
+            skip |= {*TOLERANCES, "inputs"}
+        recorded = {k: v for k, v in recipe.config.items() if k not in skip}
         fields = {f.name for f in dataclasses.fields(CompressionConfig)}
         for key in list(recorded):
             if key not in actions and key in fields:  # an option without a flag
@@ -986,8 +990,11 @@ def _toml():
 def _file_value(action: argparse.Action, value: Any, where: str) -> Any:
     """A value from a file in the form argparse would have produced for the flag."""
     if isinstance(action, (argparse._AppendAction, argparse._ExtendAction)):
+        if value is None:  # a recorded option that was not set
+            return []
         if isinstance(value, dict):
-            separator = ":" if action.dest == "input_shapes" else "="
+            # NAME:DIMS for shapes, OUTPUT:X for tolerances, NAME=N for pins
+            separator = "=" if action.dest in ("ranks", "groups_for") else ":"
             return [
                 f"{k}{separator}{','.join(map(str, v)) if isinstance(v, list) else v}"
                 for k, v in value.items()
