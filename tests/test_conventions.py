@@ -15,7 +15,7 @@ import onnx
 import pytest
 from builders import MNIST, MODELS, REPO, check_model
 
-from onnx_lowrank.cli import main
+from onnx_lowrank.cli import main, parse_args
 from onnx_lowrank.config import parse_input_shape, parse_input_shapes
 from onnx_lowrank.errors import ConfigError
 
@@ -30,6 +30,13 @@ def test_positional_output_and_dash_o_give_the_same_model(tmp_path, capsys):
     check_model(onnx.load(positional))
     assert positional.read_bytes() == option.read_bytes() == late.read_bytes()
     assert capsys.readouterr().out == ""  # -q: nothing but errors
+
+
+def test_output_after_input_shapes():
+    args = parse_args(
+        ["compress", "in.onnx", "--input-shapes", "x:1,3", "out.onnx", "--params", "1"]
+    )
+    assert args.output == "out.onnx" and args.input_shapes == ["x:1,3"]
 
 
 @pytest.mark.parametrize(
