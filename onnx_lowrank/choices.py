@@ -257,7 +257,7 @@ def fixed_table(layer: Layer, groups: int, rank: int) -> CandidateTable:
         groups=np.asarray([groups], dtype=np.int64),
         ranks=np.asarray([rank], dtype=np.int64),
         errors=np.asarray([math.nan]),
-        costs=np.asarray([[params, macs]], dtype=np.float64),
+        costs=np.asarray([[params, macs, 0.0]], dtype=np.float64),  # latency: unmeasured
         energy=np.asarray([math.nan]),
         full_rank=min(layer.out_channels, layer.cols),
     )

@@ -566,7 +566,7 @@ def _dense_table(layer: Layer) -> CandidateTable:
         groups=np.zeros(1, dtype=np.int64),
         ranks=np.zeros(1, dtype=np.int64),
         errors=np.zeros(1),
-        costs=np.asarray([[layer.params, macs]], dtype=np.float64),
+        costs=np.asarray([[layer.params, macs, 0.0]], dtype=np.float64),  # latency: unmeasured
         energy=np.zeros(1),
         full_rank=min(layer.out_channels, layer.cols),
     )
