@@ -295,3 +295,15 @@ def test_config_file_output_and_the_positional_output(tmp_path):
     assert (tmp_path / "from_file.onnx").is_file()
     assert cli("compress", MNIST, tmp_path / "given.onnx", "--config", config, "-q") == 0
     assert (tmp_path / "given.onnx").is_file()  # the command line wins, no "given twice"
+
+
+def test_pins_stand_with_latency_budgets_and_the_never_slower_check():
+    """Timed candidates (never-slower check, --latency budget) never override a pin."""
+    for config in (
+        FAST.replace(latency_check=True),
+        FAST.replace(params=None, latency=0.8, latency_check=True),
+    ):
+        result = compress(MNIST, config.replace(ranks={FC0: 32}, exclude=(CONV0,)))
+        layers = _layers(result)
+        assert (layers[FC0].groups, layers[FC0].rank) == (1, 32)
+        assert layers[CONV0].rank is None and layers[CONV0].user_choice is not None
