@@ -307,3 +307,31 @@ def test_pins_stand_with_latency_budgets_and_the_never_slower_check():
         layers = _layers(result)
         assert (layers[FC0].groups, layers[FC0].rank) == (1, 32)
         assert layers[CONV0].rank is None and layers[CONV0].user_choice is not None
+
+
+def test_exclude_pin_and_recipe_on_a_tiny_model(tmp_path):
+    """Two MatMul layers built with onnx.helper: exclude one, pin the other, replay it."""
+    from builders import make_model
+    from onnx import helper
+
+    rng = np.random.default_rng(1)
+    weights = {
+        "W1": rng.standard_normal((32, 24)).astype(np.float32),
+        "W2": rng.standard_normal((24, 16)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h"], name="first"),
+        helper.make_node("MatMul", ["h", "W2"], ["y"], name="second"),
+    ]
+    model = make_model(nodes, [("x", ["n", 32])], [("y", None)], weights)
+    base = CompressionConfig(params=0.8, latency_runs=1)
+    excluded = compress(model, base.replace(exclude=("second",)))
+    layers = _layers(excluded)
+    assert layers["second"].rank is None and layers["first"].rank is not None
+    pinned = compress(model, base.replace(params=None, ranks={"first": 5}, exclude=("second",)))
+    assert _layers(pinned).get("first").rank == 5
+    check_model(pinned.model)
+    report = tmp_path / "tiny.json"
+    report.write_text(json.dumps(pinned.report.to_dict()))
+    replayed = compress(model, recipe_config(report))
+    assert replayed.model.SerializeToString() == pinned.model.SerializeToString()
