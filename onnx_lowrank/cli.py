@@ -886,8 +886,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     shapes = getattr(args, "input_shapes", [])
-    if args.command == "compress" and args.output is None and shapes and ":" not in shapes[-1]:
-        args.output = shapes.pop()  # --input-shapes takes several values: OUTPUT came last
+    if (  # --input-shapes takes several values: an .onnx path after them is OUTPUT
+        args.command == "compress"
+        and args.output is None
+        and args.output_option is None
+        and shapes
+        and ":" not in shapes[-1]
+        and shapes[-1].lower().endswith(".onnx")
+    ):
+        args.output = shapes.pop()
     if getattr(args, "config", None) or getattr(args, "recipe", None):
         _apply_files(args, _given_options(argv), parser.commands)  # type: ignore[attr-defined]
     return args
