@@ -22,7 +22,7 @@ import pytest
 from builders import MNIST, REPO
 
 pytest.importorskip("build")
-pytestmark = pytest.mark.slow  # about 10 s of CPU: one build, two installs, four CLI runs
+pytestmark = pytest.mark.slow  # 12 s of CPU (CHANGELOG): one build, two installs, four CLI runs
 
 
 @pytest.fixture(scope="session")
