@@ -28,6 +28,8 @@ Methods (``SOLVERS``; ``config.METHODS`` lists the same names):
 * ``alds-error``: exact min-max with the group count fixed (``--groups``).
 * ``energy``: exact min-max of the removed Frobenius energy, ``g = 1``.
 * ``svd``: the same relative rank in every layer, ``g = 1``.
+* ``sum``: ``min Σ_ℓ e_ℓ(x_ℓ)`` (an additive knapsack) by Lagrangian relaxation, then the
+  leftover spent (``solve_sum``); meant for additive errors such as ``--error network``.
 
 Every method picks from the same tables, so ``--max-groups`` and ``--rank-multiple`` constrain
 them all in the same way, and every method meets the same budgets.
@@ -60,6 +62,7 @@ __all__ = [
     "solve_alds_error",
     "solve_alds_paper",
     "solve_energy",
+    "solve_sum",
     "solve_svd",
     "with_block",
     "with_latency",
@@ -675,6 +678,55 @@ def _spend_leftover(
         choices[-best[2]] = -best[3]
 
 
+def solve_sum(problem: Problem) -> list[int]:
+    r"""``sum``: ``min Σ_ℓ e_ℓ(x_ℓ)`` within the budgets, by Lagrangian relaxation.
+
+    With the price ``λ ≥ 0`` on the cost ``w_ℓ(x) = Σ_k c_{ℓ,k}(x) / B_k`` (each budget's
+    share), every layer independently takes ``argmin_x e_ℓ(x) + λ·w_ℓ(x)`` (the cheaper row on
+    ties). The cost of that choice does not rise as ``λ`` grows, so a bisection on ``log λ``
+    finds the smallest price whose choice fits. Each such choice is optimal for the budget it
+    spends (it lies on the lower convex hull of the layers' (cost, error) rows); the leftover
+    is then spent by ``_spend_leftover`` on the same sum. That is within the duality gap of the
+    exact knapsack optimum (at most one layer's range of errors); the min-max solution
+    (``solve_alds``) replaces it when its sum is lower, so ``sum`` never does worse on the sum.
+    """
+    tables = problem.tables
+    scale = np.maximum(np.abs(problem.limits), 1.0)
+    weights = [np.sum(problem.costs(i) / scale, axis=1) for i in range(len(tables))]
+    values = [table.errors for table in tables]
+
+    def choose(price: float) -> list[int]:
+        picks = []
+        for v, w in zip(values, weights, strict=True):
+            objective = v + price * w
+            best = np.flatnonzero(objective <= objective.min() + 1e-15 * (1 + abs(objective.min())))
+            picks.append(int(best[np.argmin(w[best])]))
+        return picks
+
+    low, high = -30.0, 30.0  # log10 of the price; 1e30 takes every layer's cheapest row
+    if problem.fits(choose(0.0)):
+        choices = choose(0.0)
+    else:
+        for _ in range(100):
+            middle = (low + high) / 2
+            if problem.fits(choose(10.0**middle)):
+                high = middle
+            else:
+                low = middle
+        choices = choose(10.0**high)
+    if not problem.fits(choices):  # ties at the top price: fall back to the cheapest rows
+        choices = _cheapest(problem, [np.ones(len(t), dtype=bool) for t in tables])
+    allowed = [np.ones(len(table), dtype=bool) for table in tables]
+    choices = _spend_leftover(problem, values, allowed, choices)
+    # the duality gap can leave the sum above that of the min-max: keep the better of the two
+    other = solve_alds(problem)
+    return other if _sum_value(values, other) < _sum_value(values, choices) else choices
+
+
+def _sum_value(values: Sequence[np.ndarray], choices: Sequence[int]) -> float:
+    return float(sum(v[row] for v, row in zip(values, choices, strict=True)))
+
+
 #: Allocation methods by name; ``config.METHODS`` lists the same names in the same order.
 SOLVERS: dict[str, Solver] = {
     "alds": solve_alds,
@@ -682,4 +734,5 @@ SOLVERS: dict[str, Solver] = {
     "alds-error": solve_alds_error,
     "energy": solve_energy,
     "svd": solve_svd,
+    "sum": solve_sum,
 }

@@ -312,7 +312,16 @@ def _add_run_options(run: argparse.ArgumentParser, *, sweep: bool) -> None:
         "--error",
         default=CompressionConfig.error,
         choices=ERROR_MEASURES,
-        help="layer error measure (default: output with --calibration, else bound)",
+        help="layer error measure (default: output with --calibration, else bound); "
+        "network: the network outputs' degradation per candidate (docs/calibration.md)",
+    )
+    method.add_argument(
+        "--sensitivity-samples",
+        type=int,
+        default=CompressionConfig.sensitivity_samples,
+        metavar="N",
+        help="with --error network: samples the degradations are measured on, held out from "
+        f"--calibration (default: {CompressionConfig.sensitivity_samples})",
     )
     method.add_argument(
         "--max-groups",
@@ -364,6 +373,13 @@ def _add_run_options(run: argparse.ArgumentParser, *, sweep: bool) -> None:
         "its dense layer is never chosen",
     )
     _add_calibration_option(method)
+    method.add_argument(
+        "--refit",
+        action=argparse.BooleanOptionalAction,
+        default=CompressionConfig.refit,
+        help="with --calibration: refit each factorized layer's left factor and bias in "
+        "topological order on the partly compressed model's inputs (docs/calibration.md)",
+    )
     _add_shape_options(run)
     _add_layer_options(run, sweep=sweep)
     check = run.add_argument_group("validation")
@@ -564,6 +580,7 @@ def _run_config(args: argparse.Namespace, **budget) -> CompressionConfig:
         args,
         **budget,
         error=args.error,
+        sensitivity_samples=args.sensitivity_samples,
         max_groups=args.max_groups,
         groups=args.groups,
         rank_multiple=args.rank_multiple,
@@ -585,6 +602,7 @@ def _run_config(args: argparse.Namespace, **budget) -> CompressionConfig:
         groups_for=_assignments(args.groups_for, "--groups-for"),
         recipe=getattr(args, "recipe", None),
         **getattr(args, "recorded", {}),
+        refit=args.refit,
     )
 
 

@@ -29,10 +29,11 @@ __all__ = [
 ]
 
 #: Allocation methods, in the order the docs list them. ``allocate.SOLVERS`` implements each.
-METHODS: tuple[str, ...] = ("alds", "alds-paper", "alds-error", "energy", "svd")
+METHODS: tuple[str, ...] = ("alds", "alds-paper", "alds-error", "energy", "svd", "sum")
 #: Layer error measures (DESIGN.md §3): the valid upper bound, the reference code's lower bound,
-#: and, with calibration data, the relative output error on real activations (calibrate.py).
-ERROR_MEASURES: tuple[str, ...] = ("bound", "max-group", "output")
+#: with calibration data, the relative output error on real activations (calibrate.py), and the
+#: degradation of the network's outputs with one layer replaced (sensitivity.py).
+ERROR_MEASURES: tuple[str, ...] = ("bound", "max-group", "output", "network")
 #: Validation tolerances (fields of CompressionConfig; flags ``--max-rel-error`` ...).
 TOLERANCES: tuple[str, ...] = ("max_rel_error", "min_cosine", "min_top1")
 #: Key of a per-output tolerance mapping that applies to every output not named in it (the
@@ -94,6 +95,11 @@ class CompressionConfig:
         calibration: real model inputs, batch first, in any format of ``inputs``. When
             given, every layer is factorized to minimize its output error on these activations
             (whitened SVD with bias correction; see calibrate.py).
+        sensitivity_samples: with ``error="network"``, the number of samples the network
+            degradations are measured on: held out from the calibration file (not used for the
+            layer statistics), else taken from ``inputs`` or random (sensitivity.py).
+        refit: with ``calibration``, refit every factorized layer's left factor and bias in
+            topological order on the partly compressed model's inputs (refit.py).
         fold_batchnorm: fold BatchNormalization and constant per-channel Mul/Add into the
             preceding Conv before discovery (fold.py), so errors are measured on the weight as
             it acts.
@@ -143,6 +149,8 @@ class CompressionConfig:
     ranks: Mapping[str, int] = field(default_factory=dict)
     groups_for: Mapping[str, int] = field(default_factory=dict)
     recipe: str | None = None
+    sensitivity_samples: int = 32
+    refit: bool = False
 
     def __post_init__(self) -> None:
         self._check_latency()
@@ -157,9 +165,12 @@ class CompressionConfig:
         self._check_calibration()
         _check_choice("error", self.error, ERROR_MEASURES)
         _check_choice("device", self.device, DEVICES)
+        if not isinstance(self.refit, bool):
+            raise ConfigError(f"refit must be True or False, got {self.refit!r}")
         if not isinstance(self.fold_batchnorm, bool):
             raise ConfigError(f"fold_batchnorm must be True or False, got {self.fold_batchnorm!r}")
-        for name in ("max_groups", "groups", "rank_multiple", "latency_runs", "latency_threads"):
+        counts = ("max_groups", "groups", "rank_multiple", "latency_runs", "latency_threads")
+        for name in (*counts, "sensitivity_samples"):
             value = getattr(self, name)
             if name in ("max_groups", "latency_threads") and value is None:
                 continue  # every divisor, every CPU

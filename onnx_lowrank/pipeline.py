@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from . import calibrate
+from . import calibrate, refit, sensitivity
 from .allocate import (
     COST_KINDS,
     BudgetLimit,
@@ -37,7 +37,7 @@ from .allocate import (
     with_latency,
     without_rows,
 )
-from .backend import Backend, get_backend
+from .backend import Backend, get_backend, numpy_backend
 from .choices import UserChoice, constrain_table, read_recipe, user_choices
 from .config import CompressionConfig
 from .cost import count_macs, count_parameters, infer_shapes
@@ -337,6 +337,8 @@ class Analysis:
         latency_ms: the whole original model's measured latency, with ``latency``.
         user_choices: the layers the user excluded or pinned (``--exclude``, ``--rank``,
             ``--groups-for``, ``--recipe``), by layer name.
+        network: with ``--error network``, the measured network errors (cached across
+            budgets; sensitivity.py).
     """
 
     source: str
@@ -358,6 +360,7 @@ class Analysis:
     latency: LatencyBook | None = None
     latency_ms: float | None = None
     user_choices: dict[str, UserChoice] = field(default_factory=dict)
+    network: sensitivity.NetworkErrors | None = None
 
     @property
     def fixed(self) -> bool:
@@ -427,12 +430,15 @@ def analyze(
     if not fixed:  # with every layer fixed (a recipe), nothing needs the spectra
         with timer.stage("spectra"):
             spectra = compute_spectra(discovery, group_limit(config, discovery), backend, progress)
-    calibration = None
+    calibration, held_out = None, None
+    if config.error == "network":  # held-out samples, never used for the layer statistics
+        feeds, held_out = sensitivity.feeds_for(loaded.model, feeds, config)
     if feeds is not None:
         limit = group_limit(config, discovery)
         if fixed:  # whitened spectra only of the pinned group counts (output error estimates)
             limit = max((c.groups or 1 for c in choices.values()), default=1)
-        with timer.stage("calibrate"):
+        # one BLAS thread, as for the spectra (numpy statistics)
+        with timer.stage("calibrate"), numpy_backend(1).parallel():
             calibration = calibrate.calibrate(
                 discovery,
                 feeds,
@@ -441,6 +447,11 @@ def analyze(
                 providers=providers_for(config.device),
                 progress=progress,
             )
+    network = None
+    if held_out is not None:
+        network = sensitivity.network_errors(
+            discovery, held_out, calibration, backend, providers_for(config.device)
+        )
     return Analysis(
         source=label,
         model=model,
@@ -459,6 +470,7 @@ def analyze(
         params_model=params_model,
         notes=notes,
         user_choices=choices,
+        network=network,
     )
 
 
@@ -466,6 +478,8 @@ def candidate_tables(analysis: Analysis, config: CompressionConfig) -> list[Cand
     """One candidate table per layer, for the error measure and constraints of ``config``,
     restricted by the user's choices (``choices.constrain_table``). A layer without spectra
     (every layer fixed, as with a recipe) gets the one row of its pinned ``(g, r)``, or dense."""
+    if config.error == "network":
+        return sensitivity.network_tables(analysis, config, candidate_tables, choose)
     output = config.error == "output"
     if output and analysis.calibration is None:
         raise ConfigError("--error output needs an analysis made with --calibration FILE.npz")
@@ -893,6 +907,8 @@ def realize(
     """Factorize the chosen layers, rewrite the model, validate it, and report."""
     timer = _Timer()
     timer.timings.update(analysis.timings)
+    if analysis.network is not None:  # measured by candidate_tables, cached for every budget
+        timer.timings["sensitivity"] = analysis.network.seconds
     discovery, model = analysis.discovery, analysis.model
     calibration, calibrated = analysis.calibration, None
     with timer.stage("factorize"):
@@ -904,6 +920,15 @@ def realize(
             calibrated, factors = _factorize_calibrated(
                 analysis, tables, choices, calibration, progress
             )
+    if calibrated and config.refit:
+        with timer.stage("refit"), numpy_backend(1).parallel():
+            calibrated = refit.refit_layers(discovery, calibration, calibrated, progress)
+            for name, item in calibrated.items():
+                spectrum = analysis.spectra.get(name)
+                weight = discovery.weight(discovery.layer(name))
+                norm = None if spectrum is None else spectrum.spectral_norm
+                error = None if norm is None else relative_error(weight, item.factors, norm)
+                factors[name] = (item.factors, error)
     with timer.stage("rewrite"):
         biases = {  # by node name: a tied weight's nodes each have their own
             use: bias

@@ -214,7 +214,7 @@ def test_every_method_meets_the_budget_below_the_cheapest_rows_raises(method):
 
 
 def test_methods_listed_in_config_are_the_solvers():
-    assert METHODS == ("alds", "alds-paper", "alds-error", "energy", "svd")
+    assert METHODS == ("alds", "alds-paper", "alds-error", "energy", "svd", "sum")
     assert tuple(SOLVERS) == METHODS
     assert CompressionConfig().method == "alds"
 

@@ -1,0 +1,543 @@
+r"""Network-aware error tables (``--error network``): what each candidate does to the outputs.
+
+The per-layer measures (``bound``, ``max-group``, ``output``) compare layers by their own
+error. The network does not fail one layer at a time, and not every layer's relative error
+costs the same: a classifier's small relative output error can flip many decisions. Here the
+error of a candidate ``(g, r)`` of layer ``ℓ`` is the degradation of the *network's outputs*
+with only that layer replaced by its factors, measured in ONNX Runtime on a few held-out
+samples (``--sensitivity-samples``, never the samples the layer statistics come from):
+
+* a score output (2-D ``(batch, classes)``, floating) is compared by the mean KL divergence
+  ``KL(p ‖ q)`` of the original's distribution ``p`` and the candidate's ``q`` per sample: the
+  softmax of logits, or, when the original's values all lie in ``[0, 1]`` (softmax or sigmoid
+  outputs), the values normalized to sum 1;
+* any other floating output by its relative error ``‖Ŷ − Y‖_F / ‖Y‖_F``;
+
+and a candidate's degradation is the sum over outputs.
+
+**One probe model, one session.** The probe is the analysis model in which every compressible
+layer's weight is an overridable initializer (a graph input with the original weight as its
+default) and every node of it adds an overridable per-channel shift (default zero). A
+candidate is measured by one ``run`` that feeds its weight ``Ŵ`` (and, with calibration, its
+bias correction ``α·(W − Ŵ) μ`` as the shift); every other layer keeps its default. So the
+whole table costs one forward pass of the held-out samples per measured candidate, and no
+graph is rebuilt.
+
+**Which candidates are measured.** A layer's table has up to thousands of rows; measuring each
+would cost as many forward passes. ``NetworkErrors.initial`` measures, per layer, the ``g = 1``
+row and the row of least per-layer error at a few cost levels (``LEVELS``, fractions of the
+dense layer's parameters). Every other row is interpolated (``interpolated``): in rank between
+the measured ranks of the same ``g`` (with the full rank at zero), or, for a ``g`` not
+measured, through the layer's measured relation between the per-layer error and the network
+error. Errors never fall as the rank falls (a running maximum). Then ``refine`` solves the
+allocation, measures the chosen rows that were only interpolated, and solves again, until
+every chosen row is measured (at most ``REFINE_ROUNDS`` times). The measurements are cached in
+the ``NetworkErrors`` object, so every budget of a sweep reuses them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+
+from .allocate import CandidateTable
+from .backend import Backend
+from .calibrate import Calibration, factorize_layers, fixed_batch
+from .config import CompressionConfig
+from .discover import Discovery, Layer
+from .errors import CalibrationError, ConfigError
+from .factorize import Factors, factorize, reconstruct
+from .graphs import FreshNames, attribute
+from .validate import check_feeds, load_npz, random_inputs
+
+if TYPE_CHECKING:
+    from .pipeline import Analysis
+
+__all__ = [
+    "LEVELS",
+    "REFINE_ROUNDS",
+    "SENSITIVITY_SAMPLES",
+    "NetworkErrors",
+    "degradation",
+    "feeds_for",
+    "holdout_indices",
+    "interpolated",
+    "network_errors",
+    "network_tables",
+    "probe_model",
+    "split_feeds",
+]
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+#: Fetches ``(factors, shifts)`` of a candidate: shifts by node name, in output units.
+Approximation = Callable[[Layer, int, int], tuple[Factors, Mapping[str, np.ndarray]]]
+
+#: Default number of held-out samples the degradations are measured on.
+SENSITIVITY_SAMPLES = 32
+#: Cost levels (fractions of the dense layer's parameters) measured per layer at first.
+LEVELS: tuple[float, ...] = (0.04, 0.08, 0.15, 0.25, 0.4, 0.6, 0.8)
+#: Most rounds of "solve, measure the interpolated rows chosen, solve again".
+REFINE_ROUNDS = 4
+#: Most samples per ONNX Runtime run.
+MAX_BATCH = 64
+
+_EPS = 1e-12
+
+
+def holdout_indices(samples: int, wanted: int, batch: int | None = None) -> np.ndarray:
+    """Indices of the held-out samples: ``wanted`` evenly spaced ones, at most a quarter.
+
+    With a fixed batch size the count is a multiple of it (at least one batch). Deterministic:
+    the same file always gives the same split.
+    """
+    count = max(1, min(wanted, samples // 4))
+    if batch:
+        count = max(batch, count - count % batch)
+        if count >= samples:
+            raise ValueError(f"{samples} samples cannot spare {count} for sensitivity")
+        # whole batches, evenly spaced
+        starts = np.linspace(0, samples // batch - 1, count // batch).round().astype(int)
+        return np.unique(np.concatenate([np.arange(s * batch, (s + 1) * batch) for s in starts]))
+    return np.unique(np.linspace(0, samples - 1, count).round().astype(int))
+
+
+def _stored(layer: Layer, node: onnx.NodeProto, matrix: np.ndarray) -> np.ndarray:
+    """``matrix`` (``f × c·κ``) in the layout the node reads (as calibrate's residual probe)."""
+    if layer.op_type == "Conv":
+        stored = matrix.reshape(layer.weight_shape)
+    elif layer.op_type == "Gemm" and attribute(node, "transB", 0):
+        stored = matrix
+    else:
+        stored = matrix.T
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(layer.weight_dtype)
+    return np.ascontiguousarray(stored, dtype=dtype)
+
+
+def _shift_shape(layer: Layer) -> tuple[int, ...]:
+    if layer.op_type == "Conv":
+        return (layer.out_channels,) + (1,) * (len(layer.weight_shape) - 2)
+    return (layer.out_channels,)
+
+
+def probe_model(
+    model: onnx.ModelProto, discovery: Discovery, layers: Sequence[Layer]
+) -> tuple[onnx.ModelProto, dict[str, str], dict[str, str]]:
+    """A copy of ``model`` whose layers' weights and output shifts can be fed at run time.
+
+    Every layer's weight becomes an initializer that is also a graph input (its default is the
+    original weight, in the layout the node reads); every node of the layer (tied uses too)
+    gets ``Add(output, shift)`` with an overridable zero shift per output channel, and the Add
+    takes over the node's output name, so everything downstream is unchanged.
+
+    Returns:
+        The probe, layer name -> weight input name, and node name -> shift input name.
+    """
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    graph = probe.graph
+    names = FreshNames(probe)
+    weights, shifts = {}, {}
+    adds: dict[int, onnx.NodeProto] = {}  # node index -> the Add that follows it
+    for layer in layers:
+        node = graph.node[layer.node_index]
+        base = f"{layer.name}/onnx_lowrank_probe"
+        stored = _stored(layer, node, discovery.weight(layer))
+        weight_name = weights[layer.name] = names.fresh(f"{base}_weight")
+        graph.initializer.append(onnx.numpy_helper.from_array(stored, weight_name))
+        graph.input.append(
+            onnx.helper.make_tensor_value_info(weight_name, layer.weight_dtype, stored.shape)
+        )
+        for use in layer.uses():
+            node = graph.node[use.node_index]
+            node.input[1] = weight_name
+            shift_name = shifts[use.name] = names.fresh(f"{base}_shift")
+            zeros = np.zeros(_shift_shape(layer), dtype=stored.dtype)
+            graph.initializer.append(onnx.numpy_helper.from_array(zeros, shift_name))
+            graph.input.append(
+                onnx.helper.make_tensor_value_info(shift_name, layer.weight_dtype, zeros.shape)
+            )
+            inner = names.fresh(f"{base}_output")
+            output = node.output[0]
+            node.output[0] = inner
+            adds[use.node_index] = onnx.helper.make_node(
+                "Add", [inner, shift_name], [output], name=names.fresh(f"{base}_add")
+            )
+    nodes = []
+    for index, node in enumerate(graph.node):  # each Add right after its node: still sorted
+        nodes.append(node)
+        if index in adds:
+            nodes.append(adds[index])
+    copies = [onnx.NodeProto() for _ in nodes]
+    for copy, node in zip(copies, nodes, strict=True):
+        copy.CopyFrom(node)
+    del graph.node[:]
+    graph.node.extend(copies)
+    return probe, weights, shifts
+
+
+def _distribution(scores: np.ndarray, probabilities: bool) -> np.ndarray:
+    scores = scores.astype(np.float64)
+    if probabilities:
+        scores = np.clip(scores, 0.0, None) + _EPS
+        return scores / scores.sum(axis=1, keepdims=True)
+    scores = scores - scores.max(axis=1, keepdims=True)
+    exp = np.exp(scores)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def _is_scores(reference: np.ndarray) -> bool:
+    return (
+        reference.ndim == 2
+        and reference.shape[1] >= 2
+        and np.issubdtype(reference.dtype, np.floating)
+    )
+
+
+def degradation(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> float:
+    """Sum over outputs of the mean KL divergence (score outputs) or relative error (others)."""
+    total = 0.0
+    for ref, out in zip(reference, candidate, strict=True):
+        if not np.issubdtype(ref.dtype, np.floating):
+            total += float(np.mean(ref != out))
+            continue
+        if _is_scores(ref):
+            probabilities = bool(np.all((ref >= 0) & (ref <= 1)))
+            p = _distribution(ref, probabilities)
+            q = _distribution(out, probabilities)
+            if not probabilities:
+                q = np.clip(q, _EPS, None)
+            kl = np.sum(p * (np.log(p + _EPS) - np.log(q + _EPS)), axis=1)
+            total += float(np.mean(np.clip(kl, 0.0, None)))
+        else:
+            a, b = ref.astype(np.float64), out.astype(np.float64)
+            norm = float(np.linalg.norm(a))
+            diff = float(np.linalg.norm(a - b))
+            total += diff / norm if norm > 0 else diff
+    if not np.isfinite(total):
+        return float(np.finfo(np.float64).max)
+    return total
+
+
+class NetworkErrors:
+    """Measured network degradations of candidates, cached across budgets.
+
+    Args:
+        discovery: the layers of the analysis model ``discovery.model``.
+        feeds: the held-out samples (batch first) the degradations are measured on.
+        approximation: ``(layer, groups, rank) -> (factors, shifts)``; ``shifts`` by node name
+            (empty: no bias correction).
+        providers: ONNX Runtime execution providers.
+        batch: the model's fixed batch size, or None.
+    """
+
+    def __init__(
+        self,
+        discovery: Discovery,
+        feeds: Mapping[str, np.ndarray],
+        approximation: Approximation,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+        batch: int | None = None,
+    ):
+        self.discovery = discovery
+        self.feeds = dict(feeds)
+        self.approximation = approximation
+        self.providers = list(providers)
+        self.batch = batch
+        self.samples = int(next(iter(feeds.values())).shape[0])
+        self.layers = [layer for layer in discovery.layers if not layer.graph_path]
+        self.measured: dict[str, dict[tuple[int, int], float]] = {
+            layer.name: {} for layer in self.layers
+        }
+        self.seconds = 0.0
+        self.runs = 0
+        self._session = None
+        self._reference: list[list[np.ndarray]] | None = None
+        self._weights: dict[str, str] = {}
+        self._shifts: dict[str, str] = {}
+        self._outputs: list[str] = []
+
+    # -- ONNX Runtime -----------------------------------------------------------------------
+
+    def _start(self) -> None:
+        if self._session is not None:
+            return
+        import onnxruntime as ort
+
+        started = time.perf_counter()
+        probe, self._weights, self._shifts = probe_model(
+            self.discovery.model, self.discovery, self.layers
+        )
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self._session = ort.InferenceSession(
+            probe.SerializeToString(), options, providers=self.providers
+        )
+        self._outputs = [output.name for output in probe.graph.output]
+        self._reference = self._run({})
+        self.seconds += time.perf_counter() - started
+
+    def _batches(self) -> list[dict[str, np.ndarray]]:
+        size = self.batch or MAX_BATCH
+        return [
+            {name: array[start : start + size] for name, array in self.feeds.items()}
+            for start in range(0, self.samples, size)
+        ]
+
+    def _run(self, overrides: Mapping[str, np.ndarray]) -> list[list[np.ndarray]]:
+        assert self._session is not None
+        self.runs += 1
+        return [
+            self._session.run(self._outputs, {**batch, **overrides}) for batch in self._batches()
+        ]
+
+    def _degradation(self, overrides: Mapping[str, np.ndarray]) -> float:
+        assert self._reference is not None
+        outputs = self._run(overrides)
+        reference = [np.concatenate(parts) for parts in zip(*self._reference, strict=True)]
+        candidate = [np.concatenate(parts) for parts in zip(*outputs, strict=True)]
+        return degradation(reference, candidate)
+
+    # -- measurement ------------------------------------------------------------------------
+
+    def measure(
+        self, wanted: Mapping[str, Sequence[tuple[int, int]]], progress: Progress | None = None
+    ) -> int:
+        """Measure the ``(groups, rank)`` candidates of each layer not measured yet.
+
+        Returns the number of new measurements.
+        """
+        todo = {
+            name: sorted({c for c in candidates if c not in self.measured[name]})
+            for name, candidates in wanted.items()
+            if name in self.measured
+        }
+        total = sum(len(c) for c in todo.values())
+        if not total:
+            return 0
+        self._start()
+        started = time.perf_counter()
+        done = 0
+        graph = self.discovery.model.graph
+        for layer in self.layers:
+            for groups, rank in todo.get(layer.name, []):
+                factors, shifts = self.approximation(layer, groups, rank)
+                node = graph.node[layer.node_index]
+                overrides = {self._weights[layer.name]: _stored(layer, node, reconstruct(factors))}
+                for use in layer.uses():
+                    shift = shifts.get(use.name)
+                    if shift is not None and np.any(shift):
+                        dtype = overrides[self._weights[layer.name]].dtype
+                        overrides[self._shifts[use.name]] = np.asarray(shift, dtype=dtype).reshape(
+                            _shift_shape(layer)
+                        )
+                self.measured[layer.name][(groups, rank)] = self._degradation(overrides)
+                done += 1
+                if progress is not None:
+                    progress("sensitivity", done, total)
+        self.seconds += time.perf_counter() - started
+        log.info("network errors: %d candidates measured in %.1f s", total, self.seconds)
+        return total
+
+    def initial(self, tables: Sequence[CandidateTable], progress: Progress | None = None) -> None:
+        """Measure, per layer, the ``g = 1`` row and the row of least per-layer error at each
+        cost level of ``LEVELS`` (the cheapest row when none is that cheap)."""
+        wanted: dict[str, list[tuple[int, int]]] = {}
+        for table in tables:
+            if table.layer not in self.measured or len(table) < 2:
+                continue
+            rows = np.arange(1, len(table))
+            params = table.costs[rows, 0]
+            picks = set()
+            for level in LEVELS:
+                fits = rows[params <= level * table.costs[0, 0]]
+                if not fits.size:
+                    fits = rows[params == params.min()]
+                picks.add(int(fits[np.argmin(table.errors[fits])]))
+                plain = fits[table.groups[fits] == 1]
+                if plain.size:
+                    picks.add(int(plain[np.argmax(table.ranks[plain])]))
+            wanted[table.layer] = [(int(table.groups[r]), int(table.ranks[r])) for r in picks]
+        self.measure(wanted, progress)
+
+    def tables(self, tables: Sequence[CandidateTable]) -> list[CandidateTable]:
+        """The tables with every row's error replaced by its (measured or interpolated)
+        network degradation; layers never measured keep their errors."""
+        result = []
+        for table in tables:
+            points = self.measured.get(table.layer)
+            if not points:
+                result.append(table)
+                continue
+            layer = self.discovery.layer(table.layer)
+            result.append(replace(table, errors=interpolated(table, points, layer)))
+        return result
+
+    def refine(
+        self,
+        tables: Sequence[CandidateTable],
+        solve: Callable[[list[CandidateTable]], list[int]],
+        progress: Progress | None = None,
+    ) -> list[CandidateTable]:
+        """Solve, measure the chosen rows that were interpolated, and solve again."""
+        current = self.tables(tables)
+        for _ in range(REFINE_ROUNDS):
+            choices = solve(current)
+            wanted = {
+                table.layer: [(int(table.groups[row]), int(table.ranks[row]))]
+                for table, row in zip(tables, choices, strict=True)
+                if row > 0
+            }
+            if not self.measure(wanted, progress):
+                break
+            current = self.tables(tables)
+        return current
+
+
+def interpolated(
+    table: CandidateTable, points: Mapping[tuple[int, int], float], layer: Layer
+) -> np.ndarray:
+    """Network error of every row of ``table`` from the measured ``points``.
+
+    Rows of a measured ``g``: linear in rank between its measured ranks, zero at the full
+    rank ``min(f, c·κ/g)``, the lowest measured rank's value below it. Rows of other ``g``:
+    through the layer's measured relation of per-layer error (``table.errors``) to network
+    error, linear between the measured per-layer errors. Within each ``g`` the result never
+    falls as the rank falls.
+    """
+    errors = np.zeros(len(table))
+    proxy_of = {
+        (int(g), int(r)): e for g, r, e in zip(table.groups, table.ranks, table.errors, strict=True)
+    }
+    pairs = sorted((proxy_of[key], value) for key, value in points.items() if key in proxy_of)
+    proxies = np.asarray([p for p, _ in pairs] or [0.0])
+    values = np.maximum.accumulate(np.asarray([v for _, v in pairs] or [0.0]))
+    for g in np.unique(table.groups[table.groups > 0]):
+        rows = np.flatnonzero(table.groups == g)
+        ranks = table.ranks[rows]
+        measured = sorted((r, v) for (gg, r), v in points.items() if gg == g)
+        if measured:
+            full = min(layer.out_channels, layer.cols // int(g))
+            known_ranks = np.asarray([r for r, _ in measured] + [full], dtype=np.float64)
+            known = np.asarray([v for _, v in measured] + [0.0])
+            estimate = np.interp(ranks, known_ranks, known)
+        else:
+            estimate = np.interp(table.errors[rows], proxies, values)
+        order = np.argsort(ranks)
+        # never lower at a lower rank: running maximum from the highest rank down
+        monotone = np.maximum.accumulate(estimate[order][::-1])[::-1]
+        errors[rows[order]] = monotone
+    for (g, r), value in points.items():  # measured rows keep their measurement
+        hit = np.flatnonzero((table.groups == g) & (table.ranks == r))
+        errors[hit] = np.maximum(errors[hit], value)
+    return errors
+
+
+def split_feeds(
+    feeds: Mapping[str, np.ndarray], wanted: int, batch: int | None
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``(statistics, held_out)``: the calibration samples for the layer statistics, and the
+    ``holdout_indices`` ones for the network errors, disjoint."""
+    samples = int(next(iter(feeds.values())).shape[0])
+    held = holdout_indices(samples, wanted, batch)
+    rest = np.setdiff1d(np.arange(samples), held)
+    return (
+        {name: array[rest] for name, array in feeds.items()},
+        {name: array[held] for name, array in feeds.items()},
+    )
+
+
+def network_errors(
+    discovery: Discovery,
+    feeds: Mapping[str, np.ndarray],
+    calibration: Calibration | None,
+    backend: Backend,
+    providers: Sequence[str],
+) -> NetworkErrors:
+    """The ``NetworkErrors`` of an analysis: calibrated candidates (whitened factors and bias
+    correction, as ``realize`` makes them) when ``calibration`` is given, else data-free ones
+    (truncated SVD of the weights)."""
+    if calibration is not None:
+        calibrated = {layer.name for layer in discovery.layers} & set(calibration.statistics)
+
+        def approximation(layer: Layer, groups: int, rank: int):
+            if layer.name not in calibrated:
+                return factorize(discovery.weight(layer), groups, rank, backend), {}
+            made = factorize_layers(calibration, discovery, [(layer, groups, rank)])
+            return made[layer.name].factors, made[layer.name].shifts
+
+    else:
+
+        def approximation(layer: Layer, groups: int, rank: int):
+            return factorize(discovery.weight(layer), groups, rank, backend), {}
+
+    return NetworkErrors(
+        discovery, feeds, approximation, providers, batch=fixed_batch(discovery.model)
+    )
+
+
+def feeds_for(
+    model: onnx.ModelProto, feeds: Mapping[str, np.ndarray] | None, config: CompressionConfig
+) -> tuple[dict[str, np.ndarray] | None, dict[str, np.ndarray]]:
+    """``(statistics feeds, held-out feeds)`` for ``--error network``.
+
+    With calibration data, ``config.sensitivity_samples`` of its samples are held out
+    (``split_feeds``). Without, the network errors are measured on ``config.inputs``, else on
+    random inputs (``validate.random_inputs``, one seed per batch), and nothing is held out.
+
+    Raises:
+        CalibrationError: the calibration file has too few samples to hold some out.
+    """
+    wanted = config.sensitivity_samples
+    batch = fixed_batch(model)
+    if feeds is not None:
+        samples = int(next(iter(feeds.values())).shape[0])
+        if samples < 2 * (batch or 1):
+            raise CalibrationError(
+                f"--error network holds calibration samples out of the statistics, but "
+                f"{config.calibration} has only {samples}; give more samples"
+            )
+        return split_feeds(feeds, wanted, batch)
+    if config.inputs is not None:
+        given = load_npz(config.inputs)
+        check_feeds(model, given, str(config.inputs))
+        return None, given
+    parts, count, seed = [], 0, config.seed
+    while count < wanted:
+        part = random_inputs(model, config.input_shapes, seed)
+        parts.append(part)
+        count += int(next(iter(part.values())).shape[0])
+        seed += 1
+    return None, {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+def network_tables(
+    analysis: Analysis,
+    config: CompressionConfig,
+    candidate_tables: Callable[[Analysis, CompressionConfig], list[CandidateTable]],
+    choose: Callable[[Analysis, list[CandidateTable], CompressionConfig], list[int]],
+) -> list[CandidateTable]:
+    """The candidate tables of ``--error network``, measured and refined for ``config``.
+
+    The candidates are those of the per-layer measure (``output`` with calibration, else
+    ``bound``), with the same costs (bias correction included); their errors become network
+    degradations (``NetworkErrors``). With a budget, the rows the solver chooses are measured
+    until every chosen row is (``NetworkErrors.refine``).
+    """
+    network = analysis.network
+    if network is None:
+        raise ConfigError("--error network needs an analysis made with --error network")
+    proxy = config.replace(error="output" if analysis.calibration is not None else "bound")
+    tables = candidate_tables(analysis, proxy)
+    network.initial(tables)
+    if not config.has_budget:
+        return network.tables(tables)
+    return network.refine(tables, lambda current: choose(analysis, current, config))
