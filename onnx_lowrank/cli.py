@@ -374,6 +374,13 @@ def _add_run_options(run: argparse.ArgumentParser, *, sweep: bool) -> None:
     )
     _add_calibration_option(method)
     method.add_argument(
+        "--calibration-samples",
+        type=int,
+        default=CompressionConfig.calibration_samples,
+        metavar="N",
+        help="use N evenly spaced samples of --calibration (deterministic; default: all)",
+    )
+    method.add_argument(
         "--refit",
         action=argparse.BooleanOptionalAction,
         default=CompressionConfig.refit,
@@ -556,7 +563,8 @@ class _ProgressBars:
 
         bar = self.bars.get(stage)
         if bar is None:
-            unit = "sample" if stage in ("calibrate", "output-error") else "layer"
+            by_sample = stage in ("calibrate", "output-error") or stage.startswith("refit")
+            unit = "sample" if by_sample else "layer"
             bar = self.bars[stage] = tqdm(
                 total=total, desc=stage, unit=unit, leave=False, file=sys.stderr, disable=None
             )
@@ -603,6 +611,7 @@ def _run_config(args: argparse.Namespace, **budget) -> CompressionConfig:
         recipe=getattr(args, "recipe", None),
         **getattr(args, "recorded", {}),
         refit=args.refit,
+        calibration_samples=args.calibration_samples,
     )
 
 

@@ -98,6 +98,8 @@ class CompressionConfig:
         sensitivity_samples: with ``error="network"``, the number of samples the network
             degradations are measured on: held out from the calibration file (not used for the
             layer statistics), else taken from ``inputs`` or random (sensitivity.py).
+        calibration_samples: use only this many evenly spaced samples of the calibration
+            file (deterministic); None uses all.
         refit: with ``calibration``, refit every factorized layer's left factor and bias in
             topological order on the partly compressed model's inputs (refit.py).
         fold_batchnorm: fold BatchNormalization and constant per-channel Mul/Add into the
@@ -151,6 +153,7 @@ class CompressionConfig:
     recipe: str | None = None
     sensitivity_samples: int = 32
     refit: bool = False
+    calibration_samples: int | None = None
 
     def __post_init__(self) -> None:
         self._check_latency()
@@ -170,9 +173,9 @@ class CompressionConfig:
         if not isinstance(self.fold_batchnorm, bool):
             raise ConfigError(f"fold_batchnorm must be True or False, got {self.fold_batchnorm!r}")
         counts = ("max_groups", "groups", "rank_multiple", "latency_runs", "latency_threads")
-        for name in (*counts, "sensitivity_samples"):
+        for name in (*counts, "sensitivity_samples", "calibration_samples"):
             value = getattr(self, name)
-            if name in ("max_groups", "latency_threads") and value is None:
+            if name in ("max_groups", "latency_threads", "calibration_samples") and value is None:
                 continue  # every divisor, every CPU
             if name == "rank_multiple" and value == "auto":
                 continue
@@ -281,8 +284,8 @@ class CompressionConfig:
         if self.validate:
             return
         ignored = [f"--{_flag(name)}" for name in self.tolerances]
-        if self.inputs is not None:
-            ignored.append("--inputs")
+        if self.inputs is not None and not (self.error == "network" and self.calibration is None):
+            ignored.append("--inputs")  # a data-free --error network measures on them
         if not ignored:
             return
         missing = ""

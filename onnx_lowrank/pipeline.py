@@ -395,6 +395,9 @@ def analyze(
             check_tolerances(model, config)
         if config.calibration is not None:  # checked before any heavy work
             feeds = calibrate.load_calibration(config.calibration, model)
+            feeds = sensitivity.calibration_subset(
+                feeds, config.calibration_samples, calibrate.fixed_batch(model)
+            )
     original, params_model, notes = None, None, []
     if config.fold_batchnorm:
         with timer.stage("fold"):

@@ -17,10 +17,22 @@ solve the least-squares problem
 
 over all calibration vectors. It needs the ``(g·r + 1)²`` Gram matrix ``Zₐ Zₐᵀ`` and the
 ``f × (g·r + 1)`` cross products ``T Zₐᵀ``, accumulated in float64 chunk by chunk (any group
-count, any width). ``δ = 10⁻⁹ · tr(Zₐ Zₐᵀ)/(g·r + 1)`` only keeps the system solvable when some
-``z`` never vary. The new bias is ``b' = b + c``. When ``X̂ = X`` and ``V`` is the whitened
-factor, this is exactly the calibrated ``U`` and bias correction, so the refit only ever
-departs from them where the compressed model's inputs differ.
+count, any width). The new bias is ``b' = b + c``. When ``X̂ = X`` and ``V`` is the whitened
+factor, the least-squares solution is exactly the calibrated ``U`` and bias correction, so the
+refit only departs from them where the compressed model's inputs differ.
+
+**Few vectors: shrink toward the calibrated solution.** A layer after global pooling sees one
+vector per sample; with ``n`` vectors and ``d = g·r + 1`` unknowns per output the plain
+solution interpolates the calibration samples when ``n ≤ d`` (measured: EfficientNet-Lite0's
+1000-class classifier refitted on 96 images lost half of the top-1 agreement). So the solution
+is a ridge toward the calibrated ``P₀ = [α·U₀, c₀]``,
+
+    [α·U, c] = (T Zₐᵀ + λ P₀)(Zₐ Zₐᵀ + λI)⁻¹,    λ = d · tr(Zₐ Zₐᵀ)/(d·n) + δ = tr(Zₐ Zₐᵀ)/n + δ,
+
+i.e. ``λ`` is the mean diagonal of ``Zₐ Zₐᵀ`` times ``d/n``: the data weigh about
+``n/(n + d)``, negligible shrinkage for a conv with thousands of positions per sample, strong
+for a classifier on a few hundred pooled vectors. ``δ = 10⁻⁹`` of the mean diagonal keeps the
+system solvable when some ``z`` never vary.
 
 **Passes by topological level.** A layer's level is one more than the highest level of the
 compressed layers upstream of it. All layers of one level are refitted from one pass of the
@@ -123,6 +135,9 @@ class _Sums:
         size = self.groups * self.rank + 1
         self.gram = np.zeros((size, size))
         self.cross = np.zeros((layer.out_channels, size))
+        self.count = 0
+        shift = item.shifts[layer.name]
+        self.prior = np.concatenate([alpha * factors.second, shift[:, None]], axis=1)
 
     def add(self, original: np.ndarray, compressed: np.ndarray) -> None:
         count = original.shape[0]
@@ -134,13 +149,17 @@ class _Sums:
             z[:, columns] = blocks[:, group, :] @ self.first[group].T
         z[:, -1] = 1.0
         self.gram += z.T @ z
+        self.count += count
         self.cross += (original @ self.weight.T).T @ z
 
     def solve(self) -> np.ndarray:
-        """``[α·U, c]`` (``f × (g·r + 1)``)."""
+        """``[α·U, c]`` (``f × (g·r + 1)``), shrunk toward the calibrated solution ``P₀``:
+        ``(T Zₐᵀ + λ P₀)(Zₐ Zₐᵀ + λ I)⁻¹`` with ``λ = tr(Zₐ Zₐᵀ)/n + δ``."""
         size = self.gram.shape[0]
-        ridge = RIDGE * max(np.trace(self.gram) / size, 1e-300)
-        return np.linalg.solve(self.gram + ridge * np.eye(size), self.cross.T).T
+        scale = max(np.trace(self.gram) / size, 1e-300)
+        shrink = size * scale / max(self.count, 1) + RIDGE * scale
+        system = self.gram + shrink * np.eye(size)
+        return np.linalg.solve(system, (self.cross + shrink * self.prior).T).T
 
 
 def refit_layers(
@@ -155,7 +174,8 @@ def refit_layers(
         discovery: the layers of the analysis model ``discovery.model``.
         calibration: the calibration data (its ``feeds``) and providers.
         calibrated: the whitened factors and bias corrections of the chosen layers.
-        progress: callback ``(stage, done, total)``; stage ``"refit"`` (samples of each pass).
+        progress: callback ``(stage, done, total)``; stage ``"refit L/N"`` for pass ``L`` of
+            ``N`` (samples done).
     """
     model, graph = discovery.model, discovery.model.graph
     result = dict(calibrated)
@@ -170,7 +190,8 @@ def refit_layers(
     if not eligible:
         return result
     level_of = levels(discovery, eligible)
-    for level in range(max(level_of.values()) + 1):
+    count = max(level_of.values()) + 1
+    for level in range(count):
         names = [name for name in eligible if level_of[name] == level]
         compressed = rewrite(
             model,
@@ -197,7 +218,7 @@ def refit_layers(
             calibration.feeds,
             calibration.providers,
             progress,
-            stage="refit",
+            stage=f"refit {level + 1}/{count}",  # one progress bar per pass
             other=compressed if fetched else None,  # inputs of the model need no second run
             other_wanted=fetched,
         )

@@ -14,6 +14,7 @@ from onnx_lowrank.allocate import BudgetLimit, CandidateTable, allocate
 from onnx_lowrank.cli import main
 from onnx_lowrank.pipeline import analyze, candidate_tables, choose, realize
 from onnx_lowrank.sensitivity import (
+    TIE_BREAK,
     degradation,
     holdout_indices,
     interpolated,
@@ -68,11 +69,14 @@ def test_degradation_is_kl_for_scores_and_relative_error_otherwise():
     p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     q = np.exp(moved) / np.exp(moved).sum(1, keepdims=True)
     kl = np.mean(np.sum(p * np.log(p / q), axis=1))
+    tie = TIE_BREAK * np.linalg.norm(moved - logits) / np.linalg.norm(logits)
+    kl_p = kl + TIE_BREAK * np.linalg.norm(q - p) / np.linalg.norm(p)
+    kl += tie
     assert degradation([logits], [moved]) == pytest.approx(kl, rel=1e-5)
     assert degradation([logits], [logits]) == pytest.approx(0.0, abs=1e-9)
     # probabilities (values in [0, 1]) are compared as given, normalized per row
     assert degradation([p.astype(np.float32)], [q.astype(np.float32)]) == pytest.approx(
-        kl, rel=1e-4
+        kl_p, rel=1e-4
     )
     features = rng.standard_normal((2, 3, 4))
     other = features + 0.1
@@ -194,6 +198,8 @@ def test_calibrated_network_errors_hold_samples_out_and_meet_the_budget(tmp_path
     analysis = analyze(MNIST, config)
     assert analysis.calibration.samples == 160 - 24
     assert analysis.network.samples == 24
+    fewer = analyze(MNIST, config.replace(calibration_samples=100, error="output"))
+    assert fewer.calibration.samples == 100
     tables = candidate_tables(analysis, config)
     choices = choose(analysis, tables, config)
     for table, row in zip(tables, choices, strict=True):  # every chosen row was measured
@@ -228,6 +234,9 @@ def test_cli_network_error(tmp_path, capsys):
             "sum",
             "--sensitivity-samples",
             "8",
+            "--calibration-samples",
+            "48",
+            "--refit",
             "--no-validate",
             "-q",
         ]
