@@ -55,6 +55,7 @@ from .discover import Discovery, Layer
 from .errors import CalibrationError, ConfigError
 from .factorize import Factors, factorize, reconstruct
 from .graphs import FreshNames, attribute
+from .sessions import make_session
 from .validate import check_feeds, load_npz, random_inputs
 
 if TYPE_CHECKING:
@@ -287,18 +288,11 @@ class NetworkErrors:
     def _start(self) -> None:
         if self._session is not None:
             return
-        import onnxruntime as ort
-
         started = time.perf_counter()
         probe, self._weights, self._shifts = probe_model(
             self.discovery.model, self.discovery, self.layers
         )
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self._session = ort.InferenceSession(
-            probe.SerializeToString(), options, providers=self.providers
-        )
+        self._session = make_session(probe, self.providers)
         self._outputs = [output.name for output in probe.graph.output]
         self._reference = self._run({})
         self.seconds += time.perf_counter() - started
