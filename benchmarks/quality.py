@@ -125,6 +125,10 @@ def make_task(name: str, args: argparse.Namespace) -> tasks.Task:
     raise SystemExit(f"quality.py: error: unknown model {name!r}")
 
 
+#: Concrete shapes of dynamic inputs (the PP-OCR classifier's height and width are dynamic).
+task_shapes = {"ppocr": {"x": (1, 3, 48, 192)}}
+
+
 def run_task(
     task: tasks.Task, modes: list[str], budgets: list[float], folder: Path, samples: int
 ) -> dict:
@@ -138,6 +142,8 @@ def run_task(
         base = CompressionConfig(
             params=1.0,
             validate=False,
+            latency_check=False,  # quality only: the latency filter is the same for every mode
+            input_shapes=task_shapes.get(task.name, {}),
             calibration=str(path) if calibrated else None,
             sensitivity_samples=samples,
             **fields,
