@@ -80,6 +80,8 @@ def test_built_package_installs_and_runs(dist, tmp_path, kind):
             str(python),
             "install",
             "--no-deps",
+            "--ignore-installed",  # a copy visible from here (an egg-info in the checkout on
+            # PYTHONPATH, the outer environment's install) must not count as installed
             "--no-build-isolation",
             "--no-index",
             "--quiet",

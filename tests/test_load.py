@@ -10,6 +10,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import zipfile
 from pathlib import Path
 
@@ -220,13 +221,21 @@ def test_interrupted_write_leaves_the_old_output_and_no_temporary_files(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx"]
 
 
+def _signal_this_thread(number: int) -> None:
+    """Send ``number`` to the calling (main) thread. ``os.kill`` on the own process may deliver
+    it to any thread (ONNX Runtime and BLAS pools of earlier tests are alive), and Python then
+    runs the handler only when the main thread next checks, possibly after the renames: the
+    hold-back is then not exercised and the test would be racy."""
+    signal.pthread_kill(threading.get_ident(), number)
+
+
 def test_ctrl_c_between_the_renames_is_held_back(tmp_path, monkeypatch):
     """SIGINT arriving while the data file and the model are renamed takes effect after both."""
     real_replace = os.replace
 
     def replace_with_interrupt(source, target):
         real_replace(source, target)
-        os.kill(os.getpid(), signal.SIGINT)
+        _signal_this_thread(signal.SIGINT)
 
     monkeypatch.setattr(load_module.os, "replace", replace_with_interrupt)
     with pytest.raises(KeyboardInterrupt):
@@ -357,7 +366,7 @@ def test_sigterm_between_the_renames_is_held_back(tmp_path, monkeypatch):
 
     def replace_with_sigterm(source, target):
         real_replace(source, target)
-        os.kill(os.getpid(), signal.SIGTERM)
+        _signal_this_thread(signal.SIGTERM)
 
     def handler(number, frame):
         delivered.append(number)
