@@ -48,6 +48,30 @@ where ``‖W S‖_F² = tr(W (Σ + λI) Wᵀ)`` is the spread of the layer's out
 ``tr(E_i Σ_ij E_jᵀ)``, so it is exact when the groups' inputs are uncorrelated. The errors
 measured after compression (``measure_output_errors``) are reported next to it.
 
+**Row weights: embedding tables and classifier heads.** Some rows of a weight matter more
+than others on real data. With ``D = diag(d)`` a positive weight per output row (``f`` values,
+mean 1), the factors minimize the weighted output error ``‖D^{1/2}(W − Ŵ) S‖_F``: the same
+whitened SVD of ``D^{1/2} W_i S_i`` with top left singular vectors ``A_r``, mapped back as
+
+    U_i = D^{-1/2} A_r,    V_i = A_rᵀ D^{1/2} W_i,
+
+so ``Ŵ_i = D^{-1/2} A_r A_rᵀ D^{1/2} W_i`` (``W_i`` itself at full rank), and the error tables
+use the singular values of ``D^{1/2} W_i S_i``. Two kinds of layer get row weights:
+
+* an **embedding table** (a ``Gather`` layer, ``W = T``): ``d_v`` is how often id ``v`` occurs
+  in the calibration inputs (negative ids counted as ``v + vocab``). A lookup ``T[v]`` has no
+  input vector to whiten, so ``S = I``: the error is ``E_v ‖T[v] − T̂[v]‖²`` over the ids seen.
+  A table tied with an output MatMul is weighted by its lookups alone;
+* a **classifier head**: a MatMul/Gemm whose output reaches a graph output through only a
+  constant bias ``Add``, ``Cast``/``Identity`` and a last-axis ``Softmax``/``LogSoftmax``.
+  ``d_k`` is the probability mass of class ``k`` in that output on the calibration data (the
+  softmax of logits, averaged over samples and positions).
+
+Unseen ids and classes must not be destroyed, so the weights are mixed with the uniform ones:
+``d = f·((1 − ρ)·p + ρ/f)`` with ``p`` the normalized counts or masses and ``ρ`` the floor
+(``row_floor``; ``ROW_FLOOR`` by default, 1 turns the weighting off). A row that never occurs
+still weighs ``ρ`` times an average row.
+
 **Activation statistics through ONNX Runtime.** A copy of the model exposes every compressible
 layer's input as an extra graph output; the calibration set runs through it in batches, and each
 batch's activations are turned into input vectors chunk by chunk (``CHUNK_BYTES``), so memory
@@ -69,6 +93,7 @@ import onnx
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .allocate import CandidateTable
+from .config import ROW_FLOOR
 from .data import read_arrays
 from .discover import Discovery, Layer
 from .errors import CalibrationError
@@ -81,6 +106,7 @@ from .validate import check_feeds, graph_inputs
 __all__ = [
     "CHUNK_BYTES",
     "DAMPING",
+    "ROW_FLOOR",
     "CalibratedLayer",
     "Calibration",
     "LayerStatistics",
@@ -94,6 +120,8 @@ __all__ = [
     "load_calibration",
     "measure_output_errors",
     "output_error_table",
+    "row_weights",
+    "score_output",
     "whitened_factors",
     "whitened_singular_values",
     "whitened_spectra",
@@ -137,6 +165,8 @@ class LayerStatistics:
             ``μ_u`` of that node's input vectors. ``mean`` is then the pooled mean, and
             ``Σ`` the pooled covariance *within* the uses, ``Σ_u n_u/n · Σ_u``: each use gets
             its own bias correction, so differences between the uses' means cost nothing.
+        row_weights: ``d`` (``f`` values, mean 1) of a table or classifier head, else None
+            (see "Row weights" above).
     """
 
     name: str
@@ -147,6 +177,7 @@ class LayerStatistics:
     covariance: np.ndarray | None = None
     output_covariance: Mapping[int, np.ndarray] | None = None
     use_means: Mapping[str, np.ndarray] = field(default_factory=dict)
+    row_weights: np.ndarray | None = None
 
     @property
     def damping(self) -> float:
@@ -541,6 +572,7 @@ def collect_statistics(
     *,
     sides: Mapping[str, Side] | None = None,
     chunk_bytes: int = CHUNK_BYTES,
+    row_floor: float = ROW_FLOOR,
 ) -> dict[str, LayerStatistics]:
     """Run the calibration set through ONNX Runtime and accumulate every layer's statistics.
 
@@ -553,23 +585,46 @@ def collect_statistics(
         progress: called as ``progress("calibrate", samples_done, samples)``.
         sides: force the side of some layers (default: ``choose_side``).
         chunk_bytes: largest block of input vectors built at once.
+        row_floor: ``ρ`` of the row weights of tables and classifier heads (1: none).
     """
     model = discovery.model
     graph = model.graph
-    accumulators = {}
+    accumulators: dict[str, _Accumulator] = {}
+    lookups = {
+        layer.name: np.zeros(layer.out_channels) for layer in discovery.layers if layer.lookup
+    }
+    heads: dict[str, tuple[str, str]] = {}
     for layer in discovery.layers:
+        if layer.lookup:
+            log.info("calibration statistics of %s: id counts", layer.name)
+            continue
         groups = group_counts(layer, max_groups)
         side = (sides or {}).get(layer.name) or choose_side(layer, groups)
         weight = discovery.weight(layer) if side == "output" else np.empty(0)
         accumulators[layer.name] = _Accumulator(layer, weight, groups, side)
+        head = None if row_floor >= 1 else score_output(discovery, layer)
+        if head is not None:
+            heads[layer.name] = head
         log.info("calibration statistics of %s on the %s side", layer.name, side)
-    wanted = {
-        graph.node[use.node_index].input[0]: layer
-        for layer in discovery.layers
-        for use in layer.uses()
-    }
+    wanted: dict[str, int] = {}
+    for layer in discovery.layers:
+        for use in layer.uses():
+            if use.op_type == "Gather" or not layer.lookup:
+                name = _data_input(graph.node[use.node_index], use)
+                lookup = use.op_type == "Gather"
+                ids_type = discovery.shapes.types.get(name, onnx.TensorProto.INT64)
+                wanted[name] = ids_type if lookup else use.weight_dtype
+    types = {info.name: info.type.tensor_type.elem_type for info in graph.output}
+    wanted.update({output: types[output] for output, _ in heads.values()})
+    masses = {name: np.zeros(discovery.layer(name).out_channels) for name in heads}
     for activations, _ in _run_batches(model, wanted, feeds, providers, progress):
         for layer in discovery.layers:
+            if layer.lookup:
+                for use in layer.uses():
+                    if use.op_type == "Gather":
+                        ids = activations[_data_input(graph.node[use.node_index], use)]
+                        lookups[layer.name] += _id_counts(ids, layer.out_channels)
+                continue
             accumulator = accumulators[layer.name]
             limit = chunk_bytes * layer.cols // accumulator.row_values
             for use in layer.uses():  # a tied weight pools the inputs of all its nodes
@@ -577,7 +632,103 @@ def collect_statistics(
                 label = use.name if layer.tied else None
                 for vectors in layer_vectors(use, node, activations[node.input[0]], limit):
                     accumulator.add(vectors, label)
-    return {name: accumulator.statistics() for name, accumulator in accumulators.items()}
+        for name, (output, kind) in heads.items():
+            masses[name] += _class_mass(activations[output], kind)
+    statistics = {name: accumulator.statistics() for name, accumulator in accumulators.items()}
+    for name, mass in masses.items():
+        statistics[name] = replace(statistics[name], row_weights=row_weights(mass, row_floor))
+    for name, counts in lookups.items():
+        width = discovery.layer(name).cols
+        statistics[name] = LayerStatistics(
+            name,
+            "input",
+            int(counts.sum()),
+            np.zeros(width),
+            np.ones(width),
+            covariance=np.eye(width),
+            row_weights=row_weights(counts, row_floor),
+        )
+    return statistics
+
+
+def _data_input(node: onnx.NodeProto, layer: Layer) -> str:
+    """The tensor a layer's node reads its data from: a Gather's ids, the others' input."""
+    return node.input[1] if layer.op_type == "Gather" else node.input[0]
+
+
+def _id_counts(ids: np.ndarray, vocab: int) -> np.ndarray:
+    """How often each row of a ``vocab``-row table is looked up; negative ids count from the
+    end, as in ONNX."""
+    flat = np.asarray(ids, dtype=np.int64).reshape(-1)
+    flat = np.where(flat < 0, flat + vocab, flat)
+    flat = flat[(flat >= 0) & (flat < vocab)]
+    return np.bincount(flat, minlength=vocab).astype(np.float64)
+
+
+def row_weights(mass: np.ndarray, floor: float = ROW_FLOOR) -> np.ndarray:
+    """``d = f·((1 − ρ)·p + ρ/f)``: the normalized ``mass`` mixed with uniform weights by the
+    floor ``ρ`` (mean 1; all ones when ``ρ = 1`` or nothing was seen)."""
+    rows = len(mass)
+    total = float(np.sum(mass))
+    if total <= 0 or floor >= 1:
+        return np.ones(rows)
+    return rows * ((1.0 - floor) * mass / total + floor / rows)
+
+
+#: Operators between a classifier head and its score output (score_output).
+_SCORE_PATH = {"Add", "Identity", "Cast", "Softmax", "LogSoftmax"}
+
+
+def score_output(discovery: Discovery, layer: Layer) -> tuple[str, str] | None:
+    """``(graph output, kind)`` when ``layer`` is a classifier head: a main-graph MatMul or
+    Gemm (one node) whose output reaches a graph output through only a constant bias ``Add``,
+    ``Cast``/``Identity`` and a ``Softmax``/``LogSoftmax`` over the last (class) axis. ``kind``
+    is ``"logits"``, ``"probabilities"`` or ``"log-probabilities"``; else None."""
+    if layer.op_type not in ("MatMul", "Gemm") or layer.tied or layer.graph_path:
+        return None
+    graph = discovery.model.graph
+    outputs = {info.name for info in graph.output}
+    tensor, kind = graph.node[layer.node_index].output[0], "logits"
+    for _ in range(len(graph.node)):
+        if tensor in outputs:
+            shape = discovery.shapes.get(tensor)
+            if shape is None or not shape or shape[-1] != layer.out_channels:
+                return None
+            return tensor, kind
+        readers = [node for node in graph.node if tensor in node.input]
+        if len(readers) != 1 or readers[0].domain not in ("", "ai.onnx"):
+            return None
+        node = readers[0]
+        if node.op_type not in _SCORE_PATH or (kind != "logits" and node.op_type != "Cast"):
+            return None
+        if node.op_type == "Add":
+            other = node.input[1] if node.input[0] == tensor else node.input[0]
+            if _constant(graph, other) is None:
+                return None
+        if node.op_type in ("Softmax", "LogSoftmax"):
+            shape = discovery.shapes.get(tensor)
+            axis = attribute(node, "axis", -1 if _opset(discovery.model) >= 13 else 1)
+            if shape is None or axis % len(shape) != len(shape) - 1:
+                return None
+            kind = "probabilities" if node.op_type == "Softmax" else "log-probabilities"
+        tensor = node.output[0]
+    return None
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def _class_mass(scores: np.ndarray, kind: str) -> np.ndarray:
+    """Probability mass of each class (last axis) summed over every sample and position."""
+    values = np.asarray(scores, dtype=np.float64)
+    values = values.reshape(-1, values.shape[-1])
+    if kind == "logits":
+        values = np.exp(values - values.max(axis=1, keepdims=True))
+        values /= values.sum(axis=1, keepdims=True)
+    elif kind == "log-probabilities":
+        values = np.exp(values)
+    return values.sum(axis=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -606,7 +757,7 @@ def _session(model: onnx.ModelProto, providers: Sequence[str]):
 
 def _run_batches(
     model: onnx.ModelProto,
-    wanted: Mapping[str, Layer],
+    wanted: Mapping[str, int],
     feeds: Mapping[str, np.ndarray],
     providers: Sequence[str],
     progress: Progress | None,
@@ -614,16 +765,16 @@ def _run_batches(
     other: onnx.ModelProto | None = None,
     other_wanted: Sequence[str] = (),
 ) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
-    """Yield, per batch, the ``wanted`` tensors of ``model`` and ``other_wanted`` of ``other``.
+    """Yield, per batch, the ``wanted`` tensors (name -> element type) of ``model`` and
+    ``other_wanted`` of ``other``.
 
     Both models run on the same batch. Batches have the model's fixed batch size, or else grow
     from one sample to what fits in ``ACTIVATION_BYTES`` (at most ``MAX_BATCH``).
     """
-    types = {name: layer.weight_dtype for name, layer in wanted.items()}
-    session = _session(_exposed(model, types), providers)
+    session = _session(_exposed(model, wanted), providers)
     second = None
     if other is not None:
-        other_types = {name: wanted[name].weight_dtype for name in other_wanted}
+        other_types = {name: wanted[name] for name in other_wanted}
         second = _session(_exposed(other, other_types), providers)
     samples = int(next(iter(feeds.values())).shape[0])
     fixed = fixed_batch(model)
@@ -671,21 +822,34 @@ def _diagonal_blocks(matrix: np.ndarray, groups: int) -> np.ndarray:
 
 
 def _output_gram(blocks: np.ndarray, stats: LayerStatistics, groups: int) -> np.ndarray:
-    """``W_i (Σ_i + λI) W_iᵀ`` per group, ``(g, f, f)``."""
+    """``D^{1/2} W_i (Σ_i + λI) W_iᵀ D^{1/2}`` per group, ``(g, f, f)`` (``D = I`` without
+    row weights)."""
     damping = stats.damping * _bmm(blocks, blocks.transpose(0, 2, 1))
     if stats.side == "output":
         if stats.output_covariance is None or groups not in stats.output_covariance:
             raise ValueError(f"no output-side statistics of {stats.name} for {groups} groups")
-        return stats.output_covariance[groups] + damping
-    sigma = _diagonal_blocks(stats.covariance, groups)
-    return _bmm(_bmm(blocks, sigma), blocks.transpose(0, 2, 1)) + damping
+        gram = stats.output_covariance[groups] + damping
+    else:
+        sigma = _diagonal_blocks(stats.covariance, groups)
+        gram = _bmm(_bmm(blocks, sigma), blocks.transpose(0, 2, 1)) + damping
+    if stats.row_weights is None:
+        return gram
+    root = np.sqrt(stats.row_weights)
+    return gram * root[:, None] * root[None, :]
 
 
 def _whitened_blocks(blocks: np.ndarray, stats: LayerStatistics, groups: int) -> np.ndarray:
-    """``W_i S_i`` per group with ``S_i S_iᵀ = Σ_i + λI`` (Cholesky), ``(g, f, w)``."""
+    """``D^{1/2} W_i S_i`` per group with ``S_i S_iᵀ = Σ_i + λI`` (Cholesky), ``(g, f, w)``."""
     sigma = _diagonal_blocks(stats.covariance, groups)
     sigma = sigma + stats.damping * np.eye(sigma.shape[-1])
-    return _bmm(blocks, np.linalg.cholesky(sigma))
+    return _bmm(_weighted(blocks, stats), np.linalg.cholesky(sigma))
+
+
+def _weighted(blocks: np.ndarray, stats: LayerStatistics) -> np.ndarray:
+    """``D^{1/2} W_i`` per group."""
+    if stats.row_weights is None:
+        return blocks
+    return blocks * np.sqrt(stats.row_weights)[:, None]
 
 
 def _uses_output_gram(stats: LayerStatistics, rows: int, width: int) -> bool:
@@ -772,7 +936,7 @@ def with_bias_cost(table: CandidateTable, layer: Layer, graph: onnx.GraphProto) 
     for use in layer.uses():
         node = graph.node[use.node_index]
         missing += layer.op_type == "MatMul" or len(node.input) < 3 or not node.input[2]
-    if not missing:
+    if not missing or layer.lookup:  # a table gets no bias correction
         return table
     costs = table.costs.copy()
     factorized = table.groups > 0
@@ -789,7 +953,8 @@ def with_bias_cost(table: CandidateTable, layer: Layer, graph: onnx.GraphProto) 
 
 
 def whitened_factors(weight: np.ndarray, stats: LayerStatistics, groups: int, rank: int) -> Factors:
-    """Factors of ``Ŵ_i = A_r A_rᵀ W_i`` for every group: ``U_i = A_r``, ``V_i = A_rᵀ W_i``.
+    """Factors of ``Ŵ_i = A_r A_rᵀ W_i`` for every group: ``U_i = A_r``, ``V_i = A_rᵀ W_i``
+    (with row weights ``D``: ``U_i = D^{-1/2} A_r``, ``V_i = A_rᵀ D^{1/2} W_i``).
 
     ``A_r`` holds the top ``rank`` left singular vectors of ``W_i S_i`` (equivalently the top
     eigenvectors of ``W_i (Σ_i + λI) W_iᵀ``). Each rank-one term ``u vᵀ`` is rescaled to
@@ -808,8 +973,11 @@ def whitened_factors(weight: np.ndarray, stats: LayerStatistics, groups: int, ra
     else:
         left = np.linalg.svd(_whitened_blocks(blocks, stats, groups), full_matrices=False)[0]
         left = left[:, :, :rank]
-    first = _bmm(left.transpose(0, 2, 1), blocks)  # (g, r, w) = A_rᵀ W_i
+    first = _bmm(left.transpose(0, 2, 1), _weighted(blocks, stats))  # (g, r, w) = A_rᵀ D^½ W_i
     norms = np.linalg.norm(first, axis=2)  # ‖v‖ per term; ‖u‖ = 1
+    if stats.row_weights is not None:  # U_i = D^{-1/2} A_r: balance ‖u‖ and ‖v‖ again
+        left = left / np.sqrt(stats.row_weights)[:, None]
+        norms = norms / np.linalg.norm(left, axis=1)
     scale = np.sqrt(np.where(norms > 0, norms, 1.0))
     second = left * scale[:, None, :]
     first = first / scale[:, :, None]
@@ -883,6 +1051,10 @@ def factorize_layers(
         biases, shifts = {}, {}
         for use in layer.uses():  # each node of a tied weight with its own mean and bias
             node = graph.node[use.node_index]
+            if layer.lookup:  # no input mean: nothing to correct
+                width = layer.cols if use.op_type == "Gather" else layer.out_channels
+                biases[use.name], shifts[use.name] = None, np.zeros(width)
+                continue
             bias, alpha = _effective_bias(graph, node, use)
             shift = alpha * (residual @ stats.use_means.get(use.name, stats.mean))
             had_bias = len(node.input) > 2 and bool(node.input[2])
@@ -925,27 +1097,36 @@ def _residual_probe(
     for layer in discovery.layers:
         if layer.name not in layers:
             continue
-        node = graph.node[layer.node_index]
         residual = discovery.weight(layer) - reconstruct(layers[layer.name].factors)
-        if layer.op_type == "Conv":
-            stored = residual.reshape(layer.weight_shape)
-        elif layer.op_type == "Gemm" and attribute(node, "transB", 0):
-            stored = residual
-        else:
-            stored = residual.T
         base = f"{layer.name}/onnx_lowrank_residual"
-        weight_name = names.fresh(f"{base}_weight")
         dtype = onnx.helper.tensor_dtype_to_np_dtype(layer.weight_dtype)
-        graph.initializer.append(
-            onnx.numpy_helper.from_array(np.ascontiguousarray(stored, dtype=dtype), weight_name)
-        )
-        for use in layer.uses():  # tied uses share the residual weight
+        stored_names: dict[bool, str] = {}  # tied uses share the residual weight per layout
+        for use in layer.uses():
             node = graph.node[use.node_index]
+            if use.op_type == "Conv":
+                stored, transposed = residual.reshape(layer.weight_shape), False
+            else:
+                transposed = not (
+                    use.op_type == "Gather"
+                    or (use.op_type == "Gemm" and attribute(node, "transB", 0))
+                )
+                stored = residual.T if transposed else residual
+            if transposed not in stored_names:
+                stored_names[transposed] = names.fresh(f"{base}_weight")
+                graph.initializer.append(
+                    onnx.numpy_helper.from_array(
+                        np.ascontiguousarray(stored, dtype=dtype), stored_names[transposed]
+                    )
+                )
+            weight_name = stored_names[transposed]
             twin = onnx.NodeProto()
             twin.CopyFrom(node)
             twin.name = names.fresh(base)
             del twin.input[:]
-            twin.input.extend([node.input[0], weight_name])
+            if use.op_type == "Gather":
+                twin.input.extend([weight_name, node.input[1]])
+            else:
+                twin.input.extend([node.input[0], weight_name])
             del twin.output[:]
             twin.output.append(names.fresh(base))
             graph.node.append(twin)
@@ -1030,8 +1211,8 @@ def measure_output_errors(
         sums[layer.name] = _OutputErrorSums(layer)
         for use in layer.uses():
             node = graph.node[use.node_index]
-            wanted[node.output[0]] = layer
-            wanted[residuals[use.name]] = layer
+            wanted[node.output[0]] = layer.weight_dtype
+            wanted[residuals[use.name]] = layer.weight_dtype
             outputs.append(node.output[0])
     batches = _run_batches(
         probe,
@@ -1070,6 +1251,7 @@ def calibrate(
     source: str = "calibration data",
     providers: Sequence[str] = ("CPUExecutionProvider",),
     progress: Progress | None = None,
+    row_floor: float = ROW_FLOOR,
 ) -> Calibration:
     """Activation statistics and whitened spectra of every compressible layer.
 
@@ -1081,13 +1263,8 @@ def calibrate(
         source: a label of where the data came from.
         providers: ONNX Runtime execution providers.
         progress: callback ``(stage, done, total)``; stage ``"calibrate"``.
+        row_floor: ``ρ`` of the row weights of tables and classifier heads (1: none).
     """
-    lookups = [layer.name for layer in discovery.layers if layer.lookup]
-    if lookups:
-        log.warning("embedding table(s) %s are factorized without calibration", ", ".join(lookups))
-        discovery = replace(
-            discovery, layers=[layer for layer in discovery.layers if not layer.lookup]
-        )
     inner = [layer.name for layer in discovery.layers if layer.graph_path]
     if inner:
         # A subgraph's tensors cannot be fetched as outputs of the main graph.
@@ -1099,7 +1276,9 @@ def calibrate(
         discovery = replace(
             discovery, layers=[layer for layer in discovery.layers if not layer.graph_path]
         )
-    statistics = collect_statistics(discovery, feeds, max_groups, providers, progress)
+    statistics = collect_statistics(
+        discovery, feeds, max_groups, providers, progress, row_floor=row_floor
+    )
     spectra = whitened_spectra(discovery, statistics, max_groups)
     samples = int(next(iter(feeds.values())).shape[0])
     return Calibration(

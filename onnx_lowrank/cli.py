@@ -32,6 +32,7 @@ from .config import (
     DEVICES,
     ERROR_MEASURES,
     METHODS,
+    ROW_FLOOR,
     TOLERANCES,
     CompressionConfig,
     parse_input_shapes,
@@ -490,6 +491,15 @@ def _add_calibration_option(parser) -> None:
         help="real inputs, batch first, in any format of --inputs: factorize each layer to keep "
         "its outputs on them (whitened SVD, bias correction); see docs/calibration.md",
     )
+    parser.add_argument(
+        "--row-floor",
+        type=float,
+        default=ROW_FLOOR,
+        metavar="F",
+        help="with --calibration: share of uniform weight mixed into the row weights of "
+        "embedding tables (id counts) and classifier heads (class mass); 1 turns the "
+        "weighting off (default: %(default)s; docs/calibration.md)",
+    )
 
 
 def _add_layer_options(run: argparse.ArgumentParser, *, sweep: bool) -> None:
@@ -602,6 +612,7 @@ def _run_config(args: argparse.Namespace, **budget) -> CompressionConfig:
         latency_threads=args.latency_threads,
         seed=args.seed,
         calibration=args.calibration,
+        row_floor=args.row_floor,
         fold_batchnorm=args.fold_batchnorm,
         latency_check=args.latency_check,
         max_latency_ratio=args.max_latency_ratio,

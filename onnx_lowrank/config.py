@@ -42,6 +42,8 @@ ALL_OUTPUTS = "*"
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 #: Environment variable that turns the default latency check off (``0``).
 LATENCY_CHECK_ENV = "ONNX_LOWRANK_LATENCY_CHECK"
+#: Default share of uniform weight in the row weights of tables and heads (calibrate.py).
+ROW_FLOOR = 0.1
 
 Device = Literal["auto", "cpu", "cuda"]
 #: A tolerance: one value for every output, or values per output name (``ALL_OUTPUTS`` for the
@@ -102,6 +104,9 @@ class CompressionConfig:
             file (deterministic); None uses all.
         refit: with ``calibration``, refit every factorized layer's left factor and bias in
             topological order on the partly compressed model's inputs (refit.py).
+        row_floor: with calibration, the share ``ρ`` in (0, 1] of uniform weight mixed into
+            the row weights of embedding tables (id counts) and classifier heads (class
+            probability mass); 1 turns the row weighting off (calibrate.py).
         fold_batchnorm: fold BatchNormalization and constant per-channel Mul/Add into the
             preceding Conv before discovery (fold.py), so errors are measured on the weight as
             it acts.
@@ -143,6 +148,7 @@ class CompressionConfig:
     seed: int = 0
     force: bool = False
     calibration: str | None = None
+    row_floor: float = ROW_FLOOR
     fold_batchnorm: bool = True
     latency: float | None = None
     latency_check: bool | None = None
@@ -166,6 +172,8 @@ class CompressionConfig:
                 )
         _check_choice("method", self.method, METHODS)
         self._check_calibration()
+        if not (_is_number(self.row_floor) and 0 < self.row_floor <= 1):
+            raise ConfigError(f"--row-floor must be a fraction in (0, 1], got {self.row_floor!r}")
         _check_choice("error", self.error, ERROR_MEASURES)
         _check_choice("device", self.device, DEVICES)
         if not isinstance(self.refit, bool):

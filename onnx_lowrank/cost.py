@@ -62,11 +62,13 @@ class ShapeInfo:
             unknown are absent.
         assumed: human-readable notes of the assumptions made (a dynamic batch taken as 1).
         input_shapes: the concrete shapes used for graph inputs where they are fully known.
+        types: tensor name -> ONNX element type, where inference found one.
     """
 
     shapes: dict[str, Shape] = field(default_factory=dict)
     assumed: tuple[str, ...] = ()
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    types: dict[str, int] = field(default_factory=dict)
 
     def get(self, name: str) -> Shape | None:
         return self.shapes.get(name)
@@ -137,7 +139,10 @@ def infer_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, .
                 f"shapes of {len(probed)} tensor(s) that shape inference could not reach were "
                 "measured by running the model once in ONNX Runtime"
             )
-    return ShapeInfo(shapes=shapes, assumed=tuple(assumed), input_shapes=concrete)
+    types = {}
+    for graph in iter_graphs(inferred.graph):
+        types.update(_element_types(graph))
+    return ShapeInfo(shapes=shapes, assumed=tuple(assumed), input_shapes=concrete, types=types)
 
 
 def _unknown_mac_tensors(graph: onnx.GraphProto, shapes: Mapping[str, Shape]) -> list[str]:

@@ -244,6 +244,8 @@ class Layer:
     def macs(self) -> int | None:
         """MACs of the dense layer, ``f·c·κ·P``, or None when ``P`` is unknown (a dense
         ``Gather`` costs none)."""
+        if self.op_type == "Gather" and all(use.op_type == "Gather" for use in self.tied):
+            return 0
         positions = self.mac_positions()
         return None if positions is None else self.params * positions[0]
 

@@ -449,6 +449,7 @@ def analyze(
                 source=str(config.calibration),
                 providers=providers_for(config.device),
                 progress=progress,
+                row_floor=config.row_floor,
             )
     network = None
     if held_out is not None:

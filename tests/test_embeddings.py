@@ -191,3 +191,143 @@ def test_calibrated_compression_of_a_model_with_a_table(tmp_path):
     result = compress(model, CompressionConfig(params=0.5, calibration=str(data)))
     check_model(result.model)
     assert count_parameters(result.model) <= 0.5 * VOCAB * WIDTH
+
+
+def test_row_weighted_factors_are_the_weighted_truncated_svd():
+    from onnx_lowrank.calibrate import LayerStatistics, whitened_factors, whitened_singular_values
+    from onnx_lowrank.factorize import reconstruct
+
+    rng = np.random.default_rng(9)
+    weight = rng.standard_normal((VOCAB, WIDTH))
+    weights = rng.uniform(0.05, 3.0, VOCAB)
+    stats = LayerStatistics(
+        "t", "input", 1, np.zeros(WIDTH), np.ones(WIDTH), np.eye(WIDTH), row_weights=weights
+    )
+    root = np.sqrt(weights)[:, None]
+    values = np.linalg.svd(root * weight, compute_uv=False)
+    damped = np.sqrt(1 + stats.damping)  # S = sqrt(1 + λ)·I
+    np.testing.assert_allclose(whitened_singular_values(weight, stats, 1)[0], values * damped)
+    for rank in (1, 4, WIDTH):
+        approx = reconstruct(whitened_factors(weight, stats, 1, rank))
+        error = np.linalg.norm(root * (weight - approx))
+        np.testing.assert_allclose(error, np.sqrt(np.sum(values[rank:] ** 2)), atol=1e-9)
+    # the unweighted truncation is worse in the weighted norm
+    u, s, vt = np.linalg.svd(weight, full_matrices=False)
+    plain = (u[:, :4] * s[:4]) @ vt[:4]
+    assert np.linalg.norm(root * (weight - plain)) > np.sqrt(np.sum(values[4:] ** 2))
+
+
+def test_row_weights_mix_counts_with_a_floor():
+    from onnx_lowrank.calibrate import _id_counts, row_weights
+
+    counts = _id_counts(np.array([[0, 0, -1], [3, 3, 3]]), 5)  # -1 is row 4
+    np.testing.assert_array_equal(counts, [2, 0, 0, 3, 1])
+    weights = row_weights(counts, 0.1)
+    np.testing.assert_allclose(weights.mean(), 1.0)
+    np.testing.assert_allclose(weights, 5 * (0.9 * counts / 6 + 0.1 / 5))
+    assert weights[1] == pytest.approx(0.1)  # an unseen id keeps a tenth of the average weight
+    np.testing.assert_array_equal(row_weights(counts, 1.0), np.ones(5))
+
+
+def lookup_errors(model, result, ids) -> np.ndarray:
+    """Squared error of each compressed lookup of ``ids``."""
+    feed = {"ids": np.asarray(ids, dtype=np.int64).reshape(1, -1)}
+    original, compressed = run(model, feed)[0], run(result, feed)[0]
+    return np.sum((original - compressed) ** 2, axis=-1)[0]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_frequency_weighting_keeps_the_ids_that_are_used(tmp_path, tied):
+    # a table of full rank; the calibration data uses only ids 0..7 (id 0 most)
+    table = np.random.default_rng(10).standard_normal((VOCAB, WIDTH)).astype(np.float32)
+    model = embedding_model(table, tied=tied, ids_shape=("N", "L"))
+    rng = np.random.default_rng(11)
+    ids = np.minimum(rng.geometric(0.3, (64, 3)) - 1, 7).astype(np.int64)
+    data = tmp_path / "calibration.npz"
+    np.savez(data, ids=ids)
+    errors = {}
+    for floor in (0.1, 1.0):
+        config = CompressionConfig(
+            params=0.4, calibration=str(data), row_floor=floor, input_shapes={"ids": (2, 3)}
+        )
+        result = compress(model, config)
+        check_model(result.model)
+        seen = lookup_errors(model, result.model, ids).mean()  # as often as the data uses them
+        unseen = lookup_errors(model, result.model, np.arange(8, VOCAB)).mean()
+        errors[floor] = seen, unseen
+    (seen_weighted, unseen_weighted), (seen_plain, _) = errors[0.1], errors[1.0]
+    assert seen_weighted < 0.5 * seen_plain  # the rows that are used get the rank
+    # the floor keeps unseen rows from being wiped out: less error than deleting them
+    assert unseen_weighted < 0.9 * np.mean(np.sum(table[8:] ** 2, axis=1))
+
+
+def test_row_floor_one_is_the_plain_factorization(tmp_path):
+    table = np.random.default_rng(12).standard_normal((VOCAB, WIDTH)).astype(np.float32)
+    model = embedding_model(table, ids_shape=("N", "L"))
+    data = tmp_path / "calibration.npz"
+    np.savez(data, ids=ids_feed((16, 3), seed=13))
+    shapes = {"ids": (2, 3)}
+    plain = compress(model, CompressionConfig(params=0.5, input_shapes=shapes))
+    uniform = compress(
+        model,
+        CompressionConfig(params=0.5, calibration=str(data), row_floor=1, input_shapes=shapes),
+    )
+    ids = ids_feed((4, 3), seed=14)
+    np.testing.assert_allclose(
+        run(uniform.model, {"ids": ids})[0], run(plain.model, {"ids": ids})[0], atol=1e-4
+    )
+
+
+def head_model(classes: int = 30, width: int = 16, softmax: bool = True) -> onnx.ModelProto:
+    """``scores = Softmax(x @ W + b)`` (or the logits): a classifier head; the bias makes the
+    first five classes the likely ones."""
+    rng = np.random.default_rng(15)
+    weight = rng.standard_normal((width, classes)).astype(np.float32)
+    bias = np.where(np.arange(classes) < 5, 4.0, -4.0).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["logits"], name="head"),
+        helper.make_node("Add", ["logits", "b"], ["biased"]),
+    ]
+    if softmax:
+        nodes.append(helper.make_node("Softmax", ["biased"], ["scores"], axis=-1))
+    else:
+        nodes.append(helper.make_node("Identity", ["biased"], ["scores"]))
+    graph = helper.make_graph(
+        nodes,
+        "head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", classes])],
+        [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "b")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("softmax", [True, False])
+def test_classifier_head_rows_are_weighted_by_class_mass(tmp_path, softmax):
+    from onnx_lowrank.calibrate import score_output
+
+    model = head_model(softmax=softmax)
+    discovery = discover(model)
+    expected = ("scores", "probabilities" if softmax else "logits")
+    assert score_output(discovery, discovery.layers[0]) == expected
+    data = tmp_path / "calibration.npz"
+    np.savez(data, x=np.random.default_rng(16).standard_normal((64, 16)).astype(np.float32))
+    x = np.random.default_rng(17).standard_normal((256, 16)).astype(np.float32)
+    (reference,) = run(model, {"x": x})
+    errors = {}
+    for floor in (0.1, 1.0):
+        config = CompressionConfig(params=0.35, calibration=str(data), row_floor=floor)
+        result = compress(model, config)
+        check_model(result.model)
+        (scores,) = run(result.model, {"x": x})
+        errors[floor] = np.abs(scores - reference)[:, :5].mean()  # the likely classes
+    assert errors[0.1] < 0.8 * errors[1.0], errors
+
+
+def test_a_layer_followed_by_more_than_a_bias_and_softmax_is_no_head():
+    from onnx_lowrank.calibrate import score_output
+
+    model = head_model()
+    model.graph.node[1].op_type = "Mul"  # a scale, not a bias
+    discovery = discover(model)
+    assert score_output(discovery, discovery.layers[0]) is None

