@@ -706,7 +706,8 @@ def score_output(discovery: Discovery, layer: Layer) -> tuple[str, str] | None:
             if _constant(graph, other) is None:
                 return None
         if node.op_type in ("Softmax", "LogSoftmax"):
-            shape = discovery.shapes.get(tensor)
+            # the rank of its input, or of its output when inference stopped before it
+            shape = discovery.shapes.get(tensor) or discovery.shapes.get(node.output[0])
             axis = attribute(node, "axis", -1 if _opset(discovery.model) >= 13 else 1)
             if shape is None or axis % len(shape) != len(shape) - 1:
                 return None

@@ -3,6 +3,8 @@ and tied with an output MatMul; checker, ONNX Runtime and exactness every time."
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import pytest
@@ -331,3 +333,18 @@ def test_a_layer_followed_by_more_than_a_bias_and_softmax_is_no_head():
     model.graph.node[1].op_type = "Mul"  # a scale, not a bias
     discovery = discover(model)
     assert score_output(discovery, discovery.layers[0]) is None
+
+
+def test_the_ppocr_recognizer_ctc_head_is_a_classifier_head():
+    from pathlib import Path
+
+    from onnx_lowrank.calibrate import score_output
+
+    path = Path.home() / ".cache" / "onnx-lowrank" / "models" / "ch_PP-OCRv4_rec_infer.onnx"
+    path = Path(os.environ.get("ONNX_LOWRANK_MODELS", path.parent)) / path.name
+    if not path.exists():
+        pytest.skip(f"{path} is not in the model cache (tests/models/fetch_models.py)")
+    discovery = discover(onnx.load(str(path)), {"x": (1, 3, 48, 320)})
+    # inference gives the Softmax's output a shape but not its input: the head is still found
+    head = discovery.layer("p2o.MatMul.24")
+    assert score_output(discovery, head) == ("softmax_11.tmp_0", "probabilities")
