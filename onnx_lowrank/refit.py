@@ -182,7 +182,7 @@ def refit_layers(
     eligible = []
     for name in calibrated:
         layer = discovery.layer(name)
-        if layer.graph_path or layer.tied:
+        if layer.graph_path or layer.tied or layer.lookup:  # tables have no input to refit on
             continue
         if _original_bias(graph, layer, calibrated[name]) is None:
             continue
@@ -209,7 +209,7 @@ def refit_layers(
             node = graph.node[layer.node_index]
             alphas[name] = float(attribute(node, "alpha", 1.0)) if layer.op_type == "Gemm" else 1.0
             sums[name] = _Sums(layer, discovery.weight(layer), result[name], alphas[name])
-            wanted[node.input[0]] = layer
+            wanted[node.input[0]] = layer.weight_dtype
         inputs = {info.name for info in graph.input}
         fetched = [name for name in wanted if name not in inputs]
         batches = _run_batches(
