@@ -341,8 +341,8 @@ def _fix_input_shapes(
             del info.type.tensor_type.shape.dim[:]
             for size in shape:
                 info.type.tensor_type.shape.dim.add().dim_value = size
-        elif dims and not dims[0].HasField("dim_value"):
-            label = dims[0].dim_param or "?"
+        elif dims and not (dims[0].HasField("dim_value") and dims[0].dim_value > 0):
+            label = dims[0].dim_param or ("?" if not dims[0].HasField("dim_value") else "-1")
             dims[0].Clear()
             dims[0].dim_value = 1
             assumed.append(

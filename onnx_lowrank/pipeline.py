@@ -16,7 +16,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
@@ -81,11 +81,13 @@ from .report import (
 from .rewrite import rewrite
 from .spectra import LayerSpectrum, compute_spectra, error_table
 from .validate import (
+    RANDOM_BATCH,
     check_tolerances,
     graph_inputs,
     latency_feeds,
     providers_for,
     session_threads,
+    unknown_dimensions,
     validate,
     validation_inputs,
 )
@@ -233,7 +235,7 @@ def inspect(source: ModelSource, config: CompressionConfig | None = None) -> Ins
     return InspectionReport(
         source=_source_label(source),
         params=shares.total,
-        macs=macs,
+        macs=None if unknown else macs,
         layers=_in_graph_order(layers, model),
         notes=_shape_notes(discovery, unknown),
         inputs=[tensor_info(info) for info in graph_inputs(model)],
@@ -339,6 +341,10 @@ class Analysis:
             ``--groups-for``, ``--recipe``), by layer name.
         network: with ``--error network``, the measured network errors (cached across
             budgets; sensitivity.py).
+        input_shapes: the input shapes MACs are counted at (``--input-shape``, else those of
+            the ``--inputs`` or ``--calibration`` data, per sample).
+        validation_skipped: why validation will not run although it was asked for (dynamic
+            input dimensions without sizes), else None.
     """
 
     source: str
@@ -361,6 +367,8 @@ class Analysis:
     latency_ms: float | None = None
     user_choices: dict[str, UserChoice] = field(default_factory=dict)
     network: sensitivity.NetworkErrors | None = None
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    validation_skipped: str | None = None
 
     @property
     def fixed(self) -> bool:
@@ -386,6 +394,7 @@ def analyze(
         OnnxLowRankError: any other subclass, for bad input or options.
     """
     timer = _Timer()
+    checked = None
     with timer.stage("load"):
         recipe = read_recipe(config.recipe) if config.recipe is not None else None
         loaded = open_model(source, force=config.force)
@@ -398,6 +407,10 @@ def analyze(
             feeds = sensitivity.calibration_subset(
                 feeds, config.calibration_samples, calibrate.fixed_batch(model)
             )
+        if config.validate and config.inputs is not None:
+            checked = validation_inputs(model, config)
+    given = (checked[0] if checked else None, feeds)
+    input_shapes, shape_note = _count_shapes(model, config, *given)
     original, params_model, notes = None, None, []
     if config.fold_batchnorm:
         with timer.stage("fold"):
@@ -406,7 +419,7 @@ def analyze(
             original, model = model, folding.model
             notes.append(folding.summary())
     with timer.stage("discover"):
-        discovery = discover(model, config.input_shapes, data_dir=loaded.data_dir)
+        discovery = discover(model, input_shapes, data_dir=loaded.data_dir)
         params_total = count_parameters(original or model)
         if original is not None:
             params_model = count_parameters(model)
@@ -422,12 +435,28 @@ def analyze(
         )
     if config.flops is not None:
         _require_macs(discovery, unknown_macs)
-    # Validation inputs are checked before any heavy work, but after "nothing to compress":
-    # a model without compressible layers needs no input shapes.
     choices = user_choices(discovery, config, recipe)
     fixed = _all_fixed(discovery, choices)
-    with timer.stage("load"):
-        checked = validation_inputs(loaded.model, config) if config.validate else None
+    # Random validation inputs are made before any heavy work, but after "nothing to
+    # compress": a model without compressible layers needs no input shapes. Without sizes for
+    # its dynamic dimensions, a parameter budget still compresses; validation is skipped.
+    validation_skipped = None
+    if config.validate and checked is None:
+        random_shapes = {**_data_shapes(model, feeds, RANDOM_BATCH), **config.input_shapes}
+        unknown = unknown_dimensions(loaded.model, random_shapes)
+        if unknown:
+            first = unknown[0].rpartition("[")[0]
+            validation_skipped = (
+                f"skipped: no size for the dynamic input dimension(s) {', '.join(unknown)}, so "
+                f"there are no random inputs to validate on; give --input-shape {first}:D1,"
+                "D2,... or --inputs FILE.npz to validate"
+            )
+            log.info("validation %s", validation_skipped)
+        else:
+            with timer.stage("load"):
+                checked = validation_inputs(
+                    loaded.model, config.replace(input_shapes=random_shapes)
+                )
     backend = get_backend(config.device)
     spectra: dict[str, LayerSpectrum] = {}
     if not fixed:  # with every layer fixed (a recipe), nothing needs the spectra
@@ -472,10 +501,53 @@ def analyze(
         validation_inputs=checked,
         original=original,
         params_model=params_model,
-        notes=notes,
+        notes=notes + ([shape_note] if shape_note else []),
         user_choices=choices,
         network=network,
+        input_shapes=input_shapes,
+        validation_skipped=validation_skipped,
     )
+
+
+def _data_shapes(
+    model: onnx.ModelProto, arrays: Mapping[str, np.ndarray] | None, batch: int
+) -> dict[str, tuple[int, ...]]:
+    """Input shapes taken from data arrays (``--inputs``, ``--calibration``), with a dynamic
+    leading dimension set to ``batch``."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for info in graph_inputs(model):
+        array = None if arrays is None else arrays.get(info.name)
+        dims = info.type.tensor_type.shape.dim
+        if array is None or array.ndim != len(dims) or array.size == 0:
+            continue
+        shape = tuple(int(d) for d in array.shape)
+        if shape and not (dims[0].HasField("dim_value") and dims[0].dim_value > 0):
+            shape = (batch, *shape[1:])
+        shapes[info.name] = shape
+    return shapes
+
+
+def _count_shapes(
+    model: onnx.ModelProto,
+    config: CompressionConfig,
+    inputs: Mapping[str, np.ndarray] | None,
+    calibration: Mapping[str, np.ndarray] | None,
+) -> tuple[dict[str, tuple[int, ...]], str | None]:
+    """Input shapes for MAC counts: ``--input-shape``, else those of the ``--inputs`` arrays,
+    else those of the ``--calibration`` arrays (per sample: a dynamic batch is 1); and a note
+    that says which data gave them."""
+    shapes = dict(config.input_shapes)
+    # only where the data says more than "batch 1": a dynamic dimension after the first
+    unknown = {name.rpartition("[")[0] for name in unknown_dimensions(model, shapes)}
+    taken = []
+    for label, arrays in (("--inputs", inputs), ("--calibration", calibration)):
+        for name, shape in _data_shapes(model, arrays, 1).items():
+            if name in unknown and name not in shapes:
+                shapes[name] = shape
+                taken.append(f"{name} {'x'.join(map(str, shape))} (from {label})")
+    if not taken:
+        return shapes, None
+    return shapes, "MACs counted at the input sizes of the data: " + ", ".join(taken)
 
 
 def candidate_tables(analysis: Analysis, config: CompressionConfig) -> list[CandidateTable]:
@@ -949,7 +1021,9 @@ def realize(
     del factors  # the factors now live in the model; large models need the memory back
     with timer.stage("discover"):
         params_after = count_parameters(compressed)
-        macs_after, _ = count_macs(compressed, infer_shapes(compressed, config.input_shapes))
+        macs_after, unknown_after = count_macs(
+            compressed, infer_shapes(compressed, analysis.input_shapes)
+        )
     loaded = analysis.loaded or LoadedModel(model)
     spill, data_dir = None, loaded.data_dir
     if loaded.lazy:
@@ -957,7 +1031,7 @@ def realize(
             spill, compressed = _spill(compressed, loaded, config.force)
             data_dir = Path(spill.name)
     validation = None
-    if config.validate:
+    if config.validate and analysis.validation_skipped is None:
         with timer.stage("validate"):
             validation = _validate(loaded, compressed, data_dir, config, analysis.validation_inputs)
         validation = _check_latency_ratio(validation, config)
@@ -982,8 +1056,9 @@ def realize(
         config=config.to_dict(),
         params_before=analysis.params_total,
         params_after=params_after,
-        macs_before=analysis.macs_total,
-        macs_after=macs_after,
+        # a total that leaves out nodes of unknown size is no total: reported as unknown
+        macs_before=None if analysis.unknown_macs else analysis.macs_total,
+        macs_after=None if analysis.unknown_macs or unknown_after else macs_after,
         size_bytes_before=analysis.size_bytes,
         size_bytes_after=model_size_bytes(compressed),
         max_error_bound=max((layer.error_bound or 0.0 for layer in factorized), default=0.0),
@@ -996,6 +1071,7 @@ def realize(
         else {"file": calibration.source, "samples": calibration.samples},
         layers=_in_graph_order(layers, model),
         validation=validation,
+        validation_skipped=analysis.validation_skipped if config.validate else None,
         timings=timer.timings,
         latency=None if latency is None else {k: v for k, v in latency.items() if k != "layers"},
         notes=analysis.notes
@@ -1322,7 +1398,9 @@ def sweep_row(report: CompressionReport, config: CompressionConfig) -> dict[str,
         "params_after": report.params_after,
         "params_fraction": report.params_after / report.params_before,
         "macs_after": report.macs_after,
-        "macs_fraction": report.macs_after / report.macs_before if report.macs_before else None,
+        "macs_fraction": report.macs_after / report.macs_before
+        if report.macs_before and report.macs_after is not None
+        else None,
         "max_error_bound": report.max_error_bound,
         "max_error_actual": report.max_error_actual,
         "layers_factorized": len(report.compressed_layers),

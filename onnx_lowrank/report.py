@@ -154,7 +154,7 @@ class InspectionReport:
 
     source: str
     params: int
-    macs: int
+    macs: int | None  # None: a Conv/Gemm/MatMul's size depends on an unknown input size
     layers: list[LayerReport]
     notes: list[str] = field(default_factory=list)
     inputs: list[TensorInfo] = field(default_factory=list)
@@ -171,15 +171,21 @@ class InspectionReport:
 
 @dataclass
 class CompressionReport:
-    """Everything a compression run did and measured."""
+    """Everything a compression run did and measured.
+
+    ``macs_before``/``macs_after`` are None when a Conv/Gemm/MatMul's MACs depend on an input
+    size that is unknown (dynamic, and no ``--input-shape``, ``--inputs`` or
+    ``--calibration`` gave it). ``validation_skipped`` says why validation did not run when it
+    was asked for.
+    """
 
     source: str
     version: str
     config: dict[str, Any]
     params_before: int
     params_after: int
-    macs_before: int
-    macs_after: int
+    macs_before: int | None
+    macs_after: int | None
     size_bytes_before: int
     size_bytes_after: int
     max_error_bound: float
@@ -193,6 +199,7 @@ class CompressionReport:
     #: Measured latency (pipeline._latency_summary): provider, device, the whole model's ms,
     #: predicted and measured ratios, and what timing the candidates took; None when untimed.
     latency: dict[str, Any] | None = None
+    validation_skipped: str | None = None
 
     @property
     def compressed_layers(self) -> list[LayerReport]:
@@ -208,7 +215,13 @@ class CompressionReport:
         data["params_fraction"] = (
             self.params_after / self.params_before if self.params_before else 1.0
         )
-        data["macs_fraction"] = self.macs_after / self.macs_before if self.macs_before else 1.0
+        data["macs_fraction"] = (
+            None
+            if self.macs_before is None or self.macs_after is None
+            else self.macs_after / self.macs_before
+            if self.macs_before
+            else 1.0
+        )
         return _plain(data)
 
 
@@ -260,6 +273,14 @@ def _count(value: int | None) -> str:
     return str(value)
 
 
+#: How a MAC count that depends on an unknown (dynamic) input size is printed.
+UNKNOWN_MACS = "n/a (dynamic)"
+
+
+def _macs(value: int | None) -> str:
+    return UNKNOWN_MACS if value is None else _count(value)
+
+
 def _error(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
@@ -301,7 +322,7 @@ def format_layers(layers: list[LayerReport], *, compression: bool = True) -> str
             if timed:
                 row += [_ms(layer.latency_ms_before), _ms(layer.latency_ms_after)]
         else:
-            row += [_count(layer.params_before), _count(layer.macs_before)]
+            row += [_count(layer.params_before), _macs(layer.macs_before)]
         notes = [layer.skipped_reason] if layer.skipped_reason else []
         if layer.user_choice and layer.user_choice not in notes:
             notes.append(layer.user_choice)
@@ -341,7 +362,9 @@ def format_inspection(report: InspectionReport) -> str:
     lines += [format_layers(report.layers, compression=False), ""]
     compressible = sum(1 for layer in report.layers if layer.skipped_reason is None)
     lines.append(
-        f"{report.params:,} parameters, {report.macs:,} MACs, "
+        f"{report.params:,} parameters, "
+        + ("MACs n/a (dynamic)" if report.macs is None else f"{report.macs:,} MACs")
+        + ", "
         f"{compressible} compressible layer(s) of {len(report.layers)}"
     )
     shares = report.shares
@@ -360,8 +383,8 @@ def format_inspection(report: InspectionReport) -> str:
 def format_summary(report: CompressionReport) -> str:
     """Before/after summary: params, MACs, file size, max layer error, validation."""
 
-    def ratio(after: float, before: float) -> str:
-        return f"{after / before:.1%}" if before else "-"
+    def ratio(after: float | None, before: float | None) -> str:
+        return f"{after / before:.1%}" if before and after is not None else "-"
 
     rows = [
         [
@@ -372,8 +395,8 @@ def format_summary(report: CompressionReport) -> str:
         ],
         [
             "MACs",
-            _count(report.macs_before),
-            _count(report.macs_after),
+            _macs(report.macs_before),
+            _macs(report.macs_after),
             ratio(report.macs_after, report.macs_before),
         ],
         [
@@ -410,7 +433,10 @@ def format_summary(report: CompressionReport) -> str:
     elif measure is not None:
         text.append(f"error measure: {measure} (data-free)")
     text.append(format_latency(report))
-    text.append(format_validation(report.validation))
+    if report.validation_skipped is not None:
+        text.append(f"validation: {report.validation_skipped}")
+    else:
+        text.append(format_validation(report.validation))
     return "\n".join(line for line in text if line)
 
 
@@ -555,7 +581,7 @@ def format_sweep(rows: Sequence[dict[str, Any]]) -> str:
                 row["method"],
                 budget,
                 f"{row['params_fraction']:.1%}",
-                "?" if macs is None else f"{macs:.1%}",
+                UNKNOWN_MACS if macs is None else f"{macs:.1%}",
                 f"{after / before:.1%}" if before and after is not None else "-",
                 _error(row["max_error_bound"]),
                 _error(row["max_error_actual"]),

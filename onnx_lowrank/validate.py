@@ -76,6 +76,7 @@ __all__ = [
     "random_inputs",
     "run_rows",
     "session_threads",
+    "unknown_dimensions",
     "validate",
     "validation_inputs",
 ]
@@ -352,6 +353,26 @@ def random_inputs(
         else:
             feeds[info.name] = rng.integers(0, 10, shape).astype(dtype)
     return feeds
+
+
+def unknown_dimensions(
+    model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]
+) -> list[str]:
+    """The input dimensions ``random_inputs`` has no size for, as ``name[axis]``.
+
+    A dynamic leading (batch) dimension is not listed (it becomes ``RANDOM_BATCH``), nor is any
+    dimension of an input that ``input_shapes`` gives.
+    """
+    unknown = []
+    for info in graph_inputs(model):
+        if info.name in input_shapes or not info.type.HasField("tensor_type"):
+            continue
+        dims = [
+            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+            for d in info.type.tensor_type.shape.dim
+        ]
+        unknown += [f"{info.name}[{axis}]" for axis, d in enumerate(dims) if axis and d is None]
+    return unknown
 
 
 def check_feeds(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], label: str) -> None:

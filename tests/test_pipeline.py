@@ -205,10 +205,10 @@ def test_alds_budget_that_fits_the_exact_ranks_reproduces_3d_matmul_outputs(grou
 
 def test_validation_inputs_are_checked_before_any_heavy_work(tmp_path):
     events = []
-    with pytest.raises(onnx_lowrank.ShapeError, match="--input-shape x:"):
+    with pytest.raises(onnx_lowrank.ShapeError, match="--flops needs the MACs"):
         compress(
             MODELS / "ppocr_mobile_v2.0_cls.onnx",  # height and width are dynamic
-            CompressionConfig(params=0.7),
+            CompressionConfig(flops=0.7),
             progress=lambda *event: events.append(event),
         )
     assert events == []
