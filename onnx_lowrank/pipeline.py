@@ -512,18 +512,21 @@ def analyze(
 def _data_shapes(
     model: onnx.ModelProto, arrays: Mapping[str, np.ndarray] | None, batch: int
 ) -> dict[str, tuple[int, ...]]:
-    """Input shapes taken from data arrays (``--inputs``, ``--calibration``), with a dynamic
-    leading dimension set to ``batch``."""
+    """Input shapes taken from data arrays (``--inputs``, ``--calibration``): each dynamic
+    dimension gets the data's size, a dynamic leading one ``batch``; fixed ones stay."""
     shapes: dict[str, tuple[int, ...]] = {}
     for info in graph_inputs(model):
         array = None if arrays is None else arrays.get(info.name)
-        dims = info.type.tensor_type.shape.dim
-        if array is None or array.ndim != len(dims) or array.size == 0:
+        dims = [
+            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+            for d in info.type.tensor_type.shape.dim
+        ]
+        if array is None or array.ndim != len(dims) or array.size == 0 or None not in dims:
             continue
-        shape = tuple(int(d) for d in array.shape)
-        if shape and not (dims[0].HasField("dim_value") and dims[0].dim_value > 0):
-            shape = (batch, *shape[1:])
-        shapes[info.name] = shape
+        shapes[info.name] = tuple(
+            fixed if fixed is not None else batch if axis == 0 else int(size)
+            for axis, (fixed, size) in enumerate(zip(dims, array.shape, strict=True))
+        )
     return shapes
 
 
