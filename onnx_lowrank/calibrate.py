@@ -220,12 +220,17 @@ class CalibratedLayer:
             the original bias (no correction needed, or the bias is not a readable constant).
         shifts: ``α·(W − Ŵ) μ`` (output units) when the bias is corrected, zeros otherwise.
         output_error_estimate: ``ε_out(g, r)`` from the error table.
+        error_bound: the weight-error bound of these factors,
+            ``sqrt(Σ_i ‖W_i − Ŵ_i‖₂²) / ‖W‖₂`` (``factorize.relative_error_bound``); None
+            until the pipeline computes it. The plain SVD's bound at the same ``(g, r)`` is
+            smaller: whitened factors trade weight error for output error.
     """
 
     factors: Factors
     biases: Mapping[str, np.ndarray | None]
     shifts: Mapping[str, np.ndarray]
     output_error_estimate: float
+    error_bound: float | None = None
 
 
 @dataclass(frozen=True)
@@ -617,7 +622,9 @@ def collect_statistics(
     types = {info.name: info.type.tensor_type.elem_type for info in graph.output}
     wanted.update({output: types[output] for output, _ in heads.values()})
     masses = {name: np.zeros(discovery.layer(name).out_channels) for name in heads}
-    for activations, _ in _run_batches(model, wanted, feeds, providers, progress):
+    for activations, _ in _run_batches(
+        model, wanted, feeds, providers, progress, data_dir=discovery.data_dir
+    ):
         for layer in discovery.layers:
             if layer.lookup:
                 for use in layer.uses():
@@ -748,12 +755,18 @@ def _exposed(model: onnx.ModelProto, outputs: Mapping[str, int]) -> onnx.ModelPr
     return copy
 
 
-def _session(model: onnx.ModelProto, providers: Sequence[str]):
+def _session(
+    model: onnx.ModelProto,
+    providers: Sequence[str],
+    data_dir: str | os.PathLike | None = None,
+):
+    """An ONNX Runtime session of ``model``; ``data_dir`` is the folder of a lazily loaded
+    model whose weights are still in its external data files (``sessions.make_session``)."""
     # ONNX Runtime never fuses away a node whose output is a graph output, so the exposed
     # tensors are the original graph's; full optimization runs EfficientNet-Lite0 2.4x faster
     # than none, with the same exposed values to 1e-5 (checked on the MNIST CNN, CREPE and
     # EfficientNet-Lite0).
-    return make_session(model, providers, log_level=3)
+    return make_session(model, providers, log_level=3, data_dir=data_dir)
 
 
 def _run_batches(
@@ -765,18 +778,22 @@ def _run_batches(
     stage: str = "calibrate",
     other: onnx.ModelProto | None = None,
     other_wanted: Sequence[str] = (),
+    *,
+    data_dir: str | os.PathLike | None = None,
+    other_data_dir: str | os.PathLike | None = None,
 ) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
     """Yield, per batch, the ``wanted`` tensors (name -> element type) of ``model`` and
     ``other_wanted`` of ``other``.
 
     Both models run on the same batch. Batches have the model's fixed batch size, or else grow
-    from one sample to what fits in ``ACTIVATION_BYTES`` (at most ``MAX_BATCH``).
+    from one sample to what fits in ``ACTIVATION_BYTES`` (at most ``MAX_BATCH``). ``data_dir``
+    and ``other_data_dir`` are the folders of models whose weights are still in external files.
     """
-    session = _session(_exposed(model, wanted), providers)
+    session = _session(_exposed(model, wanted), providers, data_dir)
     second = None
     if other is not None:
         other_types = {name: wanted[name] for name in other_wanted}
-        second = _session(_exposed(other, other_types), providers)
+        second = _session(_exposed(other, other_types), providers, other_data_dir)
     samples = int(next(iter(feeds.values())).shape[0])
     fixed = fixed_batch(model)
     size = fixed or 1
@@ -994,13 +1011,17 @@ def whitened_factors(weight: np.ndarray, stats: LayerStatistics, groups: int, ra
 # Bias correction
 
 
-def _constant(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
-    """The value of a constant tensor (initializer or Constant node, through Identity/Cast)."""
+def _constant(
+    graph: onnx.GraphProto, name: str, data_dir: str | os.PathLike | None = None
+) -> np.ndarray | None:
+    """The value of a constant tensor (initializer or Constant node, through Identity/Cast);
+    ``data_dir`` is the folder of a model whose weights are still in external files."""
     initializers = {tensor.name: tensor for tensor in graph.initializer}
     producers = {output: node for node in graph.node for output in node.output}
     while True:
         if name in initializers:
-            return np.asarray(tensor_to_array(initializers[name]), dtype=np.float64)
+            array = tensor_to_array(initializers[name], data_dir)
+            return np.asarray(array, dtype=np.float64)
         node = producers.get(name)
         if node is None or node.domain not in ("", "ai.onnx"):
             return None
@@ -1008,21 +1029,24 @@ def _constant(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
             value = attribute(node, "value")
             if not isinstance(value, onnx.TensorProto):
                 return None
-            return np.asarray(tensor_to_array(value), dtype=np.float64)
+            return np.asarray(tensor_to_array(value, data_dir), dtype=np.float64)
         if node.op_type not in ("Identity", "Cast") or not node.input:
             return None
         name = node.input[0]
 
 
 def _effective_bias(
-    graph: onnx.GraphProto, node: onnx.NodeProto, layer: Layer
+    graph: onnx.GraphProto,
+    node: onnx.NodeProto,
+    layer: Layer,
+    data_dir: str | os.PathLike | None = None,
 ) -> tuple[np.ndarray | None, float]:
     """``(b, α)`` with the layer computing ``y = α·W x + b``; ``b`` None when unreadable."""
     f = layer.out_channels
     alpha = float(attribute(node, "alpha", 1.0)) if layer.op_type == "Gemm" else 1.0
     if layer.op_type == "MatMul" or len(node.input) < 3 or not node.input[2]:
         return np.zeros(f), alpha
-    value = _constant(graph, node.input[2])
+    value = _constant(graph, node.input[2], data_dir)
     if value is None:
         return None, alpha
     if layer.op_type == "Conv":
@@ -1056,7 +1080,7 @@ def factorize_layers(
                 width = layer.cols if use.op_type == "Gather" else layer.out_channels
                 biases[use.name], shifts[use.name] = None, np.zeros(width)
                 continue
-            bias, alpha = _effective_bias(graph, node, use)
+            bias, alpha = _effective_bias(graph, node, use, discovery.data_dir)
             shift = alpha * (residual @ stats.use_means.get(use.name, stats.mean))
             had_bias = len(node.input) > 2 and bool(node.input[2])
             if bias is None:
@@ -1102,6 +1126,12 @@ def _residual_probe(
         base = f"{layer.name}/onnx_lowrank_residual"
         dtype = onnx.helper.tensor_dtype_to_np_dtype(layer.weight_dtype)
         stored_names: dict[bool, str] = {}  # tied uses share the residual weight per layout
+        zero = None
+        if layer.op_type == "Gemm":
+            # Gemm's C is required before opset 11; a zero scalar (broadcast since opset 7) is
+            # no bias in every opset
+            zero = names.fresh(f"{base}_zero")
+            graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((), dtype), zero))
         for use in layer.uses():
             node = graph.node[use.node_index]
             if use.op_type == "Conv":
@@ -1128,6 +1158,8 @@ def _residual_probe(
                 twin.input.extend([weight_name, node.input[1]])
             else:
                 twin.input.extend([node.input[0], weight_name])
+                if use.op_type == "Gemm" and zero is not None:
+                    twin.input.append(zero)
             del twin.output[:]
             twin.output.append(names.fresh(base))
             graph.node.append(twin)
@@ -1194,13 +1226,17 @@ def measure_output_errors(
     compressed: onnx.ModelProto,
     layers: Mapping[str, CalibratedLayer],
     progress: Progress | None = None,
+    *,
+    compressed_dir: str | os.PathLike | None = None,
 ) -> dict[str, OutputErrors]:
     """Relative output errors of the compressed layers on the calibration data.
 
     Everything runs in ONNX Runtime, batch by batch: the original model, with every compressed
     layer's output ``Y`` exposed and a twin node that computes ``α·(W − Ŵ) x`` on the same
     input (``_residual_probe``), and the compressed model, whose layers keep their output
-    names. Reports ``progress("output-error", samples_done, samples)``.
+    names. Reports ``progress("output-error", samples_done, samples)``. ``compressed_dir``
+    is the folder whose external data files hold the compressed model's weights, when they are
+    not in memory (the original's is ``discovery.data_dir``).
     """
     graph = discovery.model.graph
     chosen = [layer for layer in discovery.layers if layer.name in layers]
@@ -1224,6 +1260,8 @@ def measure_output_errors(
         stage="output-error",
         other=compressed,
         other_wanted=outputs,
+        data_dir=discovery.data_dir,
+        other_data_dir=compressed_dir,
     )
     for activations, others in batches:
         for layer in chosen:

@@ -41,7 +41,14 @@ import numpy as np
 
 from .backend import Backend, numpy_backend
 
-__all__ = ["Factors", "factorize", "factorize_with_error", "reconstruct", "relative_error"]
+__all__ = [
+    "Factors",
+    "factorize",
+    "factorize_with_error",
+    "reconstruct",
+    "relative_error",
+    "relative_error_bound",
+]
 
 
 @dataclass(frozen=True)
@@ -238,3 +245,37 @@ def relative_error(
             gram = xp.matmul(xp.matrix_transpose(matrix), matrix)
         largest = float(backend.to_numpy(xp.max(xp.linalg.eigvalsh(gram))))
     return float(np.sqrt(max(largest, 0.0))) / spectral_norm
+
+
+def relative_error_bound(
+    weight: np.ndarray,
+    factors: Factors,
+    spectral_norm: float,
+    backend: Backend | None = None,
+) -> float:
+    """``sqrt(Σ_i ‖W_i − Ŵ_i‖₂²) / ‖W‖₂``, the per-group bound on ``‖W − Ŵ‖₂ / ‖W‖₂``.
+
+    ``‖[E_1 … E_g]‖₂² = ‖Σ_i E_i E_iᵀ‖₂ ≤ Σ_i ‖E_i‖₂²`` (DESIGN.md §3). For the truncated SVD
+    ``‖E_i‖₂ = σ_{i,r+1}``, which gives spectra.py's bound; for any other factors of the same
+    ``(g, r)`` (the whitened ones of calibrate.py) it is the bound of *those* factors, with each
+    group's ``‖E_i‖₂`` from the largest eigenvalue of its smaller Gram matrix in float64.
+    """
+    if spectral_norm == 0.0:
+        return 0.0
+    groups = factors.groups
+    residual = weight - reconstruct(factors)
+    if not np.any(residual):
+        return 0.0
+    rows = residual.shape[0]
+    blocks = np.ascontiguousarray(np.transpose(residual.reshape(rows, groups, -1), (1, 0, 2)))
+    backend = backend or numpy_backend()
+    xp = backend.xp
+    with backend.parallel():
+        matrix = backend.asarray(blocks)
+        transposed = xp.matrix_transpose(matrix)
+        if blocks.shape[1] <= blocks.shape[2]:
+            gram = xp.matmul(matrix, transposed)
+        else:
+            gram = xp.matmul(transposed, matrix)
+        largest = backend.to_numpy(xp.max(xp.linalg.eigvalsh(gram), axis=-1))
+    return float(np.sqrt(np.sum(np.maximum(largest, 0.0)))) / spectral_norm

@@ -22,6 +22,7 @@ __all__ = [
     "FreshNames",
     "GraphPath",
     "attribute",
+    "external_array",
     "external_location",
     "graph_at",
     "iter_graphs",
@@ -232,8 +233,8 @@ def _check_location(tensor: str, location: str) -> None:
         )
 
 
-def read_external_bytes(tensor: onnx.TensorProto, data_dir: str | os.PathLike) -> bytes:
-    """The bytes of one external tensor, read from its file after a bounds check."""
+def _external_span(tensor: onnx.TensorProto, data_dir: str | os.PathLike) -> tuple[Path, int, int]:
+    """``(file, offset, length)`` of an external tensor's data, bounds-checked."""
     info = ExternalDataInfo(tensor)
     path = external_location(tensor, data_dir)
     size = path.stat().st_size
@@ -245,9 +246,42 @@ def read_external_bytes(tensor: onnx.TensorProto, data_dir: str | os.PathLike) -
             f"{offset}, length {length}, file size {size}); the data file is truncated or "
             "belongs to another model"
         )
+    return path, offset, length
+
+
+def read_external_bytes(tensor: onnx.TensorProto, data_dir: str | os.PathLike) -> bytes:
+    """The bytes of one external tensor, read from its file after a bounds check."""
+    path, offset, length = _external_span(tensor, data_dir)
     with open(path, "rb") as stream:
         stream.seek(offset)
         return stream.read(length)
+
+
+def external_array(tensor: onnx.TensorProto, data_dir: str | os.PathLike) -> np.ndarray:
+    """A read-only memory map of an external tensor's values: nothing is read until used.
+
+    Raises:
+        InvalidModelError: the data lies outside its file or does not match the tensor's type
+            and shape (also for element types whose stored width NumPy does not have).
+    """
+    path, offset, length = _external_span(tensor, data_dir)
+    shape = tuple(int(d) for d in tensor.dims)
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise InvalidModelError(
+            f"tensor {tensor.name!r} has element type {type_name(tensor.data_type)}, which has "
+            "no NumPy equivalent"
+        ) from exc
+    dtype = dtype.newbyteorder("<")  # ONNX stores raw data little-endian
+    if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != length:
+        raise InvalidModelError(
+            f"external data of tensor {tensor.name!r} holds {length} bytes, not the "
+            f"{type_name(tensor.data_type)} values of shape {shape}"
+        )
+    if length == 0:
+        return np.zeros(shape, dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
 
 
 def tensor_nbytes(tensor: onnx.TensorProto) -> int:

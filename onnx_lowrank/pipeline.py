@@ -51,7 +51,7 @@ from .errors import (
     ShapeError,
     ValidationFailedError,
 )
-from .factorize import Factors, factorize_with_error, relative_error
+from .factorize import Factors, factorize_with_error, relative_error, relative_error_bound
 from .fold import fold
 from .graphs import FLOAT_TYPES, GraphPath, attribute, type_name, walk_graphs
 from .latency import LatencyBook, measure_choice, measure_model, preferred_multiple
@@ -1049,7 +1049,12 @@ def realize(
         if config.validate:
             with timer.stage("output-error"):
                 measured = calibrate.measure_output_errors(
-                    calibration, discovery, compressed, calibrated, progress
+                    calibration,
+                    discovery,
+                    compressed,
+                    calibrated,
+                    progress,
+                    compressed_dir=data_dir,
                 )
         layers = [_with_output_errors(layer, calibrated, measured) for layer in layers]
     factorized = [layer for layer in layers if layer.rank is not None]
@@ -1562,7 +1567,8 @@ def _factorize_calibrated(
     calibration: calibrate.Calibration,
     progress: Progress | None,
 ) -> tuple[dict[str, calibrate.CalibratedLayer], dict[str, tuple[Factors, float]]]:
-    """Whitened factors of the chosen layers, with their actual relative weight error.
+    """Whitened factors of the chosen layers, with their actual relative weight error and
+    their error bound (``CalibratedLayer.error_bound``).
 
     Layers without calibration statistics (inside subgraphs) get plain factors.
     """
@@ -1587,11 +1593,13 @@ def _factorize_calibrated(
     for layer, _, _ in chosen:
         item = calibrated[layer.name]
         spectrum = analysis.spectra.get(layer.name)
-        error = (
-            None
-            if spectrum is None
-            else relative_error(discovery.weight(layer), item.factors, spectrum.spectral_norm)
-        )
+        error = None
+        if spectrum is not None:  # a recipe's fixed layers have no spectra
+            weight = discovery.weight(layer)
+            error = relative_error(weight, item.factors, spectrum.spectral_norm)
+            # the plain SVD's bound does not hold for whitened factors: report theirs
+            bound = relative_error_bound(weight, item.factors, spectrum.spectral_norm)
+            calibrated[layer.name] = replace(item, error_bound=bound)
         factors[layer.name] = (item.factors, error)
     return calibrated, factors
 
@@ -1604,9 +1612,11 @@ def _with_output_errors(
     if layer.name not in calibrated:
         return layer
     errors = measured.get(layer.name)
+    item = calibrated[layer.name]
     return replace(
         layer,
-        output_error_estimate=calibrated[layer.name].output_error_estimate,
+        error_bound=layer.error_bound if item.error_bound is None else item.error_bound,
+        output_error_estimate=item.output_error_estimate,
         output_error=None if errors is None else errors.local,
         output_error_network=None if errors is None else errors.network,
     )

@@ -47,8 +47,9 @@ class LayerReport:
     """One Conv/Gemm/MatMul of the model, compressed or not.
 
     ``groups``/``rank`` are None for a layer left dense; ``skipped_reason`` then says why.
-    ``error_bound`` is the upper bound ``sqrt(Σ_i σ_{i,r+1}²)/‖W‖₂`` and ``error_actual`` the
-    measured ``‖W − Ŵ‖₂/‖W‖₂``.
+    ``error_bound`` is the upper bound ``sqrt(Σ_i ‖W_i − Ŵ_i‖₂²)/‖W‖₂`` of the factors used
+    (for the truncated SVD ``sqrt(Σ_i σ_{i,r+1}²)/‖W‖₂``; for calibrated, whitened factors the
+    same sum over their residual) and ``error_actual`` the measured ``‖W − Ŵ‖₂/‖W‖₂``.
 
     With calibration data (calibrate.py), factorized layers also get relative output errors
     ``‖Ŷ − Y‖_F / ‖Y − Ȳ‖_F`` on that data: ``output_error_estimate`` from the whitened
