@@ -98,7 +98,7 @@ from .data import read_arrays
 from .discover import Discovery, Layer
 from .errors import CalibrationError
 from .factorize import Factors, reconstruct
-from .graphs import FreshNames, attribute, tensor_to_array
+from .graphs import FreshNames, attribute, overridable_initializers, tensor_to_array
 from .sessions import make_session
 from .spectra import LayerSpectrum, group_counts
 from .validate import check_feeds, graph_inputs
@@ -1012,11 +1012,15 @@ def whitened_factors(weight: np.ndarray, stats: LayerStatistics, groups: int, ra
 
 
 def _constant(
-    graph: onnx.GraphProto, name: str, data_dir: str | os.PathLike | None = None
+    graph: onnx.GraphProto,
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    overridable: frozenset[str] = frozenset(),
 ) -> np.ndarray | None:
     """The value of a constant tensor (initializer or Constant node, through Identity/Cast);
-    ``data_dir`` is the folder of a model whose weights are still in external files."""
-    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    ``data_dir`` is the folder of a model whose weights are still in external files, and
+    ``overridable`` names initializers that are no constants (graph inputs, IR version >= 4)."""
+    initializers = {t.name: t for t in graph.initializer if t.name not in overridable}
     producers = {output: node for node in graph.node for output in node.output}
     while True:
         if name in initializers:
@@ -1040,13 +1044,14 @@ def _effective_bias(
     node: onnx.NodeProto,
     layer: Layer,
     data_dir: str | os.PathLike | None = None,
+    overridable: frozenset[str] = frozenset(),
 ) -> tuple[np.ndarray | None, float]:
     """``(b, α)`` with the layer computing ``y = α·W x + b``; ``b`` None when unreadable."""
     f = layer.out_channels
     alpha = float(attribute(node, "alpha", 1.0)) if layer.op_type == "Gemm" else 1.0
     if layer.op_type == "MatMul" or len(node.input) < 3 or not node.input[2]:
         return np.zeros(f), alpha
-    value = _constant(graph, node.input[2], data_dir)
+    value = _constant(graph, node.input[2], data_dir, overridable)
     if value is None:
         return None, alpha
     if layer.op_type == "Conv":
@@ -1067,6 +1072,7 @@ def factorize_layers(
 ) -> dict[str, CalibratedLayer]:
     """Whitened factors and bias correction of every chosen ``(layer, groups, rank)``."""
     graph = discovery.model.graph
+    overridable = overridable_initializers(discovery.model)  # such a bias is not corrected
     result = {}
     for done, (layer, groups, rank) in enumerate(chosen):
         weight = discovery.weight(layer)
@@ -1080,7 +1086,7 @@ def factorize_layers(
                 width = layer.cols if use.op_type == "Gather" else layer.out_channels
                 biases[use.name], shifts[use.name] = None, np.zeros(width)
                 continue
-            bias, alpha = _effective_bias(graph, node, use, discovery.data_dir)
+            bias, alpha = _effective_bias(graph, node, use, discovery.data_dir, overridable)
             shift = alpha * (residual @ stats.use_means.get(use.name, stats.mean))
             had_bias = len(node.input) > 2 and bool(node.input[2])
             if bias is None:

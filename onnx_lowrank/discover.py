@@ -44,6 +44,7 @@ from .graphs import (
     attribute,
     graph_at,
     opset_version,
+    overridable_initializers,
     tensor_to_array,
     type_name,
     walk_graphs,
@@ -92,6 +93,10 @@ _QUANTIZED_OPS = {
 }
 _LAYER_OPS = {"Conv", "Gemm", "MatMul"}
 _QUANTIZED_REASON = "quantized operator; quantized layers are left unchanged"
+_OVERRIDABLE_REASON = (
+    "weight is a graph input whose initializer is only its default (IR version >= 4): a "
+    "caller can feed another value, so it is not a constant"
+)
 
 
 @dataclass(frozen=True)
@@ -357,7 +362,12 @@ class Discovery:
     def _index(self, path: GraphPath) -> _GraphIndex:
         if path not in self._indexes:
             parent = self._index(path[:-1]) if path else None
-            self._indexes[path] = _GraphIndex(graph_at(self.model.graph, path), path, parent)
+            self._indexes[path] = _GraphIndex(
+                graph_at(self.model.graph, path),
+                path,
+                parent,
+                frozenset() if path else overridable_initializers(self.model),
+            )
         return self._indexes[path]
 
 
@@ -379,8 +389,14 @@ def discover(
     layers: list[Layer] = []
     skipped: list[SkippedLayer] = []
     names = _LayerNames()
+    overridable = overridable_initializers(model)
     for path, graph in walk_graphs(model.graph):
-        index = indexes[path] = _GraphIndex(graph, path, indexes.get(path[:-1]) if path else None)
+        index = indexes[path] = _GraphIndex(
+            graph,
+            path,
+            indexes.get(path[:-1]) if path else None,
+            frozenset() if path else overridable,
+        )
         # named up front: a tied layer found at its first node names its later uses too
         index.node_names = [
             names.name(node, position, graph if path else None)
@@ -817,10 +833,15 @@ class _GraphIndex:
     """Producers, consumers and constants of one graph, with its enclosing graph's index."""
 
     def __init__(
-        self, graph: onnx.GraphProto, path: GraphPath = (), parent: _GraphIndex | None = None
+        self,
+        graph: onnx.GraphProto,
+        path: GraphPath = (),
+        parent: _GraphIndex | None = None,
+        overridable: frozenset[str] = frozenset(),
     ):
         self.graph, self.path, self.parent = graph, path, parent
         self.initializers = {tensor.name: tensor for tensor in graph.initializer}
+        self.overridable = overridable  # graphs.overridable_initializers (main graph)
         self.producers: dict[str, int] = {}
         self.consumers: dict[str, list[int]] = {}
         for position, node in enumerate(graph.node):
@@ -840,6 +861,8 @@ class _GraphIndex:
         shape_ops: list[onnx.NodeProto] = []
         current = name
         while True:
+            if current in self.overridable:
+                return _OVERRIDABLE_REASON
             if current in self.initializers:
                 tensor = self.initializers[current]
                 shape, dtype = tuple(tensor.dims), tensor.data_type

@@ -25,7 +25,11 @@ that one consumer and is neither a graph output nor read by a subgraph, and the 
 other outputs (BatchNormalization's running statistics) are unused. Arithmetic is in float64,
 rounded once to the weight's type. The consumer takes the Conv's place in the graph in the
 sense that the Conv now produces the consumer's output name, so every downstream name stays
-valid; constants only the folded nodes read are removed. The pass repeats until nothing more
+valid; constants only the folded nodes read are removed. An initializer that is also a graph
+input of a model of IR version 4 or newer is only that input's default, not a constant
+(``graphs.overridable_initializers``; discovery skips such weights too), so nothing folds into
+it; below IR version 4 initializers are listed as inputs and are constants, and a new bias gets
+its input as well. The pass repeats until nothing more
 folds, so ``Conv → BatchNormalization → Mul`` folds completely, and running it again changes
 nothing.
 """
@@ -42,7 +46,14 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .graphs import FLOAT_TYPES, attribute, iter_graphs, tensor_to_array
+from .graphs import (
+    FLOAT_TYPES,
+    FreshNames,
+    attribute,
+    iter_graphs,
+    overridable_initializers,
+    tensor_to_array,
+)
 
 __all__ = ["FoldedNode", "Folding", "fold"]
 
@@ -110,10 +121,13 @@ def fold(model: onnx.ModelProto, data_dir: str | os.PathLike | None = None) -> F
     copy.CopyFrom(model)
     graph = copy.graph
     opset = _opset(copy)
+    names = FreshNames(copy)  # new names are fresh in every graph: no subgraph shadows them
+    overridable = overridable_initializers(copy)
+    listed = 0 < copy.ir_version < 4  # every initializer is also a graph input
     folded: list[FoldedNode] = []
     while True:
-        index = _Index(graph, data_dir)
-        step = _fold_one(graph, index, opset)
+        index = _Index(graph, data_dir, overridable, listed)
+        step = _fold_one(graph, index, opset, names)
         if step is None:
             break
         folded.append(step)
@@ -132,15 +146,21 @@ def _opset(model: onnx.ModelProto) -> int:
 class _Index:
     """Producers, consumers, constants and outer-scope reads of the main graph."""
 
-    def __init__(self, graph: onnx.GraphProto, data_dir: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        graph: onnx.GraphProto,
+        data_dir: str | os.PathLike | None = None,
+        overridable: frozenset[str] = frozenset(),
+        listed: bool = False,
+    ):
         self.graph = graph
         self.data_dir = data_dir
+        self.overridable = overridable  # graphs.overridable_initializers: not constants
+        self.listed = listed  # IR version < 4: initializers are graph inputs as well
         self.graph_inputs = {info.name for info in graph.input}
         self.graph_outputs = {info.name for info in graph.output}
         self.initializers = {
-            tensor.name: tensor
-            for tensor in graph.initializer
-            if tensor.name not in self.graph_inputs  # an input can override it: not constant
+            tensor.name: tensor for tensor in graph.initializer if tensor.name not in overridable
         }
         self.producers: dict[str, int] = {}
         self.consumers: dict[str, list[int]] = {}
@@ -229,7 +249,9 @@ def _evaluate(node: onnx.NodeProto, inputs: list[np.ndarray | None], opset: int)
     return np.expand_dims(data, tuple(sorted(int(a) % rank for a in axes)))  # Unsqueeze
 
 
-def _fold_one(graph: onnx.GraphProto, index: _Index, opset: int) -> FoldedNode | None:
+def _fold_one(
+    graph: onnx.GraphProto, index: _Index, opset: int, names: FreshNames
+) -> FoldedNode | None:
     """Fold the first foldable (Conv, consumer) pair of the graph; None when there is none."""
     for position, node in enumerate(graph.node):
         if node.op_type != "Conv" or node.domain not in _STANDARD or len(node.input) < 2:
@@ -247,7 +269,7 @@ def _fold_one(graph: onnx.GraphProto, index: _Index, opset: int) -> FoldedNode |
             consumer.name or f"{consumer.op_type}_{readers[0]}",
             consumer.op_type,
         )
-        _apply(graph, index, node, readers[0], *scale_shift)
+        _apply(graph, index, node, readers[0], *scale_shift, names)
         return folded
     return None
 
@@ -327,6 +349,7 @@ def _apply(
     consumer_position: int,
     factor: np.ndarray,
     shift: np.ndarray,
+    names: FreshNames,
 ) -> None:
     """``W' = factor ⊙ W``, ``b' = factor ⊙ b + shift``; the Conv takes the consumer's output."""
     consumer = graph.node[consumer_position]
@@ -340,8 +363,12 @@ def _apply(
         bias = np.asarray(tensor_to_array(bias_tensor, index.data_dir))
         _store(bias_tensor, (factor * bias.astype(np.float64) + shift).astype(bias.dtype))
     else:
-        name = _fresh(graph, (conv.name or conv.input[1]) + "/folded_bias")
+        name = names.fresh((conv.name or conv.input[1]) + "/folded_bias")
         graph.initializer.append(numpy_helper.from_array(shift.astype(dtype), name))
+        if index.listed:
+            graph.input.append(
+                onnx.helper.make_tensor_value_info(name, weight_tensor.data_type, shift.shape)
+            )
         while len(conv.input) < 3:
             conv.input.append("")
         conv.input[2] = name
@@ -350,7 +377,7 @@ def _apply(
     dead = {old_output}
     candidates = {name for name in consumer.input if name != old_output}
     del graph.node[consumer_position]
-    _remove_dead_constants(graph, candidates)
+    _remove_dead_constants(graph, candidates, index.overridable)
     kept = [info for info in graph.value_info if info.name not in dead]
     if len(kept) != len(graph.value_info):
         del graph.value_info[:]
@@ -362,20 +389,13 @@ def _store(tensor: onnx.TensorProto, array: np.ndarray) -> None:
     tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
 
 
-def _fresh(graph: onnx.GraphProto, base: str) -> str:
-    taken = {tensor.name for tensor in graph.initializer}
-    taken.update(name for node in graph.node for name in (*node.input, *node.output))
-    taken.update(info.name for info in (*graph.input, *graph.output, *graph.value_info))
-    name, counter = base, 1
-    while name in taken:
-        name, counter = f"{base}_{counter}", counter + 1
-    return name
-
-
-def _remove_dead_constants(graph: onnx.GraphProto, names: set[str]) -> None:
-    """Remove the initializers and constant-computing nodes behind ``names`` nothing reads."""
+def _remove_dead_constants(
+    graph: onnx.GraphProto, names: set[str], overridable: frozenset[str] = frozenset()
+) -> None:
+    """Remove the initializers (with their graph inputs, IR version < 4) and constant-computing
+    nodes behind ``names`` that nothing reads; overridable initializers stay."""
     while names:
-        index = _Index(graph)
+        index = _Index(graph, overridable=overridable)
         dead = {name for name in names if name and index.readers(name) == 0}
         if not dead:
             return
@@ -391,7 +411,12 @@ def _remove_dead_constants(graph: onnx.GraphProto, names: set[str]) -> None:
         if len(nodes) != len(graph.node):
             del graph.node[:]
             graph.node.extend(nodes)
-        kept = [t for t in graph.initializer if t.name not in dead or t.name in index.graph_inputs]
+        kept = [t for t in graph.initializer if t.name not in dead or t.name in overridable]
         if len(kept) != len(graph.initializer):
+            removed = {t.name for t in graph.initializer} - {t.name for t in kept}
             del graph.initializer[:]
             graph.initializer.extend(kept)
+            inputs = [info for info in graph.input if info.name not in removed]
+            if len(inputs) != len(graph.input):
+                del graph.input[:]
+                graph.input.extend(inputs)

@@ -28,6 +28,7 @@ __all__ = [
     "iter_graphs",
     "iter_tensors",
     "opset_version",
+    "overridable_initializers",
     "read_external_bytes",
     "tensor_nbytes",
     "tensor_to_array",
@@ -111,6 +112,19 @@ def iter_tensors(
                 yield attr.t
             elif attr.type == onnx.AttributeProto.SPARSE_TENSOR:
                 yield attr.sparse_tensor.values
+
+
+def overridable_initializers(model: onnx.ModelProto) -> frozenset[str]:
+    """Main-graph initializers that are also graph inputs, in a model of IR version 4 or newer.
+
+    Such an initializer is only the input's default: a caller may feed another value, so it is
+    not a constant, and no pass may fold it, factorize it or drop the input. Below IR version 4
+    every initializer must be listed as an input, and those are constants.
+    """
+    if 0 < model.ir_version < 4:
+        return frozenset()
+    inputs = {info.name for info in model.graph.input}
+    return frozenset(tensor.name for tensor in model.graph.initializer if tensor.name in inputs)
 
 
 def attribute(node: onnx.NodeProto, name: str, default=None):
@@ -297,7 +311,8 @@ def tensor_nbytes(tensor: onnx.TensorProto) -> int:
 class FreshNames:
     """New names that no tensor, node, input, output or value info of the model uses, in the
     main graph or any subgraph (so no new name shadows an outer-scope one): ``base``, else
-    ``base_2``, ``base_3``, ... Every name handed out is taken from then on."""
+    ``base_2``, ``base_3``, ... Every name handed out is taken from then on. The one name
+    authority of every pass that adds names (fold, rewrite, the calibration probes)."""
 
     def __init__(self, model: onnx.ModelProto):
         self.used: set[str] = set()

@@ -97,3 +97,44 @@ def test_matmul_weights_and_positions_on_mtcnn():
     ops = [layer.op_type for layer in discovery.layers]
     assert ops.count("Conv") == 4
     assert ops.count("MatMul") >= 2
+
+
+def test_an_initializer_that_is_a_graph_input_is_not_a_constant():
+    """From IR version 4 on, an initializer listed as a graph input is only its default: the
+    caller may feed another weight. It is skipped, and the compressed model keeps the input
+    (and reads it) instead of factorizing the default away."""
+    from onnx_lowrank import CompressionConfig, compress
+    from onnx_lowrank.fold import fold
+
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Gemm", ["x", "A"], ["h"], name="fixed", transB=1),
+        helper.make_node("Gemm", ["h", "B"], ["y"], name="fed", transB=1),
+    ]
+    inits = {
+        "A": rng.standard_normal((32, 24)).astype(np.float32),
+        "B": rng.standard_normal((16, 32)).astype(np.float32),
+    }
+    model = make_model(nodes, [("x", ["N", 24])], [("y", None)], inits)
+    model.graph.input.append(helper.make_tensor_value_info("B", onnx.TensorProto.FLOAT, [16, 32]))
+    onnx.checker.check_model(model, full_check=True)
+    discovery = discover(model)
+    assert [layer.name for layer in discovery.layers] == ["fixed"]
+    (skipped,) = discovery.skipped
+    assert skipped.name == "fed" and "graph input" in skipped.reason
+    assert "IR version >= 4" in skipped.reason
+    assert not fold(model).modified
+    result = compress(model, CompressionConfig(params=0.7, latency_runs=1))
+    compressed = result.model
+    onnx.checker.check_model(compressed, full_check=True)
+    assert [info.name for info in compressed.graph.input] == ["x", "B"]
+    assert "B" in {tensor.name for tensor in compressed.graph.initializer}
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(compressed.SerializeToString())
+    x = rng.standard_normal((3, 24)).astype(np.float32)
+    (default,) = session.run(None, {"x": x})
+    (fed,) = session.run(None, {"x": x, "B": 2 * inits["B"]})
+    np.testing.assert_allclose(fed, 2 * default, rtol=1e-5, atol=1e-5)  # the fed B is read
+    reasons = {layer.name: layer.skipped_reason for layer in result.report.layers}
+    assert "graph input" in reasons["fed"]

@@ -229,3 +229,61 @@ def test_folding_lowers_the_error_of_the_same_budget_on_ppocr():
         result = compress(path, config)
         errors[folded] = rel_l2(run(onnx.load(path), feeds)[0], run(result.model, feeds)[0])
     assert errors[True] < errors[False]
+
+
+def _constant_branch(name: str, output: str) -> onnx.GraphProto:
+    value = onnx.numpy_helper.from_array(np.ones(1, np.float32))
+    return helper.make_graph(
+        [helper.make_node("Constant", [], [output], value=value)],
+        name,
+        [],
+        [helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT, [1])],
+    )
+
+
+def test_a_new_bias_name_is_fresh_in_subgraphs_too():
+    """fold names the bias it adds ``<conv>/folded_bias``; here an If branch already defines
+    that name, and a main-graph initializer of the same name breaks single assignment (the
+    checker and ONNX Runtime reject the model)."""
+    conv_bn = conv_then([batchnorm(6)], bias=False)
+    branches = {
+        "then_branch": _constant_branch("then", "conv/folded_bias"),
+        "else_branch": _constant_branch("else", "other"),
+    }
+    graph = conv_bn.graph
+    graph.node.append(helper.make_node("If", ["cond"], ["flag"], name="if", **branches))
+    graph.input.append(helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, []))
+    graph.output.append(helper.make_tensor_value_info("flag", onnx.TensorProto.FLOAT, [1]))
+    onnx.checker.check_model(conv_bn, full_check=True)
+    folding = fold(conv_bn)
+    assert [f.op_type for f in folding.folded] == ["BatchNormalization"]
+    onnx.checker.check_model(folding.model, full_check=True)
+    feeds = {"x": random_feed((2, 4, 5, 5), seed=3), "cond": np.array(True)}
+    before, after = run(conv_bn, feeds), run(folding.model, feeds)
+    assert rel_l2(before[0], after[0]) < TOLERANCE
+    assert np.array_equal(before[1], after[1])
+
+
+def test_an_overridable_weight_is_not_folded_and_ir3_constants_are():
+    """An initializer that is also a graph input is that input's default from IR version 4 on:
+    a caller may feed another weight, so folding a BatchNormalization into it would change the
+    model. Below IR version 4 every initializer is listed as an input and is a constant."""
+    model = conv_then([batchnorm(6)], bias=False)
+    weight = model.graph.initializer[0]
+    model.graph.input.append(helper.make_tensor_value_info("W", weight.data_type, weight.dims))
+    assert not fold(model).modified
+    old = conv_then([batchnorm(6)], bias=False)
+    for tensor in old.graph.initializer:
+        old.graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, None))
+        old.graph.input[-1].type.tensor_type.shape.dim.extend(
+            onnx.TensorShapeProto.Dimension(dim_value=d) for d in tensor.dims
+        )
+    old.ir_version = 3
+    old.opset_import[0].version = 9
+    onnx.checker.check_model(old, full_check=True)
+    folding = fold(old)
+    assert [f.op_type for f in folding.folded] == ["BatchNormalization"]
+    onnx.checker.check_model(folding.model, full_check=True)  # the new bias is an input too
+    inputs = {info.name for info in folding.model.graph.input}
+    assert inputs == {"x"} | {t.name for t in folding.model.graph.initializer}
+    assert_same_outputs(old, folding.model, (2, 4, 5, 5))
