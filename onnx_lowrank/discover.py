@@ -52,6 +52,7 @@ from .graphs import (
 
 __all__ = [
     "FACTORIZED_KEY",
+    "FOLDED_KEY",
     "FACTOR_TAG",
     "Discovery",
     "FactorizedLayer",
@@ -59,6 +60,7 @@ __all__ = [
     "SkippedLayer",
     "TiedUse",
     "discover",
+    "folded_params",
 ]
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,10 @@ _FACTOR_NODE = re.compile(re.escape(FACTOR_TAG) + r"_[uv](_\d+)?$")
 
 #: ``metadata_props`` key under which rewrite.py records the layers it factorized (JSON list).
 FACTORIZED_KEY = "onnx_lowrank.factorized"
+
+#: ``metadata_props`` key under which the pipeline records how many parameters folding
+#: (fold.py) removed from the original model, in all runs so far (an integer).
+FOLDED_KEY = "onnx_lowrank.folded_params"
 
 _PASS_THROUGH = {"Identity", "Cast", "Transpose"}
 _QUANTIZED_OPS = {
@@ -308,6 +314,7 @@ class Discovery:
         model: the model searched.
         data_dir: folder of the model file, for weights still in external files.
         factorized: layers an earlier run of onnx-lowrank factorized.
+        folded_params: parameters that folding removed in earlier runs (``FOLDED_KEY``).
     """
 
     layers: list[Layer]
@@ -316,6 +323,7 @@ class Discovery:
     model: onnx.ModelProto = field(repr=False)
     data_dir: str | os.PathLike | None = None
     factorized: list[FactorizedLayer] = field(default_factory=list)
+    folded_params: int = 0
     _indexes: dict[GraphPath, _GraphIndex] = field(default_factory=dict, repr=False)
 
     def weight(self, layer: Layer) -> np.ndarray:
@@ -342,8 +350,9 @@ class Discovery:
 
     @property
     def params_saved(self) -> int:
-        """Weights that earlier runs of onnx-lowrank removed from this model."""
-        return sum(record.params_saved for record in self.factorized)
+        """Weights that earlier runs of onnx-lowrank removed from this model (factorized
+        layers and folded BatchNormalization/Mul/Add constants)."""
+        return sum(record.params_saved for record in self.factorized) + self.folded_params
 
     @property
     def macs_saved(self) -> int | None:
@@ -428,6 +437,7 @@ def discover(
         model=model,
         data_dir=data_dir,
         factorized=factorized,
+        folded_params=folded_params(model),
         _indexes=indexes,
     )
 
@@ -749,6 +759,26 @@ def _tied_layer(first: Layer, rest: list[Layer]) -> Layer:
             for layer in rest
         ),
     )
+
+
+#: Largest parameter count a ``FOLDED_KEY`` record may claim (beyond it, it is ignored).
+_MAX_RECORDED_PARAMS = 2**53
+
+
+def folded_params(model: onnx.ModelProto) -> int:
+    """The ``FOLDED_KEY`` record: parameters folding removed in earlier runs (0 when absent or
+    unreadable)."""
+    text = next((p.value for p in model.metadata_props if p.key == FOLDED_KEY), None)
+    if text is None:
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= _MAX_RECORDED_PARAMS:
+        log.warning("ignoring unreadable %s metadata %r", FOLDED_KEY, text[:40])
+        return 0
+    return value
 
 
 def _factorized_layers(model: onnx.ModelProto, shapes: ShapeInfo) -> list[FactorizedLayer]:

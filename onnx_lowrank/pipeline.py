@@ -41,7 +41,7 @@ from .backend import Backend, get_backend, numpy_backend
 from .choices import UserChoice, constrain_table, read_recipe, user_choices
 from .config import CompressionConfig
 from .cost import count_macs, count_parameters, infer_shapes
-from .discover import Discovery, Layer, discover
+from .discover import FOLDED_KEY, Discovery, Layer, discover
 from .discover import _GraphIndex as GraphIndex
 from .errors import (
     ConfigError,
@@ -1020,6 +1020,8 @@ def realize(
             [(discovery.layer(name), f) for name, (f, _) in factors.items()],
             biases=biases,
         )
+        if analysis.params_model is not None:  # folded in this run: recorded for the next
+            _record_folded(compressed, analysis)
     errors = {name: error for name, (_, error) in factors.items()}
     del factors  # the factors now live in the model; large models need the memory back
     with timer.stage("discover"):
@@ -1156,6 +1158,19 @@ def _with_latency(layer: LayerReport, timed: dict[str, tuple[float, float]]) -> 
         return layer
     dense, chosen = timed[layer.name]
     return replace(layer, latency_ms_before=dense, latency_ms_after=chosen)
+
+
+def _record_folded(compressed: onnx.ModelProto, analysis: Analysis) -> None:
+    """Record under ``FOLDED_KEY`` how many parameters folding removed, this run and earlier
+    ones, so a later run budgets against the original model (the folded constants are gone
+    from the model and from every factorized layer's record)."""
+    removed = analysis.params_total - (analysis.params_model or analysis.params_total)
+    total = analysis.discovery.folded_params + removed
+    entry = next((p for p in compressed.metadata_props if p.key == FOLDED_KEY), None)
+    if entry is None:
+        entry = compressed.metadata_props.add()
+        entry.key = FOLDED_KEY
+    entry.value = str(total)
 
 
 #: File name of the compressed model in the spill folder of a lazily loaded model.
