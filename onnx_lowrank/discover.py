@@ -52,8 +52,8 @@ from .graphs import (
 
 __all__ = [
     "FACTORIZED_KEY",
-    "FOLDED_KEY",
     "FACTOR_TAG",
+    "FOLDED_KEY",
     "Discovery",
     "FactorizedLayer",
     "Layer",
