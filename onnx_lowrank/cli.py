@@ -470,7 +470,7 @@ def _add_run_options(run: argparse.ArgumentParser, *, sweep: bool) -> None:
     _add_common(run)
 
 
-def _add_shape_options(parser: argparse.ArgumentParser) -> None:
+def _add_shape_options(parser: argparse.ArgumentParser, help: str) -> None:
     parser.add_argument(
         "--input-shape",
         "--input-shapes",
@@ -480,7 +480,9 @@ def _add_shape_options(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME:D1,D2,...",
         help="concrete shape of a dynamic input, as NAME:1,3,224,224 or NAME:1x3x224x224; "
-        "several per option (x:1,3,224,224 y:1,10) or one option per input",
+        "several per option (x:1,3,224,224 y:1,10) or one option per input. compress and sweep "
+        "default to the sizes of the --inputs or --calibration arrays; without sizes a --params "
+        "budget still compresses (validation on random inputs skipped, MACs n/a), --flops not",
     )
 
 

@@ -6,6 +6,7 @@ plant low-rank structure and check the rewrite to float tolerance.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -62,6 +63,26 @@ def make_model(
     del model.graph.value_info[:]
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+@functools.cache
+def runtime_loads(ir_version: int, opset: int) -> bool:
+    """Whether the installed ONNX Runtime loads a model of this IR version and default-domain
+    opset (CI's second venv runs the oldest supported onnxruntime, 1.17: IR 9, opset 20)."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "probe",
+        [helper.make_tensor_value_info("x", FLOAT, [1])],
+        [helper.make_tensor_value_info("y", FLOAT, [1])],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version
+    )
+    try:
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception:
+        return False
+    return True
 
 
 def conv_model(

@@ -12,9 +12,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from builders import runtime_loads
 
 from onnx_lowrank.discover import discover
 from onnx_lowrank.factorize import factorize
+from onnx_lowrank.graphs import opset_version
 from onnx_lowrank.rewrite import rewrite
 
 #: Real models outside the repository (see tests/models/README.md); tests skip without them.
@@ -28,6 +30,10 @@ def cached(name: str) -> Path:
     path = CACHE / name
     if not path.exists():
         pytest.skip(f"{name} is not in the model cache {CACHE} (tests/models/fetch_models.py)")
+    if path.suffix == ".onnx":
+        model = onnx.load(path, load_external_data=False)
+        if not runtime_loads(model.ir_version, opset_version(model)):
+            pytest.skip(f"onnxruntime {ort.__version__} cannot load {name} (IR {model.ir_version})")
     return path
 
 

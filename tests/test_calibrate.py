@@ -529,7 +529,7 @@ def test_layers_inside_subgraphs_fall_back_to_weight_factors(tmp_path):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
         [numpy_helper.from_array(value, name) for name, value in weights.items()],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     calibration = tmp_path / "calibration.npz"
     np.savez(calibration, x=rng.standard_normal((32, 8, 6, 6)).astype(np.float32))
     config = CompressionConfig(params=0.6, calibration=str(calibration), latency_runs=1)
