@@ -470,7 +470,7 @@ def _add_run_options(run: argparse.ArgumentParser, *, sweep: bool) -> None:
     _add_common(run)
 
 
-def _add_shape_options(parser: argparse.ArgumentParser, help: str) -> None:
+def _add_shape_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--input-shape",
         "--input-shapes",
