@@ -165,7 +165,7 @@ def test_gather_that_is_no_table_lookup_is_not_a_layer():
             numpy_helper.from_array(table, "T"),
         ],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     discovery = discover(model)
     assert not discovery.layers
     assert [(s.name, s.op_type) for s in discovery.skipped] == [("columns", "Gather")]
@@ -301,7 +301,7 @@ def head_model(classes: int = 30, width: int = 16, softmax: bool = True) -> onnx
         [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", classes])],
         [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "b")],
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 @pytest.mark.parametrize("softmax", [True, False])
