@@ -277,7 +277,7 @@ def parameter_shares(model: onnx.ModelProto, discovery: Discovery) -> ParameterS
     """
     weights = {(layer.graph_path, layer.weight_source) for layer in discovery.layers}
     tables = sum(size for key, size in embedding_tables(model).items() if key not in weights)
-    gathers = sum(layer.params for layer in discovery.layers if layer.op_type == "Gather")
+    gathers = sum(layer.params for layer in discovery.layers if layer.lookup)
     return ParameterShares(
         total=count_parameters(model),
         compressible=sum(layer.params for layer in discovery.layers) - gathers,
@@ -1084,6 +1084,7 @@ def realize(
         validation_skipped=analysis.validation_skipped if config.validate else None,
         timings=timer.timings,
         latency=None if latency is None else {k: v for k, v in latency.items() if k != "layers"},
+        shares=parameter_shares(model, discovery),
         notes=analysis.notes
         + _shape_notes(discovery, analysis.unknown_macs)
         + _history_notes(analysis),

@@ -126,6 +126,17 @@ class ParameterShares:
         """Parameters in nothing compressible: biases, norms, skipped layers, other constants."""
         return self.total - self.compressible - self.embeddings
 
+    def parts(self) -> list[tuple[str, int, float]]:
+        """``(label, parameters, fraction of the total)`` of each part, as reports print them."""
+        return [
+            (label, value, value / self.total if self.total else 0.0)
+            for label, value in (
+                ("in compressible layers", self.compressible),
+                ("in embeddings (Gather tables)", self.embeddings),
+                ("in nothing compressible", self.other),
+            )
+        ]
+
     def to_dict(self) -> dict[str, Any]:
         shares = {"compressible": self.compressible, "embeddings": self.embeddings}
         shares["other"] = self.other
@@ -201,6 +212,9 @@ class CompressionReport:
     #: predicted and measured ratios, and what timing the candidates took; None when untimed.
     latency: dict[str, Any] | None = None
     validation_skipped: str | None = None
+    #: Where the input's parameters are (compressible layers, embeddings, the rest): what a
+    #: budget fraction is a fraction of.
+    shares: ParameterShares | None = None
 
     @property
     def compressed_layers(self) -> list[LayerReport]:
@@ -213,6 +227,7 @@ class CompressionReport:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["validation"] = None if self.validation is None else self.validation.to_dict()
+        data["shares"] = None if self.shares is None else self.shares.to_dict()
         data["params_fraction"] = (
             self.params_after / self.params_before if self.params_before else 1.0
         )
@@ -368,14 +383,8 @@ def format_inspection(report: InspectionReport) -> str:
         + ", "
         f"{compressible} compressible layer(s) of {len(report.layers)}"
     )
-    shares = report.shares
-    if shares is not None:
-        for label, value in (
-            ("in compressible layers", shares.compressible),
-            ("in embeddings (Gather tables)", shares.embeddings),
-            ("in nothing compressible", shares.other),
-        ):
-            share = value / shares.total if shares.total else 0.0
+    if report.shares is not None:
+        for label, value, share in report.shares.parts():
             lines.append(f"  {share:6.1%}  {value:>12,}  {label}")
     lines += [f"note: {note}" for note in report.notes]
     return "\n".join(lines)
@@ -419,6 +428,11 @@ def format_summary(report: CompressionReport) -> str:
             f"actual {report.max_error_actual:.4f}"
         )
     )
+    if report.shares is not None:
+        text.append(
+            "parameters of the input: "
+            + ", ".join(f"{share:.1%} {label}" for label, _, share in report.shares.parts())
+        )
     measure = report.config.get("error")
     if report.calibration is not None:
         text.append(

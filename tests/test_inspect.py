@@ -122,3 +122,62 @@ def test_make_model_helper_has_no_embeddings():
         {"B": np.ones((4, 3), np.float32)},
     )
     assert embedding_tables(model) == {}
+
+
+def _head_first_model():
+    """The tied table's first reader in graph order is the output MatMul (it reads another
+    input), the Gather comes after it: the discovered layer is the MatMul, tied with the
+    lookup."""
+    rng = np.random.default_rng(1)
+    nodes = [
+        helper.make_node("Transpose", ["E"], ["Et"], name="tie", perm=[1, 0]),
+        helper.make_node("MatMul", ["x", "Et"], ["logits"], name="head"),
+        helper.make_node("Gather", ["E", "ids"], ["h"], name="embed"),
+        helper.make_node("MatMul", ["h", "W"], ["z"], name="proj"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "head_first",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16]),
+            helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 3]),
+        ],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, 50]),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 3, 8]),
+        ],
+        [
+            helper.make_tensor("E", TensorProto.FLOAT, [50, 16], rng.standard_normal(800)),
+            helper.make_tensor("W", TensorProto.FLOAT, [16, 8], rng.standard_normal(128)),
+        ],
+    )
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8, producer_name="t"
+    )
+
+
+def test_a_table_first_read_by_its_output_matmul_is_an_embedding():
+    listing = inspect(_head_first_model())
+    head = next(layer for layer in listing.layers if layer.shared_with)
+    assert head.op_type == "MatMul"  # the layer is named after its first reader
+    shares = listing.shares
+    assert (shares.compressible, shares.embeddings, shares.other) == (128, 800, 0)
+
+
+def test_compress_report_states_the_shares_it_budgets_against(tmp_path):
+    """The shares inspect shows are in the compress summary and the JSON report."""
+    from onnx_lowrank import CompressionConfig, compress
+    from onnx_lowrank.report import format_summary
+
+    result = compress(_head_first_model(), CompressionConfig(params=0.6, latency_check=False))
+    shares = result.report.shares
+    assert (shares.compressible, shares.embeddings, shares.other) == (128, 800, 0)
+    assert "parameters of the input: 13.8% in compressible layers, 86.2% in embeddings" in (
+        format_summary(result.report)
+    )
+    out = tmp_path / "mnist.onnx"
+    report = tmp_path / "report.json"
+    assert main(["compress", str(MNIST), str(out), "--params", "0.5", "--report", str(report)]) == 0
+    data = json.loads(report.read_text())["shares"]
+    assert data["total"] == 421_642 and data["embeddings"] == 0
+    assert data["compressible"] + data["other"] == data["total"]
