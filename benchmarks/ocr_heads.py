@@ -5,9 +5,9 @@
 
 With calibration data, a classifier head (a MatMul/Gemm followed only by a bias, a softmax and
 the graph output) gets row weights: each output class weighs its probability mass on the
-calibration data, mixed with uniform weights by ``row_floor`` (1: no weighting). This script
-compresses each model at the same budgets with calibration, once per ``--floors`` value, and
-measures the task:
+calibration data, mixed with uniform weights by ``head_floor`` (1: no weighting, the default).
+This script compresses each model at the same budgets with calibration, once per ``--floors``
+value (a ``head_floor``), and measures the task:
 
 * **cls**: ``tests/models/ppocr_mobile_v2.0_cls.onnx`` (text direction, 0° or 180°; head
   200 × 2). Inputs: text lines rendered with DejaVu Sans (it ships with matplotlib), half of
@@ -163,7 +163,7 @@ def run_task(task: str, path: Path, budgets: list[float], floors: list[float], f
         base = CompressionConfig(
             validate=False,
             calibration=str(data_file),
-            row_floor=floor,
+            head_floor=floor,  # the recognizer's head; the classifier's head is kept dense
             input_shapes={"x": shape},
         )
         analysis = analyze(path, base)

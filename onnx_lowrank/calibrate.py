@@ -69,7 +69,8 @@ use the singular values of ``D^{1/2} W_i S_i``. Two kinds of layer get row weigh
 
 Unseen ids and classes must not be destroyed, so the weights are mixed with the uniform ones:
 ``d = f·((1 − ρ)·p + ρ/f)`` with ``p`` the normalized counts or masses and ``ρ`` the floor
-(``row_floor``; ``ROW_FLOOR`` by default, 1 turns the weighting off). A row that never occurs
+(``row_floor`` for tables, ``ROW_FLOOR`` by default; ``head_floor`` for heads, ``HEAD_FLOOR``
+= 1 by default, which turns the weighting off). A row that never occurs
 still weighs ``ρ`` times an average row.
 
 **Activation statistics through ONNX Runtime.** A copy of the model exposes every compressible
@@ -93,7 +94,7 @@ import onnx
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .allocate import CandidateTable
-from .config import ROW_FLOOR
+from .config import HEAD_FLOOR, ROW_FLOOR
 from .data import read_arrays
 from .discover import Discovery, Layer
 from .errors import CalibrationError
@@ -578,6 +579,7 @@ def collect_statistics(
     sides: Mapping[str, Side] | None = None,
     chunk_bytes: int = CHUNK_BYTES,
     row_floor: float = ROW_FLOOR,
+    head_floor: float = HEAD_FLOOR,
 ) -> dict[str, LayerStatistics]:
     """Run the calibration set through ONNX Runtime and accumulate every layer's statistics.
 
@@ -590,7 +592,8 @@ def collect_statistics(
         progress: called as ``progress("calibrate", samples_done, samples)``.
         sides: force the side of some layers (default: ``choose_side``).
         chunk_bytes: largest block of input vectors built at once.
-        row_floor: ``ρ`` of the row weights of tables and classifier heads (1: none).
+        row_floor: ``ρ`` of the row weights of embedding tables (1: none).
+        head_floor: ``ρ`` of the row weights of classifier heads (1: none).
     """
     model = discovery.model
     graph = model.graph
@@ -607,7 +610,7 @@ def collect_statistics(
         side = (sides or {}).get(layer.name) or choose_side(layer, groups)
         weight = discovery.weight(layer) if side == "output" else np.empty(0)
         accumulators[layer.name] = _Accumulator(layer, weight, groups, side)
-        head = None if row_floor >= 1 else score_output(discovery, layer)
+        head = None if head_floor >= 1 else score_output(discovery, layer)
         if head is not None:
             heads[layer.name] = head
         log.info("calibration statistics of %s on the %s side", layer.name, side)
@@ -643,7 +646,7 @@ def collect_statistics(
             masses[name] += _class_mass(activations[output], kind)
     statistics = {name: accumulator.statistics() for name, accumulator in accumulators.items()}
     for name, mass in masses.items():
-        statistics[name] = replace(statistics[name], row_weights=row_weights(mass, row_floor))
+        statistics[name] = replace(statistics[name], row_weights=row_weights(mass, head_floor))
     for name, counts in lookups.items():
         width = discovery.layer(name).cols
         statistics[name] = LayerStatistics(
@@ -1297,6 +1300,7 @@ def calibrate(
     providers: Sequence[str] = ("CPUExecutionProvider",),
     progress: Progress | None = None,
     row_floor: float = ROW_FLOOR,
+    head_floor: float = HEAD_FLOOR,
 ) -> Calibration:
     """Activation statistics and whitened spectra of every compressible layer.
 
@@ -1308,7 +1312,8 @@ def calibrate(
         source: a label of where the data came from.
         providers: ONNX Runtime execution providers.
         progress: callback ``(stage, done, total)``; stage ``"calibrate"``.
-        row_floor: ``ρ`` of the row weights of tables and classifier heads (1: none).
+        row_floor: ``ρ`` of the row weights of embedding tables (1: none).
+        head_floor: ``ρ`` of the row weights of classifier heads (1: none).
     """
     inner = [layer.name for layer in discovery.layers if layer.graph_path]
     if inner:
@@ -1322,7 +1327,13 @@ def calibrate(
             discovery, layers=[layer for layer in discovery.layers if not layer.graph_path]
         )
     statistics = collect_statistics(
-        discovery, feeds, max_groups, providers, progress, row_floor=row_floor
+        discovery,
+        feeds,
+        max_groups,
+        providers,
+        progress,
+        row_floor=row_floor,
+        head_floor=head_floor,
     )
     spectra = whitened_spectra(discovery, statistics, max_groups)
     samples = int(next(iter(feeds.values())).shape[0])

@@ -31,6 +31,7 @@ from .choices import read_recipe
 from .config import (
     DEVICES,
     ERROR_MEASURES,
+    HEAD_FLOOR,
     METHODS,
     ROW_FLOOR,
     TOLERANCES,
@@ -499,8 +500,16 @@ def _add_calibration_option(parser) -> None:
         default=ROW_FLOOR,
         metavar="F",
         help="with --calibration: share of uniform weight mixed into the row weights of "
-        "embedding tables (id counts) and classifier heads (class mass); 1 turns the "
-        "weighting off (default: %(default)s; docs/calibration.md)",
+        "embedding tables (id counts); 1 turns the weighting off (default: %(default)s; "
+        "docs/calibration.md)",
+    )
+    parser.add_argument(
+        "--head-floor",
+        type=float,
+        default=HEAD_FLOOR,
+        metavar="F",
+        help="with --calibration: the same for classifier heads (class probability mass); "
+        "default %(default)s, no weighting (it hurt a recognizer; docs/calibration.md)",
     )
 
 
@@ -615,6 +624,7 @@ def _run_config(args: argparse.Namespace, **budget) -> CompressionConfig:
         seed=args.seed,
         calibration=args.calibration,
         row_floor=args.row_floor,
+        head_floor=args.head_floor,
         fold_batchnorm=args.fold_batchnorm,
         latency_check=args.latency_check,
         max_latency_ratio=args.max_latency_ratio,

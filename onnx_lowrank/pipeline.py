@@ -479,6 +479,7 @@ def analyze(
                 providers=providers_for(config.device),
                 progress=progress,
                 row_floor=config.row_floor,
+                head_floor=config.head_floor,
             )
     network = None
     if held_out is not None:

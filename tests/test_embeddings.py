@@ -318,7 +318,7 @@ def test_classifier_head_rows_are_weighted_by_class_mass(tmp_path, softmax):
     (reference,) = run(model, {"x": x})
     errors = {}
     for floor in (0.1, 1.0):
-        config = CompressionConfig(params=0.35, calibration=str(data), row_floor=floor)
+        config = CompressionConfig(params=0.35, calibration=str(data), head_floor=floor)
         result = compress(model, config)
         check_model(result.model)
         (scores,) = run(result.model, {"x": x})
@@ -348,3 +348,17 @@ def test_the_ppocr_recognizer_ctc_head_is_a_classifier_head():
     # inference gives the Softmax's output a shape but not its input: the head is still found
     head = discovery.layer("p2o.MatMul.24")
     assert score_output(discovery, head) == ("softmax_11.tmp_0", "probabilities")
+
+
+def test_heads_are_not_row_weighted_by_default(tmp_path):
+    """The default leaves classifier heads unweighted (HEAD_FLOOR = 1: class-mass weighting
+    ruined the PP-OCRv4 recognizer, docs/calibration.md) while tables keep their row weights."""
+    model = head_model()
+    data = tmp_path / "calibration.npz"
+    np.savez(data, x=np.random.default_rng(16).standard_normal((64, 16)).astype(np.float32))
+    default = compress(model, CompressionConfig(params=0.35, calibration=str(data)))
+    off = compress(model, CompressionConfig(params=0.35, calibration=str(data), head_floor=1))
+    on = compress(model, CompressionConfig(params=0.35, calibration=str(data), head_floor=0.1))
+    assert default.model.SerializeToString() == off.model.SerializeToString()
+    assert default.model.SerializeToString() != on.model.SerializeToString()
+    assert CompressionConfig().row_floor < 1
