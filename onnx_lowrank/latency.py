@@ -57,7 +57,6 @@ import math
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -69,8 +68,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .discover import Discovery, Layer
+from .errors import OutputPathError
 from .factorize import Factors
 from .graphs import graph_at
+from .load import write_file
 from .rewrite import rewrite
 from .sessions import make_session, runtime, session_settings
 
@@ -244,14 +245,11 @@ class LatencyCache:
         """Merge ``times`` into the file of ``key``, atomically. A cache that cannot be
         written costs a warning, not the run."""
         merged = {**self.read(key), **times}
-        path = self._path(key)
+        text = json.dumps({"key": key, "times": merged}, sort_keys=True).encode("utf-8")
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            handle, temporary = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
-            with os.fdopen(handle, "w", encoding="utf-8") as stream:
-                json.dump({"key": key, "times": merged}, stream, sort_keys=True)
-            os.replace(temporary, path)
-        except OSError as exc:
+            write_file(self._path(key), lambda stream: stream.write(text), "latency cache file")
+        except (OSError, OutputPathError) as exc:
             log.warning("cannot write the latency cache in %s (%s)", self.folder, exc)
 
 

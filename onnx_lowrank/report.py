@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -262,7 +262,7 @@ def write_json(data: dict[str, Any], path: str | os.PathLike) -> Path:
     def dump(stream: BinaryIO) -> None:
         stream.write(json.dumps(data, indent=2).encode("utf-8") + b"\n")
 
-    return _atomic_write(target, dump, "report")
+    return write_file(target, dump, "report")
 
 
 def write_npz(arrays: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -272,12 +272,7 @@ def write_npz(arrays: dict[str, Any], path: str | os.PathLike) -> Path:
     def dump(stream: BinaryIO) -> None:
         np.savez(stream, **arrays)
 
-    return _atomic_write(target, dump, "array file")
-
-
-def _atomic_write(target: Path, write: Callable[[BinaryIO], None], what: str) -> Path:
-    """Write a file atomically (``load.write_file``: never onto a device, FIFO or folder)."""
-    return write_file(target, write, what)
+    return write_file(target, dump, "array file")
 
 
 def _count(value: int | None) -> str:
@@ -747,7 +742,7 @@ def plot_layers(report: CompressionReport, path: str | os.PathLike) -> Path:
 
 def _save_figure(figure, path: str | os.PathLike) -> Path:
     """Save a matplotlib figure as PNG through a temporary file in the target folder."""
-    return _atomic_write(
+    return write_file(
         Path(path), lambda stream: figure.savefig(stream, format="png", dpi=120), "plot"
     )
 
