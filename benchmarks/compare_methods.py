@@ -41,7 +41,8 @@ import onnxruntime as ort
 
 from onnx_lowrank import CompressionConfig, InfeasibleBudgetError
 from onnx_lowrank.config import METHODS
-from onnx_lowrank.pipeline import Analysis, analyze, candidate_tables, choose, realize
+from onnx_lowrank.pipeline import analyze, candidate_tables, choose, realize
+from onnx_lowrank.types import Analysis
 
 REPO = Path(__file__).resolve().parent.parent
 MNIST = REPO / "samples" / "mnist_cnn.onnx"

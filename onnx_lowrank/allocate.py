@@ -46,15 +46,12 @@ import numpy as np
 
 from .config import CompressionConfig
 from .cost import candidate_params
-from .discover import Layer
 from .errors import InfeasibleBudgetError
-from .spectra import LayerSpectrum, error_table, group_counts
+from .spectra import error_table, group_counts
+from .types import COST_KINDS, BudgetLimit, CandidateTable, Layer, LayerSpectrum
 
 __all__ = [
-    "COST_KINDS",
     "SOLVERS",
-    "BudgetLimit",
-    "CandidateTable",
     "Problem",
     "allocate",
     "build_table",
@@ -70,61 +67,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-#: Cost columns of every candidate table, in order. ``latency`` is in ms, measured per
-#: candidate (latency.py), or 0 in every row when it was not measured.
-COST_KINDS: tuple[str, ...] = ("params", "macs", "latency")
-
-
-@dataclass(frozen=True)
-class CandidateTable:
-    """The candidates of one layer. Row 0 is the dense layer.
-
-    Attributes:
-        layer: layer name.
-        groups: group count per row (0 for the dense row).
-        ranks: rank per row (0 for the dense row).
-        errors: relative layer error per row, in the configured measure.
-        costs: ``(rows, 3)`` parameters, MACs and latency (ms) per row (MACs 0 when unknown,
-            latency 0 when not measured).
-        energy: removed Frobenius energy ``Σ_{i>r} σ_i² / ‖W‖_F²`` of ``g = 1`` rows (NaN for
-            others, 0 for the dense row).
-        full_rank: ``min(f, c·κ)``, the ``g = 1`` rank that reproduces ``W``.
-    """
-
-    layer: str
-    groups: np.ndarray
-    ranks: np.ndarray
-    errors: np.ndarray
-    costs: np.ndarray
-    energy: np.ndarray
-    full_rank: int
-
-    def __len__(self) -> int:
-        return len(self.groups)
-
-
-@dataclass(frozen=True)
-class BudgetLimit:
-    """A whole-model budget on one cost kind.
-
-    Attributes:
-        kind: ``"params"``, ``"macs"`` or ``"latency"`` (ms).
-        fraction: fraction of the whole model's count to keep.
-        total: the whole model's count.
-        fixed: the part of ``total`` outside the compressible layers' weights (biases, skipped
-            layers, other constants), which no allocation changes.
-    """
-
-    kind: str
-    fraction: float
-    total: float
-    fixed: float
-
-    @property
-    def limit(self) -> float:
-        """What the compressible layers may cost together."""
-        return self.fraction * self.total - self.fixed
 
 
 @dataclass(frozen=True)

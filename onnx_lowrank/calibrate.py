@@ -85,33 +85,27 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Literal
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .allocate import CandidateTable
 from .config import HEAD_FLOOR, ROW_FLOOR
 from .data import read_arrays
-from .discover import Discovery, Layer
 from .errors import CalibrationError
-from .factorize import Factors, reconstruct
+from .factorize import reconstruct
 from .graphs import FreshNames, attribute, overridable_initializers, tensor_to_array
+from .records import CalibratedLayer, Calibration, LayerStatistics, OutputErrors, Side
 from .sessions import make_session
-from .spectra import LayerSpectrum, group_counts
+from .spectra import group_counts
+from .types import CandidateTable, Discovery, Factors, Layer, LayerSpectrum, Progress
 from .validate import check_feeds, graph_inputs
 
 __all__ = [
     "CHUNK_BYTES",
-    "DAMPING",
     "ROW_FLOOR",
-    "CalibratedLayer",
-    "Calibration",
-    "LayerStatistics",
-    "OutputErrors",
     "calibrate",
     "check_calibration",
     "choose_side",
@@ -132,11 +126,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str, int, int], None]
-Side = Literal["input", "output"]
-
-#: Relative damping: ``λ = DAMPING · tr(Σ) / (c·κ)`` is added to the diagonal of ``Σ``.
-DAMPING = 1e-6
 #: Largest block of input vectors (im2col patches or rows) built at once, in bytes of float64.
 CHUNK_BYTES = 8 * 2**20
 #: Target bytes of the activations one ONNX Runtime batch exposes.
@@ -147,109 +136,6 @@ MAX_BATCH = 64
 MAX_INPUT_SIDE_BYTES = 512 * 2**20
 #: Most channel slices whose partial outputs the output side computes at once.
 MAX_ATOMS = 64
-
-
-@dataclass(frozen=True)
-class LayerStatistics:
-    """Statistics of one layer's input vectors over the calibration set.
-
-    Attributes:
-        name: layer name.
-        side: ``"input"`` (``covariance`` is kept) or ``"output"`` (``output_covariance``).
-        count: number of input vectors seen (samples × output positions).
-        mean: ``μ`` (``c·κ``).
-        variance: the diagonal of ``Σ`` (``c·κ``).
-        covariance: input side: ``Σ`` (``c·κ × c·κ``, channel-major like the folded weight).
-        output_covariance: output side: group count ``g`` -> ``(g, f, f)``, the matrices
-            ``W_i Σ_i W_iᵀ`` of its groups.
-        use_means: for a weight read by several nodes (``Layer.tied``): node name -> the mean
-            ``μ_u`` of that node's input vectors. ``mean`` is then the pooled mean, and
-            ``Σ`` the pooled covariance *within* the uses, ``Σ_u n_u/n · Σ_u``: each use gets
-            its own bias correction, so differences between the uses' means cost nothing.
-        row_weights: ``d`` (``f`` values, mean 1) of a table or classifier head, else None
-            (see "Row weights" above).
-    """
-
-    name: str
-    side: Side
-    count: int
-    mean: np.ndarray
-    variance: np.ndarray
-    covariance: np.ndarray | None = None
-    output_covariance: Mapping[int, np.ndarray] | None = None
-    use_means: Mapping[str, np.ndarray] = field(default_factory=dict)
-    row_weights: np.ndarray | None = None
-
-    @property
-    def damping(self) -> float:
-        """``λ = DAMPING · tr(Σ) / (c·κ)``; 1 when the inputs never vary (any λ > 0 works)."""
-        scale = float(np.mean(self.variance)) if self.variance.size else 0.0
-        return DAMPING * scale if scale > 0 else 1.0
-
-
-@dataclass
-class Calibration:
-    """What ``analyze`` learns from the calibration set; independent of budget and method.
-
-    Attributes:
-        source: where the data came from (for reports).
-        feeds: the calibration inputs, kept to measure output errors after compression.
-        samples: number of calibration samples.
-        statistics: layer name -> statistics of its input vectors.
-        spectra: layer name -> singular values of every ``W_i S_i`` per group count.
-        providers: ONNX Runtime execution providers used.
-    """
-
-    source: str
-    feeds: dict[str, np.ndarray]
-    samples: int
-    statistics: dict[str, LayerStatistics]
-    spectra: dict[str, LayerSpectrum]
-    providers: list[str]
-
-
-@dataclass(frozen=True)
-class CalibratedLayer:
-    """The whitened factors of one layer, and its bias correction.
-
-    ``biases`` and ``shifts`` are keyed by node name: the layer's own, and those of its tied
-    uses (``Layer.tied``), each corrected with its own input mean.
-
-    Attributes:
-        factors: ``U_i = A_r``, ``V_i = A_rᵀ W_i`` per group (rebalanced).
-        biases: the corrected bias ``b' = b + α·(W − Ŵ) μ`` for the rewrite, or None to keep
-            the original bias (no correction needed, or the bias is not a readable constant).
-        shifts: ``α·(W − Ŵ) μ`` (output units) when the bias is corrected, zeros otherwise.
-        output_error_estimate: ``ε_out(g, r)`` from the error table.
-        error_bound: the weight-error bound of these factors,
-            ``sqrt(Σ_i ‖W_i − Ŵ_i‖₂²) / ‖W‖₂`` (``factorize.relative_error_bound``); None
-            until the pipeline computes it. The plain SVD's bound at the same ``(g, r)`` is
-            smaller: whitened factors trade weight error for output error.
-    """
-
-    factors: Factors
-    biases: Mapping[str, np.ndarray | None]
-    shifts: Mapping[str, np.ndarray]
-    output_error_estimate: float
-    error_bound: float | None = None
-
-
-@dataclass(frozen=True)
-class OutputErrors:
-    """Relative output errors of one compressed layer, measured on the calibration data.
-
-    Both are ``‖Ŷ − Y‖_F / ‖Y − Ȳ‖_F``, with ``Y`` the original layer's output and ``Ȳ`` its
-    per-channel mean.
-
-    Attributes:
-        local: ``Ŷ`` is the factorized layer applied to the original layer's inputs: the error
-            this layer adds by itself (what ``ε_out`` estimates).
-        network: ``Ŷ`` is the layer's output inside the compressed model, so the errors of the
-            layers before it are included.
-    """
-
-    local: float
-    network: float
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,54 +23,23 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from .allocate import CandidateTable
 from .config import TOLERANCES, CompressionConfig
-from .discover import Discovery, Layer
 from .errors import ConfigError
 from .spectra import group_counts
+from .types import CandidateTable, Discovery, Layer, UserChoice
 
 __all__ = [
     "Recipe",
-    "UserChoice",
     "constrain_table",
     "fixed_table",
     "read_recipe",
     "recipe_config",
     "user_choices",
 ]
-
-
-@dataclass(frozen=True)
-class UserChoice:
-    """What the user fixed for one layer.
-
-    Attributes:
-        kind: ``"excluded"`` (kept dense) or ``"pinned"``.
-        groups: the pinned group count (None: excluded).
-        rank: the pinned rank, or None when the allocator chooses it among ``groups`` rows.
-        source: the option that made the choice, for reports (``--exclude Gemm``).
-    """
-
-    kind: Literal["excluded", "pinned"]
-    groups: int | None
-    rank: int | None
-    source: str
-
-    @property
-    def fixed(self) -> bool:
-        """True when the choice leaves the allocator nothing to choose for the layer."""
-        return self.kind == "excluded" or self.rank is not None
-
-    def describe(self) -> str:
-        """``excluded by the user (--exclude Gemm)``, ``pinned by the user (--rank fc=8)``,
-        ``kept dense by --recipe FILE`` or ``pinned by --recipe FILE``."""
-        if self.source.startswith("--recipe"):
-            return f"{'kept dense' if self.kind == 'excluded' else 'pinned'} by {self.source}"
-        return f"{self.kind} by the user ({self.source})"
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -29,9 +28,9 @@ import onnx
 from .errors import ConfigError
 from .graphs import FLOAT_TYPES, attribute, iter_graphs, iter_tensors
 from .sessions import make_session
+from .types import Shape, ShapeInfo
 
 __all__ = [
-    "ShapeInfo",
     "candidate_macs",
     "candidate_params",
     "count_macs",
@@ -41,8 +40,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Shape = tuple[int | None, ...]
-
 #: Largest model whose missing shapes are measured by running it once (it is copied to do so).
 _PROBE_BYTES = 512 * 2**20
 #: Most input values of that run (absurd declared shapes are not allocated).
@@ -51,27 +48,6 @@ _PROBE_INPUT_VALUES = 2**26
 #: Initializers with at most this many elements are kept in the shape-inference copy, so that
 #: shape tensors (Reshape targets and the like) still propagate.
 _SMALL_TENSOR = 64
-
-
-@dataclass(frozen=True)
-class ShapeInfo:
-    """Inferred shapes of a model's tensors.
-
-    Attributes:
-        shapes: tensor name -> shape, with None for an unknown dimension. Tensors whose rank is
-            unknown are absent.
-        assumed: human-readable notes of the assumptions made (a dynamic batch taken as 1).
-        input_shapes: the concrete shapes used for graph inputs where they are fully known.
-        types: tensor name -> ONNX element type, where inference found one.
-    """
-
-    shapes: dict[str, Shape] = field(default_factory=dict)
-    assumed: tuple[str, ...] = ()
-    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    types: dict[str, int] = field(default_factory=dict)
-
-    def get(self, name: str) -> Shape | None:
-        return self.shapes.get(name)
 
 
 def candidate_params(out_channels: int, cols: int, groups: int, rank: int) -> int:

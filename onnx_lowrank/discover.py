@@ -29,59 +29,49 @@ import logging
 import math
 import os
 import re
-from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import numpy as np
 import onnx
 
-from .cost import ShapeInfo, infer_shapes, node_macs
+from .cost import infer_shapes, node_macs
 from .errors import InvalidModelError, UnsupportedModelError
 from .graphs import (
     FLOAT_TYPES,
-    GraphPath,
     attribute,
     graph_at,
     opset_version,
     overridable_initializers,
-    tensor_to_array,
     type_name,
     walk_graphs,
 )
+from .index import PASS_THROUGH, ConstantRef, GraphIndex, read_constant
+from .types import (
+    FACTOR_TAG,
+    FACTORIZED_KEY,
+    FOLDED_KEY,
+    Discovery,
+    FactorizedLayer,
+    GraphPath,
+    Layer,
+    ShapeInfo,
+    SkippedLayer,
+    TiedUse,
+)
 
-__all__ = [
-    "FACTORIZED_KEY",
-    "FACTOR_TAG",
-    "FOLDED_KEY",
-    "Discovery",
-    "FactorizedLayer",
-    "Layer",
-    "SkippedLayer",
-    "TiedUse",
-    "discover",
-    "folded_params",
-]
+__all__ = ["WeightReader", "discover", "folded_params"]
 
 log = logging.getLogger(__name__)
 
-#: Suffix of the node names rewrite.py gives to the two halves of a factorized pair. Layers that
-#: carry it are never factorized again.
-FACTOR_TAG = "/lowrank"
+#: Most bytes of float64 weights ``WeightReader`` keeps, so that each is read once per run.
+WEIGHT_CACHE_BYTES = 1 << 30
 
 #: Oldest default-domain opset whose models are factorized.
 MIN_OPSET = 7
 
 _FACTOR_NODE = re.compile(re.escape(FACTOR_TAG) + r"_[uv](_\d+)?$")
 
-#: ``metadata_props`` key under which rewrite.py records the layers it factorized (JSON list).
-FACTORIZED_KEY = "onnx_lowrank.factorized"
-
-#: ``metadata_props`` key under which the pipeline records how many parameters folding
-#: (fold.py) removed from the original model, in all runs so far (an integer).
-FOLDED_KEY = "onnx_lowrank.folded_params"
-
-_PASS_THROUGH = {"Identity", "Cast", "Transpose"}
 _QUANTIZED_OPS = {
     "ConvInteger",
     "MatMulInteger",
@@ -99,285 +89,6 @@ _QUANTIZED_OPS = {
 }
 _LAYER_OPS = {"Conv", "Gemm", "MatMul"}
 _QUANTIZED_REASON = "quantized operator; quantized layers are left unchanged"
-_OVERRIDABLE_REASON = (
-    "weight is a graph input whose initializer is only its default (IR version >= 4): a "
-    "caller can feed another value, so it is not a constant"
-)
-
-
-@dataclass(frozen=True)
-class TiedUse:
-    """Another node that reads the same weight as a ``Layer`` (see ``Layer.tied``).
-
-    Attributes:
-        name: the node's layer name (unique, as ``discover`` names layers).
-        node_index: its position in the layer's graph.
-        input_rank: rank of its data input, or None when unknown.
-        output_positions: its ``P`` (cost.py), or None when a shape is dynamic.
-        op_type: its operator when it differs from the layer's (an output ``MatMul`` or
-            ``Gemm`` tied with a ``Gather`` embedding table), else None.
-        weight_input: the tensor it reads as its weight, when it differs from the layer's.
-        weight_shape: that tensor's shape, when it differs from the layer's.
-    """
-
-    name: str
-    node_index: int
-    input_rank: int | None
-    output_positions: int | None
-    op_type: str | None = None
-    weight_input: str | None = None
-    weight_shape: tuple[int, ...] | None = None
-
-
-@dataclass(frozen=True)
-class Layer:
-    """A compressible layer.
-
-    A ``Gather`` layer is an embedding table ``T`` (``vocab × d``, a constant read by
-    ``Gather(T, ids)`` on axis 0). Its folded weight is ``W = T``: the rows (``f = vocab``) are
-    the outputs and ``c = d``, so the factors ``T ≈ U V`` give ``Gather(U, ids)`` followed by
-    ``MatMul(·, V)``. ``P`` is then the number of ids looked up; the dense lookup costs no
-    MACs and the factorized one ``r·d`` per id (``macs``, ``candidate_macs``).
-
-    Attributes:
-        name: unique layer name (the node name, or ``<op_type>_<index>`` when it has none).
-        op_type: ``Conv``, ``Gemm``, ``MatMul`` or ``Gather``.
-        node_index: position of the node in its graph's node list.
-        weight_input: the tensor the node reads as its weight.
-        weight_source: the initializer or Constant-node output that stores the weight.
-        weight_shape: the weight's shape as the node reads it.
-        weight_dtype: ONNX element type of the weight as the node reads it.
-        out_channels: ``f``, rows of the folded weight.
-        in_channels: ``c``, input channels (columns of the folded weight are ``c·κ``).
-        kernel_shape: spatial kernel of a Conv, ``()`` for Gemm/MatMul.
-        output_positions: ``P`` of cost.py, or None when a shape is dynamic.
-        input_rank: rank of the data input, or None when unknown.
-        max_groups: largest group count the rewrite supports for this layer (None: no limit).
-        graph_path: the graph that holds the node (``()``: the main graph; see
-            ``graphs.GraphPath``). The node's data input is ``node.input[0]`` of
-            ``graphs.graph_at(model.graph, graph_path).node[node_index]``.
-        stored_dtype: element type of the stored constant when a ``Cast`` sits between it and
-            the node (fp16 weights cast to fp32), else None.
-        tied: the other nodes of the same graph that read the same weight, in graph order after
-            this one. ``output_positions`` is then the sum over all uses, so MACs cover them
-            all, while the weight counts once.
-    """
-
-    name: str
-    op_type: str
-    node_index: int
-    weight_input: str
-    weight_source: str
-    weight_shape: tuple[int, ...]
-    weight_dtype: int
-    out_channels: int
-    in_channels: int
-    kernel_shape: tuple[int, ...]
-    output_positions: int | None
-    input_rank: int | None
-    max_groups: int | None = None
-    graph_path: GraphPath = ()
-    stored_dtype: int | None = None
-    tied: tuple[TiedUse, ...] = ()
-
-    def uses(self) -> list[Layer]:
-        """One view of the layer per node that reads its weight (itself first), each with that
-        node's name, position and input rank: what the rewrite replaces."""
-        own = self.output_positions
-        if own is not None and self.tied:
-            known = [t.output_positions for t in self.tied]
-            own = None if None in known else own - sum(known)  # type: ignore[arg-type]
-        views = [replace(self, output_positions=own, tied=())]
-        for use in self.tied:
-            views.append(
-                replace(
-                    self,
-                    name=use.name,
-                    op_type=use.op_type or self.op_type,
-                    weight_input=use.weight_input or self.weight_input,
-                    weight_shape=use.weight_shape or self.weight_shape,
-                    node_index=use.node_index,
-                    input_rank=use.input_rank,
-                    output_positions=use.output_positions,
-                    tied=(),
-                )
-            )
-        return views
-
-    @property
-    def lookup(self) -> bool:
-        """Whether a ``Gather`` reads the weight (an embedding table, maybe tied)."""
-        return self.op_type == "Gather" or any(use.op_type == "Gather" for use in self.tied)
-
-    def mac_positions(self) -> tuple[int, int] | None:
-        """``(P of the Conv/Gemm/MatMul uses, ids looked up by the Gather uses)``, or None
-        when a shape is dynamic."""
-        if not self.lookup:
-            positions = self.output_positions
-            return None if positions is None else (positions, 0)
-        dense = lookups = 0
-        for use in self.uses():
-            if use.output_positions is None:
-                return None
-            if use.op_type == "Gather":
-                lookups += use.output_positions
-            else:
-                dense += use.output_positions
-        return dense, lookups
-
-    def candidate_macs(self, groups: int, rank: int) -> int | None:
-        """MACs of the factorized layer: ``params(g, r)·P`` per Conv/Gemm/MatMul use and
-        ``r·d`` per id looked up (the ``MatMul(·, V)`` after the ``Gather``); None when a
-        shape is dynamic."""
-        positions = self.mac_positions()
-        if positions is None:
-            return None
-        dense, lookups = positions
-        params = rank * (groups * self.out_channels + self.cols)
-        return params * dense + rank * self.cols * lookups
-
-    @property
-    def kernel_size(self) -> int:
-        """``κ``: taps of the kernel (1 for Gemm/MatMul)."""
-        return math.prod(self.kernel_shape)
-
-    @property
-    def cols(self) -> int:
-        """``c·κ``: columns of the folded weight."""
-        return self.in_channels * self.kernel_size
-
-    @property
-    def params(self) -> int:
-        """Weights of the dense layer, ``f·c·κ`` (bias excluded)."""
-        return self.out_channels * self.cols
-
-    @property
-    def macs(self) -> int | None:
-        """MACs of the dense layer, ``f·c·κ·P``, or None when ``P`` is unknown (a dense
-        ``Gather`` costs none)."""
-        if self.op_type == "Gather" and all(use.op_type == "Gather" for use in self.tied):
-            return 0
-        positions = self.mac_positions()
-        return None if positions is None else self.params * positions[0]
-
-
-@dataclass(frozen=True)
-class SkippedLayer:
-    """A Conv/Gemm/MatMul (or quantized or contrib variant) left as it is, and why."""
-
-    name: str
-    op_type: str
-    reason: str
-    weight_shape: tuple[int, ...] | None = None
-    params: int = 0
-    macs: int | None = None
-
-
-@dataclass(frozen=True)
-class FactorizedLayer:
-    """A layer that an earlier run of onnx-lowrank factorized (from ``metadata_props``).
-
-    Attributes:
-        name: the layer's name at that run.
-        params_dense: weights of the layer before that run, ``f·c·κ``.
-        params: weights of its factorized pair now, ``r·(g·f + c·κ)``.
-        output_positions: ``P`` of the pair, or None when a shape is dynamic.
-        lookup_macs: MACs of the ``MatMul(·, V)`` after each factorized table lookup (a dense
-            lookup costs none); those uses are not in ``output_positions``.
-    """
-
-    name: str
-    params_dense: int
-    params: int
-    output_positions: int | None
-    lookup_macs: int = 0
-
-    @property
-    def params_saved(self) -> int:
-        return self.params_dense - self.params
-
-    @property
-    def macs_saved(self) -> int | None:
-        if self.output_positions is None:
-            return None
-        return self.params_saved * self.output_positions - self.lookup_macs
-
-
-@dataclass
-class Discovery:
-    """What ``discover`` found.
-
-    Attributes:
-        layers: the compressible layers, in graph order (main graph first, then subgraphs).
-        skipped: every other Conv/Gemm/MatMul-like node, with the reason.
-        shapes: inferred tensor shapes (subgraphs included).
-        model: the model searched.
-        data_dir: folder of the model file, for weights still in external files.
-        factorized: layers an earlier run of onnx-lowrank factorized.
-        folded_params: parameters that folding removed in earlier runs (``FOLDED_KEY``).
-    """
-
-    layers: list[Layer]
-    skipped: list[SkippedLayer]
-    shapes: ShapeInfo
-    model: onnx.ModelProto = field(repr=False)
-    data_dir: str | os.PathLike | None = None
-    factorized: list[FactorizedLayer] = field(default_factory=list)
-    folded_params: int = 0
-    _indexes: dict[GraphPath, _GraphIndex] = field(default_factory=dict, repr=False)
-
-    def weight(self, layer: Layer) -> np.ndarray:
-        """The folded float64 weight matrix ``W`` (``f × c·κ``) of ``layer``."""
-        index = self._index(layer.graph_path)
-        array = _read_weight(index, layer.weight_input, self.data_dir)
-        if not np.all(np.isfinite(array)):
-            raise UnsupportedModelError(
-                f"the weight of layer {layer.name} holds NaN or Inf values, which cannot be "
-                "factorized; fix the model (or remove the layer's weight from it)"
-            )
-        if layer.op_type == "Conv":
-            return array.reshape(layer.out_channels, layer.cols)
-        node = index.graph.node[layer.node_index]
-        if layer.op_type == "Gather" or (layer.op_type == "Gemm" and attribute(node, "transB", 0)):
-            return array
-        return array.T
-
-    def layer(self, name: str) -> Layer:
-        for layer in self.layers:
-            if layer.name == name:
-                return layer
-        raise KeyError(name)
-
-    @property
-    def params_saved(self) -> int:
-        """Weights that earlier runs of onnx-lowrank removed from this model (factorized
-        layers and folded BatchNormalization/Mul/Add constants)."""
-        return sum(record.params_saved for record in self.factorized) + self.folded_params
-
-    @property
-    def macs_saved(self) -> int | None:
-        """MACs that earlier runs removed, or None when one of them is unknown."""
-        saved = [record.macs_saved for record in self.factorized]
-        return None if None in saved else sum(saved)  # type: ignore[arg-type]
-
-    def skip_summary(self) -> str:
-        """The most common skip reasons with their counts, e.g. ``"11 × grouped ..."``."""
-        counts = Counter(skipped.reason for skipped in self.skipped)
-        parts = [f"{count} × {reason}" for reason, count in counts.most_common(3)]
-        if len(counts) > 3:
-            parts.append(f"{len(counts) - 3} other reason(s)")
-        return "; ".join(parts)
-
-    def _index(self, path: GraphPath) -> _GraphIndex:
-        if path not in self._indexes:
-            parent = self._index(path[:-1]) if path else None
-            self._indexes[path] = _GraphIndex(
-                graph_at(self.model.graph, path),
-                path,
-                parent,
-                frozenset() if path else overridable_initializers(self.model),
-            )
-        return self._indexes[path]
 
 
 def discover(
@@ -394,13 +105,13 @@ def discover(
         data_dir: folder of the model file, for tensors whose data is still in external files.
     """
     shapes = infer_shapes(model, input_shapes or {})
-    indexes: dict[GraphPath, _GraphIndex] = {}
+    indexes: dict[GraphPath, GraphIndex] = {}
     layers: list[Layer] = []
     skipped: list[SkippedLayer] = []
     names = _LayerNames()
     overridable = overridable_initializers(model)
     for path, graph in walk_graphs(model.graph):
-        index = indexes[path] = _GraphIndex(
+        index = indexes[path] = _Index(
             graph,
             path,
             indexes.get(path[:-1]) if path else None,
@@ -438,8 +149,81 @@ def discover(
         data_dir=data_dir,
         factorized=factorized,
         folded_params=folded_params(model),
-        _indexes=indexes,
+        reader=WeightReader(model, data_dir, indexes),
     )
+
+
+class _Index(GraphIndex):
+    """A graph index with what discovery notes per graph while it examines the nodes."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ties: dict[str, list[Layer] | None] = {}  # _tied_members, by weight input
+        self.node_names: list[str] = []  # layer names of the nodes (_LayerNames)
+
+
+class WeightReader:
+    """Reads each layer's folded float64 weight from the model (``Discovery.reader``).
+
+    Each weight is read from its tensor (or external file) and converted to float64 once per
+    run while the weights read so far fit in ``cache_bytes`` (``WEIGHT_CACHE_BYTES``); the
+    stages that need a weight again (spectra, calibration, factorization, refit, the
+    sensitivity probe) get the cached array. Arrays are returned read-only: a stage that
+    changes a weight must copy it. ``release`` empties the cache once no stage needs it.
+    """
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        data_dir: str | os.PathLike | None = None,
+        indexes: dict[GraphPath, GraphIndex] | None = None,
+        cache_bytes: int | None = None,
+    ):
+        self.model, self.data_dir = model, data_dir
+        self.indexes: dict[GraphPath, GraphIndex] = dict(indexes or {})
+        self.cache_bytes = WEIGHT_CACHE_BYTES if cache_bytes is None else cache_bytes
+        self.cached: dict[str, np.ndarray] = {}
+        self.reads = 0  # conversions to float64 so far (tests check that each happens once)
+
+    def __call__(self, layer: Layer) -> np.ndarray:
+        key = f"{layer.graph_path}/{layer.name}"
+        if key in self.cached:
+            return self.cached[key]
+        weight = self._read(layer)
+        weight.flags.writeable = False
+        if sum(a.nbytes for a in self.cached.values()) + weight.nbytes <= self.cache_bytes:
+            self.cached[key] = weight
+        return weight
+
+    def release(self) -> None:
+        self.cached.clear()
+
+    def _read(self, layer: Layer) -> np.ndarray:
+        index = self._index(layer.graph_path)
+        array = read_constant(index, layer.weight_input, self.data_dir)
+        self.reads += 1
+        if not np.all(np.isfinite(array)):
+            raise UnsupportedModelError(
+                f"the weight of layer {layer.name} holds NaN or Inf values, which cannot be "
+                "factorized; fix the model (or remove the layer's weight from it)"
+            )
+        if layer.op_type == "Conv":
+            return array.reshape(layer.out_channels, layer.cols)
+        node = index.graph.node[layer.node_index]
+        if layer.op_type == "Gather" or (layer.op_type == "Gemm" and attribute(node, "transB", 0)):
+            return array
+        return array.T
+
+    def _index(self, path: GraphPath) -> GraphIndex:
+        if path not in self.indexes:
+            parent = self._index(path[:-1]) if path else None
+            self.indexes[path] = GraphIndex(
+                graph_at(self.model.graph, path),
+                path,
+                parent,
+                frozenset() if path else overridable_initializers(self.model),
+            )
+        return self.indexes[path]
 
 
 def _skip_layer(layer: Layer, reason: str) -> SkippedLayer:
@@ -500,7 +284,7 @@ def _examine(
     node: onnx.NodeProto,
     position: int,
     name: str,
-    index: _GraphIndex,
+    index: _Index,
     shapes: ShapeInfo,
     tie: bool = True,
 ) -> Layer | SkippedLayer | None:
@@ -619,7 +403,7 @@ def _weight_slot(node: onnx.NodeProto) -> int:
     return 0 if node.op_type == "Gather" else 1
 
 
-def _is_table_lookup(node: onnx.NodeProto, index: _GraphIndex) -> bool:
+def _is_table_lookup(node: onnx.NodeProto, index: _Index) -> bool:
     """Whether ``node`` is a Gather from a constant 2-D floating-point table (an embedding)."""
     if not node.input or not node.input[0]:
         return False
@@ -638,7 +422,7 @@ def _positions(out_shape: tuple[int | None, ...] | None, channel_axis: int) -> i
 
 
 def _tied_members(
-    ref: _ConstantRef, weight_name: str, index: _GraphIndex, shapes: ShapeInfo
+    ref: ConstantRef, weight_name: str, index: _Index, shapes: ShapeInfo
 ) -> list[Layer] | None:
     """Every node that reads the weight, each examined as a layer of its own, when they are all
     compressible layers of one kind (op, folded shape, ``transB``) in ``index``'s graph that read
@@ -649,7 +433,7 @@ def _tied_members(
 
 
 def _find_tied_members(
-    ref: _ConstantRef, weight_name: str, index: _GraphIndex, shapes: ShapeInfo
+    ref: ConstantRef, weight_name: str, index: _Index, shapes: ShapeInfo
 ) -> list[Layer] | None:
     owner = ref.owner
     if owner is not index:
@@ -705,7 +489,7 @@ def _find_tied_members(
 
 def _passes_through(node: onnx.NodeProto, tensor: str) -> bool:
     return (
-        node.op_type in _PASS_THROUGH
+        node.op_type in PASS_THROUGH
         and node.domain in ("", "ai.onnx")
         and len(node.input) >= 1
         and node.input[0] == tensor
@@ -713,7 +497,7 @@ def _passes_through(node: onnx.NodeProto, tensor: str) -> bool:
     )
 
 
-def _orientation(layer: Layer, owner: _GraphIndex) -> bool | tuple[str, ...]:
+def _orientation(layer: Layer, owner: _Index) -> bool | tuple[str, ...]:
     """For a 2-D weight: whether the folded matrix is the stored constant transposed. A Conv
     weight (reshaped, never transposed as a matrix) is identified by the tensor it reads."""
     if len(layer.weight_shape) != 2:
@@ -847,146 +631,3 @@ def _count(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MOST_PARAMS:
         raise ValueError(f"parameter count {str(value)[:40]} is not an integer in [0, 2**40]")
     return value
-
-
-@dataclass(frozen=True)
-class _ConstantRef:
-    source: str  # initializer or Constant output name
-    chain: tuple[int, ...]  # indices of the Identity/Cast/Transpose nodes between source and use
-    shape: tuple[int, ...]
-    dtype: int  # element type as the node reads it
-    stored_dtype: int  # element type of the stored constant
-    owner: _GraphIndex = field(compare=False, repr=False)  # the graph that holds source and chain
-
-
-class _GraphIndex:
-    """Producers, consumers and constants of one graph, with its enclosing graph's index."""
-
-    def __init__(
-        self,
-        graph: onnx.GraphProto,
-        path: GraphPath = (),
-        parent: _GraphIndex | None = None,
-        overridable: frozenset[str] = frozenset(),
-    ):
-        self.graph, self.path, self.parent = graph, path, parent
-        self.initializers = {tensor.name: tensor for tensor in graph.initializer}
-        self.overridable = overridable  # graphs.overridable_initializers (main graph)
-        self.producers: dict[str, int] = {}
-        self.consumers: dict[str, list[int]] = {}
-        for position, node in enumerate(graph.node):
-            for output in node.output:
-                self.producers[output] = position
-            for name in node.input:
-                self.consumers.setdefault(name, []).append(position)
-        self.graph_inputs = {info.name for info in graph.input}
-        self.graph_outputs = {info.name for info in graph.output}
-        self.subgraph_readers = _subgraph_readers(graph, path)
-        self.ties: dict[str, list[Layer] | None] = {}  # _tied_members, by weight input
-        self.node_names: list[str] = []  # layer names of the nodes (discover's _LayerNames)
-
-    def resolve(self, name: str) -> _ConstantRef | str:
-        """Follow ``name`` back to a stored constant, or return why it is not one."""
-        chain: list[int] = []
-        shape_ops: list[onnx.NodeProto] = []
-        current = name
-        while True:
-            if current in self.overridable:
-                return _OVERRIDABLE_REASON
-            if current in self.initializers:
-                tensor = self.initializers[current]
-                shape, dtype = tuple(tensor.dims), tensor.data_type
-                break
-            if current in self.graph_inputs:
-                if self.path:
-                    return "weight is an input of the subgraph (loop state or scan slice)"
-                return "weight is a graph input, not a constant"
-            if current not in self.producers:
-                if self.parent is not None and not chain:
-                    return self.parent.resolve(current)  # an outer-scope constant
-                if self.parent is not None:
-                    return "weight reaches the layer through nodes in two scopes"
-                return "weight is not produced in this graph"
-            position = self.producers[current]
-            node = self.graph.node[position]
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-                tensor = attribute(node, "value")
-                if not isinstance(tensor, onnx.TensorProto):
-                    return "weight is a Constant without a tensor value"
-                shape, dtype = tuple(tensor.dims), tensor.data_type
-                break
-            if node.op_type == "DequantizeLinear":
-                return "weight is quantized (DequantizeLinear); quantized layers are left unchanged"
-            if node.op_type in _PASS_THROUGH and node.domain in ("", "ai.onnx") and node.input:
-                chain.append(position)
-                shape_ops.append(node)
-                current = node.input[0]
-                continue
-            return f"weight is computed at run time (output of {node.op_type})"
-        stored_dtype = dtype
-        for node in reversed(shape_ops):
-            if node.op_type == "Transpose":
-                perm = attribute(node, "perm") or list(reversed(range(len(shape))))
-                if sorted(perm) != list(range(len(shape))):
-                    return f"Transpose perm {list(perm)} does not fit the weight's rank"
-                shape = tuple(shape[axis] for axis in perm)
-            elif node.op_type == "Cast":
-                dtype = attribute(node, "to", dtype)
-        return _ConstantRef(current, tuple(chain), shape, dtype, stored_dtype, self)
-
-    def other_consumers(self, ref: _ConstantRef, node_key: tuple[GraphPath, int]) -> set[str]:
-        """Nodes other than the layer's node (``(graph path, position)``) and its pass-through
-        chain that read the weight, in the owning graph or any subgraph below it."""
-        owner = ref.owner
-        chain_outputs = {owner.graph.node[p].output[0] for p in ref.chain}
-        others: set[str] = set()
-        for tensor in {ref.source} | chain_outputs:
-            for position in owner.consumers.get(tensor, []):
-                if position in ref.chain or (owner.path, position) == node_key:
-                    continue
-                consumer = owner.graph.node[position]
-                others.add(consumer.name or f"{consumer.op_type}_{position}")
-            for sub_path, position, label in owner.subgraph_readers.get(tensor, []):
-                if (sub_path, position) != node_key:
-                    others.add(label)
-            if tensor in owner.graph_outputs:
-                others.add("the graph outputs")
-        return others
-
-
-def _subgraph_readers(
-    graph: onnx.GraphProto, path: GraphPath
-) -> dict[str, list[tuple[GraphPath, int, str]]]:
-    """For every name read inside a subgraph of ``graph``: ``(graph path, position, label)``
-    of each reading node."""
-    readers: dict[str, list[tuple[GraphPath, int, str]]] = {}
-    for sub_path, sub in list(walk_graphs(graph, path))[1:]:
-        for position, node in enumerate(sub.node):
-            label = node.name or f"{sub.name or 'subgraph'}/{node.op_type}_{position}"
-            for name in node.input:
-                readers.setdefault(name, []).append((sub_path, position, label))
-    return readers
-
-
-def _read_weight(
-    index: _GraphIndex, name: str, data_dir: str | os.PathLike | None = None
-) -> np.ndarray:
-    """Evaluate the constant ``name`` (through Identity/Cast/Transpose) in float64."""
-    ref = index.resolve(name)
-    if isinstance(ref, str):
-        raise ValueError(f"{name} is not a constant: {ref}")
-    owner = ref.owner
-    if ref.source in owner.initializers:
-        array = tensor_to_array(owner.initializers[ref.source], data_dir)
-    else:
-        constant = attribute(owner.graph.node[owner.producers[ref.source]], "value")
-        array = tensor_to_array(constant, data_dir)
-    array = np.asarray(array)
-    for position in reversed(ref.chain):
-        node = owner.graph.node[position]
-        if node.op_type == "Transpose":
-            array = np.transpose(array, attribute(node, "perm"))
-        elif node.op_type == "Cast":
-            # Round through the cast's type so the folded weight is what the node really reads.
-            array = array.astype(onnx.helper.tensor_dtype_to_np_dtype(attribute(node, "to")))
-    return array.astype(np.float64)

@@ -34,38 +34,20 @@ build or the device.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .backend import Backend, numpy_backend
+from .types import Factors
 
 __all__ = [
-    "Factors",
     "factorize",
     "factorize_with_error",
     "reconstruct",
     "relative_error",
     "relative_error_bound",
 ]
-
-
-@dataclass(frozen=True)
-class Factors:
-    """The factors of one layer.
-
-    Attributes:
-        groups: ``g``.
-        rank: ``r`` per group.
-        first: ``(g, r, (c/g)·κ)``: ``V_i`` of every group, applied first.
-        second: ``(f, g·r)``: ``[U_1 … U_g]``, applied second.
-    """
-
-    groups: int
-    rank: int
-    first: np.ndarray
-    second: np.ndarray
 
 
 def factorize(

@@ -16,11 +16,11 @@ from onnx import numpy_helper
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from .errors import InvalidModelError
+from .types import GraphPath
 
 __all__ = [
     "FLOAT_TYPES",
     "FreshNames",
-    "GraphPath",
     "attribute",
     "external_array",
     "external_location",
@@ -35,11 +35,6 @@ __all__ = [
     "type_name",
     "walk_graphs",
 ]
-
-#: Where a subgraph sits: one step ``(node_index, attribute_name, position)`` per level below the
-#: main graph (``position`` is 0 for a GRAPH attribute and the list index for GRAPHS). The main
-#: graph is ``()``.
-GraphPath = tuple[tuple[int, str, int], ...]
 
 #: Element types that hold trainable weights. Integer tensors are shapes, indices or quantized
 #: data and are never counted as parameters.

@@ -67,13 +67,12 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .discover import Discovery, Layer
 from .errors import OutputPathError
-from .factorize import Factors
 from .graphs import graph_at
 from .load import write_file
 from .rewrite import rewrite
 from .sessions import make_session, runtime, session_settings
+from .types import Discovery, Factors, Layer, Progress
 
 __all__ = [
     "GRID_POINTS",
@@ -114,8 +113,6 @@ WARMUP = 2
 CACHE_ENV = "ONNX_LOWRANK_CACHE"
 #: Version of the cache files' layout; part of every key.
 _CACHE_FORMAT = 1
-
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)

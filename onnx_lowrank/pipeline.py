@@ -16,9 +16,9 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,22 +27,12 @@ import numpy as np
 import onnx
 
 from . import calibrate, refit, sensitivity
-from .allocate import (
-    COST_KINDS,
-    BudgetLimit,
-    CandidateTable,
-    allocate,
-    build_table,
-    with_block,
-    with_latency,
-    without_rows,
-)
-from .backend import Backend, get_backend, numpy_backend
-from .choices import UserChoice, constrain_table, read_recipe, user_choices
+from .allocate import allocate, build_table, with_block, with_latency, without_rows
+from .backend import get_backend, numpy_backend
+from .choices import constrain_table, read_recipe, user_choices
 from .config import CompressionConfig
 from .cost import count_macs, count_parameters, infer_shapes
-from .discover import FOLDED_KEY, Discovery, Layer, discover
-from .discover import _GraphIndex as GraphIndex
+from .discover import discover
 from .errors import (
     ConfigError,
     InfeasibleBudgetError,
@@ -51,9 +41,10 @@ from .errors import (
     ShapeError,
     ValidationFailedError,
 )
-from .factorize import Factors, factorize_with_error, relative_error, relative_error_bound
+from .factorize import factorize_with_error, relative_error, relative_error_bound
 from .fold import fold
-from .graphs import FLOAT_TYPES, GraphPath, attribute, type_name, walk_graphs
+from .graphs import FLOAT_TYPES, attribute, type_name, walk_graphs
+from .index import GraphIndex
 from .latency import LatencyBook, measure_choice, measure_model, preferred_multiple
 from .load import (
     LoadedModel,
@@ -68,6 +59,7 @@ from .load import (
     source_path,
     temporary_prefix,
 )
+from .records import CalibratedLayer, Calibration, OutputErrors
 from .report import (
     KEPT_DENSE,
     CompressionReport,
@@ -79,7 +71,22 @@ from .report import (
     write_json,
 )
 from .rewrite import rewrite
-from .spectra import LayerSpectrum, compute_spectra, error_table
+from .spectra import compute_spectra, error_table
+from .types import (
+    COST_KINDS,
+    FOLDED_KEY,
+    Analysis,
+    BudgetLimit,
+    CandidateTable,
+    Discovery,
+    Factors,
+    GraphPath,
+    Layer,
+    LayerSpectrum,
+    Progress,
+    UserChoice,
+    all_fixed,
+)
 from .validate import (
     RANDOM_BATCH,
     check_tolerances,
@@ -96,9 +103,7 @@ if TYPE_CHECKING:
     import onnx_graphsurgeon as gs
 
 __all__ = [
-    "Analysis",
     "CompressionResult",
-    "Progress",
     "SweepResult",
     "analyze",
     "candidate_tables",
@@ -116,9 +121,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-#: ``progress(stage, done, total)`` is called as long stages advance.
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -308,78 +310,6 @@ def embedding_tables(model: onnx.ModelProto) -> dict[tuple[GraphPath, str], int]
     return tables
 
 
-@dataclass
-class Analysis:
-    """Everything about a model that does not depend on the budget or the method.
-
-    ``analyze`` computes it once; ``candidate_tables``, ``allocate`` and ``realize`` then turn
-    it into compressed models for any number of budgets (``compress`` does one).
-
-    Attributes:
-        source: a label of where the model came from.
-        model: the loaded original model (owned by the pipeline; never modified).
-        discovery: the compressible and skipped layers.
-        spectra: singular values per layer and group count.
-        params_total: the model's parameter count.
-        macs_total: the model's MACs (Conv/Gemm/MatMul).
-        unknown_macs: nodes whose MACs are unknown (dynamic shapes).
-        size_bytes: size of the original model file(s).
-        timings: seconds per stage so far.
-        loaded: where the model came from and whether its weights are still on disk.
-        calibration: activation statistics and whitened spectra when ``config.calibration``
-            is given (calibrate.py), else None.
-        validation_inputs: the inputs validation will run on and their label, made and checked
-            before any heavy work (None without validation).
-        original: the model as loaded, before folding; validation compares against it. None
-            when nothing was folded (then it is ``model``).
-        params_model: parameters of ``model`` (after folding); None when it is ``params_total``.
-        notes: what the analysis changed (folded nodes), for reports.
-        latency: the layers' measured latencies (latency.py), made by ``latency_book`` when
-            a run first needs them.
-        latency_ms: the whole original model's measured latency, with ``latency``.
-        user_choices: the layers the user excluded or pinned (``--exclude``, ``--rank``,
-            ``--groups-for``, ``--recipe``), by layer name.
-        network: with ``--error network``, the measured network errors (cached across
-            budgets; sensitivity.py).
-        input_shapes: the input shapes MACs are counted at (``--input-shape``, else those of
-            the ``--inputs`` or ``--calibration`` data, per sample).
-        validation_skipped: why validation will not run although it was asked for (dynamic
-            input dimensions without sizes), else None.
-    """
-
-    source: str
-    model: onnx.ModelProto
-    discovery: Discovery
-    spectra: dict[str, LayerSpectrum]
-    params_total: int
-    macs_total: int
-    unknown_macs: list[str]
-    size_bytes: int
-    backend: Backend
-    timings: dict[str, float]
-    loaded: LoadedModel | None = None
-    calibration: calibrate.Calibration | None = None
-    validation_inputs: tuple[dict[str, np.ndarray], str] | None = None
-    original: onnx.ModelProto | None = None
-    params_model: int | None = None
-    notes: list[str] = field(default_factory=list)
-    latency: LatencyBook | None = None
-    latency_ms: float | None = None
-    user_choices: dict[str, UserChoice] = field(default_factory=dict)
-    network: sensitivity.NetworkErrors | None = None
-    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    validation_skipped: str | None = None
-
-    @property
-    def fixed(self) -> bool:
-        """True when the user fixed every layer: no spectra, no allocation (a recipe)."""
-        return _all_fixed(self.discovery, self.user_choices)
-
-
-def _all_fixed(discovery: Discovery, choices: dict[str, UserChoice]) -> bool:
-    return all(layer.name in choices and choices[layer.name].fixed for layer in discovery.layers)
-
-
 def analyze(
     source: ModelSource, config: CompressionConfig, *, progress: Progress | None = None
 ) -> Analysis:
@@ -436,7 +366,7 @@ def analyze(
     if config.flops is not None:
         _require_macs(discovery, unknown_macs)
     choices = user_choices(discovery, config, recipe)
-    fixed = _all_fixed(discovery, choices)
+    fixed = all_fixed(discovery, choices)
     # Random validation inputs are made before any heavy work, but after "nothing to
     # compress": a model without compressible layers needs no input shapes. Without sizes for
     # its dynamic dimensions, a parameter budget still compresses; validation is skipped.
@@ -1581,9 +1511,9 @@ def _factorize_calibrated(
     analysis: Analysis,
     tables: list[CandidateTable],
     choices: list[int],
-    calibration: calibrate.Calibration,
+    calibration: Calibration,
     progress: Progress | None,
-) -> tuple[dict[str, calibrate.CalibratedLayer], dict[str, tuple[Factors, float]]]:
+) -> tuple[dict[str, CalibratedLayer], dict[str, tuple[Factors, float]]]:
     """Whitened factors of the chosen layers, with their actual relative weight error and
     their error bound (``CalibratedLayer.error_bound``).
 
@@ -1623,8 +1553,8 @@ def _factorize_calibrated(
 
 def _with_output_errors(
     layer: LayerReport,
-    calibrated: dict[str, calibrate.CalibratedLayer],
-    measured: dict[str, calibrate.OutputErrors],
+    calibrated: dict[str, CalibratedLayer],
+    measured: dict[str, OutputErrors],
 ) -> LayerReport:
     if layer.name not in calibrated:
         return layer

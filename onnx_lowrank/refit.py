@@ -45,28 +45,21 @@ factors.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 import numpy as np
 import onnx
 
-from .calibrate import (
-    CHUNK_BYTES,
-    CalibratedLayer,
-    Calibration,
-    _run_batches,
-    layer_vectors,
-)
-from .discover import Discovery, Layer
+from .calibrate import CHUNK_BYTES, _run_batches, layer_vectors
 from .graphs import attribute
+from .records import CalibratedLayer, Calibration
 from .rewrite import rewrite
+from .types import Discovery, Layer, Progress
 
 __all__ = ["RIDGE", "levels", "refit_layers"]
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[str, int, int], None]
 
 #: Relative ridge ``δ`` added to the diagonal of the Gram matrix.
 RIDGE = 1e-9

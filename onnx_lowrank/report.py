@@ -19,7 +19,7 @@ import numpy as np
 from .config import ALL_OUTPUTS
 from .errors import OutputPathError, RuntimeMissingError
 from .load import write_file
-from .validate import NOT_A_TASK_METRIC, ValidationReport
+from .records import NOT_A_TASK_METRIC, ValidationReport
 
 __all__ = [
     "CompressionReport",

@@ -52,9 +52,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .discover import FACTOR_TAG, FACTORIZED_KEY, Layer
-from .factorize import Factors
-from .graphs import FreshNames, GraphPath, attribute, graph_at, iter_graphs
+from .graphs import FreshNames, attribute, graph_at, iter_graphs
+from .types import FACTOR_TAG, FACTORIZED_KEY, Factors, GraphPath, Layer
 
 __all__ = ["rewrite"]
 

@@ -47,19 +47,19 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
-from .allocate import CandidateTable
 from .backend import Backend
-from .calibrate import Calibration, factorize_layers, fixed_batch
+from .calibrate import factorize_layers, fixed_batch
 from .config import CompressionConfig
-from .discover import Discovery, Layer
 from .errors import CalibrationError, ConfigError
-from .factorize import Factors, factorize, reconstruct
+from .factorize import factorize, reconstruct
 from .graphs import FreshNames, attribute
+from .records import Calibration
 from .sessions import make_session
+from .types import CandidateTable, Discovery, Factors, Layer, Progress
 from .validate import check_feeds, load_npz, random_inputs
 
 if TYPE_CHECKING:
-    from .pipeline import Analysis
+    from .types import Analysis
 
 __all__ = [
     "LEVELS",
@@ -81,7 +81,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str, int, int], None]
 #: Fetches ``(factors, shifts)`` of a candidate: shifts by node name, in output units.
 Approximation = Callable[[Layer, int, int], tuple[Factors, Mapping[str, np.ndarray]]]
 

@@ -56,19 +56,17 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .backend import Backend, numpy_backend
-from .discover import Discovery, Layer
+from .types import Discovery, Layer, LayerSpectrum, Progress
 
 __all__ = [
     "BATCH_BYTES",
-    "LayerSpectrum",
     "compute_spectra",
     "error_table",
     "group_counts",
@@ -78,30 +76,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str, int, int], None]
-
 #: Default byte budget of the Gram matrices waiting for (and given to) one ``eigvalsh`` call.
 BATCH_BYTES = 64 * 2**20
 
 _FLOAT64_BYTES = 8
-
-
-@dataclass(frozen=True)
-class LayerSpectrum:
-    """Singular values of one layer for every candidate group count.
-
-    Attributes:
-        name: layer name.
-        spectral_norm: ``‖W‖₂``, the largest singular value of the whole folded weight.
-        frobenius_sq: ``‖W‖_F²``.
-        singular_values: group count ``g`` -> array ``(g, k)`` of each group's singular values
-            in descending order, ``k = min(f, c·κ/g)``.
-    """
-
-    name: str
-    spectral_norm: float
-    frobenius_sq: float
-    singular_values: dict[int, np.ndarray]
 
 
 def group_counts(layer: Layer, max_groups: int) -> list[int]:

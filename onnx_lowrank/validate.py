@@ -38,11 +38,8 @@ import importlib.metadata
 import logging
 import math
 import os
-import statistics
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import numpy as np
 import onnx
@@ -56,14 +53,13 @@ from .errors import (
     UnsupportedModelError,
 )
 from .load import load_npz  # re-exported: it lived here
+from .records import LatencyStats, OutputComparison, ValidationReport
 from .sessions import make_session
 from .sessions import runtime as _ort
 
 __all__ = [
     "LatencyStats",
-    "OutputComparison",
     "OutputMetrics",
-    "ValidationReport",
     "check_feeds",
     "check_tolerances",
     "compare_output",
@@ -97,144 +93,8 @@ LATENCY_WARMUP = 2
 OUTPUT_BYTES_CAP = 64 * 2**20
 #: Values compared per float64 chunk.
 COMPARE_CHUNK = 2**20
-#: An output whose cosine similarity with the original is below this gets a warning, tolerances
-#: or not: the compressed model may be broken.
-FAR_COSINE = 0.9
 #: Largest random validation input (values); a larger declared shape is a ShapeError.
 MAX_RANDOM_ELEMENTS = 2**28
-
-
-#: What the report says next to agreement measured on random inputs.
-NOT_A_TASK_METRIC = (
-    "agreement on random inputs is not a task metric; check the task on real inputs "
-    "(--inputs FILE.npz)"
-)
-
-
-@dataclass(frozen=True)
-class OutputComparison:
-    """How one output of the compressed model compares with the original.
-
-    Attributes:
-        name: the output's name.
-        shape: its shape (the rows of every validation run together).
-        max_abs_error, rel_l2_error, cosine_similarity: over every value where both models are
-            finite.
-        top1_agreement: fraction of positions whose argmax over the last axis agrees; None when
-            the output has no class axis (``has_class_axis``).
-        failures: every tolerance (or shape, NaN/Inf check) this output failed.
-        top1_positions: how many positions ``top1_agreement`` counts.
-        checked: the tolerances checked on this output, by field name, with their values.
-        not_applicable: tolerances set for every output that cannot apply to this one (only
-            ``min_top1``, on an output without a class axis).
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    max_abs_error: float
-    rel_l2_error: float
-    cosine_similarity: float
-    top1_agreement: float | None
-    failures: tuple[str, ...] = ()
-    top1_positions: int | None = None
-    checked: Mapping[str, float] = field(default_factory=dict)
-    not_applicable: tuple[str, ...] = ()
-
-    @property
-    def passed(self) -> bool:
-        return not self.failures
-
-
-@dataclass(frozen=True)
-class LatencyStats:
-    """Latency of one model over the timed runs, in milliseconds."""
-
-    median_ms: float
-    min_ms: float
-    max_ms: float
-
-    @classmethod
-    def of(cls, times_ms: Sequence[float]) -> LatencyStats:
-        return cls(statistics.median(times_ms), min(times_ms), max(times_ms))
-
-
-@dataclass(frozen=True)
-class ValidationReport:
-    """Result of ``validate``.
-
-    Attributes:
-        provider: the ONNX Runtime execution provider used.
-        inputs: where the inputs came from.
-        outputs: one comparison per graph output.
-        latency_ms_before: median latency of the original model, in milliseconds.
-        latency_ms_after: median latency of the compressed model.
-        failures: every reason the compressed model failed; empty when it passed.
-        latency_batch: samples per latency run (None when the inputs were not split).
-        latency_runs: timed pairs behind each median.
-        tolerances: the tolerances checked (``max_rel_error``, ``min_cosine``, ``min_top1``
-            that were set; a number for every output or a mapping per output). Without any,
-            passing only means that the compressed model runs and its outputs have the
-            original's shapes and no NaN/Inf where it has none.
-        samples: samples validation ran (rows of the inputs' batch dimension).
-        random_inputs: True when the inputs were random, not the user's (``--inputs``).
-        latency_threads: intra-op threads of both sessions.
-        latency_before, latency_after: median, min and max of each model's timed runs.
-        latency_warmup: untimed pairs run before timing.
-        rows_per_run: rows of the inputs per validation run after a first one-row run (None:
-            the inputs ran whole).
-    """
-
-    provider: str
-    inputs: str
-    outputs: tuple[OutputComparison, ...] = ()
-    latency_ms_before: float | None = None
-    latency_ms_after: float | None = None
-    failures: tuple[str, ...] = field(default_factory=tuple)
-    latency_batch: int | None = None
-    latency_runs: int = 0
-    tolerances: Mapping[str, float | Mapping[str, float]] = field(default_factory=dict)
-    samples: int | None = None
-    random_inputs: bool = False
-    latency_threads: int | None = None
-    latency_before: LatencyStats | None = None
-    latency_after: LatencyStats | None = None
-    latency_warmup: int = 0
-    rows_per_run: int | None = None
-
-    @property
-    def passed(self) -> bool:
-        return not self.failures
-
-    @property
-    def far_outputs(self) -> list[OutputComparison]:
-        """Outputs whose cosine similarity with the original is below ``FAR_COSINE``."""
-        return [o for o in self.outputs if o.cosine_similarity < FAR_COSINE]
-
-    @property
-    def checked_on(self) -> dict[str, list[str]]:
-        """The outputs each set tolerance was checked on, by field name."""
-        return {
-            name: [o.name for o in self.outputs if name in o.checked] for name in self.tolerances
-        }
-
-    @property
-    def not_applicable(self) -> dict[str, list[str]]:
-        """The outputs each tolerance set for every output could not apply to."""
-        return {
-            name: [o.name for o in self.outputs if name in o.not_applicable]
-            for name in self.tolerances
-            if any(name in o.not_applicable for o in self.outputs)
-        }
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["passed"] = self.passed
-        data["checked_on"] = self.checked_on
-        data["not_applicable"] = self.not_applicable
-        data["note"] = NOT_A_TASK_METRIC if self.random_inputs else None
-        for item, output in zip(data["outputs"], self.outputs, strict=True):
-            item["passed"] = output.passed
-        return data
 
 
 def _both_runtimes_installed() -> bool:

@@ -10,7 +10,8 @@ from builders import MNIST, MODELS, conv_model
 from onnx import helper
 
 from onnx_lowrank import CompressionConfig, compress
-from onnx_lowrank.cost import ShapeInfo, count_macs, count_parameters, infer_shapes, node_macs
+from onnx_lowrank.cost import count_macs, count_parameters, infer_shapes, node_macs
+from onnx_lowrank.types import ShapeInfo
 
 
 def test_mnist_macs_are_the_sum_over_its_layers():

@@ -196,8 +196,9 @@ def test_calibrated_compression_of_a_model_with_a_table(tmp_path):
 
 
 def test_row_weighted_factors_are_the_weighted_truncated_svd():
-    from onnx_lowrank.calibrate import LayerStatistics, whitened_factors, whitened_singular_values
+    from onnx_lowrank.calibrate import whitened_factors, whitened_singular_values
     from onnx_lowrank.factorize import reconstruct
+    from onnx_lowrank.records import LayerStatistics
 
     rng = np.random.default_rng(9)
     weight = rng.standard_normal((VOCAB, WIDTH))

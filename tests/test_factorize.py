@@ -18,13 +18,8 @@ from test_spectra import matrix, tau
 
 from onnx_lowrank.backend import Backend
 from onnx_lowrank.discover import discover
-from onnx_lowrank.factorize import (
-    Factors,
-    factorize,
-    factorize_with_error,
-    reconstruct,
-    relative_error,
-)
+from onnx_lowrank.factorize import factorize, factorize_with_error, reconstruct, relative_error
+from onnx_lowrank.types import Factors
 
 STRICT = Backend("array_api_strict", array_api_strict)
 

@@ -47,7 +47,7 @@ from onnx_lowrank import (
     inspect,
 )
 from onnx_lowrank.cli import build_parser, main
-from onnx_lowrank.discover import FACTORIZED_KEY
+from onnx_lowrank.types import FACTORIZED_KEY
 
 EXAMPLES = int(os.environ.get("ONNX_LOWRANK_FUZZ_EXAMPLES", "100"))
 LONG_RUN = EXAMPLES > 100

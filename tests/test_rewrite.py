@@ -25,9 +25,10 @@ from builders import (
 )
 from onnx import helper
 
-from onnx_lowrank.discover import FACTORIZED_KEY, discover
+from onnx_lowrank.discover import discover
 from onnx_lowrank.factorize import factorize
 from onnx_lowrank.rewrite import rewrite
+from onnx_lowrank.types import FACTORIZED_KEY
 
 TOLERANCE = 1e-4
 

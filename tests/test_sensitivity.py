@@ -10,7 +10,7 @@ import pytest
 from builders import MNIST, SAMPLES, check_model, gemm_model, matmul_model, random_feed, run
 
 from onnx_lowrank import CompressionConfig
-from onnx_lowrank.allocate import BudgetLimit, CandidateTable, allocate
+from onnx_lowrank.allocate import allocate
 from onnx_lowrank.cli import main
 from onnx_lowrank.pipeline import analyze, candidate_tables, choose, realize
 from onnx_lowrank.sensitivity import (
@@ -20,6 +20,7 @@ from onnx_lowrank.sensitivity import (
     interpolated,
     probe_model,
 )
+from onnx_lowrank.types import BudgetLimit, CandidateTable
 
 
 def mnist_calibration(tmp_path, count=160):
