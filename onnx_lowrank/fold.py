@@ -31,15 +31,18 @@ input of a model of IR version 4 or newer is only that input's default, not a co
 it; below IR version 4 initializers are listed as inputs and are constants, and a new bias gets
 its input as well. The pass repeats until nothing more
 folds, so ``Conv → BatchNormalization → Mul`` folds completely, and running it again changes
-nothing.
+nothing. The graph index (producers, consumers, readers) is built once and updated by every
+fold, and the graph's lists are rewritten once at the end, so the pass takes time linear in
+the size of the graph (``benchmarks/fold_scaling.py``).
 """
 
 from __future__ import annotations
 
+import bisect
+import heapq
 import logging
 import math
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,8 +73,9 @@ class FoldedNode:
     """One node folded into a Conv.
 
     Attributes:
-        conv: name of the Conv (node name, or ``Conv_<index>`` when it has none).
-        node: name of the folded node.
+        conv: name of the Conv (node name, or ``Conv_<index>`` when it has none, with its
+            index in the folded model, as discovery names it).
+        node: name of the folded node (or ``<op_type>_<index>``, its index in the input).
         op_type: ``BatchNormalization``, ``Mul`` or ``Add``.
     """
 
@@ -119,21 +123,25 @@ def fold(model: onnx.ModelProto, data_dir: str | os.PathLike | None = None) -> F
     """
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    graph = copy.graph
+    index = _Index(copy, data_dir)
     opset = _opset(copy)
     names = FreshNames(copy)  # new names are fresh in every graph: no subgraph shadows them
-    overridable = overridable_initializers(copy)
-    listed = 0 < copy.ir_version < 4  # every initializer is also a graph input
-    folded: list[FoldedNode] = []
-    while True:
-        index = _Index(graph, data_dir, overridable, listed)
-        step = _fold_one(graph, index, opset, names)
-        if step is None:
-            break
-        folded.append(step)
+    # Convs are tried in graph order and one that folded is tried again at once, which is the
+    # order of "fold the graph's first foldable pair until none is left" without rescanning the
+    # graph: a fold can only make a Conv foldable that reads a name it released (``woken``).
+    pending = [position for position, node in enumerate(index.nodes) if _is_conv(node)]
+    steps: list[tuple[int, int, str]] = []
+    while pending:
+        position = heapq.heappop(pending)
+        step = _fold_at(index, position, opset, names)
+        if step is not None:
+            steps.append(step)
+            for woken in (position, *index.woken()):
+                heapq.heappush(pending, woken)
+    folded = index.commit(steps)
     for step in folded:
         log.info("folded %s %r into Conv %r", step.op_type, step.node, step.conv)
-    return Folding(copy, tuple(folded))
+    return Folding(copy, folded)
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -143,28 +151,29 @@ def _opset(model: onnx.ModelProto) -> int:
     return 0
 
 
-class _Index:
-    """Producers, consumers, constants and outer-scope reads of the main graph."""
+def _is_conv(node: onnx.NodeProto) -> bool:
+    return node.op_type == "Conv" and node.domain in _STANDARD and len(node.input) >= 2
 
-    def __init__(
-        self,
-        graph: onnx.GraphProto,
-        data_dir: str | os.PathLike | None = None,
-        overridable: frozenset[str] = frozenset(),
-        listed: bool = False,
-    ):
+
+class _Index:
+    """Producers, consumers, constants and outer-scope reads of the main graph, built once and
+    updated by every fold; the graph's node, initializer, input and value_info lists are only
+    rewritten once, by ``commit``."""
+
+    def __init__(self, model: onnx.ModelProto, data_dir: str | os.PathLike | None = None):
+        graph = model.graph
         self.graph = graph
         self.data_dir = data_dir
-        self.overridable = overridable  # graphs.overridable_initializers: not constants
-        self.listed = listed  # IR version < 4: initializers are graph inputs as well
-        self.graph_inputs = {info.name for info in graph.input}
+        overridable = overridable_initializers(model)  # not constants
+        self.listed = 0 < model.ir_version < 4  # every initializer is also a graph input
+        self.nodes = list(graph.node)
         self.graph_outputs = {info.name for info in graph.output}
         self.initializers = {
             tensor.name: tensor for tensor in graph.initializer if tensor.name not in overridable
         }
         self.producers: dict[str, int] = {}
         self.consumers: dict[str, list[int]] = {}
-        for position, node in enumerate(graph.node):
+        for position, node in enumerate(self.nodes):
             for name in node.output:
                 self.producers[name] = position
             for name in node.input:
@@ -174,10 +183,14 @@ class _Index:
         for sub in list(iter_graphs(graph))[1:]:
             for node in sub.node:
                 self.subgraph_reads.update(node.input)
+        self.removed: set[int] = set()  # node positions
+        self.dead_initializers: set[str] = set()
+        self.dead_values: set[str] = set()  # value_info entries to drop
+        self.released: set[str] = set()  # names that lost a reader since ``woken``
 
     def readers(self, name: str) -> int:
         """How many things read ``name``: nodes, graph outputs and subgraphs."""
-        count = len(self.consumers.get(name, []))
+        count = len(self.consumers.get(name, ()))
         return count + (name in self.graph_outputs) + (name in self.subgraph_reads)
 
     def stored(self, name: str) -> onnx.TensorProto | None:
@@ -212,19 +225,92 @@ class _Index:
             inputs.append(value)
         return _evaluate(node, inputs, opset)
 
-    def constant_nodes(self, name: str) -> Iterator[int]:
-        """Positions of the nodes that compute the constant ``name`` (Constant nodes included)."""
-        position = self.producers.get(name)
-        if position is None:
-            return
-        yield position
-        for item in self.graph.node[position].input:
-            if item:
-                yield from self.constant_nodes(item)
-
     def _producer(self, name: str) -> onnx.NodeProto | None:
         position = self.producers.get(name)
-        return None if position is None else self.graph.node[position]
+        return None if position is None else self.nodes[position]
+
+    def add_initializer(self, tensor: onnx.TensorProto) -> None:
+        self.graph.initializer.append(tensor)
+        self.initializers[tensor.name] = self.graph.initializer[-1]
+        if self.listed:
+            info = onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
+            self.graph.input.append(info)
+
+    def rename_output(self, position: int, old: str, new: str) -> None:
+        """Node ``position`` produces ``new`` instead of ``old``; ``new``'s producer is gone."""
+        node = self.nodes[position]
+        node.output[list(node.output).index(old)] = new
+        self.producers.pop(old, None)
+        self.producers[new] = position
+        self.dead_values.add(old)
+
+    def remove_node(self, position: int) -> None:
+        """Remove a node, then the constants behind its inputs that nothing reads any more:
+        initializers (overridable ones stay) and the nodes computing them."""
+        self.removed.add(position)
+        node = self.nodes[position]
+        for name in node.output:
+            if self.producers.get(name) == position:
+                del self.producers[name]
+                self.dead_values.add(name)  # no value_info for a name nothing defines
+        for name in node.input:
+            if name:
+                self.consumers[name].remove(position)
+                self.released.add(name)
+        for name in dict.fromkeys(node.input):
+            if name and not self.readers(name):
+                self._remove_constant(name)
+
+    def _remove_constant(self, name: str) -> None:
+        if name in self.initializers:
+            del self.initializers[name]
+            self.dead_initializers.add(name)
+            return
+        position = self.producers.get(name)
+        if position is not None and not any(map(self.readers, self.nodes[position].output)):
+            self.remove_node(position)
+
+    def woken(self) -> set[int]:
+        """Convs that may have become foldable since the last call: those that read, or
+        produce, a name that lost a reader."""
+        positions = set()
+        for name in self.released:
+            for position in (*self.consumers.get(name, ()), self.producers.get(name)):
+                if position is not None and _is_conv(self.nodes[position]):
+                    positions.add(position)
+        self.released.clear()
+        return positions
+
+    def commit(self, steps: list[tuple[int, int, str]]) -> tuple[FoldedNode, ...]:
+        """Write the removals into the graph; the folds as ``FoldedNode``s."""
+        graph = self.graph
+        if self.removed:
+            del graph.node[:]
+            graph.node.extend(
+                node for position, node in enumerate(self.nodes) if position not in self.removed
+            )
+        if self.dead_initializers:
+            _keep(graph.initializer, lambda item: item.name not in self.dead_initializers)
+            _keep(graph.input, lambda item: item.name not in self.dead_initializers)
+        if self.dead_values:
+            _keep(graph.value_info, lambda item: item.name not in self.dead_values)
+        removed = sorted(self.removed)
+        return tuple(
+            FoldedNode(
+                self.nodes[conv].name or f"Conv_{conv - bisect.bisect_left(removed, conv)}",
+                self.nodes[consumer].name or f"{op_type}_{consumer}",
+                op_type,
+            )
+            for conv, consumer, op_type in steps
+        )
+
+
+def _keep(items, keep) -> None:
+    """Keep the items of a repeated protobuf field for which ``keep`` is true, in order."""
+    kept = [item for item in items if keep(item)]
+    if len(kept) != len(items):
+        del items[:]
+        items.extend(kept)
 
 
 def _evaluate(node: onnx.NodeProto, inputs: list[np.ndarray | None], opset: int) -> np.ndarray:
@@ -249,29 +335,23 @@ def _evaluate(node: onnx.NodeProto, inputs: list[np.ndarray | None], opset: int)
     return np.expand_dims(data, tuple(sorted(int(a) % rank for a in axes)))  # Unsqueeze
 
 
-def _fold_one(
-    graph: onnx.GraphProto, index: _Index, opset: int, names: FreshNames
-) -> FoldedNode | None:
-    """Fold the first foldable (Conv, consumer) pair of the graph; None when there is none."""
-    for position, node in enumerate(graph.node):
-        if node.op_type != "Conv" or node.domain not in _STANDARD or len(node.input) < 2:
-            continue
-        output = node.output[0]
-        readers = index.consumers.get(output, [])
-        if index.readers(output) != 1 or len(readers) != 1:
-            continue
-        consumer = graph.node[readers[0]]
-        scale_shift = _scale_shift(consumer, output, node, index, opset)
-        if scale_shift is None or not _owns_constants(node, index):
-            continue
-        folded = FoldedNode(
-            node.name or f"Conv_{position}",
-            consumer.name or f"{consumer.op_type}_{readers[0]}",
-            consumer.op_type,
-        )
-        _apply(graph, index, node, readers[0], *scale_shift, names)
-        return folded
-    return None
+def _fold_at(
+    index: _Index, position: int, opset: int, names: FreshNames
+) -> tuple[int, int, str] | None:
+    """Fold the Conv at ``position`` with its consumer: ``(conv, consumer, op_type)`` positions,
+    or None when they do not fold."""
+    node = index.nodes[position]
+    output = node.output[0]
+    readers = index.consumers.get(output, [])
+    if index.readers(output) != 1 or len(readers) != 1:
+        return None
+    consumer_position = readers[0]
+    consumer = index.nodes[consumer_position]
+    scale_shift = _scale_shift(consumer, output, node, index, opset)
+    if scale_shift is None or not _owns_constants(node, index):
+        return None
+    _apply(index, position, consumer_position, *scale_shift, names)
+    return position, consumer_position, consumer.op_type
 
 
 def _owns_constants(conv: onnx.NodeProto, index: _Index) -> bool:
@@ -343,16 +423,15 @@ def _batchnorm(
 
 
 def _apply(
-    graph: onnx.GraphProto,
     index: _Index,
-    conv: onnx.NodeProto,
+    position: int,
     consumer_position: int,
     factor: np.ndarray,
     shift: np.ndarray,
     names: FreshNames,
 ) -> None:
     """``W' = factor ⊙ W``, ``b' = factor ⊙ b + shift``; the Conv takes the consumer's output."""
-    consumer = graph.node[consumer_position]
+    conv, consumer = index.nodes[position], index.nodes[consumer_position]
     weight_tensor = index.stored(conv.input[1])
     weight = np.asarray(tensor_to_array(weight_tensor, index.data_dir))
     dtype = weight.dtype
@@ -364,59 +443,15 @@ def _apply(
         _store(bias_tensor, (factor * bias.astype(np.float64) + shift).astype(bias.dtype))
     else:
         name = names.fresh((conv.name or conv.input[1]) + "/folded_bias")
-        graph.initializer.append(numpy_helper.from_array(shift.astype(dtype), name))
-        if index.listed:
-            graph.input.append(
-                onnx.helper.make_tensor_value_info(name, weight_tensor.data_type, shift.shape)
-            )
+        index.add_initializer(numpy_helper.from_array(shift.astype(dtype), name))
         while len(conv.input) < 3:
             conv.input.append("")
         conv.input[2] = name
-    old_output = conv.output[0]
-    conv.output[0] = consumer.output[0]
-    dead = {old_output}
-    candidates = {name for name in consumer.input if name != old_output}
-    del graph.node[consumer_position]
-    _remove_dead_constants(graph, candidates, index.overridable)
-    kept = [info for info in graph.value_info if info.name not in dead]
-    if len(kept) != len(graph.value_info):
-        del graph.value_info[:]
-        graph.value_info.extend(kept)
+        index.consumers.setdefault(name, []).append(position)
+    index.rename_output(position, conv.output[0], consumer.output[0])
+    index.remove_node(consumer_position)
 
 
 def _store(tensor: onnx.TensorProto, array: np.ndarray) -> None:
     """Replace a tensor's values in place, keeping its name."""
     tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
-
-
-def _remove_dead_constants(
-    graph: onnx.GraphProto, names: set[str], overridable: frozenset[str] = frozenset()
-) -> None:
-    """Remove the initializers (with their graph inputs, IR version < 4) and constant-computing
-    nodes behind ``names`` that nothing reads; overridable initializers stay."""
-    while names:
-        index = _Index(graph, overridable=overridable)
-        dead = {name for name in names if name and index.readers(name) == 0}
-        if not dead:
-            return
-        names = set()
-        nodes = []
-        for node in graph.node:
-            if any(output in dead for output in node.output) and all(
-                index.readers(output) == 0 for output in node.output
-            ):
-                names.update(node.input)
-                continue
-            nodes.append(node)
-        if len(nodes) != len(graph.node):
-            del graph.node[:]
-            graph.node.extend(nodes)
-        kept = [t for t in graph.initializer if t.name not in dead or t.name in overridable]
-        if len(kept) != len(graph.initializer):
-            removed = {t.name for t in graph.initializer} - {t.name for t in kept}
-            del graph.initializer[:]
-            graph.initializer.extend(kept)
-            inputs = [info for info in graph.input if info.name not in removed]
-            if len(inputs) != len(graph.input):
-                del graph.input[:]
-                graph.input.extend(inputs)
