@@ -12,6 +12,8 @@ import numpy as np
 import onnx
 import pytest
 from builders import (
+    MNIST,
+    MODELS,
     check_model,
     conv_model,
     gemm_model,
@@ -27,6 +29,7 @@ from onnx import helper
 
 from onnx_lowrank.discover import discover
 from onnx_lowrank.factorize import factorize
+from onnx_lowrank.graphs import Surgery
 from onnx_lowrank.rewrite import rewrite
 from onnx_lowrank.types import FACTORIZED_KEY
 
@@ -241,3 +244,127 @@ def test_weight_behind_transpose_and_cast():
     feeds = {"x": random_feed([3, 10])}
     (before,), (after,) = run(model, feeds), run(compressed, feeds)
     assert rel_l2(before, after) < 2e-3  # fp16 rounding of the factors
+
+
+# The onnx-graphsurgeon round trip ------------------------------------------------------------
+
+FLOAT = onnx.TensorProto.FLOAT
+
+
+def _tagged(node: onnx.NodeProto, tag: str) -> onnx.NodeProto:
+    node.doc_string = f"doc of {tag}"
+    helper.set_metadata_props(node, {"origin": tag})
+    return node
+
+
+def everything_graphsurgeon_drops() -> onnx.ModelProto:
+    """A model with each thing a plain ``gs.import_onnx``/``gs.export_onnx`` round trip loses:
+    model doc string, domain, version and metadata; node doc strings and metadata_props; an
+    attribute doc string; a sparse-tensor attribute; an initializer that is an input's default
+    (read and unread); an outer-scope initializer that only an If branch reads; a value_info
+    with a denotation and one of a tensor no node reads; graph metadata_props."""
+    weight = onnx.numpy_helper.from_array(low_rank(4, 4, 2), "We")
+    then_branch = helper.make_graph(
+        [_tagged(helper.make_node("Relu", ["x"], ["yt"], name="then_relu"), "then")],
+        "then",
+        [],
+        [helper.make_tensor_value_info("yt", FLOAT, None)],
+    )
+    else_branch = helper.make_graph(
+        [_tagged(helper.make_node("MatMul", ["x", "We"], ["ye"], name="else_mm"), "else")],
+        "else",
+        [],
+        [helper.make_tensor_value_info("ye", FLOAT, None)],
+    )
+    sparse = helper.make_sparse_tensor(
+        onnx.numpy_helper.from_array(np.array([1.5, -2.0], np.float32), "s_values"),
+        onnx.numpy_helper.from_array(np.array([1, 6], np.int64), "s_indices"),
+        [2, 4],
+    )
+    nodes = [
+        helper.make_node("Constant", [], ["s"], name="sparse", sparse_value=sparse),
+        _tagged(helper.make_node("Mul", ["x0", "scale"], ["xs"], name="mul"), "mul"),
+        helper.make_node("Add", ["xs", "s"], ["x"], name="add"),
+        _tagged(
+            helper.make_node(
+                "If", ["cond"], ["y"], name="if", then_branch=then_branch, else_branch=else_branch
+            ),
+            "if",
+        ),
+    ]
+    nodes[1].doc_string = ""  # present but empty stays present
+    nodes[0].attribute[0].doc_string = "attribute doc"
+    graph = helper.make_graph(
+        nodes,
+        "main",
+        [
+            helper.make_tensor_value_info("x0", FLOAT, [2, 4]),
+            helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, []),
+            helper.make_tensor_value_info("scale", FLOAT, []),
+            helper.make_tensor_value_info("unread_default", FLOAT, []),
+        ],
+        [helper.make_tensor_value_info("y", FLOAT, [2, 4])],
+        [
+            onnx.numpy_helper.from_array(np.array(2.0, np.float32), "scale"),
+            onnx.numpy_helper.from_array(np.array(1.0, np.float32), "unread_default"),
+            weight,
+        ],
+        value_info=[
+            helper.make_tensor_value_info("xs", FLOAT, [2, 4]),
+            helper.make_tensor_value_info("stale", FLOAT, [1]),
+        ],
+    )
+    graph.value_info[0].type.denotation = "TENSOR"
+    graph.value_info[0].doc_string = "scaled input"
+    helper.set_metadata_props(graph, {"graph": "main"})
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17)],
+        ir_version=10,
+        doc_string="model doc",
+        domain="ai.example",
+        model_version=7,
+    )
+    helper.set_model_props(model, {"author": "tests"})
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_graphsurgeon_round_trip_keeps_what_it_drops():
+    model = everything_graphsurgeon_drops()
+    before = model.SerializeToString()
+    exported = Surgery(model).export()
+    assert model.SerializeToString() == before  # the input model is not modified
+    assert exported.SerializeToString() == before
+    check_model(exported)
+    feeds = {"x0": random_feed([2, 4]), "cond": np.array(False)}
+    feeds["scale"] = np.array(3.0, np.float32)  # an input's default can be overridden
+    np.testing.assert_array_equal(run(exported, feeds)[0], run(model, feeds)[0])
+
+
+def test_graphsurgeon_round_trip_keeps_ir3_initializer_inputs():
+    weight = onnx.numpy_helper.from_array(low_rank(4, 6, 2), "B")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "B"], ["y"], name="mm")],
+        "ir3",
+        [
+            helper.make_tensor_value_info("B", FLOAT, [4, 6]),
+            helper.make_tensor_value_info("x", FLOAT, [3, 4]),
+        ],
+        [helper.make_tensor_value_info("y", FLOAT, [3, 6])],
+        [weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)], ir_version=3)
+    onnx.checker.check_model(model, full_check=True)
+    assert Surgery(model).export().SerializeToString() == model.SerializeToString()
+
+
+REAL_MODELS = [*sorted(MODELS.glob("*.onnx")), MNIST]
+
+
+@pytest.mark.parametrize("path", REAL_MODELS, ids=lambda path: path.name)
+def test_graphsurgeon_round_trip_of_real_models_is_byte_identical(path):
+    model = onnx.load(path)
+    before = model.SerializeToString()
+    assert Surgery(model).export().SerializeToString() == before
+    assert model.SerializeToString() == before
