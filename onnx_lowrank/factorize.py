@@ -44,6 +44,7 @@ from .types import Factors
 __all__ = [
     "factorize",
     "factorize_with_error",
+    "fix_signs",
     "reconstruct",
     "relative_error",
     "relative_error_bound",
@@ -132,7 +133,7 @@ def _factorize(
         residual = 0.0
         if with_error and size > rank:
             residual = _residual_norm(values, vectors, blocks, size - rank, row_side, xp, backend)
-    u, v = _fix_signs(backend.to_numpy(u), backend.to_numpy(v))
+    u, v = fix_signs(backend.to_numpy(u), backend.to_numpy(v))
     second = np.ascontiguousarray(np.transpose(u, (1, 0, 2)).reshape(rows, groups * rank))
     factors = Factors(groups=groups, rank=rank, first=np.ascontiguousarray(v), second=second)
     return factors, residual
@@ -172,11 +173,13 @@ def _nonzero(values: Any, xp: Any) -> Any:
     return xp.where(values > 0, values, xp.ones_like(values))
 
 
-def _fix_signs(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Make the largest-magnitude entry of each column of ``u`` positive.
+def fix_signs(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Make the largest-magnitude entry of each column of ``u`` (``(g, f, r)``) positive, and
+    flip the matching rows of ``v`` (``(g, r, w)``) with them.
 
     Singular vectors are defined up to sign, and LAPACK builds and GPUs choose differently;
-    fixing them makes the written model identical for identical inputs.
+    fixing them makes the written model identical for identical inputs (the truncated SVD here
+    and the whitened factors of whiten.py alike).
     """
     rows = np.argmax(np.abs(u), axis=1)  # (g, r)
     signs = np.sign(np.take_along_axis(u, rows[:, None, :], axis=1))[:, 0, :]
@@ -239,7 +242,7 @@ def relative_error_bound(
 
     ``‖[E_1 … E_g]‖₂² = ‖Σ_i E_i E_iᵀ‖₂ ≤ Σ_i ‖E_i‖₂²`` (DESIGN.md §3). For the truncated SVD
     ``‖E_i‖₂ = σ_{i,r+1}``, which gives spectra.py's bound; for any other factors of the same
-    ``(g, r)`` (the whitened ones of calibrate.py) it is the bound of *those* factors, with each
+    ``(g, r)`` (the whitened ones of whiten.py) it is the bound of *those* factors, with each
     group's ``‖E_i‖₂`` from the largest eigenvalue of its smaller Gram matrix in float64.
     """
     if spectral_norm == 0.0:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from . import calibrate, refit, sensitivity
+from . import calibrate, output_errors, refit, sensitivity, whiten
 from .allocate import allocate, build_table, with_block, with_latency, without_rows
 from .backend import get_backend, numpy_backend
 from .choices import constrain_table, read_recipe, user_choices
@@ -71,6 +71,7 @@ from .report import (
     write_json,
 )
 from .rewrite import rewrite
+from .sessions import fixed_batch
 from .spectra import compute_spectra, error_table
 from .types import (
     COST_KINDS,
@@ -335,7 +336,7 @@ def analyze(
         if config.calibration is not None:  # checked before any heavy work
             feeds = calibrate.load_calibration(config.calibration, model)
             feeds = sensitivity.calibration_subset(
-                feeds, config.calibration_samples, calibrate.fixed_batch(model)
+                feeds, config.calibration_samples, fixed_batch(model)
             )
         if config.validate and config.inputs is not None:
             checked = validation_inputs(model, config)
@@ -517,12 +518,12 @@ def candidate_tables(analysis: Analysis, config: CompressionConfig) -> list[Cand
         whitened = analysis.calibration.spectra
         if output:
             tables = [
-                calibrate.with_output_errors(t, whitened[t.layer]) if t.layer in whitened else t
+                whiten.with_output_errors(t, whitened[t.layer]) if t.layer in whitened else t
                 for t in tables
             ]
         graph = analysis.model.graph
         tables = [  # bias correction adds a bias where there is none
-            calibrate.with_bias_cost(table, layer, graph) if layer.name in whitened else table
+            whiten.with_bias_cost(table, layer, graph) if layer.name in whitened else table
             for table, layer in zip(tables, discovery.layers, strict=True)
         ]
     choices = analysis.user_choices
@@ -981,7 +982,7 @@ def realize(
         measured = {}
         if config.validate:
             with timer.stage("output-error"):
-                measured = calibrate.measure_output_errors(
+                measured = output_errors.measure_output_errors(
                     calibration,
                     discovery,
                     compressed,
@@ -1533,7 +1534,7 @@ def _factorize_calibrated(
         for layer, (table, row) in zip(discovery.layers, calibrated_rows, strict=True)
         if table.groups[row] > 0
     ]
-    calibrated = calibrate.factorize_layers(calibration, discovery, chosen, progress)
+    calibrated = whiten.factorize_layers(calibration, discovery, chosen, progress)
     factors = _factorize(
         discovery, tables, plain_rows, analysis.spectra, analysis.backend, progress
     )

@@ -1,6 +1,6 @@
 r"""Sequential, anchored refit of the calibrated factors (``--refit``).
 
-Calibration (calibrate.py) fits every layer on the *original* model's activations. In the
+Calibration (whiten.py) fits every layer on the *original* model's activations. In the
 compressed model, though, a layer sees the outputs of the compressed layers before it. The
 refit fixes that, layer after layer in topological order: each layer sees its inputs ``X̂``
 from the *partly compressed* model (the layers before it already refitted) and is fitted to
@@ -51,10 +51,11 @@ from dataclasses import replace
 import numpy as np
 import onnx
 
-from .calibrate import CHUNK_BYTES, _run_batches, layer_vectors
+from .activations import CHUNK_BYTES, layer_vectors
 from .graphs import attribute
 from .records import CalibratedLayer, Calibration
 from .rewrite import rewrite
+from .sessions import run_batches
 from .types import Discovery, Layer, Progress
 
 __all__ = ["RIDGE", "levels", "refit_layers"]
@@ -205,7 +206,7 @@ def refit_layers(
             wanted[node.input[0]] = layer.weight_dtype
         inputs = {info.name for info in graph.input}
         fetched = [name for name in wanted if name not in inputs]
-        batches = _run_batches(
+        batches = run_batches(
             model,
             wanted,
             calibration.feeds,

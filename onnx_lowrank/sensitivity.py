@@ -48,15 +48,17 @@ import numpy as np
 import onnx
 
 from .backend import Backend
-from .calibrate import factorize_layers, fixed_batch
 from .config import CompressionConfig
 from .errors import CalibrationError, ConfigError
 from .factorize import factorize, reconstruct
-from .graphs import FreshNames, attribute
+from .graphs import FreshNames, attribute, overridable_initializers
+from .index import GraphIndex
+from .load import load_npz
 from .records import Calibration
-from .sessions import make_session
+from .sessions import fixed_batch, make_session
 from .types import CandidateTable, Discovery, Factors, Layer, Progress
-from .validate import check_feeds, load_npz, random_inputs
+from .validate import check_feeds, random_inputs
+from .whiten import factorize_layers
 
 if TYPE_CHECKING:
     from .types import Analysis
@@ -490,11 +492,13 @@ def network_errors(
     (truncated SVD of the weights)."""
     if calibration is not None:
         calibrated = {layer.name for layer in discovery.layers} & set(calibration.statistics)
+        model = discovery.model
+        index = GraphIndex(model.graph, overridable=overridable_initializers(model))
 
         def approximation(layer: Layer, groups: int, rank: int):
             if layer.name not in calibrated:
                 return factorize(discovery.weight(layer), groups, rank, backend), {}
-            made = factorize_layers(calibration, discovery, [(layer, groups, rank)])
+            made = factorize_layers(calibration, discovery, [(layer, groups, rank)], index=index)
             return made[layer.name].factors, made[layer.name].shifts
 
     else:

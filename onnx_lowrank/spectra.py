@@ -67,8 +67,11 @@ from .types import Discovery, Layer, LayerSpectrum, Progress
 
 __all__ = [
     "BATCH_BYTES",
+    "bmm",
     "compute_spectra",
+    "diagonal_blocks",
     "error_table",
+    "group_blocks",
     "group_counts",
     "grouped_singular_values",
     "layer_spectrum",
@@ -120,28 +123,34 @@ def _gram_stacks(weight: Any, counts: list[int], xp: Any) -> dict[int, Any]:
                 xp.reshape(stack, (groups, source // groups, size, size)), axis=1
             )
         else:
-            blocks = _blocks(weight, groups, xp)
+            blocks = group_blocks(weight, groups, xp)
             grams[groups] = xp.matmul(blocks, xp.matrix_transpose(blocks))
     coarse: list[int] = []
     for groups in col_side:  # coarsest first
         coarser = [h for h in coarse if groups % h == 0]
         if coarser:
-            grams[groups] = _diagonal_blocks(grams[max(coarser)], groups, xp)
+            grams[groups] = diagonal_blocks(grams[max(coarser)], groups, xp)
         else:
-            blocks = _blocks(weight, groups, xp)
+            blocks = group_blocks(weight, groups, xp)
             grams[groups] = xp.matmul(xp.matrix_transpose(blocks), blocks)
         coarse.append(groups)
     return grams
 
 
-def _blocks(weight: Any, groups: int, xp: Any) -> Any:
-    """``(g, f, (c/g)κ)``: the column blocks ``W_i`` of a folded weight."""
+def group_blocks(weight: Any, groups: int, xp: Any = None) -> Any:
+    """``(g, f, (c/g)κ)``: the column blocks ``W_i`` of a folded weight (``xp``: the array
+    namespace, NumPy's when None)."""
+    xp = xp or _numpy()
     rows, cols = weight.shape
     return xp.permute_dims(xp.reshape(weight, (rows, groups, cols // groups)), (1, 0, 2))
 
 
-def _diagonal_blocks(stack: Any, groups: int, xp: Any) -> Any:
-    """The ``groups // h`` diagonal blocks of each of the ``h`` matrices of ``stack``, in order."""
+def diagonal_blocks(stack: Any, groups: int, xp: Any = None) -> Any:
+    """The ``groups // h`` diagonal blocks of each of the ``h`` matrices of ``stack``
+    (``(h, n, n)``; a single ``(n, n)`` matrix is ``h = 1``), in order: ``(groups, w, w)``."""
+    xp = xp or _numpy()
+    if stack.ndim == 2:
+        stack = xp.reshape(stack, (1, *stack.shape))
     count, size, _ = stack.shape
     parts = groups // count
     width = size // parts
@@ -149,6 +158,17 @@ def _diagonal_blocks(stack: Any, groups: int, xp: Any) -> Any:
     split = xp.permute_dims(xp.reshape(stack, (count, parts, width, parts, width)), (0, 2, 4, 1, 3))
     diagonal = xp.linalg.diagonal(split)  # (h, w, w, m)
     return xp.reshape(xp.permute_dims(diagonal, (0, 3, 1, 2)), (groups, width, width))
+
+
+def bmm(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Stacked matrix product as a loop: numpy's stacked ``matmul`` is often not BLAS-backed."""
+    return np.stack([a @ b for a, b in zip(first, second, strict=True)])
+
+
+def _numpy() -> Any:
+    from array_api_compat import numpy as compat_numpy
+
+    return compat_numpy
 
 
 def _singular_values(grams: Any, backend: Backend) -> np.ndarray:

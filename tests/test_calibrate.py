@@ -30,12 +30,22 @@ from builders import (
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_lowrank
-from onnx_lowrank import CalibrationError, CompressionConfig, ConfigError, compress
-from onnx_lowrank import calibrate as cal
+from onnx_lowrank import (
+    CalibrationError,
+    CompressionConfig,
+    ConfigError,
+    activations,
+    calibrate,
+    compress,
+    whiten,
+)
 from onnx_lowrank.cost import count_parameters
 from onnx_lowrank.discover import discover
 from onnx_lowrank.factorize import factorize, reconstruct
+from onnx_lowrank.index import GraphIndex
+from onnx_lowrank.output_errors import measure_output_errors
 from onnx_lowrank.pipeline import analyze, candidate_tables, choose, realize
+from onnx_lowrank.records import CalibratedLayer
 from onnx_lowrank.rewrite import rewrite
 
 CONV_CASES = {
@@ -80,7 +90,7 @@ def moments(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def statistics(model, feeds, side="input", max_groups=1, **kwargs):
     discovery = discover(model)
     sides = {layer.name: side for layer in discovery.layers}
-    stats = cal.collect_statistics(discovery, feeds, max_groups, sides=sides, **kwargs)
+    stats = activations.collect_statistics(discovery, feeds, max_groups, sides=sides, **kwargs)
     return discovery, stats
 
 
@@ -166,13 +176,13 @@ def test_output_side_gives_the_input_side_spectra_and_factors(groups):
     _, _, by_output = conv_layer_stats(5, 8, (3, 3), 4, "output")
     assert by_output.covariance is None and by_input.output_covariance is None
     np.testing.assert_allclose(by_output.mean, by_input.mean, atol=1e-12)
-    values = cal.whitened_singular_values(weight, by_input, groups)
+    values = whiten.whitened_singular_values(weight, by_input, groups)
     np.testing.assert_allclose(
-        cal.whitened_singular_values(weight, by_output, groups), values, rtol=1e-9
+        whiten.whitened_singular_values(weight, by_output, groups), values, rtol=1e-9
     )
     rank = 2
-    first = reconstruct(cal.whitened_factors(weight, by_input, groups, rank))
-    second = reconstruct(cal.whitened_factors(weight, by_output, groups, rank))
+    first = reconstruct(whiten.whitened_factors(weight, by_input, groups, rank))
+    second = reconstruct(whiten.whitened_factors(weight, by_output, groups, rank))
     np.testing.assert_allclose(first, second, atol=1e-8)
 
 
@@ -187,8 +197,8 @@ def test_output_side_with_many_group_counts_matches_the_input_side():
     assert sorted(by_output["conv"].output_covariance) == [1, 2, 3, 4, 5, 6, 8]
     for groups in by_output["conv"].output_covariance:
         np.testing.assert_allclose(
-            cal.whitened_singular_values(weight, by_output["conv"], groups),
-            cal.whitened_singular_values(weight, by_input["conv"], groups),
+            whiten.whitened_singular_values(weight, by_output["conv"], groups),
+            whiten.whitened_singular_values(weight, by_input["conv"], groups),
             rtol=1e-8,
         )
 
@@ -200,22 +210,22 @@ def test_output_side_with_many_group_counts_matches_the_input_side():
 def test_whitened_factors_at_full_rank_reproduce_the_weight(f, c, side, groups):
     _, weight, stats = conv_layer_stats(f, c, (3, 3), 4, side)
     full = min(f, weight.shape[1] // groups)
-    factors = cal.whitened_factors(weight, stats, groups, full)
+    factors = whiten.whitened_factors(weight, stats, groups, full)
     assert factors.first.shape == (groups, full, weight.shape[1] // groups)
     np.testing.assert_allclose(reconstruct(factors), weight, atol=1e-9)
-    assert cal.whitened_singular_values(weight, stats, groups).shape == (groups, full)
+    assert whiten.whitened_singular_values(weight, stats, groups).shape == (groups, full)
 
 
 def test_whitened_error_table_is_the_output_error_of_the_factors():
     discovery, weight, stats = conv_layer_stats(12, 4, (3, 3), 1, "input")
-    spectrum = cal.whitened_spectra(discovery, {"conv": stats}, 1)["conv"]
-    table = cal.output_error_table(spectrum, 1)
+    spectrum = whiten.whitened_spectra(discovery, {"conv": stats}, 1)["conv"]
+    table = whiten.output_error_table(spectrum, 1)
     assert table[0] == pytest.approx(1.0) and table[-1] == 0.0
     assert np.all(np.diff(table) <= 0)
     sigma = stats.covariance
     spread = np.trace(weight @ sigma @ weight.T)
     for rank in (1, 3, 7):
-        residual = weight - reconstruct(cal.whitened_factors(weight, stats, 1, rank))
+        residual = weight - reconstruct(whiten.whitened_factors(weight, stats, 1, rank))
         actual = math.sqrt(np.trace(residual @ sigma @ residual.T) / spread)
         assert table[rank] == pytest.approx(actual, rel=1e-4)
         # it is the best rank-r error: the data-free factors do worse on these inputs
@@ -282,7 +292,7 @@ def test_bias_correction_removes_the_mean_shift(tmp_path, bias):
     assert layer_report.output_error is None and result.report.max_output_error is None
     # the same whitened factors without the correction shift the mean
     layer = analysis.discovery.layers[0]
-    factors = cal.whitened_factors(
+    factors = whiten.whitened_factors(
         analysis.discovery.weight(layer), analysis.calibration.statistics[layer.name], 1, 2
     )
     (uncorrected,) = run(rewrite(model, [(layer, factors)]), {"x": x})
@@ -313,7 +323,7 @@ def test_rewrite_replaces_the_bias(kind):
     weight = discovery.weight(layer)
     factors = factorize(weight, 1, min(weight.shape))
     node = model.graph.node[layer.node_index]
-    old, alpha = cal._effective_bias(model.graph, node, layer)
+    old, alpha = whiten.effective_bias(GraphIndex(model.graph), node, layer)
     change = np.arange(1, f + 1, dtype=np.float64)
     rewritten = rewrite(model, [(layer, factors)], biases={layer.name: old + change})
     check_model(rewritten)
@@ -360,9 +370,9 @@ def test_batches_and_fixed_batch_sizes():
     weight = np.random.default_rng(0).standard_normal((6, 8)).astype(np.float32)
     model = make_model([node], [("x", [2, 6])], [("y", None)], {"B": weight})
     x = np.random.default_rng(1).standard_normal((10, 6)).astype(np.float32)
-    assert cal.check_calibration(model, {"x": x}) == 10
+    assert calibrate.check_calibration(model, {"x": x}) == 10
     with pytest.raises(CalibrationError, match="multiple of it"):
-        cal.check_calibration(model, {"x": x[:9]})
+        calibrate.check_calibration(model, {"x": x[:9]})
     _, stats = statistics(model, {"x": x})
     _, covariance = moments(x.astype(np.float64))
     np.testing.assert_allclose(stats["mm"].covariance, covariance, atol=1e-12)
@@ -372,7 +382,7 @@ def test_batches_and_fixed_batch_sizes():
         [("y", None)],
     )
     with pytest.raises(CalibrationError, match="disagree on the batch"):
-        cal.check_calibration(two, {"a": np.zeros((3, 2), np.float32), "b": np.zeros((4, 2))})
+        calibrate.check_calibration(two, {"a": np.zeros((3, 2), np.float32), "b": np.zeros((4, 2))})
 
 
 def test_config_resolves_the_error_measure():
@@ -408,11 +418,11 @@ def test_mnist_calibration_lowers_output_errors_at_the_same_budget(tmp_path):
             continue
         factors = factorize(discovery.weight(layer), groups, rank)
         shifts = {use.name: np.zeros(layer.out_channels) for use in layer.uses()}
-        plain[layer.name] = cal.CalibratedLayer(factors, {}, shifts, 0.0)
+        plain[layer.name] = CalibratedLayer(factors, {}, shifts, 0.0)
     data_free = rewrite(
         analysis.model, [(discovery.layer(name), p.factors) for name, p in plain.items()]
     )
-    free_errors = cal.measure_output_errors(analysis.calibration, discovery, data_free, plain)
+    free_errors = measure_output_errors(analysis.calibration, discovery, data_free, plain)
     layers = calibrated.report.compressed_layers
     assert len(layers) == len(plain) >= 2
     for layer in layers:
@@ -490,7 +500,7 @@ def test_make_calibration_script_matches_the_model_preprocessing(tmp_path):
     arrays = np.load(out)
     expected = ((data["images"][:5].astype(np.float32) / 255 - 0.1307) / 0.3081)[:, None]
     np.testing.assert_allclose(arrays["input"], expected, atol=1e-5)
-    assert cal.check_calibration(onnx.load(MNIST), dict(arrays)) == 5
+    assert calibrate.check_calibration(onnx.load(MNIST), dict(arrays)) == 5
 
 
 def test_public_names():

@@ -196,9 +196,9 @@ def test_calibrated_compression_of_a_model_with_a_table(tmp_path):
 
 
 def test_row_weighted_factors_are_the_weighted_truncated_svd():
-    from onnx_lowrank.calibrate import whitened_factors, whitened_singular_values
     from onnx_lowrank.factorize import reconstruct
     from onnx_lowrank.records import LayerStatistics
+    from onnx_lowrank.whiten import whitened_factors, whitened_singular_values
 
     rng = np.random.default_rng(9)
     weight = rng.standard_normal((VOCAB, WIDTH))
@@ -221,7 +221,7 @@ def test_row_weighted_factors_are_the_weighted_truncated_svd():
 
 
 def test_row_weights_mix_counts_with_a_floor():
-    from onnx_lowrank.calibrate import _id_counts, row_weights
+    from onnx_lowrank.activations import _id_counts, row_weights
 
     counts = _id_counts(np.array([[0, 0, -1], [3, 3, 3]]), 5)  # -1 is row 4
     np.testing.assert_array_equal(counts, [2, 0, 0, 3, 1])
@@ -307,7 +307,7 @@ def head_model(classes: int = 30, width: int = 16, softmax: bool = True) -> onnx
 
 @pytest.mark.parametrize("softmax", [True, False])
 def test_classifier_head_rows_are_weighted_by_class_mass(tmp_path, softmax):
-    from onnx_lowrank.calibrate import score_output
+    from onnx_lowrank.activations import score_output
 
     model = head_model(softmax=softmax)
     discovery = discover(model)
@@ -328,7 +328,7 @@ def test_classifier_head_rows_are_weighted_by_class_mass(tmp_path, softmax):
 
 
 def test_a_layer_followed_by_more_than_a_bias_and_softmax_is_no_head():
-    from onnx_lowrank.calibrate import score_output
+    from onnx_lowrank.activations import score_output
 
     model = head_model()
     model.graph.node[1].op_type = "Mul"  # a scale, not a bias
@@ -339,7 +339,7 @@ def test_a_layer_followed_by_more_than_a_bias_and_softmax_is_no_head():
 def test_the_ppocr_recognizer_ctc_head_is_a_classifier_head():
     from pathlib import Path
 
-    from onnx_lowrank.calibrate import score_output
+    from onnx_lowrank.activations import score_output
 
     path = Path.home() / ".cache" / "onnx-lowrank" / "models" / "ch_PP-OCRv4_rec_infer.onnx"
     path = Path(os.environ.get("ONNX_LOWRANK_MODELS", path.parent)) / path.name

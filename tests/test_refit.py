@@ -8,9 +8,9 @@ from builders import MNIST, SAMPLES, check_model, make_model, random_feed, run
 from onnx import helper
 
 from onnx_lowrank import CompressionConfig
-from onnx_lowrank.calibrate import factorize_layers
 from onnx_lowrank.pipeline import analyze, candidate_tables, choose, realize
 from onnx_lowrank.refit import levels, refit_layers
+from onnx_lowrank.whiten import factorize_layers
 
 
 def two_layer_model(seed=0):

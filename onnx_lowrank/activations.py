@@ -1,0 +1,507 @@
+r"""Activation statistics: each layer's input vectors on the calibration data.
+
+Whitened factorization (whiten.py) minimizes each layer's output error on real inputs, which
+needs, per layer, the mean ``μ`` and covariance ``Σ = E[x xᵀ] − μ μᵀ`` of its input vectors
+``x``: a Conv's im2col patches (``layer_vectors``), a Gemm/MatMul's rows.
+
+**Through ONNX Runtime.** A copy of the model exposes every compressible layer's input as an
+extra graph output, and the calibration set runs through it in batches
+(``sessions.run_batches``). Each batch's activations are turned into input vectors chunk by
+chunk (``CHUNK_BYTES``), so memory stays bounded whatever the image size. Statistics accumulate
+in float64 around a pilot mean (the first chunk's), which avoids cancellation in
+``E[x xᵀ] − μ μᵀ``.
+
+**Tied weights** (``Layer.tied``: one weight, several nodes). The statistics pool the input
+vectors of every node; node ``u`` keeps its own mean ``μ_u``, and ``Σ`` is the covariance
+within the nodes, ``Σ_u (n_u/n)·Σ_u`` (``LayerStatistics.use_means``), which is what remains
+once each node's bias is corrected with its own mean (whiten.py).
+
+**Memory and time: the cheaper side per layer** (DESIGN.md §7). The input side keeps ``Σ``
+(``cκ × cκ``), from which every candidate group count reads its blocks. The output side keeps,
+for each candidate group count ``g``, the ``g`` matrices ``W_i Σ_i W_iᵀ = Cov(W_i x_i)``
+(``f × f`` each), accumulated from the partial outputs ``z_i = W_i x_i``. A tall-kernel conv
+with ``cκ = 8192`` and ``f = 16`` needs 512 MiB and ``8192²`` multiply-adds per input vector on
+the input side, and 30 KiB and ``16·8192 + 15·16²`` on the output side. ``choose_side`` picks.
+
+**Row weights: embedding tables and classifier heads.** Some rows of a weight matter more
+than others on real data; the factors then minimize a row-weighted output error with
+``D = diag(d)``, a positive weight per output row (``f`` values, mean 1; whiten.py). Two kinds
+of layer get row weights:
+
+* an **embedding table** (a ``Gather`` layer, ``W = T``): ``d_v`` is how often id ``v`` occurs
+  in the calibration inputs (negative ids counted as ``v + vocab``). A lookup ``T[v]`` has no
+  input vector to whiten, so its statistics are ``μ = 0``, ``Σ = I``: the error is
+  ``E_v ‖T[v] − T̂[v]‖²`` over the ids seen. A table tied with an output MatMul is weighted by
+  its lookups alone;
+* a **classifier head**: a MatMul/Gemm whose output reaches a graph output through only a
+  constant bias ``Add``, ``Cast``/``Identity`` and a last-axis ``Softmax``/``LogSoftmax``
+  (``score_output``). ``d_k`` is the probability mass of class ``k`` in that output on the
+  calibration data (the softmax of logits, averaged over samples and positions).
+
+Unseen ids and classes must not be destroyed, so the weights are mixed with the uniform ones:
+``d = f·((1 − ρ)·p + ρ/f)`` with ``p`` the normalized counts or masses and ``ρ`` the floor
+(``row_floor`` for tables, ``ROW_FLOOR`` by default; ``head_floor`` for heads, ``HEAD_FLOOR``
+= 1 by default, which turns the weighting off). A row that never occurs
+still weighs ``ρ`` times an average row.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import onnx
+from numpy.lib.stride_tricks import sliding_window_view
+
+from .config import HEAD_FLOOR, ROW_FLOOR
+from .graphs import attribute, overridable_initializers
+from .index import ConstantRef, GraphIndex
+from .records import LayerStatistics, Side
+from .sessions import run_batches
+from .spectra import bmm, group_counts
+from .types import Discovery, Layer, Progress
+
+__all__ = [
+    "CHUNK_BYTES",
+    "MAX_ATOMS",
+    "MAX_INPUT_SIDE_BYTES",
+    "choose_side",
+    "collect_statistics",
+    "layer_vectors",
+    "row_weights",
+    "score_output",
+]
+
+log = logging.getLogger(__name__)
+
+#: Largest block of input vectors (im2col patches or rows) built at once, in bytes of float64.
+CHUNK_BYTES = 8 * 2**20
+#: Largest input-side matrix ``Σ`` kept for one layer; beyond it the output side is used.
+MAX_INPUT_SIDE_BYTES = 512 * 2**20
+#: Most channel slices whose partial outputs the output side computes at once.
+MAX_ATOMS = 64
+
+
+# --------------------------------------------------------------------------------------------
+# Input vectors: im2col patches and rows
+
+
+@dataclass(frozen=True)
+class _ConvGeometry:
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pads: tuple[int, ...]
+    auto_pad: str
+
+    @classmethod
+    def of(cls, node: onnx.NodeProto, kernel: tuple[int, ...]) -> _ConvGeometry:
+        rank = len(kernel)
+        auto_pad = attribute(node, "auto_pad", b"NOTSET")
+        return cls(
+            kernel=kernel,
+            strides=tuple(attribute(node, "strides", None) or [1] * rank),
+            dilations=tuple(attribute(node, "dilations", None) or [1] * rank),
+            pads=tuple(attribute(node, "pads", None) or [0] * (2 * rank)),
+            auto_pad=auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad),
+        )
+
+    def padding(self, spatial: Sequence[int]) -> list[tuple[int, int]]:
+        """(begin, end) padding per spatial axis, resolving ``auto_pad`` like ONNX does."""
+        rank = len(self.kernel)
+        if self.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            result = []
+            for size, k, s, d in zip(
+                spatial, self.kernel, self.strides, self.dilations, strict=True
+            ):
+                total = max(0, (math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size)
+                small = total // 2
+                result.append(
+                    (small, total - small)
+                    if self.auto_pad == "SAME_UPPER"
+                    else (total - small, small)
+                )
+            return result
+        if self.auto_pad == "VALID":
+            return [(0, 0)] * rank
+        return list(zip(self.pads[:rank], self.pads[rank:], strict=True))
+
+
+def layer_vectors(
+    layer: Layer, node: onnx.NodeProto, activation: np.ndarray, chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[np.ndarray]:
+    """The layer's input vectors in float64 chunks ``(n, c·κ)`` of at most ``chunk_bytes``.
+
+    A Conv's vectors are its im2col patches: for every sample and output position, the input
+    values the kernel reads (with the node's strides, pads or ``auto_pad``, and dilations),
+    channel-major ``(c, k1, …, kd)`` like the folded weight's columns. A Gemm's are the rows of
+    ``A`` (columns with ``transA``); a MatMul's the last-axis vectors of its input.
+    """
+    rows = max(1, chunk_bytes // (8 * layer.cols))
+    if layer.op_type == "Conv":
+        yield from _patches(activation, _ConvGeometry.of(node, layer.kernel_shape), rows)
+        return
+    if layer.op_type == "Gemm" and attribute(node, "transA", 0):
+        matrix = activation.T
+    else:
+        matrix = activation.reshape(-1, layer.in_channels)
+    for start in range(0, matrix.shape[0], rows):
+        yield np.asarray(matrix[start : start + rows], dtype=np.float64)
+
+
+def _patches(x: np.ndarray, geometry: _ConvGeometry, rows: int) -> Iterator[np.ndarray]:
+    spatial_rank = len(geometry.kernel)
+    batch, channels = x.shape[:2]
+    axes = tuple(range(2, 2 + spatial_rank))
+    padded = np.pad(x, [(0, 0), (0, 0), *geometry.padding(x.shape[2:])])
+    spans = [(k - 1) * d + 1 for k, d in zip(geometry.kernel, geometry.dilations, strict=True)]
+    view = sliding_window_view(padded, spans, axis=axes)  # (b, c, *positions, *spans)
+    steps = [slice(None, None, step) for step in (*geometry.strides, *geometry.dilations)]
+    view = view[(slice(None), slice(None), *steps)]  # (b, c, *out, *kernel)
+    view = np.moveaxis(view, 1, 1 + spatial_rank)  # (b, *out, c, *kernel)
+    out = view.shape[1 : 1 + spatial_rank]
+    cols = channels * math.prod(geometry.kernel)
+    positions = math.prod(out)
+    if positions == 0:
+        return
+    if positions <= rows:
+        step = max(1, rows // positions)
+        for start in range(0, batch, step):
+            yield _float64(view[start : start + step], cols)
+        return
+    per_line = positions // out[0]
+    lines = max(1, rows // per_line)
+    for sample in range(batch):
+        for start in range(0, out[0], lines):
+            yield _float64(view[sample, start : start + lines], cols)
+
+
+def _float64(view: np.ndarray, cols: int) -> np.ndarray:
+    # Gathering the strided view in its own dtype first is several times faster than
+    # converting while gathering.
+    return np.ascontiguousarray(view).reshape(-1, cols).astype(np.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# Accumulating statistics
+
+
+def choose_side(layer: Layer, groups: Sequence[int]) -> Side:
+    """The cheaper side for ``layer`` (DESIGN.md §7).
+
+    Per input vector the input side costs ``(cκ)²`` multiply-adds, in one large product, and
+    stores ``(cκ)²`` values; the output side costs ``f·cκ + Σ_g g·f²`` in smaller products,
+    which run about half as fast, and stores ``Σ_g g·f²``. The output side is taken when it is
+    cheaper by that measure, or when ``Σ`` would exceed ``MAX_INPUT_SIDE_BYTES``.
+    """
+    f, cols = layer.out_channels, layer.cols
+    output_cost = 2 * (f * cols + sum(g * f * f for g in groups))
+    too_large = 8 * cols * cols > MAX_INPUT_SIDE_BYTES
+    if f < cols and (output_cost < cols * cols or too_large):
+        return "output"
+    return "input"
+
+
+class _Accumulator:
+    """Running sums of one layer's input vectors, shifted by a pilot mean ``m``."""
+
+    def __init__(self, layer: Layer, weight: np.ndarray, groups: Sequence[int], side: Side):
+        self.layer, self.side, self.groups = layer, side, list(groups)
+        cols = layer.cols
+        #: float64 values held per input vector while it is processed
+        self.row_values = cols
+        self.count = 0
+        self.pilot: np.ndarray | None = None
+        self.total = np.zeros(cols)
+        self.squares = np.zeros(cols)
+        self.weight = weight
+        self.use_sums: dict[str, np.ndarray] = {}  # node name -> Σ x, for tied uses
+        self.use_counts: dict[str, int] = {}
+        if side == "input":
+            self.outer = np.zeros((cols, cols))
+            return
+        # Partial outputs W_a x_a of the finest common refinement of all candidate groupings:
+        # atom a covers channels [a·c/L, (a+1)·c/L) with L = lcm(groups), which every g
+        # divides, and a group's partial output is the sum of its atoms'. When L is large
+        # (many divisors), each group count gets its own partition instead.
+        f = layer.out_channels
+        atoms = math.lcm(*self.groups)
+        self.plans = (
+            [(atoms, self.groups)] if atoms <= MAX_ATOMS else [(g, [g]) for g in self.groups]
+        )
+        self.row_values = max(cols, max(count for count, _ in self.plans) * f)
+        self.atom_weights = {
+            count: np.ascontiguousarray(weight.reshape(f, count, -1).transpose(1, 2, 0))
+            for count, _ in self.plans
+        }  # (L, width, f) per partition
+        self.pilot_partial: dict[int, np.ndarray] = {}
+        self.partial_total = {g: np.zeros((g, f)) for g in self.groups}
+        self.partial_outer = {g: np.zeros((g, f, f)) for g in self.groups}
+
+    def add(self, vectors: np.ndarray, use: str | None = None) -> None:
+        n = len(vectors)
+        raw_sum = vectors.sum(axis=0)
+        if use is not None:
+            self.use_sums[use] = self.use_sums.get(use, 0.0) + raw_sum
+            self.use_counts[use] = self.use_counts.get(use, 0) + n
+        if self.pilot is None:
+            self.pilot = vectors.mean(axis=0)
+            if self.side == "output":
+                for count, weights in self.atom_weights.items():  # W_a m_a, (L, 1, f)
+                    self.pilot_partial[count] = bmm(self.pilot.reshape(count, 1, -1), weights)
+        pilot = self.pilot
+        self.count += n
+        self.total += raw_sum - n * pilot
+        # Σ (x − m)² = Σ x² − 2 m Σ x + n m²; only the damping scale reads it.
+        self.squares += np.einsum("nk,nk->k", vectors, vectors) - 2 * pilot * raw_sum
+        self.squares += n * pilot * pilot
+        if self.side == "input":
+            shifted = vectors - pilot
+            self.outer += shifted.T @ shifted
+            return
+        for count, derived in self.plans:
+            width = self.layer.cols // count
+            weights = self.atom_weights[count]
+            # W_a (x_a − m_a), (L, n, f); a loop: numpy's stacked matmul is far slower here
+            partial = np.stack(
+                [vectors[:, a * width : (a + 1) * width] @ weights[a] for a in range(count)]
+            )
+            partial -= self.pilot_partial[count]
+            for g in derived:  # a group's partial output sums its atoms': (g, n, f)
+                z = partial if g == count else partial.reshape(g, count // g, n, -1).sum(axis=1)
+                self.partial_total[g] += z.sum(axis=1)
+                self.partial_outer[g] += bmm(z.transpose(0, 2, 1), z)
+
+    def statistics(self) -> LayerStatistics:
+        n = max(self.count, 1)
+        pilot = self.pilot if self.pilot is not None else np.zeros_like(self.total)
+        shift = self.total / n
+        mean = pilot + shift
+        variance = self.squares / n - shift * shift
+        name = self.layer.name
+        # Tied uses: remove the scatter of the uses' means around the pooled mean (``d_u``),
+        # which leaves the covariance within the uses (see LayerStatistics.use_means).
+        use_means = {u: total / max(self.use_counts[u], 1) for u, total in self.use_sums.items()}
+        spread = [(self.use_counts[u] / n, m - mean) for u, m in use_means.items()]
+        spread = spread if len(spread) > 1 else []
+        for weight, d in spread:
+            variance -= weight * d * d
+        variance = np.maximum(variance, 0.0)
+        use_means = use_means if spread else {}
+        if self.side == "input":
+            covariance = self.outer / n - np.outer(shift, shift)
+            for weight, d in spread:
+                covariance -= weight * np.outer(d, d)
+            covariance = (covariance + covariance.T) / 2
+            return LayerStatistics(
+                name,
+                "input",
+                self.count,
+                mean,
+                variance,
+                covariance=covariance,
+                use_means=use_means,
+            )
+        output = {}
+        f = self.layer.out_channels
+        for g in self.groups:
+            partial_mean = self.partial_total[g] / n  # (g, f)
+            matrix = self.partial_outer[g] / n - partial_mean[:, :, None] * partial_mean[:, None, :]
+            blocks = self.weight.reshape(f, g, -1).transpose(1, 0, 2)  # (g, f, width)
+            for weight, d in spread:
+                wd = np.einsum("gfw,gw->gf", blocks, d.reshape(g, -1))  # W_i d_i
+                matrix -= weight * wd[:, :, None] * wd[:, None, :]
+            output[g] = (matrix + matrix.transpose(0, 2, 1)) / 2
+        return LayerStatistics(
+            name,
+            "output",
+            self.count,
+            mean,
+            variance,
+            output_covariance=output,
+            use_means=use_means,
+        )
+
+
+def collect_statistics(
+    discovery: Discovery,
+    feeds: Mapping[str, np.ndarray],
+    max_groups: int,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    progress: Progress | None = None,
+    *,
+    sides: Mapping[str, Side] | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
+    row_floor: float = ROW_FLOOR,
+    head_floor: float = HEAD_FLOOR,
+) -> dict[str, LayerStatistics]:
+    """Run the calibration set through ONNX Runtime and accumulate every layer's statistics.
+
+    Args:
+        discovery: the compressible layers of the (analysis) model ``discovery.model``, which
+            is the model that runs.
+        feeds: calibration inputs (checked with ``calibrate.check_calibration``).
+        max_groups: the candidate group counts are ``spectra.group_counts(layer, max_groups)``.
+        providers: ONNX Runtime execution providers.
+        progress: called as ``progress("calibrate", samples_done, samples)``.
+        sides: force the side of some layers (default: ``choose_side``).
+        chunk_bytes: largest block of input vectors built at once.
+        row_floor: ``ρ`` of the row weights of embedding tables (1: none).
+        head_floor: ``ρ`` of the row weights of classifier heads (1: none).
+    """
+    model = discovery.model
+    graph = model.graph
+    accumulators: dict[str, _Accumulator] = {}
+    lookups = {
+        layer.name: np.zeros(layer.out_channels) for layer in discovery.layers if layer.lookup
+    }
+    heads: dict[str, tuple[str, str]] = {}
+    index = None  # the main graph's, to follow classifier heads to their outputs
+    if head_floor < 1:
+        index = GraphIndex(graph, overridable=overridable_initializers(model))
+    for layer in discovery.layers:
+        if layer.lookup:
+            log.info("calibration statistics of %s: id counts", layer.name)
+            continue
+        groups = group_counts(layer, max_groups)
+        side = (sides or {}).get(layer.name) or choose_side(layer, groups)
+        weight = discovery.weight(layer) if side == "output" else np.empty(0)
+        accumulators[layer.name] = _Accumulator(layer, weight, groups, side)
+        head = None if index is None else score_output(discovery, layer, index)
+        if head is not None:
+            heads[layer.name] = head
+        log.info("calibration statistics of %s on the %s side", layer.name, side)
+    wanted: dict[str, int] = {}
+    for layer in discovery.layers:
+        for use in layer.uses():
+            if use.op_type == "Gather" or not layer.lookup:
+                name = _data_input(graph.node[use.node_index], use)
+                lookup = use.op_type == "Gather"
+                ids_type = discovery.shapes.types.get(name, onnx.TensorProto.INT64)
+                wanted[name] = ids_type if lookup else use.weight_dtype
+    types = {info.name: info.type.tensor_type.elem_type for info in graph.output}
+    wanted.update({output: types[output] for output, _ in heads.values()})
+    masses = {name: np.zeros(discovery.layer(name).out_channels) for name in heads}
+    for activations, _ in run_batches(
+        model, wanted, feeds, providers, progress, data_dir=discovery.data_dir
+    ):
+        for layer in discovery.layers:
+            if layer.lookup:
+                for use in layer.uses():
+                    if use.op_type == "Gather":
+                        ids = activations[_data_input(graph.node[use.node_index], use)]
+                        lookups[layer.name] += _id_counts(ids, layer.out_channels)
+                continue
+            accumulator = accumulators[layer.name]
+            limit = chunk_bytes * layer.cols // accumulator.row_values
+            for use in layer.uses():  # a tied weight pools the inputs of all its nodes
+                node = graph.node[use.node_index]
+                label = use.name if layer.tied else None
+                for vectors in layer_vectors(use, node, activations[node.input[0]], limit):
+                    accumulator.add(vectors, label)
+        for name, (output, kind) in heads.items():
+            masses[name] += _class_mass(activations[output], kind)
+    statistics = {name: accumulator.statistics() for name, accumulator in accumulators.items()}
+    for name, mass in masses.items():
+        statistics[name] = replace(statistics[name], row_weights=row_weights(mass, head_floor))
+    for name, counts in lookups.items():
+        width = discovery.layer(name).cols
+        statistics[name] = LayerStatistics(
+            name,
+            "input",
+            int(counts.sum()),
+            np.zeros(width),
+            np.ones(width),
+            covariance=np.eye(width),
+            row_weights=row_weights(counts, row_floor),
+        )
+    return statistics
+
+
+def _data_input(node: onnx.NodeProto, layer: Layer) -> str:
+    """The tensor a layer's node reads its data from: a Gather's ids, the others' input."""
+    return node.input[1] if layer.op_type == "Gather" else node.input[0]
+
+
+def _id_counts(ids: np.ndarray, vocab: int) -> np.ndarray:
+    """How often each row of a ``vocab``-row table is looked up; negative ids count from the
+    end, as in ONNX."""
+    flat = np.asarray(ids, dtype=np.int64).reshape(-1)
+    flat = np.where(flat < 0, flat + vocab, flat)
+    flat = flat[(flat >= 0) & (flat < vocab)]
+    return np.bincount(flat, minlength=vocab).astype(np.float64)
+
+
+def row_weights(mass: np.ndarray, floor: float = ROW_FLOOR) -> np.ndarray:
+    """``d = f·((1 − ρ)·p + ρ/f)``: the normalized ``mass`` mixed with uniform weights by the
+    floor ``ρ`` (mean 1; all ones when ``ρ = 1`` or nothing was seen)."""
+    rows = len(mass)
+    total = float(np.sum(mass))
+    if total <= 0 or floor >= 1:
+        return np.ones(rows)
+    return rows * ((1.0 - floor) * mass / total + floor / rows)
+
+
+#: Operators between a classifier head and its score output (score_output).
+_SCORE_PATH = {"Add", "Identity", "Cast", "Softmax", "LogSoftmax"}
+
+
+def score_output(
+    discovery: Discovery, layer: Layer, index: GraphIndex | None = None
+) -> tuple[str, str] | None:
+    """``(graph output, kind)`` when ``layer`` is a classifier head: a main-graph MatMul or
+    Gemm (one node) whose output reaches a graph output through only a constant bias ``Add``,
+    ``Cast``/``Identity`` and a ``Softmax``/``LogSoftmax`` over the last (class) axis. ``kind``
+    is ``"logits"``, ``"probabilities"`` or ``"log-probabilities"``; else None. ``index`` is
+    the main graph's ``GraphIndex`` (built when None)."""
+    if layer.op_type not in ("MatMul", "Gemm") or layer.tied or layer.graph_path:
+        return None
+    model = discovery.model
+    graph = model.graph
+    if index is None:
+        index = GraphIndex(graph, overridable=overridable_initializers(model))
+    tensor, kind = graph.node[layer.node_index].output[0], "logits"
+    for _ in range(len(graph.node)):
+        if tensor in index.graph_outputs:
+            shape = discovery.shapes.get(tensor)
+            if shape is None or not shape or shape[-1] != layer.out_channels:
+                return None
+            return tensor, kind
+        readers = index.consumers.get(tensor, [])
+        if len(set(readers)) != 1 or graph.node[readers[0]].domain not in ("", "ai.onnx"):
+            return None
+        node = graph.node[readers[0]]
+        if node.op_type not in _SCORE_PATH or (kind != "logits" and node.op_type != "Cast"):
+            return None
+        if node.op_type == "Add":
+            other = node.input[1] if node.input[0] == tensor else node.input[0]
+            if not isinstance(index.resolve(other), ConstantRef):
+                return None
+        if node.op_type in ("Softmax", "LogSoftmax"):
+            # the rank of its input, or of its output when inference stopped before it
+            shape = discovery.shapes.get(tensor) or discovery.shapes.get(node.output[0])
+            axis = attribute(node, "axis", -1 if _opset(model) >= 13 else 1)
+            if shape is None or axis % len(shape) != len(shape) - 1:
+                return None
+            kind = "probabilities" if node.op_type == "Softmax" else "log-probabilities"
+        tensor = node.output[0]
+    return None
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def _class_mass(scores: np.ndarray, kind: str) -> np.ndarray:
+    """Probability mass of each class (last axis) summed over every sample and position."""
+    values = np.asarray(scores, dtype=np.float64)
+    values = values.reshape(-1, values.shape[-1])
+    if kind == "logits":
+        values = np.exp(values - values.max(axis=1, keepdims=True))
+        values /= values.sum(axis=1, keepdims=True)
+    elif kind == "log-probabilities":
+        values = np.exp(values)
+    return values.sum(axis=0)
