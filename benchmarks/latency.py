@@ -34,7 +34,8 @@ import onnx
 import onnxruntime as ort
 
 from onnx_lowrank import CompressionConfig, compress
-from onnx_lowrank.validate import random_inputs, validate
+from onnx_lowrank.feeds import random_inputs
+from onnx_lowrank.validate import validate
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS = [

@@ -31,10 +31,10 @@ from .activations import collect_statistics
 from .config import HEAD_FLOOR, ROW_FLOOR
 from .data import read_arrays
 from .errors import CalibrationError
+from .feeds import check_feeds
 from .records import Calibration
 from .sessions import fixed_batch
 from .types import Discovery, Progress
-from .validate import check_feeds
 from .whiten import whitened_spectra
 
 __all__ = ["calibrate", "check_calibration", "load_calibration"]

@@ -12,7 +12,7 @@ image preprocessing behind ``onnx-lowrank make-calibration``.
   NVIDIA ModelOpt takes calibration data.
 
 Every array is returned batch first, keyed by input name; the callers check them against the
-model (``validate.check_feeds``, ``calibrate.check_calibration``).
+model (``feeds.check_feeds``, ``calibrate.check_calibration``).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import numpy as np
 import onnx
 
 from .errors import CalibrationError, ConfigError, RuntimeMissingError
+from .feeds import graph_inputs
 from .load import load_npz
-from .validate import graph_inputs
 
 __all__ = [
     "IMAGE_EXTENSIONS",

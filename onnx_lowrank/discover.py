@@ -35,7 +35,7 @@ from dataclasses import replace
 import numpy as np
 import onnx
 
-from .cost import infer_shapes, node_macs
+from .cost import node_macs
 from .errors import InvalidModelError, UnsupportedModelError
 from .graphs import (
     FLOAT_TYPES,
@@ -47,6 +47,7 @@ from .graphs import (
     walk_graphs,
 )
 from .index import PASS_THROUGH, ConstantRef, GraphIndex, read_constant
+from .shapes import infer_shapes
 from .types import (
     FACTOR_TAG,
     FACTORIZED_KEY,

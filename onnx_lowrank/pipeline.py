@@ -31,7 +31,7 @@ from .allocate import allocate, build_table, with_block, with_latency, without_r
 from .backend import get_backend, numpy_backend
 from .choices import constrain_table, read_recipe, user_choices
 from .config import CompressionConfig
-from .cost import count_macs, count_parameters, infer_shapes
+from .cost import count_macs, count_parameters
 from .discover import discover
 from .errors import (
     ConfigError,
@@ -42,6 +42,7 @@ from .errors import (
     ValidationFailedError,
 )
 from .factorize import factorize_with_error, relative_error, relative_error_bound
+from .feeds import RANDOM_BATCH, graph_inputs, latency_feeds, unknown_dimensions
 from .fold import fold
 from .graphs import FLOAT_TYPES, attribute, type_name, walk_graphs
 from .index import GraphIndex
@@ -72,6 +73,7 @@ from .report import (
 )
 from .rewrite import rewrite
 from .sessions import fixed_batch
+from .shapes import infer_shapes
 from .spectra import compute_spectra, error_table
 from .types import (
     COST_KINDS,
@@ -88,17 +90,7 @@ from .types import (
     UserChoice,
     all_fixed,
 )
-from .validate import (
-    RANDOM_BATCH,
-    check_tolerances,
-    graph_inputs,
-    latency_feeds,
-    providers_for,
-    session_threads,
-    unknown_dimensions,
-    validate,
-    validation_inputs,
-)
+from .validate import check_tolerances, providers_for, session_threads, validate, validation_inputs
 
 if TYPE_CHECKING:
     import onnx_graphsurgeon as gs

@@ -51,13 +51,13 @@ from .backend import Backend
 from .config import CompressionConfig
 from .errors import CalibrationError, ConfigError
 from .factorize import factorize, reconstruct
+from .feeds import check_feeds, random_inputs
 from .graphs import FreshNames, attribute, overridable_initializers
 from .index import GraphIndex
 from .load import load_npz
 from .records import Calibration
 from .sessions import fixed_batch, make_session
 from .types import CandidateTable, Discovery, Factors, Layer, Progress
-from .validate import check_feeds, random_inputs
 from .whiten import factorize_layers
 
 if TYPE_CHECKING:
@@ -518,7 +518,7 @@ def feeds_for(
 
     With calibration data, ``config.sensitivity_samples`` of its samples are held out
     (``split_feeds``). Without, the network errors are measured on ``config.inputs``, else on
-    random inputs (``validate.random_inputs``, one seed per batch), and nothing is held out.
+    random inputs (``feeds.random_inputs``, one seed per batch), and nothing is held out.
 
     Raises:
         CalibrationError: the calibration file has too few samples to hold some out.

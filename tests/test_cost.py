@@ -10,7 +10,8 @@ from builders import MNIST, MODELS, conv_model
 from onnx import helper
 
 from onnx_lowrank import CompressionConfig, compress
-from onnx_lowrank.cost import count_macs, count_parameters, infer_shapes, node_macs
+from onnx_lowrank.cost import count_macs, count_parameters, node_macs
+from onnx_lowrank.shapes import infer_shapes
 from onnx_lowrank.types import ShapeInfo
 
 

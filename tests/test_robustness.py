@@ -20,10 +20,11 @@ from onnx import TensorProto, helper, numpy_helper
 from robust_helpers import assert_close, full_rank, outputs
 
 from onnx_lowrank import CompressionConfig, NothingToCompressError, compress
-from onnx_lowrank.cost import count_macs, count_parameters, infer_shapes
+from onnx_lowrank.cost import count_macs, count_parameters
 from onnx_lowrank.discover import discover
 from onnx_lowrank.errors import InfeasibleBudgetError
 from onnx_lowrank.graphs import graph_at
+from onnx_lowrank.shapes import infer_shapes
 from onnx_lowrank.types import FACTORIZED_KEY
 
 FLOAT = TensorProto.FLOAT

@@ -12,7 +12,8 @@ import onnx
 from builders import MODELS, check_model
 
 from onnx_lowrank import CompressionConfig, compress, inspect
-from onnx_lowrank.cost import count_macs, infer_shapes
+from onnx_lowrank.cost import count_macs
+from onnx_lowrank.shapes import infer_shapes
 
 CLS = MODELS / "ppocr_mobile_v2.0_cls.onnx"  # input x: (-1, 3, ?, ?)
 

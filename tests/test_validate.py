@@ -18,14 +18,11 @@ import onnx_lowrank.validate as validate_module
 from onnx_lowrank import CompressionConfig, compress
 from onnx_lowrank.cli import main
 from onnx_lowrank.errors import ConfigError
+from onnx_lowrank.feeds import latency_feeds, random_inputs
+from onnx_lowrank.metrics import compare_output
 from onnx_lowrank.report import format_sweep, format_validation, sweep_figure
-from onnx_lowrank.validate import (
-    compare_output,
-    latency_feeds,
-    make_session,
-    random_inputs,
-    validate,
-)
+from onnx_lowrank.sessions import make_session
+from onnx_lowrank.validate import validate
 
 MTCNN = MODELS / "mtcnn_onet.onnx"
 SILERO = MODELS / "silero_vad.onnx"
