@@ -24,7 +24,8 @@ from .errors import (
     ValidationFailedError,
 )
 from .pipeline import CompressionResult, SweepResult, compress, inspect, sweep
-from .report import CompressionReport, InspectionReport, LayerReport
+from .plots import plot_layers
+from .records import CompressionReport, InspectionReport, LayerReport
 
 try:
     __version__ = version("onnx-lowrank")
@@ -53,5 +54,6 @@ __all__ = [
     "__version__",
     "compress",
     "inspect",
+    "plot_layers",
     "sweep",
 ]

@@ -55,13 +55,12 @@ from .load import (
     save_model,
 )
 from .pipeline import compress, inspect, sweep
+from .plots import plot_layers, require_matplotlib
 from .report import (
     format_inspection,
     format_layers,
     format_summary,
     format_sweep,
-    plot_layers,
-    require_matplotlib,
     write_json,
     write_npz,
 )

@@ -28,7 +28,7 @@ __all__ = [
     "parse_tolerances",
 ]
 
-#: Allocation methods, in the order the docs list them. ``allocate.SOLVERS`` implements each.
+#: Allocation methods, in the order the docs list them. ``solvers.SOLVERS`` implements each.
 METHODS: tuple[str, ...] = ("alds", "alds-paper", "alds-error", "energy", "svd", "sum")
 #: Layer error measures (DESIGN.md §3): the valid upper bound, the reference code's lower bound,
 #: with calibration data, the relative output error on real activations (calibrate.py), and the

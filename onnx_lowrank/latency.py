@@ -6,45 +6,23 @@ provider the model will run on (DESIGN.md §8).
 
 **What is timed.** For one use of a layer (one node reading the weight):
 
-* *dense*: a one-node model, the node itself with its attributes, random weights of the layer's
-  shapes and the node's real input shape (from shape inference, with the batch ``cost.py`` and
-  validation use: a dynamic batch is 1);
-* *candidate* ``(g, r)``: that one-node model rewritten by ``rewrite.rewrite`` (the code that
-  writes the compressed model) with random factors of the candidate's shapes, i.e. the same
-  factorized pair, reshapes included.
+* *dense*: a one-node model, the node itself, random weights of the layer's shapes and the
+  node's real input shape (a dynamic batch is 1, as in validation);
+* *candidate* ``(g, r)``: that model rewritten by ``rewrite.rewrite`` with random factors.
 
-Every session comes from ``sessions.make_session``, so it has the options validation uses
-(threads, graph optimization level). Sessions run *interleaved*, ``BATCH`` at a time with the
-dense layer in every batch, round after round (the order rotated each round), after two warm-up
-runs each; the inputs are bound once (IO binding) so no input copy is timed. A session's cost
-is the median of its rounds (``MIN_ROUNDS`` to ``MAX_ROUNDS`` rounds, no new one once
-``LAYER_BUDGET_S`` seconds are spent), scaled by the dense layer's median over all batches
-divided by its median in that batch, so load that changes between batches cancels out. Only
-``BATCH`` sessions live at once: each has its own thread pool, whose threads spin after a run,
-and many at once on few cores would time each other's spinning (measured: the MNIST CNN's
-large Gemm timed 4x slower among 113 live sessions than among 8).
+Every session comes from ``sessions.make_session`` (validation's options). Sessions run
+interleaved, ``BATCH`` at a time with the dense layer in every batch, after ``WARMUP`` runs each,
+inputs bound once; a session's cost is the median of its rounds, rescaled by the dense layer's
+median, so load that changes between batches cancels out.
 
-**Which candidates.** A table may hold hundreds of ranks per group count. First the dense layer
-and the smallest rank of every group count ``g`` are timed; a group count whose smallest rank is
-not faster than the dense layer is dropped (its larger ranks are slower still, and a candidate
-slower than its dense layer is never offered). For each remaining ``g``, ``GRID_POINTS`` ranks
-of ``g = 1`` and ``GROUPED_GRID_POINTS`` of ``g > 1``, spread evenly over the table's ranks of
-that ``g`` (the smallest and the largest included), are timed; a rank between two timed ones
-gets the linear interpolation of their times. The timed values are first made non-decreasing in
-``r`` (a running maximum), so the table never says that a larger rank is cheaper than a smaller
-one of the same ``g``: the interpolation is monotone in ``r``. The dense row is always timed.
-
-**The whole model.** ``measure_model`` times the whole original model the same way (on the
-validation inputs, batch 1 when it is dynamic). What no allocation changes, the *rest* of the
-model, is ``T_model − Σ_ℓ T_ℓ(dense)``: a latency budget ``F`` is ``Σ_ℓ T_ℓ(x_ℓ) ≤
-F·T_model − rest`` (pipeline._budgets).
-
-**Cache.** Every timing is stored on disk in ``cache_dir()`` (``$ONNX_LOWRANK_CACHE/latency``,
-else ``~/.cache/onnx-lowrank/latency``), one JSON file per layer signature: execution provider,
-ONNX Runtime version and session options, CPU (or GPU) model, op type, attributes, input,
-weight and bias shapes and element type. It holds the dense time and every timed ``(g, r)``, so
-a second run, or a sweep, times nothing again. Files are written atomically (a temporary file
-renamed over the old one); a file that cannot be read is ignored with a warning and rewritten.
+**Which candidates.** Per group count the smallest rank is timed first (a group count whose
+smallest rank is not faster than dense is dropped), then ``GRID_POINTS`` ranks of ``g = 1`` and
+``GROUPED_GRID_POINTS`` of ``g > 1``; other ranks get the linear interpolation of the timed ones,
+made non-decreasing in ``r``. ``measure_model`` times the whole original model, so a latency
+budget ``F`` is ``Σ_ℓ T_ℓ(x_ℓ) ≤ F·T_model − (T_model − Σ_ℓ T_ℓ(dense))``. Every timing is cached
+on disk (``device.cache_dir()``), one JSON file per layer signature (provider, runtime version
+and session options, device model, op, attributes, shapes, element type), written atomically.
+docs/performance.md ("Measured latency") has the details and the measurements.
 """
 
 from __future__ import annotations
@@ -55,7 +33,6 @@ import json
 import logging
 import math
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -67,9 +44,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .device import cache_dir, device_name
 from .errors import OutputPathError
 from .graphs import graph_at
 from .load import write_file
+from .records import LayerLatency
 from .rewrite import rewrite
 from .sessions import make_session, runtime, session_settings
 from .types import Discovery, Factors, Layer, Progress
@@ -80,15 +59,11 @@ __all__ = [
     "LatencyBook",
     "LatencyCache",
     "LatencyStats",
-    "LayerLatency",
-    "cache_dir",
-    "device_name",
     "grid_ranks",
     "interpolate",
     "measure_choice",
     "measure_layers",
     "measure_model",
-    "preferred_multiple",
     "time_sessions",
 ]
 
@@ -109,28 +84,8 @@ CHOICE_ROUNDS = 200
 CHOICE_BUDGET_S = 1.0
 #: Warm-up runs per session before timing.
 WARMUP = 2
-#: Environment variable naming the cache's parent folder.
-CACHE_ENV = "ONNX_LOWRANK_CACHE"
 #: Version of the cache files' layout; part of every key.
 _CACHE_FORMAT = 1
-
-
-@dataclass(frozen=True)
-class LayerLatency:
-    """Measured latency of one layer's rows (summed over every node that reads its weight).
-
-    Attributes:
-        layer: layer name.
-        dense_ms: the dense layer's time in ms.
-        row_ms: time per candidate-table row (row 0 is the dense layer), timed or interpolated.
-        timed: True for rows whose time was measured (or read from the cache), False for
-            interpolated ones.
-    """
-
-    layer: str
-    dense_ms: float
-    row_ms: np.ndarray
-    timed: np.ndarray
 
 
 @dataclass
@@ -157,60 +112,6 @@ class LatencyStats:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def cache_dir() -> Path:
-    """The latency cache folder: ``$ONNX_LOWRANK_CACHE/latency``, else
-    ``~/.cache/onnx-lowrank/latency``."""
-    root = os.environ.get(CACHE_ENV)
-    base = Path(root) if root else Path.home() / ".cache" / "onnx-lowrank"
-    return base / "latency"
-
-
-def device_name(provider: str) -> str:
-    """The model of the device ``provider`` runs on: the GPU's name for GPU providers (when it
-    can be read), else the CPU's model name."""
-    if provider != "CPUExecutionProvider":
-        try:
-            import subprocess
-
-            names = subprocess.run(
-                ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-                check=True,
-            ).stdout.split("\n")
-            if names and names[0].strip():
-                return names[0].strip()
-        except (OSError, subprocess.SubprocessError):
-            pass
-        return f"unknown GPU for {provider}"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def preferred_multiple(provider: str) -> int:
-    """The channel block of ``provider``'s fast convolution kernels (``--rank-multiple auto``).
-
-    ONNX Runtime's CPU EP runs Conv in the NCHWc layout with blocks of 16 channels on AVX-512
-    and 8 on AVX2 (MLAS ``MlasNchwcGetBlockSize``); GPU providers get 8 (tensor cores, FP16).
-    A CPU without AVX2 gets 1.
-    """
-    if provider != "CPUExecutionProvider":
-        return 8
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            flags = next((line for line in info if line.startswith("flags")), "").split()
-    except OSError:
-        return 1
-    return 16 if "avx512f" in flags else 8 if "avx2" in flags else 1
 
 
 class LatencyCache:

@@ -32,6 +32,7 @@ from .backend import get_backend, numpy_backend
 from .choices import constrain_table, read_recipe, user_choices
 from .config import CompressionConfig
 from .cost import count_macs, count_parameters
+from .device import preferred_multiple
 from .discover import discover
 from .errors import (
     ConfigError,
@@ -46,7 +47,7 @@ from .feeds import RANDOM_BATCH, graph_inputs, latency_feeds, unknown_dimensions
 from .fold import fold
 from .graphs import FLOAT_TYPES, attribute, type_name, walk_graphs
 from .index import GraphIndex
-from .latency import LatencyBook, measure_choice, measure_model, preferred_multiple
+from .latency import LatencyBook, measure_choice, measure_model
 from .load import (
     LoadedModel,
     ModelSource,
@@ -60,17 +61,19 @@ from .load import (
     source_path,
     temporary_prefix,
 )
-from .records import CalibratedLayer, Calibration, OutputErrors
-from .report import (
+from .plots import plot_sweep
+from .records import (
     KEPT_DENSE,
+    CalibratedLayer,
+    Calibration,
     CompressionReport,
     InspectionReport,
     LayerReport,
+    OutputErrors,
     ParameterShares,
     TensorInfo,
-    plot_sweep,
-    write_json,
 )
+from .report import write_json
 from .rewrite import rewrite
 from .sessions import fixed_batch
 from .shapes import infer_shapes

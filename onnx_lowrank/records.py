@@ -1,12 +1,14 @@
 """The ground floor, second room: records of what a run measured.
 
-Calibration statistics and whitened factors (calibrate.py), output errors, and the validation
-verdict (validate.py) are shared by several stages and the reports; like ``types``, this
-module imports no stage.
+Calibration statistics and whitened factors (calibrate.py), output errors, the validation
+verdict (validate.py), and the reports' records (per layer and whole model; report.py prints
+them, plots.py draws them) are shared by several stages; like ``types``, this module imports no
+stage. A report is plain data: ``to_dict`` gives the JSON written by ``--report``.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -19,15 +21,23 @@ from .types import Factors, LayerSpectrum
 __all__ = [
     "DAMPING",
     "FAR_COSINE",
+    "KEPT_DENSE",
     "NOT_A_TASK_METRIC",
     "CalibratedLayer",
     "Calibration",
+    "CompressionReport",
+    "InspectionReport",
     "LatencyStats",
+    "LayerLatency",
+    "LayerReport",
     "LayerStatistics",
     "OutputComparison",
     "OutputErrors",
+    "ParameterShares",
     "Side",
+    "TensorInfo",
     "ValidationReport",
+    "plain",
 ]
 
 Side = Literal["input", "output"]
@@ -276,3 +286,231 @@ class ValidationReport:
         for item, output in zip(data["outputs"], self.outputs, strict=True):
             item["passed"] = output.passed
         return data
+
+
+#: ``skipped_reason`` of a layer that could be factorized but was left dense by the solver.
+KEPT_DENSE = "kept dense by the allocation"
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One Conv/Gemm/MatMul of the model, compressed or not.
+
+    ``groups``/``rank`` are None for a layer left dense; ``skipped_reason`` then says why.
+    ``error_bound`` is the upper bound ``sqrt(Σ_i ‖W_i − Ŵ_i‖₂²)/‖W‖₂`` of the factors used
+    (for the truncated SVD ``sqrt(Σ_i σ_{i,r+1}²)/‖W‖₂``; for calibrated, whitened factors the
+    same sum over their residual) and ``error_actual`` the measured ``‖W − Ŵ‖₂/‖W‖₂``.
+
+    With calibration data (calibrate.py), factorized layers also get relative output errors
+    ``‖Ŷ − Y‖_F / ‖Y − Ȳ‖_F`` on that data: ``output_error_estimate`` from the whitened
+    singular values, ``output_error`` measured for the layer alone (on its original inputs),
+    and ``output_error_network`` measured inside the compressed model (errors of earlier
+    layers included). They are None without calibration data.
+
+    ``shared_with`` names the other nodes that read the same weight (discover.Layer.tied): the
+    weight is factorized once for all of them, counted once in ``params_*``, and ``macs_*`` cover
+    every use.
+
+    ``latency_ms_before``/``latency_ms_after`` are the layer's measured latency dense and as
+    chosen (latency.py; summed over its nodes), when candidates were timed.
+    ``user_choice`` says when the user fixed the layer, and with which option: ``"excluded by
+    the user (--exclude Gemm)"`` or ``"pinned by the user (--rank fc=8)"``; None otherwise.
+    A layer without spectra (a recipe) has ``error_bound`` and ``error_actual`` None.
+    """
+
+    name: str
+    op_type: str
+    weight_shape: tuple[int, ...] | None
+    groups: int | None
+    rank: int | None
+    params_before: int
+    params_after: int
+    macs_before: int | None
+    macs_after: int | None
+    error_bound: float | None
+    error_actual: float | None
+    skipped_reason: str | None
+    output_error_estimate: float | None = None
+    output_error: float | None = None
+    output_error_network: float | None = None
+    shared_with: tuple[str, ...] = ()
+    latency_ms_before: float | None = None
+    latency_ms_after: float | None = None
+    user_choice: str | None = None
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A graph input or output as a user feeding the model sees it.
+
+    Attributes:
+        name: the tensor name.
+        dtype: NumPy's name of the element type (``float32``, ``int64``), or the ONNX name for
+            types NumPy lacks (``BFLOAT16``), or the kind of a non-tensor (``sequence``, ...).
+        shape: one entry per dimension: its size, its symbolic name (``"batch"``), or ``"?"``
+            when it is dynamic without a name; None when the rank is unknown.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...] | None
+
+
+@dataclass(frozen=True)
+class ParameterShares:
+    """Where a model's parameters are, by what onnx-lowrank can do with them.
+
+    Attributes:
+        total: every floating-point constant value (``cost.count_parameters``).
+        compressible: weights of the layers ``discover`` finds compressible (a tied weight once).
+        embeddings: constant 2-D tables read by ``Gather`` on axis 0 (token or position
+            embeddings), not counted in ``compressible``.
+    """
+
+    total: int
+    compressible: int
+    embeddings: int
+
+    @property
+    def other(self) -> int:
+        """Parameters in nothing compressible: biases, norms, skipped layers, other constants."""
+        return self.total - self.compressible - self.embeddings
+
+    def parts(self) -> list[tuple[str, int, float]]:
+        """``(label, parameters, fraction of the total)`` of each part, as reports print them."""
+        return [
+            (label, value, value / self.total if self.total else 0.0)
+            for label, value in (
+                ("in compressible layers", self.compressible),
+                ("in embeddings (Gather tables)", self.embeddings),
+                ("in nothing compressible", self.other),
+            )
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        shares = {"compressible": self.compressible, "embeddings": self.embeddings}
+        shares["other"] = self.other
+        fractions = {
+            f"{key}_fraction": value / self.total if self.total else 0.0
+            for key, value in shares.items()
+        }
+        return {"total": self.total, **shares, **fractions}
+
+
+@dataclass
+class InspectionReport:
+    """What ``inspect`` found in a model.
+
+    Attributes:
+        source: where the model came from.
+        params: the model's parameter count (``shares.total``).
+        macs: MACs of its Conv/Gemm/MatMul nodes (per sample with a dynamic batch).
+        layers: every Conv/Gemm/MatMul with a weight, compressible or with a skip reason.
+        notes: shape assumptions and unknown MACs.
+        inputs: the graph inputs to feed (initializers excluded).
+        outputs: the graph outputs.
+        opsets: imported opset version by domain (``""`` is the ONNX domain).
+        ir_version: the model's IR version.
+        shares: where the parameters are (compressible layers, embeddings, the rest).
+    """
+
+    source: str
+    params: int
+    macs: int | None  # None: a Conv/Gemm/MatMul's size depends on an unknown input size
+    layers: list[LayerReport]
+    notes: list[str] = field(default_factory=list)
+    inputs: list[TensorInfo] = field(default_factory=list)
+    outputs: list[TensorInfo] = field(default_factory=list)
+    opsets: dict[str, int] = field(default_factory=dict)
+    ir_version: int = 0
+    shares: ParameterShares | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["shares"] = None if self.shares is None else self.shares.to_dict()
+        return plain(data)
+
+
+@dataclass
+class CompressionReport:
+    """Everything a compression run did and measured.
+
+    ``macs_before``/``macs_after`` are None when a Conv/Gemm/MatMul's MACs depend on an input
+    size that is unknown (dynamic, and no ``--input-shape``, ``--inputs`` or
+    ``--calibration`` gave it). ``validation_skipped`` says why validation did not run when it
+    was asked for.
+    """
+
+    source: str
+    version: str
+    config: dict[str, Any]
+    params_before: int
+    params_after: int
+    macs_before: int | None
+    macs_after: int | None
+    size_bytes_before: int
+    size_bytes_after: int
+    max_error_bound: float
+    max_error_actual: float
+    layers: list[LayerReport]
+    validation: ValidationReport | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    max_output_error: float | None = None
+    calibration: dict[str, Any] | None = None
+    #: Measured latency (pipeline._latency_summary): provider, device, the whole model's ms,
+    #: predicted and measured ratios, and what timing the candidates took; None when untimed.
+    latency: dict[str, Any] | None = None
+    validation_skipped: str | None = None
+    #: Where the input's parameters are (compressible layers, embeddings, the rest): what a
+    #: budget fraction is a fraction of.
+    shares: ParameterShares | None = None
+
+    @property
+    def compressed_layers(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if layer.rank is not None]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["validation"] = None if self.validation is None else self.validation.to_dict()
+        data["shares"] = None if self.shares is None else self.shares.to_dict()
+        data["params_fraction"] = (
+            self.params_after / self.params_before if self.params_before else 1.0
+        )
+        data["macs_fraction"] = (
+            None
+            if self.macs_before is None or self.macs_after is None
+            else self.macs_after / self.macs_before
+            if self.macs_before
+            else 1.0
+        )
+        return plain(data)
+
+
+def plain(value: Any) -> Any:
+    """JSON-ready: tuples to lists, non-finite floats to None."""
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+@dataclass(frozen=True)
+class LayerLatency:
+    """Measured latency of one layer's rows (summed over every node that reads its weight).
+
+    Attributes:
+        layer: layer name.
+        dense_ms: the dense layer's time in ms.
+        row_ms: time per candidate-table row (row 0 is the dense layer), timed or interpolated.
+        timed: True for rows whose time was measured (or read from the cache), False for
+            interpolated ones.
+    """
+
+    layer: str
+    dense_ms: float
+    row_ms: np.ndarray
+    timed: np.ndarray

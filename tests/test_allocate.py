@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from onnx_lowrank import CompressionConfig, InfeasibleBudgetError, compress
-from onnx_lowrank.allocate import SOLVERS, allocate, build_table
+from onnx_lowrank.allocate import allocate, build_table
 from onnx_lowrank.config import METHODS
 from onnx_lowrank.cost import count_macs
 from onnx_lowrank.discover import discover
@@ -24,6 +24,7 @@ from onnx_lowrank.factorize import factorize
 from onnx_lowrank.pipeline import analyze, candidate_tables
 from onnx_lowrank.rewrite import rewrite
 from onnx_lowrank.shapes import infer_shapes
+from onnx_lowrank.solvers import SOLVERS
 from onnx_lowrank.types import BudgetLimit, CandidateTable
 
 PROPERTY = settings(

@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from builders import MNIST, MODELS, conv_model, gemm_model, make_model, matmul_model
+from builders import MNIST, MODELS, SAMPLES, conv_model, gemm_model, make_model, matmul_model
 from onnx import helper
 
-from onnx_lowrank.discover import discover
+from onnx_lowrank import CompressionConfig
+from onnx_lowrank.discover import WeightReader, discover
+from onnx_lowrank.pipeline import analyze, candidate_tables, choose, realize
 
 
 def test_mnist_layers_and_shapes():
@@ -138,3 +140,31 @@ def test_an_initializer_that_is_a_graph_input_is_not_a_constant():
     np.testing.assert_allclose(fed, 2 * default, rtol=1e-5, atol=1e-5)  # the fed B is read
     reasons = {layer.name: layer.skipped_reason for layer in result.report.layers}
     assert "graph input" in reasons["fed"]
+
+
+def test_each_weight_is_converted_to_float64_once_per_run(tmp_path):
+    """Spectra, calibration statistics, whitened factors, bias correction and the measured output
+    errors all read the weights; the reader converts each one once."""
+    images = np.load(SAMPLES / "mnist_train_calib.npz")["images"][:64].astype(np.float32)
+    calibration = str(tmp_path / "calibration.npy")
+    np.save(calibration, ((images / 255 - 0.1307) / 0.3081)[:, None])
+    config = CompressionConfig(params=0.5, calibration=calibration, latency_runs=1)
+    analysis = analyze(MNIST, config)
+    tables = candidate_tables(analysis, config)
+    result = realize(analysis, tables, choose(analysis, tables, config), config)
+    assert result.report.validation.passed and result.report.compressed_layers
+    reader = analysis.discovery.reader
+    assert reader.reads == len(analysis.discovery.layers) == 4
+
+
+def test_the_weight_reader_rereads_what_it_cannot_keep():
+    model = onnx.load(MNIST)
+    discovery = discover(model)
+    kept, uncached = discovery.reader, WeightReader(model, cache_bytes=0)
+    for _ in range(2):
+        for layer in discovery.layers:
+            weight = discovery.weight(layer)
+            assert not weight.flags.writeable and weight.dtype == np.float64
+            np.testing.assert_array_equal(weight, uncached(layer))
+    assert kept.reads == len(discovery.layers) and uncached.reads == 2 * len(discovery.layers)
+

@@ -11,9 +11,12 @@ import pytest
 from builders import MNIST, low_rank, make_model
 from onnx import helper
 
+import onnx_lowrank
 from onnx_lowrank import CompressionConfig, RuntimeMissingError, compress
 from onnx_lowrank.cli import main
-from onnx_lowrank.report import KEPT_DENSE, layer_figure, write_json
+from onnx_lowrank.plots import layer_figure
+from onnx_lowrank.records import KEPT_DENSE
+from onnx_lowrank.report import write_json
 
 pytest.importorskip("matplotlib")
 
@@ -85,7 +88,7 @@ def test_plot_of_the_mnist_cnn_with_calibration(tmp_path):
     validated = compress(MNIST, config.replace(validate=True, latency_runs=1)).report
     xs, ys = figure_data(layer_figure(validated))[2]["output error (measured)"]
     assert ys == [validated.layers[i].output_error for i in xs] and len(xs) == 2
-    target = report.plot(tmp_path / "layers.png")
+    target = onnx_lowrank.plot_layers(report, tmp_path / "layers.png")
     assert target.read_bytes()[:8] == PNG
     assert stat.S_IMODE(target.stat().st_mode) == usual_mode()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calibration.npz", "layers.png"]
@@ -110,8 +113,9 @@ def test_cli_plot_without_matplotlib_fails_before_any_work(tmp_path, capsys, mon
     ]
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(RuntimeMissingError, match="needs matplotlib"):
-        compress(tiny_model(), CompressionConfig(params=0.5, validate=False)).report.plot(
-            tmp_path / "layers.png"
+        onnx_lowrank.plot_layers(
+            compress(tiny_model(), CompressionConfig(params=0.5, validate=False)).report,
+            tmp_path / "layers.png",
         )
 
 

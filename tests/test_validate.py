@@ -20,7 +20,8 @@ from onnx_lowrank.cli import main
 from onnx_lowrank.errors import ConfigError
 from onnx_lowrank.feeds import latency_feeds, random_inputs
 from onnx_lowrank.metrics import compare_output
-from onnx_lowrank.report import format_sweep, format_validation, sweep_figure
+from onnx_lowrank.plots import sweep_figure
+from onnx_lowrank.report import format_sweep, format_validation
 from onnx_lowrank.sessions import make_session
 from onnx_lowrank.validate import validate
 
