@@ -167,4 +167,3 @@ def test_the_weight_reader_rereads_what_it_cannot_keep():
             assert not weight.flags.writeable and weight.dtype == np.float64
             np.testing.assert_array_equal(weight, uncached(layer))
     assert kept.reads == len(discovery.layers) and uncached.reads == 2 * len(discovery.layers)
-

@@ -17,6 +17,7 @@ from onnx_lowrank import (
     InfeasibleBudgetError,
     ShapeError,
     compress,
+    device,
     latency,
 )
 from onnx_lowrank.allocate import allocate
@@ -252,7 +253,7 @@ def test_rank_multiple_auto_keeps_blocked_conv_shapes():
     analysis = analyze(path, free)
     plain = {t.layer: t for t in candidate_tables(analysis, free)}
     auto = {t.layer: t for t in candidate_tables(analysis, free.replace(rank_multiple="auto"))}
-    block = latency.preferred_multiple("CPUExecutionProvider")
+    block = device.preferred_multiple("CPUExecutionProvider")
     conv = auto["conv2d_9"]
     assert len(conv) < len(plain["conv2d_9"]) and len(conv) > 1
     factorized = conv.groups > 0

@@ -124,6 +124,7 @@ def test_public_api_is_pinned():
             "__version__",
             "compress",
             "inspect",
+            "plot_layers",
             "sweep",
         ]
     )

@@ -14,6 +14,8 @@ from onnx import helper
 from robust_helpers import cached
 
 import onnx_lowrank
+import onnx_lowrank.feeds as feeds_module
+import onnx_lowrank.metrics as metrics_module
 import onnx_lowrank.validate as validate_module
 from onnx_lowrank import CompressionConfig, compress
 from onnx_lowrank.cli import main
@@ -33,7 +35,7 @@ REAL = MNIST.parent / "mnist_test.npz"
 def test_latency_uses_one_sample_of_a_dynamic_batch():
     model = onnx.load(MNIST)
     feeds = random_inputs(model, {})
-    assert feeds["input"].shape[0] == validate_module.RANDOM_BATCH
+    assert feeds["input"].shape[0] == feeds_module.RANDOM_BATCH
     batch, timed = latency_feeds(model, feeds)
     assert batch == 1
     np.testing.assert_array_equal(timed["input"], feeds["input"][:1])
@@ -375,7 +377,7 @@ def test_both_sessions_get_the_stated_threads_and_the_summary_shows_the_spread(c
 
 
 def test_chunked_metrics_equal_the_whole_output_ones(monkeypatch):
-    monkeypatch.setattr(validate_module, "COMPARE_CHUNK", 7)
+    monkeypatch.setattr(metrics_module, "COMPARE_CHUNK", 7)
     rng = np.random.default_rng(0)
     a = rng.standard_normal((5, 6, 11)).astype(np.float32)
     b = (a + 0.3 * rng.standard_normal(a.shape)).astype(np.float32)
