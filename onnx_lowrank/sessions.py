@@ -28,6 +28,7 @@ import onnx
 from onnx.external_data_helper import uses_external_data
 
 from .errors import InvalidModelError, RuntimeMissingError
+from .feeds import graph_inputs
 from .graphs import external_array, iter_tensors, tensor_to_array
 from .types import Progress
 
@@ -151,13 +152,6 @@ def session_settings(threads: int | None) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------
 # Probe runs
-
-
-def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    """The graph inputs that must be fed (validate.graph_inputs; sessions.py cannot import
-    validate.py, which imports it: this copy goes when the feed helpers move to feeds.py)."""
-    initializers = {tensor.name for tensor in model.graph.initializer}
-    return [info for info in model.graph.input if info.name not in initializers]
 
 
 def fixed_batch(model: onnx.ModelProto) -> int | None:
