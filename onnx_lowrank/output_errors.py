@@ -33,7 +33,24 @@ from .records import CalibratedLayer, Calibration, OutputErrors
 from .sessions import run_batches
 from .types import Discovery, Layer, Progress
 
-__all__ = ["measure_output_errors"]
+__all__ = ["measure_output_errors", "node_weight"]
+
+
+def node_weight(use: Layer, node: onnx.NodeProto, matrix: np.ndarray) -> tuple[np.ndarray, bool]:
+    """``matrix`` (``f × c·κ``: a folded weight or a change of it) in the layout ``use``'s node
+    reads as its weight, in the weight's element type, and whether that layout is ``Wᵀ``.
+
+    The inverse of discovery's fold: a Conv's kernel shape; ``W`` itself for a ``Gather`` table
+    or a Gemm with ``transB``; ``Wᵀ`` for a MatMul or a Gemm without it. The nodes of a tied
+    weight may read it in different layouts (a table and its output MatMul).
+    """
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(use.weight_dtype)
+    if use.op_type == "Conv":
+        return np.ascontiguousarray(matrix.reshape(use.weight_shape), dtype=dtype), False
+    transposed = not (
+        use.op_type == "Gather" or (use.op_type == "Gemm" and attribute(node, "transB", 0))
+    )
+    return np.ascontiguousarray(matrix.T if transposed else matrix, dtype=dtype), transposed
 
 
 def _residual_probe(
@@ -57,30 +74,21 @@ def _residual_probe(
             continue
         residual = discovery.weight(layer) - reconstruct(layers[layer.name].factors)
         base = f"{layer.name}/onnx_lowrank_residual"
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(layer.weight_dtype)
         stored_names: dict[bool, str] = {}  # tied uses share the residual weight per layout
         zero = None
         if layer.op_type == "Gemm":
             # Gemm's C is required before opset 11; a zero scalar (broadcast since opset 7) is
             # no bias in every opset
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(layer.weight_dtype)
             zero = names.fresh(f"{base}_zero")
             graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((), dtype), zero))
         for use in layer.uses():
             node = graph.node[use.node_index]
-            if use.op_type == "Conv":
-                stored, transposed = residual.reshape(layer.weight_shape), False
-            else:
-                transposed = not (
-                    use.op_type == "Gather"
-                    or (use.op_type == "Gemm" and attribute(node, "transB", 0))
-                )
-                stored = residual.T if transposed else residual
+            stored, transposed = node_weight(use, node, residual)
             if transposed not in stored_names:
                 stored_names[transposed] = names.fresh(f"{base}_weight")
                 graph.initializer.append(
-                    onnx.numpy_helper.from_array(
-                        np.ascontiguousarray(stored, dtype=dtype), stored_names[transposed]
-                    )
+                    onnx.numpy_helper.from_array(stored, stored_names[transposed])
                 )
             weight_name = stored_names[transposed]
             twin = onnx.NodeProto()

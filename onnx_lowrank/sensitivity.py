@@ -52,9 +52,10 @@ from .config import CompressionConfig
 from .errors import CalibrationError, ConfigError
 from .factorize import factorize, reconstruct
 from .feeds import check_feeds, random_inputs
-from .graphs import FreshNames, attribute, overridable_initializers
+from .graphs import FreshNames, overridable_initializers
 from .index import GraphIndex
 from .load import load_npz
+from .output_errors import node_weight
 from .records import Calibration
 from .sessions import fixed_batch, make_session
 from .types import CandidateTable, Discovery, Factors, Layer, Progress
@@ -124,22 +125,13 @@ def spread_indices(samples: int, count: int, batch: int | None = None) -> np.nda
     return np.unique(np.linspace(0, samples - 1, count).round().astype(int))
 
 
-def _stored(layer: Layer, node: onnx.NodeProto, matrix: np.ndarray) -> np.ndarray:
-    """``matrix`` (``f × c·κ``) in the layout the node reads (as calibrate's residual probe)."""
-    if layer.op_type == "Conv":
-        stored = matrix.reshape(layer.weight_shape)
-    elif layer.op_type == "Gemm" and attribute(node, "transB", 0):
-        stored = matrix
-    else:
-        stored = matrix.T
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(layer.weight_dtype)
-    return np.ascontiguousarray(stored, dtype=dtype)
-
-
-def _shift_shape(layer: Layer) -> tuple[int, ...]:
-    if layer.op_type == "Conv":
-        return (layer.out_channels,) + (1,) * (len(layer.weight_shape) - 2)
-    return (layer.out_channels,)
+def _shift_shape(use: Layer) -> tuple[int, ...]:
+    """Shape of a per-channel shift of the output of ``use``'s node."""
+    if use.op_type == "Conv":
+        return (use.out_channels,) + (1,) * (len(use.weight_shape) - 2)
+    if use.op_type == "Gather":  # a table's rows: its width
+        return (use.cols,)
+    return (use.out_channels,)
 
 
 def probe_model(
@@ -148,12 +140,13 @@ def probe_model(
     """A copy of ``model`` whose layers' weights and output shifts can be fed at run time.
 
     Every layer's weight becomes an initializer that is also a graph input (its default is the
-    original weight, in the layout the node reads); every node of the layer (tied uses too)
-    gets ``Add(output, shift)`` with an overridable zero shift per output channel, and the Add
+    original weight, in the layout the node reads: one input per layout, so a table and its
+    tied output MatMul get two); every node of the layer (tied uses too) gets
+    ``Add(output, shift)`` with an overridable zero shift per output channel, and the Add
     takes over the node's output name, so everything downstream is unchanged.
 
     Returns:
-        The probe, layer name -> weight input name, and node name -> shift input name.
+        The probe, node name -> weight input name, and node name -> shift input name.
     """
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
@@ -162,19 +155,21 @@ def probe_model(
     weights, shifts = {}, {}
     adds: dict[int, onnx.NodeProto] = {}  # node index -> the Add that follows it
     for layer in layers:
-        node = graph.node[layer.node_index]
         base = f"{layer.name}/onnx_lowrank_probe"
-        stored = _stored(layer, node, discovery.weight(layer))
-        weight_name = weights[layer.name] = names.fresh(f"{base}_weight")
-        graph.initializer.append(onnx.numpy_helper.from_array(stored, weight_name))
-        graph.input.append(
-            onnx.helper.make_tensor_value_info(weight_name, layer.weight_dtype, stored.shape)
-        )
+        by_layout: dict[bool, str] = {}
         for use in layer.uses():
             node = graph.node[use.node_index]
-            node.input[1] = weight_name
+            stored, transposed = node_weight(use, node, discovery.weight(layer))
+            if transposed not in by_layout:
+                by_layout[transposed] = weight_name = names.fresh(f"{base}_weight")
+                graph.initializer.append(onnx.numpy_helper.from_array(stored, weight_name))
+                graph.input.append(
+                    onnx.helper.make_tensor_value_info(weight_name, use.weight_dtype, stored.shape)
+                )
+            weights[use.name] = by_layout[transposed]
+            node.input[0 if use.op_type == "Gather" else 1] = by_layout[transposed]
             shift_name = shifts[use.name] = names.fresh(f"{base}_shift")
-            zeros = np.zeros(_shift_shape(layer), dtype=stored.dtype)
+            zeros = np.zeros(_shift_shape(use), dtype=stored.dtype)
             graph.initializer.append(onnx.numpy_helper.from_array(zeros, shift_name))
             graph.input.append(
                 onnx.helper.make_tensor_value_info(shift_name, layer.weight_dtype, zeros.shape)
@@ -343,15 +338,16 @@ class NetworkErrors:
         for layer in self.layers:
             for groups, rank in todo.get(layer.name, []):
                 factors, shifts = self.approximation(layer, groups, rank)
-                node = graph.node[layer.node_index]
-                overrides = {self._weights[layer.name]: _stored(layer, node, reconstruct(factors))}
+                approximate = reconstruct(factors)
+                overrides = {}
                 for use in layer.uses():
+                    stored, _ = node_weight(use, graph.node[use.node_index], approximate)
+                    overrides[self._weights[use.name]] = stored
                     shift = shifts.get(use.name)
                     if shift is not None and np.any(shift):
-                        dtype = overrides[self._weights[layer.name]].dtype
-                        overrides[self._shifts[use.name]] = np.asarray(shift, dtype=dtype).reshape(
-                            _shift_shape(layer)
-                        )
+                        overrides[self._shifts[use.name]] = np.asarray(
+                            shift, dtype=stored.dtype
+                        ).reshape(_shift_shape(use))
                 self.measured[layer.name][(groups, rank)] = self._degradation(overrides)
                 done += 1
                 if progress is not None:

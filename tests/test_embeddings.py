@@ -195,6 +195,38 @@ def test_calibrated_compression_of_a_model_with_a_table(tmp_path):
     assert count_parameters(result.model) <= 0.5 * VOCAB * WIDTH
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_network_errors_of_a_table_replace_it_in_every_layout(tmp_path, tied):
+    # the probe fed a Gather's table as its ids and stored it transposed (an ONNX Runtime
+    # type error); a table tied with its output MatMul is read in two layouts
+    from onnx_lowrank.sensitivity import probe_model
+
+    table = np.random.default_rng(12).standard_normal((VOCAB, WIDTH)).astype(np.float32)
+    model = embedding_model(table, tied=tied, ids_shape=("N", 3))
+    discovery = discover(model)
+    probe, weights, _ = probe_model(model, discovery, discovery.layers)
+    check_model(probe)
+    ids = ids_feed((4, 3), seed=13)
+    for before, after in zip(run(model, {"ids": ids}), run(probe, {"ids": ids}), strict=True):
+        np.testing.assert_allclose(after, before, rtol=1e-6)
+    assert len(set(weights.values())) == (2 if tied else 1)
+    other = np.random.default_rng(15).standard_normal((VOCAB, WIDTH)).astype(np.float32)
+    feeds = {"ids": ids}
+    for name in set(weights.values()):
+        shape = tuple(next(t.dims for t in probe.graph.initializer if t.name == name))
+        feeds[name] = other if shape == other.shape else np.ascontiguousarray(other.T)
+    outputs = run(probe, feeds)
+    np.testing.assert_allclose(outputs[0], other[ids], rtol=1e-6)
+    if tied:
+        np.testing.assert_allclose(outputs[1], other[ids] @ other.T, rtol=1e-4, atol=1e-4)
+    data = tmp_path / "calibration.npz"
+    np.savez(data, ids=ids_feed((16, 3), seed=14))
+    config = CompressionConfig(params=0.5, calibration=str(data), error="network")
+    result = compress(model, config)
+    check_model(result.model)
+    assert count_parameters(result.model) <= 0.5 * VOCAB * WIDTH
+
+
 def test_row_weighted_factors_are_the_weighted_truncated_svd():
     from onnx_lowrank.factorize import reconstruct
     from onnx_lowrank.records import LayerStatistics
