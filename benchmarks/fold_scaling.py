@@ -12,6 +12,11 @@ checkout or worktree, put first on ``sys.path``) beside this checkout's; give it
 to compare several. Each cell is the best of ``--repeat`` runs, fewer when one run alone takes
 longer than ``--budget`` seconds. It prints a Markdown table: seconds and microseconds per pair
 for every checkout, and the growth from one size to the next (2.0 is linear for doubled sizes).
+
+``--graphsurgeon`` also times, in every checkout's workers and alternating with ``fold``, what any
+fold written on onnx-graphsurgeon would pay before folding anything: ``gs.import_onnx``,
+``graph.cleanup()`` and ``gs.export_onnx`` of the same model, and the same through
+``graphs.Surgery`` (which restores what a round trip drops) when the package has it.
 """
 
 from __future__ import annotations
@@ -66,26 +71,57 @@ def build_chain(pairs: int, seed: int = 0) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-def worker(path: str, repeat: int, budget: float) -> None:
+def round_trips(model: onnx.ModelProto) -> dict:
+    """The graphsurgeon round trips a fold on graphsurgeon would need, without any fold."""
+    import onnx_graphsurgeon as gs
+
+    from onnx_lowrank import graphs
+
+    def plain() -> None:
+        gs.export_onnx(gs.import_onnx(model).cleanup())
+
+    def surgery() -> None:
+        opened = graphs.Surgery(model)
+        opened.graph.cleanup()
+        opened.export()
+
+    trips = {"gs import+cleanup+export": plain}
+    if hasattr(graphs, "Surgery"):
+        trips["graphs.Surgery+cleanup+export"] = surgery
+    return trips
+
+
+def worker(path: str, repeat: int, budget: float, graphsurgeon: bool) -> None:
     """Time ``fold`` on the model at ``path`` (in this process) and print one JSON line."""
     import onnx_lowrank
     from onnx_lowrank.fold import fold
 
     model = onnx.load(path)
-    times: list[float] = []
-    while len(times) < repeat and (not times or sum(times) + min(times) <= budget):
-        start = time.perf_counter()
+    folding = None
+
+    def run_fold() -> None:
+        nonlocal folding
         folding = fold(model)
-        times.append(time.perf_counter() - start)
+
+    tasks = {"fold": run_fold, **(round_trips(model) if graphsurgeon else {})}
+    times: dict[str, list[float]] = {label: [] for label in tasks}
+    spent = 0.0
+    while len(times["fold"]) < repeat and (not spent or spent + min(times["fold"]) <= budget):
+        for label, task in tasks.items():  # alternating, so load changes hit all alike
+            start = time.perf_counter()
+            task()
+            times[label].append(time.perf_counter() - start)
+        spent += times["fold"][-1]
     source = str(Path(onnx_lowrank.__file__).resolve().parent.parent)
-    print(json.dumps({"best": min(times), "runs": len(times), "folded": len(folding.folded),
-                      "source": source}))  # fmt: skip
+    best = {label: min(values) for label, values in times.items()}
+    print(json.dumps({"best": best.pop("fold"), "runs": len(times["fold"]), "others": best,
+                      "folded": len(folding.folded), "source": source}))  # fmt: skip
 
 
-def measure(checkout: Path, path: Path, repeat: int, budget: float) -> dict:
+def measure(checkout: Path, path: Path, repeat: int, budget: float, graphsurgeon: bool) -> dict:
     environment = dict(os.environ, PYTHONPATH=str(checkout))
     command = [sys.executable, __file__, "--worker", str(path), "--repeat", str(repeat)]
-    command += ["--budget", str(budget)]
+    command += ["--budget", str(budget)] + (["--graphsurgeon"] if graphsurgeon else [])
     done = subprocess.run(
         command, env=environment, cwd=checkout, capture_output=True, text=True, check=False
     )
@@ -103,10 +139,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--budget", type=float, default=30.0, help="seconds per cell at most")
     parser.add_argument("--against", type=Path, action="append", default=[], metavar="PATH")
+    parser.add_argument(
+        "--graphsurgeon", action="store_true", help="also time graphsurgeon round trips"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.repeat, args.budget)
+        worker(args.worker, args.repeat, args.budget, args.graphsurgeon)
         return
     checkouts = [REPO, *args.against]
     labels = [str(checkout) for checkout in checkouts]
@@ -118,7 +157,10 @@ def main() -> None:
         for pairs in args.pairs:
             path = Path(folder) / f"chain{pairs}.onnx"
             onnx.save(build_chain(pairs), path)
-            row = [measure(checkout, path, args.repeat, args.budget) for checkout in checkouts]
+            row = [
+                measure(checkout, path, args.repeat, args.budget, args.graphsurgeon)
+                for checkout in checkouts
+            ]
             folded = {result["folded"] for result in row}
             if folded != {pairs}:
                 raise SystemExit(f"{pairs} pairs: folded {folded}")
@@ -143,6 +185,16 @@ def main() -> None:
             cells.append(f"{result['best']:.3f}{runs} | {per_pair:.0f} | {growth}")
         print(f"| {pairs} | " + " | ".join(cells) + " |")
         previous = [result["best"] for result in row]
+    for position in range(len(labels) if args.graphsurgeon else 0):
+        trips = list(rows[0][1][position]["others"])
+        print(f"\n[{position}] graphsurgeon round trips without a fold (same runs as its fold; "
+              "× = their time / fold's)\n")  # fmt: skip
+        print("| pairs | fold s | " + " | ".join(f"{trip} s | ×" for trip in trips) + " |")
+        print("|---:|---:|" + "---:|---:|" * len(trips))
+        for pairs, row in rows:
+            fold_time, others = row[position]["best"], row[position]["others"]
+            cells = [f"{others[trip]:.3f} | {others[trip] / fold_time:.1f}×" for trip in trips]
+            print(f"| {pairs} | {fold_time:.3f} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
