@@ -407,6 +407,7 @@ def test_ppocr_keeps_metadata_and_outputs_when_folded():
     onnx.checker.check_model(folding.model, full_check=True)
     feeds = {"x": random_feed((2, 3, 48, 192), seed=4)}
     assert rel_l2(run(model, feeds)[0], run(folding.model, feeds)[0]) < TOLERANCE
+    assert fold(model).model.SerializeToString() == folding.model.SerializeToString()
 
 
 def test_value_info_of_removed_nodes_is_dropped():
