@@ -47,13 +47,7 @@ from .errors import (
     OutOfMemoryError,
     OutputPathError,
 )
-from .load import (
-    check_output_path,
-    external_data_files,
-    open_model,
-    same_file,
-    save_model,
-)
+from .load import external_data_files, open_model
 from .pipeline import compress, inspect, sweep
 from .plots import plot_layers, require_matplotlib
 from .report import (
@@ -64,6 +58,7 @@ from .report import (
     write_json,
     write_npz,
 )
+from .save import check_output_path, same_file, save_model
 
 __all__ = ["main"]
 

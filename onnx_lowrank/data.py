@@ -3,8 +3,8 @@ image preprocessing behind ``onnx-lowrank make-calibration``.
 
 ``read_arrays`` accepts the formats people have, as ONNX tools take them:
 
-* an ``.npz`` archive with one array per model input, keyed by input name (``validate.load_npz``
-  reads it);
+* an ``.npz`` archive with one array per model input, keyed by input name (``load_npz`` reads
+  it, after ``npz_headers`` has checked what its arrays declare against the available memory);
 * an ``.npy`` file: the batch of a model with exactly one input;
 * a folder of ``.npy`` files, either one per model input (``<input name>.npy``, with ``/`` and
   ``:`` in the name written as ``_``), or one per sample of a single-input model (sorted by
@@ -17,26 +17,31 @@ model (``feeds.check_feeds``, ``calibrate.check_calibration``).
 
 from __future__ import annotations
 
+import math
 import os
 import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import onnx
 
-from .errors import CalibrationError, ConfigError, RuntimeMissingError
+from .errors import CalibrationError, ConfigError, RuntimeMissingError, file_kind, reason
 from .feeds import graph_inputs
-from .load import load_npz
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImagePreprocessing",
+    "available_memory",
     "crop_regions",
     "file_name",
     "images_to_batch",
+    "load_npz",
     "model_input",
+    "npz_headers",
     "preprocess",
     "read_arrays",
 ]
@@ -59,14 +64,14 @@ def read_arrays(
     """Model inputs from an ``.npz`` file, an ``.npy`` file, or a folder of ``.npy`` files.
 
     Files are told apart by name: ``.npy`` and folders are read here, anything else (a folder
-    named ``.npz`` included, which it refuses) by ``load.load_npz``.
+    named ``.npz`` included, which it refuses) by ``load_npz``.
 
     Args:
         path: the file or folder.
         model: the model the arrays are for (its input names, and whether it has one input).
         what: the option that named ``path``, for messages.
         check: raises when the arrays do not fit the model; an ``.npz``'s arrays are checked
-            before they are read (``load.load_npz``).
+            before they are read (``load_npz``).
 
     Returns:
         One batch-first array per input name.
@@ -157,6 +162,152 @@ def _stack_samples(files: Sequence[Path], model: onnx.ModelProto, what: str) -> 
             )
         return np.concatenate(arrays)
     return np.stack(arrays)
+
+
+# --------------------------------------------------------------------------------------------
+# .npz inputs (--inputs, --calibration)
+
+_NPZ_FIX = "save one array per model input with numpy.savez(FILE, name=array, ...)"
+
+
+def load_npz(
+    path: str | os.PathLike,
+    what: str = "--inputs",
+    check: Callable[[dict[str, np.ndarray]], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """Arrays of an ``.npz`` file, with a clear error when it cannot be read.
+
+    Keys, dtypes and shapes are read from the ``.npy`` headers inside the archive first
+    (``npz_headers``), so a small file that declares or inflates to more memory than is
+    available is refused before anything is read, and ``check`` sees the file's arrays as
+    read-only placeholders of the declared shape and dtype (no memory) before they are loaded.
+
+    Args:
+        path: the ``.npz`` file.
+        what: the option that named it, for messages.
+        check: called with the placeholders; raises when they do not fit the model.
+
+    Raises:
+        CalibrationError: the file is missing, not an ``.npz`` of NumPy arrays, larger than the
+            available memory, or (through ``check``) does not fit the model.
+    """
+    declared = npz_headers(path, what)
+    if check is not None:
+        check({key: _placeholder(dtype, shape) for key, (dtype, shape) in declared.items()})
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in declared}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise CalibrationError(
+            f"{what} file {path} cannot be read ({reason(exc)}); {_NPZ_FIX}"
+        ) from exc
+    except MemoryError as exc:
+        raise CalibrationError(
+            f"{what} file {path}: out of memory reading {_bytes(_declared_bytes(declared))} "
+            f"of arrays ({reason(exc)})"
+        ) from exc
+
+
+def npz_headers(
+    path: str | os.PathLike, what: str = "--inputs"
+) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    """Each array's dtype and shape as declared in its ``.npy`` header, without reading data.
+
+    Raises:
+        CalibrationError: as for ``load_npz``; the arrays would need more memory than is
+            available (the message says how much).
+    """
+    target = Path(path)
+    if not target.exists():
+        raise CalibrationError(f"{what} file not found: {path}")
+    if target.is_dir():
+        raise CalibrationError(f"{what} {path} is a directory; give an .npz file")
+    if not target.is_file():
+        raise CalibrationError(f"{what} {path} is {file_kind(target)}; give an .npz file")
+    declared: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
+    try:
+        if not zipfile.is_zipfile(target):  # empty, truncated, .npy, text, ...
+            raise CalibrationError(f"{what} file {path} is not an .npz archive; {_NPZ_FIX}")
+        with zipfile.ZipFile(target) as archive:
+            for member in archive.infolist():
+                if not member.filename.endswith(".npy"):
+                    raise CalibrationError(
+                        f"{what} file {path} holds {member.filename!r}, which is not a NumPy "
+                        f"array; {_NPZ_FIX}"
+                    )
+                with archive.open(member) as stream:
+                    declared[member.filename[: -len(".npy")]] = _npy_header(stream)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise CalibrationError(
+            f"{what} file {path} cannot be read ({reason(exc)}); {_NPZ_FIX}"
+        ) from exc
+    objects = [key for key, (dtype, _) in declared.items() if dtype.hasobject]
+    if objects:
+        raise CalibrationError(
+            f"{what} file {path} cannot be read ({objects[0]!r} holds Python objects: Object "
+            f"arrays cannot be loaded when allow_pickle=False); {_NPZ_FIX}"
+        )
+    needed, available = _declared_bytes(declared), available_memory()
+    if available is not None and needed > available:
+        key, (dtype, shape) = max(
+            declared.items(), key=lambda item: _declared_bytes({item[0]: item[1]})
+        )
+        raise CalibrationError(
+            f"{what} file {path} declares {_bytes(needed)} of arrays ({key!r}: {dtype} "
+            f"{shape}), more than the {_bytes(available)} of memory available; give fewer "
+            "samples"
+        )
+    return declared
+
+
+def _npy_header(stream: BinaryIO) -> tuple[np.dtype, tuple[int, ...]]:
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+    else:  # 3.0 only differs in the header's text encoding (utf-8); numpy has no public reader
+        shape, _, dtype = np.lib.format._read_array_header(stream, version)
+    if any(int(size) < 0 for size in shape):
+        raise ValueError(f"negative dimension in shape {shape}")
+    return np.dtype(dtype), tuple(int(size) for size in shape)
+
+
+def _declared_bytes(declared: dict[str, tuple[np.dtype, tuple[int, ...]]]) -> int:
+    return sum(math.prod(shape) * dtype.itemsize for dtype, shape in declared.values())
+
+
+def _placeholder(dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """A read-only array of ``shape`` and ``dtype`` that takes no memory (all zeros)."""
+    try:
+        return np.broadcast_to(np.zeros((), dtype), shape)
+    except ValueError as exc:  # more elements than an index can address
+        raise CalibrationError(f"array shape {shape} is too large ({reason(exc)})") from exc
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux ``MemAvailable``), or None."""
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _bytes(count: int) -> str:
+    """A byte count for people: '4.00 GiB'."""
+    size = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if size < 1024 or unit == "PiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
+        size /= 1024
+    return f"{count} B"
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,10 +1,14 @@
 """One exception hierarchy for everything onnx-lowrank reports to its users.
 
 Every error carries a message that names the problem and the fix. The CLI prints ``str(error)``
-on one line and exits with ``error.exit_code``; the Python API simply raises.
+on one line and exits with ``error.exit_code``; the Python API simply raises. ``reason`` and
+``file_kind`` phrase the parts of messages that the readers and writers share.
 """
 
 from __future__ import annotations
+
+import os
+import stat
 
 __all__ = [
     "CalibrationError",
@@ -20,6 +24,8 @@ __all__ = [
     "ShapeError",
     "UnsupportedModelError",
     "ValidationFailedError",
+    "file_kind",
+    "reason",
 ]
 
 
@@ -97,3 +103,28 @@ class ValidationFailedError(OnnxLowRankError):
     def __init__(self, message: str, report: object):
         super().__init__(message)
         self.report = report
+
+
+def reason(exc: BaseException) -> str:
+    """An exception's text on one line (at most 300 characters), to quote in a message."""
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(text.split())[:300]
+
+
+def file_kind(path: str | os.PathLike) -> str:
+    """What a path is, in words: 'a directory', 'a named pipe (FIFO)', ..."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return "not readable"
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISREG, "a regular file"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"

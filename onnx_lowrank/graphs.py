@@ -26,12 +26,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FLOAT_TYPES",
+    "PROTOBUF_LIMIT",
     "FreshNames",
     "Surgery",
     "attribute",
     "external_array",
     "external_location",
     "graph_at",
+    "has_external_data",
     "iter_graphs",
     "iter_tensors",
     "opset_version",
@@ -42,6 +44,9 @@ __all__ = [
     "type_name",
     "walk_graphs",
 ]
+
+#: Protobuf cannot serialize a single message of 2 GiB or more.
+PROTOBUF_LIMIT = 2**31 - 1
 
 #: Element types that hold trainable weights. Integer tensors are shapes, indices or quantized
 #: data and are never counted as parameters.
@@ -308,6 +313,11 @@ def tensor_nbytes(tensor: onnx.TensorProto) -> int:
     if tensor.HasField("raw_data"):
         return len(tensor.raw_data)
     return tensor.ByteSize()
+
+
+def has_external_data(model: onnx.ModelProto) -> bool:
+    """True when any tensor of the model (subgraphs included) keeps its data in a side file."""
+    return any(uses_external_data(tensor) for tensor in iter_tensors(model))
 
 
 class FreshNames:

@@ -51,15 +51,10 @@ from .latency import LatencyBook, measure_choice, measure_model
 from .load import (
     LoadedModel,
     ModelSource,
-    check_output_path,
     model_file_size,
-    model_size_bytes,
     model_to_graph,
     open_model,
-    remove_stale_temporaries,
-    save_model,
     source_path,
-    temporary_prefix,
 )
 from .plots import plot_sweep
 from .records import (
@@ -75,6 +70,13 @@ from .records import (
 )
 from .report import write_json
 from .rewrite import rewrite
+from .save import (
+    check_output_path,
+    model_size_bytes,
+    remove_stale_temporaries,
+    save_model,
+    temporary_prefix,
+)
 from .sessions import fixed_batch
 from .shapes import infer_shapes
 from .spectra import compute_spectra, error_table

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RuntimeMissingError
-from .load import write_file
 from .records import KEPT_DENSE, CompressionReport, LayerReport
 from .report import count_text
+from .save import write_file
 
 __all__ = [
     "NEEDS_MATPLOTLIB",

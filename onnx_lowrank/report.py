@@ -16,7 +16,6 @@ import numpy as np
 
 from .config import ALL_OUTPUTS
 from .errors import OutputPathError
-from .load import write_file
 from .records import (
     NOT_A_TASK_METRIC,
     CompressionReport,
@@ -25,6 +24,7 @@ from .records import (
     TensorInfo,
     ValidationReport,
 )
+from .save import write_file
 
 __all__ = [
     "count_text",

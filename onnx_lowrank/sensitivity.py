@@ -49,12 +49,12 @@ import onnx
 
 from .backend import Backend
 from .config import CompressionConfig
+from .data import load_npz
 from .errors import CalibrationError, ConfigError
 from .factorize import factorize, reconstruct
 from .feeds import check_feeds, random_inputs
 from .graphs import FreshNames, overridable_initializers
 from .index import GraphIndex
-from .load import load_npz
 from .output_errors import node_weight
 from .records import Calibration
 from .sessions import fixed_batch, make_session

@@ -13,7 +13,8 @@ import pytest
 from builders import MNIST, REPO, conv_model, low_rank, run
 
 from onnx_lowrank import CompressionConfig, InvalidModelError, compress
-from onnx_lowrank.load import model_to_graph, open_model, save_model
+from onnx_lowrank.load import model_to_graph, open_model
+from onnx_lowrank.save import save_model
 
 
 def _exported(graph: gs.Graph) -> bytes:

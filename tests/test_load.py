@@ -23,6 +23,8 @@ from robust_helpers import assert_close, file_hashes, outputs
 
 from onnx_lowrank import CompressionConfig, compress
 from onnx_lowrank import load as load_module
+from onnx_lowrank import save as save_module
+from onnx_lowrank.data import load_npz
 from onnx_lowrank.errors import (
     CalibrationError,
     InvalidModelError,
@@ -30,14 +32,8 @@ from onnx_lowrank.errors import (
     OutputPathError,
 )
 from onnx_lowrank.graphs import tensor_to_array
-from onnx_lowrank.load import (
-    external_data_files,
-    load_model,
-    load_npz,
-    model_file_size,
-    open_model,
-    save_model,
-)
+from onnx_lowrank.load import external_data_files, load_model, model_file_size, open_model
+from onnx_lowrank.save import save_model
 from onnx_lowrank.validate import validation_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -198,7 +194,7 @@ def test_lazy_and_eager_compression_give_the_same_model(tmp_path, monkeypatch):
 
 
 def test_large_outputs_switch_to_external_data(tmp_path, monkeypatch):
-    monkeypatch.setattr(load_module, "PROTOBUF_LIMIT", 10_000)  # stands in for 2 GiB
+    monkeypatch.setattr(save_module, "PROTOBUF_LIMIT", 10_000)  # stands in for 2 GiB
     written = save_model(two_layer_model(), tmp_path / "big.onnx")
     assert external_data_files(written) == ((tmp_path / "big.onnx.data").resolve(),)
     assert_close(two_layer_model(), written, FEEDS, tolerance=0)
@@ -214,7 +210,7 @@ def test_interrupted_write_leaves_the_old_output_and_no_temporary_files(tmp_path
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(load_module, "_write_streaming", interrupted)
+    monkeypatch.setattr(save_module, "_write_streaming", interrupted)
     with pytest.raises(KeyboardInterrupt):
         save_model(two_layer_model(), target, external_data=True)
     assert target.read_bytes() == b"previous output"
@@ -237,7 +233,7 @@ def test_ctrl_c_between_the_renames_is_held_back(tmp_path, monkeypatch):
         real_replace(source, target)
         _signal_this_thread(signal.SIGINT)
 
-    monkeypatch.setattr(load_module.os, "replace", replace_with_interrupt)
+    monkeypatch.setattr(save_module.os, "replace", replace_with_interrupt)
     with pytest.raises(KeyboardInterrupt):
         save_model(two_layer_model(), tmp_path / "out.onnx", external_data=True)
     monkeypatch.undo()
@@ -279,7 +275,7 @@ def test_a_crash_between_the_renames_leaves_the_old_model_with_its_old_weights(
         calls.append(destination)
         real_replace(source, destination)
 
-    monkeypatch.setattr(load_module.os, "replace", crash_after_the_first_rename)
+    monkeypatch.setattr(save_module.os, "replace", crash_after_the_first_rename)
     with pytest.raises(OutputPathError, match="simulated crash"):
         save_model(new, target, external_data=True)
     monkeypatch.undo()
@@ -374,7 +370,7 @@ def test_sigterm_between_the_renames_is_held_back(tmp_path, monkeypatch):
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
-        monkeypatch.setattr(load_module.os, "replace", replace_with_sigterm)
+        monkeypatch.setattr(save_module.os, "replace", replace_with_sigterm)
         with pytest.raises(KeyboardInterrupt):
             save_model(two_layer_model(), tmp_path / "out.onnx", external_data=True)
     finally:
@@ -391,15 +387,15 @@ def test_temporaries_of_a_killed_process_are_removed_by_the_next_write(tmp_path)
         "import os, signal, sys\n"
         "sys.path.insert(0, 'tests')\n"
         "from test_load import two_layer_model\n"
-        "from onnx_lowrank import load\n"
+        "from onnx_lowrank import save\n"
         "os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
-        f"load.save_model(two_layer_model(), {str(tmp_path / 'out.onnx')!r}, external_data=True)\n"
+        f"save.save_model(two_layer_model(), {str(tmp_path / 'out.onnx')!r}, external_data=True)\n"
     )
     killed = subprocess.run([sys.executable, "-c", script], cwd=ROOT, timeout=120)
     assert killed.returncode == -signal.SIGKILL
     stale = [p for p in tmp_path.iterdir() if p.name.startswith(".out.onnx.")]
     assert len(stale) == 1 and (stale[0] / "out.onnx.data").exists()
-    live = tmp_path / f"{load_module.temporary_prefix('.out.onnx')}live"
+    live = tmp_path / f"{save_module.temporary_prefix('.out.onnx')}live"
     live.mkdir()  # this process is alive: its folder stays
     save_model(two_layer_model(), tmp_path / "out.onnx", external_data=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(

@@ -15,7 +15,8 @@ from robust_helpers import assert_close, cached, file_hashes, full_rank, outputs
 
 from onnx_lowrank import CompressionConfig, NothingToCompressError, compress
 from onnx_lowrank.discover import discover
-from onnx_lowrank.load import external_data_files, open_model, save_model
+from onnx_lowrank.load import external_data_files, open_model
+from onnx_lowrank.save import save_model
 
 RNG = np.random.default_rng(0)
 

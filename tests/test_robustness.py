@@ -850,7 +850,7 @@ def test_models_older_than_opset_7_are_listed_but_not_factorized():
 #: named step: the step writes ``ready`` and sleeps, so the test can signal the run right there.
 PAUSED_RUN = """
 import pathlib, sys, time
-from onnx_lowrank import cli, load, pipeline
+from onnx_lowrank import cli, load, pipeline, save
 load.LAZY_EXTERNAL_BYTES = 0
 module, name, ready = sys.argv[1], sys.argv[2], pathlib.Path(sys.argv[3])
 real = getattr(globals()[module], name)
@@ -893,7 +893,7 @@ def leftovers(tmp_path) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "step", [("pipeline", "_validate"), ("load", "_check_written")], ids=["validate", "save"]
+    "step", [("pipeline", "_validate"), ("save", "_check_written")], ids=["validate", "save"]
 )
 def test_sigterm_removes_the_spill_and_staging_folders(tmp_path, step):
     process = paused_run(tmp_path, step)
@@ -930,6 +930,6 @@ def test_a_killed_runs_spill_folder_is_removed_by_the_next_run(tmp_path):
 
 
 def _host() -> str:
-    from onnx_lowrank import load
+    from onnx_lowrank import save
 
-    return load.temporary_prefix("x").split(".")[1].split("-")[0]
+    return save.temporary_prefix("x").split(".")[1].split("-")[0]
