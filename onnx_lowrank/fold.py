@@ -54,6 +54,7 @@ from .graphs import (
     FreshNames,
     attribute,
     iter_graphs,
+    opset_version,
     overridable_initializers,
     tensor_to_array,
 )
@@ -124,7 +125,7 @@ def fold(model: onnx.ModelProto, data_dir: str | os.PathLike | None = None) -> F
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     index = _Index(copy, data_dir)
-    opset = _opset(copy)
+    opset = opset_version(copy)
     names = FreshNames(copy)  # new names are fresh in every graph: no subgraph shadows them
     # Convs are tried in graph order and one that folded is tried again at once, which is the
     # order of "fold the graph's first foldable pair until none is left" without rescanning the
@@ -142,13 +143,6 @@ def fold(model: onnx.ModelProto, data_dir: str | os.PathLike | None = None) -> F
     for step in folded:
         log.info("folded %s %r into Conv %r", step.op_type, step.node, step.conv)
     return Folding(copy, folded)
-
-
-def _opset(model: onnx.ModelProto) -> int:
-    for entry in model.opset_import:
-        if entry.domain in _STANDARD:
-            return entry.version
-    return 0
 
 
 def _is_conv(node: onnx.NodeProto) -> bool:

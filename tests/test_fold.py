@@ -479,3 +479,36 @@ def test_lazy_external_weights_fold_like_loaded_ones(tmp_path):
     assert external == {"W2"}
     load_external_data_for_model(lazy.model, str(tmp_path))
     assert lazy.model.SerializeToString() == eager.model.SerializeToString()
+
+
+def test_a_fold_that_frees_an_earlier_convs_weight_lets_it_fold():
+    """Conv ``a``'s weight is also read, through a Reshape, as the constant of the Mul after
+    the later Conv ``k``, so ``a`` cannot fold at first. Folding the Mul into ``k`` removes the
+    Reshape, ``a`` then owns its weight and its BatchNormalization folds as well: the single
+    pass retries a Conv whose weight lost a reader, as rescanning the graph would."""
+    rng = np.random.default_rng(6)
+    scale, shift, mean, var = (rng.uniform(0.5, 1.5, 6).astype(np.float32) for _ in range(4))
+    inits = {
+        "Wa": rng.standard_normal((6, 1, 1, 1)).astype(np.float32),
+        "Wk": rng.standard_normal((6, 4, 3, 3)).astype(np.float32),
+        "shape": np.array([1, 6, 1, 1], np.int64),
+        **dict(zip(("scale", "shift", "mean", "var"), (scale, shift, mean, var), strict=True)),
+    }
+    nodes = [
+        helper.make_node("Conv", ["xa", "Wa"], ["ya"], name="a"),
+        helper.make_node("BatchNormalization", ["ya", "scale", "shift", "mean", "var"], ["ba"]),
+        helper.make_node("Reshape", ["Wa", "shape"], ["m"], name="reshape"),
+        helper.make_node("Conv", ["xk", "Wk"], ["yk"], name="k"),
+        helper.make_node("Mul", ["yk", "m"], ["mk"], name="mul"),
+        helper.make_node("Add", ["ba", "mk"], ["out"], name="sum"),
+    ]
+    model = make_model(nodes, [("xa", [2, 1, 3, 3]), ("xk", [2, 4, 5, 5])], [("out", None)], inits)
+    folding = fold(model)
+    assert [(f.conv, f.op_type) for f in folding.folded] == [
+        ("k", "Mul"),
+        ("a", "BatchNormalization"),
+    ]
+    assert op_types(folding.model) == ["Conv", "Conv", "Add"]
+    check_model(folding.model)
+    feeds = {"xa": random_feed((2, 1, 3, 3), seed=1), "xk": random_feed((2, 4, 5, 5), seed=2)}
+    assert rel_l2(run(model, feeds)[0], run(folding.model, feeds)[0]) < TOLERANCE
