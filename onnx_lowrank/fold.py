@@ -41,7 +41,6 @@ from __future__ import annotations
 import bisect
 import heapq
 import logging
-import math
 import os
 from dataclasses import dataclass
 
@@ -53,19 +52,17 @@ from .graphs import (
     FLOAT_TYPES,
     FreshNames,
     attribute,
-    iter_graphs,
     opset_version,
     overridable_initializers,
     tensor_to_array,
 )
+from .index import GraphIndex
 
 __all__ = ["FoldedNode", "Folding", "fold"]
 
 log = logging.getLogger(__name__)
 
 _FOLDABLE = ("BatchNormalization", "Mul", "Add")
-#: Operators through which a constant operand is evaluated (shape and type changes only).
-_CONSTANT_OPS = frozenset({"Identity", "Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten"})
 _STANDARD = ("", "ai.onnx")
 
 
@@ -149,79 +146,23 @@ def _is_conv(node: onnx.NodeProto) -> bool:
     return node.op_type == "Conv" and node.domain in _STANDARD and len(node.input) >= 2
 
 
-class _Index:
-    """Producers, consumers, constants and outer-scope reads of the main graph, built once and
-    updated by every fold; the graph's node, initializer, input and value_info lists are only
-    rewritten once, by ``commit``."""
+class _Index(GraphIndex):
+    """The main graph's ``index.GraphIndex``, built once and updated by every fold; the graph's
+    node, initializer, input and value_info lists are only rewritten once, by ``commit``."""
 
     def __init__(self, model: onnx.ModelProto, data_dir: str | os.PathLike | None = None):
-        graph = model.graph
-        self.graph = graph
+        super().__init__(model.graph, (), None, overridable_initializers(model))
         self.data_dir = data_dir
-        overridable = overridable_initializers(model)  # not constants
         self.listed = 0 < model.ir_version < 4  # every initializer is also a graph input
-        self.nodes = list(graph.node)
-        self.graph_outputs = {info.name for info in graph.output}
-        self.initializers = {
-            tensor.name: tensor for tensor in graph.initializer if tensor.name not in overridable
-        }
-        self.producers: dict[str, int] = {}
-        self.consumers: dict[str, list[int]] = {}
-        for position, node in enumerate(self.nodes):
-            for name in node.output:
-                self.producers[name] = position
-            for name in node.input:
-                if name:
-                    self.consumers.setdefault(name, []).append(position)
-        self.subgraph_reads: set[str] = set()
-        for sub in list(iter_graphs(graph))[1:]:
-            for node in sub.node:
-                self.subgraph_reads.update(node.input)
+        self.nodes = list(self.graph.node)
         self.removed: set[int] = set()  # node positions
         self.dead_initializers: set[str] = set()
         self.dead_values: set[str] = set()  # value_info entries to drop
         self.released: set[str] = set()  # names that lost a reader since ``woken``
 
-    def readers(self, name: str) -> int:
-        """How many things read ``name``: nodes, graph outputs and subgraphs."""
-        count = len(self.consumers.get(name, ()))
-        return count + (name in self.graph_outputs) + (name in self.subgraph_reads)
-
-    def stored(self, name: str) -> onnx.TensorProto | None:
-        """The tensor stored under ``name``: an initializer or a Constant node's value."""
-        if name in self.initializers:
-            return self.initializers[name]
-        node = self._producer(name)
-        if node is not None and node.op_type == "Constant" and node.domain in _STANDARD:
-            value = attribute(node, "value")
-            if isinstance(value, onnx.TensorProto):
-                return value
-        return None
-
-    def constant(self, name: str, opset: int, depth: int = 0) -> np.ndarray | None:
+    def constant(self, name: str, opset: int) -> np.ndarray | None:
         """The value of ``name`` when it is a constant or a shape-only function of constants."""
-        stored = self.stored(name)
-        if stored is not None:
-            return np.asarray(tensor_to_array(stored, self.data_dir))
-        node = self._producer(name)
-        if (
-            node is None
-            or depth > 8
-            or node.op_type not in _CONSTANT_OPS
-            or node.domain not in _STANDARD
-        ):
-            return None
-        inputs = []
-        for item in node.input:
-            value = self.constant(item, opset, depth + 1) if item else None
-            if item and value is None:
-                return None
-            inputs.append(value)
-        return _evaluate(node, inputs, opset)
-
-    def _producer(self, name: str) -> onnx.NodeProto | None:
-        position = self.producers.get(name)
-        return None if position is None else self.nodes[position]
+        return self.value(name, opset, self.data_dir)
 
     def add_initializer(self, tensor: onnx.TensorProto) -> None:
         self.graph.initializer.append(tensor)
@@ -256,6 +197,8 @@ class _Index:
                 self._remove_constant(name)
 
     def _remove_constant(self, name: str) -> None:
+        if name in self.overridable:  # a graph input's default: not ours to remove
+            return
         if name in self.initializers:
             del self.initializers[name]
             self.dead_initializers.add(name)
@@ -305,28 +248,6 @@ def _keep(items, keep) -> None:
     if len(kept) != len(items):
         del items[:]
         items.extend(kept)
-
-
-def _evaluate(node: onnx.NodeProto, inputs: list[np.ndarray | None], opset: int) -> np.ndarray:
-    """NumPy evaluation of the shape-only operators of ``_CONSTANT_OPS``."""
-    data = inputs[0]
-    if node.op_type == "Identity":
-        return data
-    if node.op_type == "Cast":
-        return data.astype(onnx.helper.tensor_dtype_to_np_dtype(attribute(node, "to")))
-    if node.op_type == "Flatten":
-        axis = attribute(node, "axis", 1) % max(data.ndim, 1)
-        return data.reshape(math.prod(data.shape[:axis]), -1)
-    if node.op_type == "Reshape":
-        shape = [int(d) for d in inputs[1]]
-        if not attribute(node, "allowzero", 0):
-            shape = [data.shape[i] if d == 0 else d for i, d in enumerate(shape)]
-        return data.reshape(shape)
-    axes = attribute(node, "axes") if opset < 13 else inputs[1] if len(inputs) > 1 else None
-    if node.op_type == "Squeeze":
-        return np.squeeze(data, axis=None if axes is None else tuple(int(a) for a in axes))
-    rank = data.ndim + len(axes)
-    return np.expand_dims(data, tuple(sorted(int(a) % rank for a in axes)))  # Unsqueeze
 
 
 def _fold_at(

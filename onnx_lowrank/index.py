@@ -5,10 +5,14 @@ follows a tensor back to the constant it stores.
 initializer or a ``Constant`` node (of this graph, or of an enclosing graph for a subgraph),
 or says why it is no constant; ``read_constant`` evaluates it in float64, as the node reads
 it. Discovery, the weight reader, bias correction and the pipeline's embedding scan all use it.
+``GraphIndex.value`` evaluates a constant operand through the shape-only operators of
+``VALUE_OPS`` (paddle2onnx writes a Conv bias as ``Add(y, Reshape(Constant, Constant))``), for
+folding; fold.py's index extends this one with the updates a fold makes.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -21,6 +25,7 @@ from .types import GraphPath
 __all__ = [
     "OVERRIDABLE_REASON",
     "PASS_THROUGH",
+    "VALUE_OPS",
     "ConstantRef",
     "GraphIndex",
     "read_constant",
@@ -29,6 +34,9 @@ __all__ = [
 
 #: Nodes a constant may pass through on its way to a layer and still count as a constant.
 PASS_THROUGH = {"Identity", "Cast", "Transpose"}
+#: Operators through which ``GraphIndex.value`` evaluates a constant (shape and type only).
+VALUE_OPS = frozenset({"Identity", "Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten"})
+_STANDARD = ("", "ai.onnx")
 
 
 OVERRIDABLE_REASON = (
@@ -70,6 +78,48 @@ class GraphIndex:
         self.graph_inputs = {info.name for info in graph.input}
         self.graph_outputs = {info.name for info in graph.output}
         self.subgraph_readers = subgraph_readers(graph, path)
+
+    def readers(self, name: str) -> int:
+        """How many things read ``name``: nodes, graph outputs and subgraphs."""
+        count = len(self.consumers.get(name, ()))
+        return count + (name in self.graph_outputs) + (name in self.subgraph_readers)
+
+    def stored(self, name: str) -> onnx.TensorProto | None:
+        """The tensor stored under ``name`` in this graph: an initializer that is no graph
+        input's default, or a ``Constant`` node's value."""
+        if name in self.overridable:
+            return None
+        if name in self.initializers:
+            return self.initializers[name]
+        position = self.producers.get(name)
+        node = None if position is None else self.graph.node[position]
+        if node is not None and node.op_type == "Constant" and node.domain in _STANDARD:
+            value = attribute(node, "value")
+            if isinstance(value, onnx.TensorProto):
+                return value
+        return None
+
+    def value(
+        self, name: str, opset: int, data_dir: str | os.PathLike | None = None, depth: int = 0
+    ) -> np.ndarray | None:
+        """The value of ``name`` when it is a constant of this graph or a shape-only function
+        (``VALUE_OPS``) of such constants, else None."""
+        stored = self.stored(name)
+        if stored is not None:
+            return np.asarray(tensor_to_array(stored, data_dir))
+        position = self.producers.get(name)
+        node = None if position is None else self.graph.node[position]
+        if node is None or depth > 8 or node.domain not in _STANDARD:
+            return None
+        if node.op_type not in VALUE_OPS:
+            return None
+        inputs = []
+        for item in node.input:
+            value = self.value(item, opset, data_dir, depth + 1) if item else None
+            if item and value is None:
+                return None
+            inputs.append(value)
+        return _evaluate(node, inputs, opset)
 
     def resolve(self, name: str) -> ConstantRef | str:
         """Follow ``name`` back to a stored constant, or return why it is not one."""
@@ -176,3 +226,25 @@ def read_constant(
             # Round through the cast's type so the folded weight is what the node really reads.
             array = array.astype(onnx.helper.tensor_dtype_to_np_dtype(attribute(node, "to")))
     return array.astype(np.float64)
+
+
+def _evaluate(node: onnx.NodeProto, inputs: list[np.ndarray | None], opset: int) -> np.ndarray:
+    """NumPy evaluation of the shape-only operators of ``VALUE_OPS``."""
+    data = inputs[0]
+    if node.op_type == "Identity":
+        return data
+    if node.op_type == "Cast":
+        return data.astype(onnx.helper.tensor_dtype_to_np_dtype(attribute(node, "to")))
+    if node.op_type == "Flatten":
+        axis = attribute(node, "axis", 1) % max(data.ndim, 1)
+        return data.reshape(math.prod(data.shape[:axis]), -1)
+    if node.op_type == "Reshape":
+        shape = [int(d) for d in inputs[1]]
+        if not attribute(node, "allowzero", 0):
+            shape = [data.shape[i] if d == 0 else d for i, d in enumerate(shape)]
+        return data.reshape(shape)
+    axes = attribute(node, "axes") if opset < 13 else inputs[1] if len(inputs) > 1 else None
+    if node.op_type == "Squeeze":
+        return np.squeeze(data, axis=None if axes is None else tuple(int(a) for a in axes))
+    rank = data.ndim + len(axes)
+    return np.expand_dims(data, tuple(sorted(int(a) % rank for a in axes)))  # Unsqueeze
