@@ -1,4 +1,4 @@
-"""Command line: ``onnx-lowrank compress|inspect|sweep``.
+"""Command line: ``onnx-lowrank compress|inspect|sweep|make-calibration``.
 
 A thin layer over the Python API: it parses arguments, renders progress and tables, and turns
 every ``OnnxLowRankError`` into one line on stderr and an exit code. It is the only place that
@@ -7,13 +7,15 @@ configures logging.
 Exit codes (``EXIT_CODES``, also listed by ``--help``): 0 success (or nothing to compress),
 2 bad input or options (or out of memory), 3 validation failed, 1 internal error, 130
 interrupted (Ctrl-C), 143 terminated (SIGTERM).
+
+The options are declared in ``cli_options.py``; ``cli_files.py`` fills them from ``--config``
+and ``--recipe`` files.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -24,21 +26,11 @@ import threading
 import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
-from . import __version__
-from .choices import read_recipe
-from .config import (
-    DEVICES,
-    ERROR_MEASURES,
-    HEAD_FLOOR,
-    METHODS,
-    ROW_FLOOR,
-    TOLERANCES,
-    CompressionConfig,
-    parse_input_shapes,
-    parse_tolerances,
-)
+from .cli_files import apply_files, given_options
+from .cli_options import build_parser
+from .config import CompressionConfig, parse_input_shapes, parse_tolerances
 from .data import IMAGE_EXTENSIONS, ImagePreprocessing, images_to_batch, model_input
 from .errors import (
     ConfigError,
@@ -63,503 +55,6 @@ from .save import check_output_path, same_file, save_model
 __all__ = ["main"]
 
 log = logging.getLogger("onnx_lowrank")
-
-#: The subcommands.
-COMMANDS = ("compress", "inspect", "sweep", "make-calibration")
-
-#: Exit codes of every command, as ``--help`` lists them.
-EXIT_CODES = """exit codes:
-  0    success (also when there is nothing to compress)
-  1    internal error (a bug: rerun with --debug and report it)
-  2    bad input or options, or out of memory (one line on stderr)
-  3    validation failed (the model is not written; the report still is)
-  130  interrupted (Ctrl-C)
-  143  terminated (SIGTERM)"""
-
-
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line, like every other error of the tool, and
-    that takes no abbreviated options (``--latency-r 3`` must not mean ``--latency-runs 3``)."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs["allow_abbrev"] = False
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str) -> NoReturn:
-        raise ConfigError(f"{message}; see '{self.prog} --help'")
-
-
-def _fraction(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}") from None
-
-
-def _fractions(text: str) -> list[float]:
-    return [_fraction(part) for part in text.split(",") if part.strip()]
-
-
-def _max_groups(text: str) -> int | str | None:
-    """A positive integer or 'all' (None); also --latency-threads."""
-    if text == "all":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        return text  # CompressionConfig says what is allowed
-
-
-def _rank_multiple(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        return text  # CompressionConfig says what is allowed
-
-
-def _methods(text: str) -> list[str]:
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [name for name in names if name not in METHODS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown method {', '.join(unknown) or repr(text)}; choose from {', '.join(METHODS)}"
-        )
-    return names
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="onnx-lowrank",
-        description="Compress ONNX models after export by grouped low-rank factorization.",
-        epilog=EXIT_CODES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    parser.commands = {}  # type: ignore[attr-defined]
-
-    def command(name: str, help: str) -> argparse.ArgumentParser:
-        parser.commands[name] = commands.add_parser(  # type: ignore[attr-defined]
-            name,
-            help=help,
-            epilog=EXIT_CODES,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        return parser.commands[name]  # type: ignore[attr-defined]
-
-    run = command("compress", "compress a model to a budget")
-    run.add_argument("input", help="the .onnx model to compress (never modified)")
-    run.add_argument(
-        "output", nargs="?", help="where to write the compressed model (or give -o OUTPUT)"
-    )
-    run.add_argument(
-        "-o", "--output", dest="output_option", metavar="OUTPUT", help="the same as OUTPUT"
-    )
-    _add_run_options(run, sweep=False)
-
-    show = command("inspect", "list inputs, outputs, layers, shapes, params, MACs, skip reasons")
-    show.add_argument("input", help="the .onnx model")
-    _add_shape_options(show)
-    show.add_argument("--report", metavar="FILE.json", help="write the listing as JSON")
-    show.add_argument(
-        "--json", action="store_true", help="print the listing as JSON on stdout (for scripts)"
-    )
-    _add_common(show)
-
-    many = command("sweep", "compress to several budgets and methods; trade-off JSON and plot")
-    many.add_argument("input", help="the .onnx model to compress (never modified)")
-    many.add_argument(
-        "-o", "--out", required=True, metavar="DIR", help="folder for models and JSON"
-    )
-    _add_run_options(many, sweep=True)
-
-    images = command(
-        "make-calibration",
-        "turn a folder of images into calibration (or validation) inputs for a model",
-    )
-    _add_image_options(images)
-    return parser
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    """``M`` or ``M1,M2,M3``; each may be a fraction ``1/255``."""
-    values = []
-    for part in text.split(","):
-        number, slash, divisor = part.partition("/")
-        try:
-            values.append(float(number) / (float(divisor) if slash else 1.0))
-        except (ValueError, ZeroDivisionError):
-            raise argparse.ArgumentTypeError(
-                f"expected numbers like 0.5, 1/255 or 0.485,0.456,0.406; got {text!r}"
-            ) from None
-    return tuple(values)
-
-
-def _add_image_options(images: argparse.ArgumentParser) -> None:
-    images.description = (
-        "Every image in IMAGES (png, jpg, jpeg, bmp, gif, tif, tiff, webp), sorted by name, "
-        "becomes one sample: converted to RGB (or grayscale), shorter side resized to --resize "
-        "(bicubic), centre-cropped to the model's input size, normalised as "
-        "(pixel*scale - mean)/std on 0..255 values, laid out NCHW or NHWC as float32, and saved "
-        "under the model's input name in OUT.npz, as --calibration and --inputs take it. "
-        "Needs Pillow."
-    )
-    images.add_argument("images", type=Path, help="folder of images")
-    images.add_argument("out", type=Path, help="the .npz file to write")
-    images.add_argument("--model", type=Path, help="read the input name and size from it")
-    images.add_argument("--input", help="input name (default: the model's only input)")
-    images.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="crop size")
-    images.add_argument("--resize", type=int, help="shorter side before the crop (bicubic)")
-    images.add_argument(
-        "--scale", type=_floats, default=(1 / 255,), help="factor on 0..255 pixels (default 1/255)"
-    )
-    images.add_argument("--mean", type=_floats, default=(0.0,), help="M or M1,M2,M3 (default 0)")
-    images.add_argument("--std", type=_floats, default=(1.0,), help="S or S1,S2,S3 (default 1)")
-    images.add_argument("--grayscale", action="store_true", help="one channel")
-    images.add_argument("--bgr", action="store_true", help="BGR channel order")
-    images.add_argument("--layout", choices=("nchw", "nhwc"), default="nchw")
-    images.add_argument(
-        "--crops",
-        type=int,
-        default=1,
-        help="samples per image: the whole image, then random square regions (a third of the "
-        "area or more, every other one mirrored; default 1)",
-    )
-    images.add_argument("--seed", type=int, default=0, help="seed of the random crops")
-    images.add_argument("--limit", type=int, help="use at most this many images")
-    images.add_argument("-q", "--quiet", action="store_true", help="print errors only")
-    images.add_argument("-v", "--verbose", action="store_true", help="print progress details")
-    images.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
-
-
-def _make_calibration(args: argparse.Namespace) -> int:
-    name, dims = args.input or "input", [None, None, None, None]
-    if args.model is not None:
-        name, dims = model_input(open_model(args.model).model, args.input)
-    spatial = dims[2:4] if args.layout == "nchw" else dims[1:3]
-    size = tuple(args.size) if args.size else tuple(spatial)
-    if len(size) != 2 or None in size:
-        raise ConfigError("the model's input size is dynamic or unknown; give --size H W")
-    if not args.images.is_dir():
-        raise ConfigError(f"{args.images} is not a folder of images")
-    paths = sorted(p for p in args.images.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-    if args.limit is not None:
-        paths = paths[: args.limit]
-    if not paths:
-        raise ConfigError(f"no images in {args.images} ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    if args.crops < 1:
-        raise ConfigError(f"--crops must be a positive integer, got {args.crops}")
-    _check_output(args.images, args.out, False)
-    options = ImagePreprocessing(
-        size=size,  # type: ignore[arg-type]
-        resize=args.resize,
-        scale=args.scale[0],
-        mean=args.mean,
-        std=args.std,
-        grayscale=args.grayscale,
-        bgr=args.bgr,
-        layout=args.layout,
-        crops=args.crops,
-        seed=args.seed,
-    )
-    batch = images_to_batch(paths, options)
-    write_npz({name: batch}, args.out)
-    if not args.quiet:
-        print(f"wrote {len(batch)} samples of shape {batch.shape[1:]} as {name!r} to {args.out}")
-    return 0
-
-
-def _add_run_options(run: argparse.ArgumentParser, *, sweep: bool) -> None:
-    """Options of compress and sweep; sweep takes lists of budgets and methods."""
-    budget = run.add_argument_group("budget (at least one; all given must hold)")
-    lists = " (comma-separated list; with several lists, one point per position)" if sweep else ""
-    budget.add_argument(
-        "--params",
-        type=_fractions if sweep else _fraction,
-        metavar="F1,F2,..." if sweep else "F",
-        help="fraction of the model's total parameters to keep, in (0, 1]" + lists,
-    )
-    budget.add_argument(
-        "--flops",
-        type=_fractions if sweep else _fraction,
-        metavar="F1,F2,..." if sweep else "F",
-        help="fraction of the model's MACs (Conv/Gemm/MatMul) to keep, in (0, 1]" + lists,
-    )
-    budget.add_argument(
-        "--latency",
-        type=_fractions if sweep else _fraction,
-        metavar="F1,F2,..." if sweep else "F",
-        help="fraction of the model's latency to keep, measured on the execution provider "
-        "(candidates timed and cached, see docs/performance.md)" + lists,
-    )
-    method = run.add_argument_group("method")
-    method.add_argument(
-        "--method",
-        default=[CompressionConfig.method] if sweep else CompressionConfig.method,
-        type=_methods if sweep else str,
-        choices=None if sweep else METHODS,
-        metavar="NAME[,NAME...]" if sweep else None,
-        help=f"allocation method{'s' if sweep else ''}: {', '.join(METHODS)} "
-        f"(default: {CompressionConfig.method})",
-    )
-    method.add_argument(
-        "--error",
-        default=CompressionConfig.error,
-        choices=ERROR_MEASURES,
-        help="layer error measure (default: output with --calibration, else bound); "
-        "network: the network outputs' degradation per candidate (docs/calibration.md)",
-    )
-    method.add_argument(
-        "--sensitivity-samples",
-        type=int,
-        default=CompressionConfig.sensitivity_samples,
-        metavar="N",
-        help="with --error network: samples the degradations are measured on, held out from "
-        f"--calibration (default: {CompressionConfig.sensitivity_samples})",
-    )
-    method.add_argument(
-        "--max-groups",
-        type=_max_groups,
-        default=CompressionConfig.max_groups,
-        metavar="N|all",
-        help="largest channel-group count tried, or 'all' divisors of the input channels "
-        "(default: all)",
-    )
-    method.add_argument(
-        "--groups",
-        type=int,
-        default=CompressionConfig.groups,
-        metavar="N",
-        help="fixed group count of methods that do not search it",
-    )
-    method.add_argument(
-        "--rank-multiple",
-        type=_rank_multiple,
-        default=CompressionConfig.rank_multiple,
-        metavar="N|auto",
-        help="make every groups*rank a multiple of N (e.g. 8); auto: Conv candidates aligned "
-        "to the execution provider's channel block (16 with AVX-512, 8 with AVX2 or a GPU)",
-    )
-    method.add_argument(
-        "--no-fold",
-        dest="fold_batchnorm",
-        action="store_false",
-        help="do not fold BatchNormalization / per-channel Mul/Add into the preceding Conv",
-    )
-    method.add_argument(
-        "--device",
-        default=CompressionConfig.device,
-        choices=DEVICES,
-        help="where spectra and validation run (default: %(default)s)",
-    )
-    method.add_argument(
-        "--seed",
-        type=int,
-        default=CompressionConfig.seed,
-        help="seed of random inputs and randomized methods",
-    )
-    method.add_argument(
-        "--no-latency-check",
-        dest="latency_check",
-        action="store_false",
-        default=None,
-        help="do not time the chosen candidates; by default a candidate measured slower than "
-        "its dense layer is never chosen",
-    )
-    _add_calibration_option(method)
-    method.add_argument(
-        "--calibration-samples",
-        type=int,
-        default=CompressionConfig.calibration_samples,
-        metavar="N",
-        help="use N evenly spaced samples of --calibration (deterministic; default: all)",
-    )
-    method.add_argument(
-        "--refit",
-        action=argparse.BooleanOptionalAction,
-        default=CompressionConfig.refit,
-        help="with --calibration: refit each factorized layer's left factor and bias in "
-        "topological order on the partly compressed model's inputs (docs/calibration.md)",
-    )
-    _add_shape_options(run)
-    _add_layer_options(run, sweep=sweep)
-    check = run.add_argument_group("validation")
-    check.add_argument(
-        "--no-validate",
-        dest="validate",
-        action="store_false",
-        help="skip the ONNX Runtime comparison (an error together with tolerances or "
-        "--inputs, which it would ignore)",
-    )
-    check.add_argument(
-        "--inputs",
-        metavar="FILE.npz|FILE.npy|DIR",
-        help="validation inputs: .npz keyed by input name, .npy (one input), or a folder of "
-        ".npy files, one per input name or one per sample (default: random)",
-    )
-    for flag, what in (
-        ("--max-rel-error", "an output's relative L2 error exceeds X"),
-        ("--min-cosine", "an output's cosine similarity is below X (X in [0, 1])"),
-        (
-            "--min-top1",
-            "an output's top-1 agreement (argmax over the last axis, every position "
-            "counted) is below X (X in [0, 1])",
-        ),
-    ):
-        check.add_argument(
-            flag,
-            action="append",
-            metavar="[OUTPUT:]X",
-            help=f"fail when {what}; X alone applies to every output, OUTPUT:X to one "
-            "(repeat the option for several)",
-        )
-    check.add_argument(
-        "--latency-runs",
-        type=int,
-        default=CompressionConfig.latency_runs,
-        metavar="N",
-        help="most timed interleaved pairs of runs (default: %(default)s; after 5 pairs it "
-        "stops once 1 s of runs are timed)",
-    )
-    check.add_argument(
-        "--latency-threads",
-        type=_max_groups,
-        default=CompressionConfig.latency_threads,
-        metavar="N|all",
-        help="intra-op threads of both models' ONNX Runtime sessions, or 'all' CPUs this "
-        "process may use (default: %(default)s, the most repeatable timing)",
-    )
-    check.add_argument(
-        "--max-latency-ratio",
-        type=float,
-        metavar="X",
-        help="fail when the compressed model's measured latency exceeds X times the original's",
-    )
-    out = run.add_argument_group("output")
-    if not sweep:
-        out.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
-        out.add_argument(
-            "--plot",
-            metavar="FILE.png",
-            help="draw every layer's parameters before/after and its errors (needs the plot extra)",
-        )
-    out.add_argument(
-        "--external-data",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="store the weights in OUTPUT.data beside the model (default: when the input had "
-        "external data or the output exceeds 2 GiB)",
-    )
-    if not sweep:
-        out.add_argument(
-            "--always-write",
-            action="store_true",
-            help="write OUTPUT even when nothing can be compressed (an unchanged copy)",
-        )
-        out.add_argument(
-            "--overwrite", action="store_true", help="allow OUTPUT to be the same file as INPUT"
-        )
-        out.add_argument("--timings", action="store_true", help="print the time of every stage")
-    _add_common(run)
-
-
-def _add_shape_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--input-shape",
-        "--input-shapes",
-        dest="input_shapes",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="NAME:D1,D2,...",
-        help="concrete shape of a dynamic input, as NAME:1,3,224,224 or NAME:1x3x224x224; "
-        "several per option (x:1,3,224,224 y:1,10) or one option per input. compress and sweep "
-        "default to the sizes of the --inputs or --calibration arrays; without sizes a --params "
-        "budget still compresses (validation on random inputs skipped, MACs n/a), --flops not",
-    )
-
-
-def _add_calibration_option(parser) -> None:
-    parser.add_argument(
-        "--calibration",
-        metavar="FILE.npz|FILE.npy|DIR",
-        help="real inputs, batch first, in any format of --inputs: factorize each layer to keep "
-        "its outputs on them (whitened SVD, bias correction); see docs/calibration.md",
-    )
-    parser.add_argument(
-        "--row-floor",
-        type=float,
-        default=ROW_FLOOR,
-        metavar="F",
-        help="with --calibration: share of uniform weight mixed into the row weights of "
-        "embedding tables (id counts); 1 turns the weighting off (default: %(default)s; "
-        "docs/calibration.md)",
-    )
-    parser.add_argument(
-        "--head-floor",
-        type=float,
-        default=HEAD_FLOOR,
-        metavar="F",
-        help="with --calibration: the same for classifier heads (class probability mass); "
-        "default %(default)s, no weighting (it hurt a recognizer; docs/calibration.md)",
-    )
-
-
-def _add_layer_options(run: argparse.ArgumentParser, *, sweep: bool) -> None:
-    layers = run.add_argument_group(
-        "layer control (names as 'inspect' lists them; the budget goes to the other layers)"
-    )
-    layers.add_argument(
-        "--exclude",
-        action="append",
-        default=[],
-        metavar="PATTERN",
-        help="keep matching layers dense: a layer name, an op type (Gemm) or a regular "
-        "expression over whole names ('/encoder/.*'); repeatable",
-    )
-    layers.add_argument(
-        "--rank",
-        dest="ranks",
-        action="append",
-        default=[],
-        metavar="NAME=R",
-        help="factorize layer NAME at rank R (0: keep it dense), with --groups-for NAME or "
-        "else 1 group; repeatable",
-    )
-    layers.add_argument(
-        "--groups-for",
-        dest="groups_for",
-        action="append",
-        default=[],
-        metavar="NAME=G",
-        help="give layer NAME G channel groups (the allocator chooses its rank unless --rank "
-        "pins it); repeatable",
-    )
-    if not sweep:
-        layers.add_argument(
-            "--recipe",
-            metavar="REPORT.json",
-            help="apply the per-layer (g, r) of an earlier run's --report (or a sweep point's "
-            "JSON) with its recorded options: the same input gives the same model, byte for "
-            "byte, without spectra or allocation; flags override the recorded options",
-        )
-
-
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config",
-        metavar="FILE",
-        help="read options from a TOML or JSON file (keys are option names: params = 0.5, "
-        "exclude = ['Gemm'], [ranks] fc = 8); flags on the command line override it",
-    )
-    parser.add_argument(
-        "--force", action="store_true", help="go on with a model that fails the ONNX checker"
-    )
-    parser.add_argument("-q", "--quiet", action="store_true", help="print errors only")
-    parser.add_argument("-v", "--verbose", action="store_true", help="print progress details")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
 
 
 class _ProgressBars:
@@ -889,6 +384,43 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _make_calibration(args: argparse.Namespace) -> int:
+    name, dims = args.input or "input", [None, None, None, None]
+    if args.model is not None:
+        name, dims = model_input(open_model(args.model).model, args.input)
+    spatial = dims[2:4] if args.layout == "nchw" else dims[1:3]
+    size = tuple(args.size) if args.size else tuple(spatial)
+    if len(size) != 2 or None in size:
+        raise ConfigError("the model's input size is dynamic or unknown; give --size H W")
+    if not args.images.is_dir():
+        raise ConfigError(f"{args.images} is not a folder of images")
+    paths = sorted(p for p in args.images.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if args.limit is not None:
+        paths = paths[: args.limit]
+    if not paths:
+        raise ConfigError(f"no images in {args.images} ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    if args.crops < 1:
+        raise ConfigError(f"--crops must be a positive integer, got {args.crops}")
+    _check_output(args.images, args.out, False)
+    options = ImagePreprocessing(
+        size=size,  # type: ignore[arg-type]
+        resize=args.resize,
+        scale=args.scale[0],
+        mean=args.mean,
+        std=args.std,
+        grayscale=args.grayscale,
+        bgr=args.bgr,
+        layout=args.layout,
+        crops=args.crops,
+        seed=args.seed,
+    )
+    batch = images_to_batch(paths, options)
+    write_npz({name: batch}, args.out)
+    if not args.quiet:
+        print(f"wrote {len(batch)} samples of shape {batch.shape[1:]} as {name!r} to {args.out}")
+    return 0
+
+
 class _Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that every cleanup that runs for Ctrl-C runs for it."""
 
@@ -940,136 +472,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ):
         args.output = shapes.pop()
     if getattr(args, "config", None) or getattr(args, "recipe", None):
-        _apply_files(args, _given_options(argv), parser.commands)  # type: ignore[attr-defined]
+        apply_files(args, given_options(argv), parser.commands)  # type: ignore[attr-defined]
     return args
-
-
-def _given_options(argv: Sequence[str] | None) -> set[str]:
-    """The destinations of the options given on the command line (not left at defaults)."""
-    probe = build_parser()
-    for command in probe.commands.values():
-        for action in command._actions:
-            if action.option_strings:
-                action.default = argparse.SUPPRESS
-    given, _ = probe.parse_known_args(argv)
-    return set(vars(given))
-
-
-#: Keys of a --config file or a recipe's config that name an option by another name.
-_ALIASES = {"input_shape": "input_shapes", "rank": "ranks", "output": "output_option"}
-#: Recorded options a recipe does not carry over: its layers already fix every layer.
-_NOT_FROM_RECIPE = {"recipe", "exclude", "ranks", "groups_for"}
-
-
-def _options(command: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    return {a.dest: a for a in command._actions if a.option_strings and a.dest != "help"}
-
-
-def _apply_files(
-    args: argparse.Namespace, given: set[str], commands: dict[str, argparse.ArgumentParser]
-) -> None:
-    """Fill the options not given on the command line from ``--recipe`` (its recorded config)
-    and then ``--config`` (which overrides the recipe); command-line flags override both.
-
-    A config file may hold options of other commands (one file for compress, sweep and
-    inspect); those are skipped here. A key that is no command's option is an error.
-    """
-    actions = _options(commands[args.command])
-    everywhere = {dest for command in commands.values() for dest in _options(command)}
-    if getattr(args, "output", None) is not None:
-        given = given | {"output_option"}  # the positional OUTPUT was given
-    from_file = _read_config_file(args.config, args.command) if args.config else {}
-    recipe_path = getattr(args, "recipe", None)
-    if "recipe" not in given:
-        recipe_path = from_file.get("recipe", recipe_path)
-    layers: list[tuple[str, dict[str, Any]]] = []
-    args.recorded = {}
-    if recipe_path and args.command == "compress":
-        recipe = read_recipe(recipe_path)
-        skip = set(_NOT_FROM_RECIPE)
-        if "validate" in given and not args.validate:  # recorded tolerances would conflict
-            skip |= {*TOLERANCES, "inputs"}
-        recorded = {k: v for k, v in recipe.config.items() if k not in skip}
-        fields = {f.name for f in dataclasses.fields(CompressionConfig)}
-        for key in list(recorded):
-            if key not in actions and key in fields:  # an option without a flag
-                args.recorded[key] = recorded.pop(key)
-        layers.append((f"--recipe {recipe_path}", recorded))
-    layers.append((f"--config {args.config}", from_file))
-    for label, values in layers:
-        for key, value in values.items():
-            dest = _ALIASES.get(key.replace("-", "_"), key.replace("-", "_"))
-            if dest not in actions:
-                if label.startswith("--recipe") or dest in everywhere:
-                    continue  # another command's option, or recorded by another version
-                known = ", ".join(sorted(everywhere))
-                raise ConfigError(f"{label}: {key!r} is not an option of onnx-lowrank; {known}")
-            if dest not in given:
-                setattr(args, dest, _file_value(actions[dest], value, f"{label}: {key}"))
-
-
-def _read_config_file(path: str, command: str) -> dict[str, Any]:
-    """Options from a TOML or JSON file; a table named after the command overrides the rest."""
-    target = Path(path)
-    try:
-        text = target.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"--config file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"--config {path} cannot be read: {exc}") from None
-    try:
-        json_file = target.suffix.lower() == ".json"
-        data = json.loads(text) if json_file else _toml().loads(text)
-    except ValueError as exc:  # json.JSONDecodeError and tomllib.TOMLDecodeError
-        kind = "JSON" if target.suffix.lower() == ".json" else "TOML"
-        reason = " ".join(str(exc).split())[:200]
-        raise ConfigError(f"--config {path} is not valid {kind} ({reason})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"--config {path} must hold a table of options, not {type(data)}")
-    values = {k: v for k, v in data.items() if k not in COMMANDS}
-    section = data.get(command)
-    if isinstance(section, dict):
-        values.update(section)
-    return values
-
-
-def _toml():
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-    return tomllib
-
-
-def _file_value(action: argparse.Action, value: Any, where: str) -> Any:
-    """A value from a file in the form argparse would have produced for the flag."""
-    if isinstance(action, (argparse._AppendAction, argparse._ExtendAction)):
-        if value is None:  # a recorded option that was not set
-            return []
-        if isinstance(value, dict):
-            # NAME:DIMS for shapes, OUTPUT:X for tolerances, NAME=N for pins
-            separator = "=" if action.dest in ("ranks", "groups_for") else ":"
-            return [
-                f"{k}{separator}{','.join(map(str, v)) if isinstance(v, list) else v}"
-                for k, v in value.items()
-            ]
-        return [str(item) for item in value] if isinstance(value, list) else [str(value)]
-    if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):
-        # the destination says what is on (validate = true, fold_batchnorm = false)
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}")
-        return value
-    if action.type in (_fractions, _methods):  # sweep's lists: a list, one value, or "a,b"
-        value = ",".join(map(str, value)) if isinstance(value, list) else str(value)
-    if isinstance(value, str) and action.type is not None:
-        try:
-            value = action.type(value)
-        except (argparse.ArgumentTypeError, ValueError) as exc:
-            raise ConfigError(f"{where}: {exc}") from None
-    if action.choices is not None and value not in action.choices:
-        choices = ", ".join(map(str, action.choices))
-        raise ConfigError(f"{where} must be one of {choices}; got {value!r}")
-    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -291,7 +291,7 @@ def test_abbreviated_options_and_negative_seeds_are_refused(tmp_path, capsys, op
 
 
 def test_every_parser_refuses_abbreviations():
-    from onnx_lowrank.cli import build_parser
+    from onnx_lowrank.cli_options import build_parser
 
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

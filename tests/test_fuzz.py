@@ -46,7 +46,8 @@ from onnx_lowrank import (
     compress,
     inspect,
 )
-from onnx_lowrank.cli import build_parser, main
+from onnx_lowrank.cli import main
+from onnx_lowrank.cli_options import build_parser
 from onnx_lowrank.types import FACTORIZED_KEY
 
 EXAMPLES = int(os.environ.get("ONNX_LOWRANK_FUZZ_EXAMPLES", "100"))
