@@ -23,9 +23,11 @@ from .errors import (
     UnsupportedModelError,
     ValidationFailedError,
 )
-from .pipeline import CompressionResult, SweepResult, compress, inspect, sweep
+from .pipeline import compress, inspect
 from .plots import plot_layers
 from .records import CompressionReport, InspectionReport, LayerReport
+from .result import CompressionResult
+from .sweeps import SweepResult, sweep
 
 try:
     __version__ = version("onnx-lowrank")

@@ -40,7 +40,7 @@ from .errors import (
     OutputPathError,
 )
 from .load import external_data_files, open_model
-from .pipeline import compress, inspect, sweep
+from .pipeline import compress, inspect
 from .plots import plot_layers, require_matplotlib
 from .report import (
     format_inspection,
@@ -51,6 +51,7 @@ from .report import (
     write_npz,
 )
 from .save import check_output_path, same_file, save_model
+from .sweeps import sweep
 
 __all__ = ["main"]
 

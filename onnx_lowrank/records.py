@@ -458,7 +458,7 @@ class CompressionReport:
     notes: list[str] = field(default_factory=list)
     max_output_error: float | None = None
     calibration: dict[str, Any] | None = None
-    #: Measured latency (pipeline._latency_summary): provider, device, the whole model's ms,
+    #: Measured latency (speed.latency_summary): provider, device, the whole model's ms,
     #: predicted and measured ratios, and what timing the candidates took; None when untimed.
     latency: dict[str, Any] | None = None
     validation_skipped: str | None = None

@@ -15,7 +15,8 @@ from onnx_lowrank.choices import recipe_config
 from onnx_lowrank.cli import main
 from onnx_lowrank.config import METHODS
 from onnx_lowrank.errors import ConfigError, InfeasibleBudgetError
-from onnx_lowrank.pipeline import analyze, candidate_tables, choose, sweep
+from onnx_lowrank.pipeline import analyze, candidate_tables, choose
+from onnx_lowrank.sweeps import sweep
 
 CONV0, CONV1 = "/features/features.0/Conv", "/features/features.3/Conv"
 FC0, FC1 = "/classifier/classifier.0/Gemm", "/classifier/classifier.2/Gemm"

@@ -11,7 +11,7 @@ from robust_helpers import cached
 
 from onnx_lowrank import inspect
 from onnx_lowrank.cli import main
-from onnx_lowrank.pipeline import embedding_tables
+from onnx_lowrank.describe import embedding_tables
 
 
 def _embedding_model():

@@ -22,15 +22,10 @@ from onnx_lowrank import (
 )
 from onnx_lowrank.allocate import allocate
 from onnx_lowrank.latency import LatencyCache, LatencyStats, grid_ranks, interpolate
-from onnx_lowrank.pipeline import (
-    _latency_budget,
-    analyze,
-    candidate_tables,
-    choose,
-    latency_book,
-    sweep,
-)
+from onnx_lowrank.pipeline import analyze, candidate_tables, choose
 from onnx_lowrank.report import format_summary
+from onnx_lowrank.speed import latency_book, latency_budget
+from onnx_lowrank.sweeps import sweep
 
 CPU = ["CPUExecutionProvider"]
 
@@ -151,7 +146,7 @@ def test_latency_budget_alone_is_met_by_the_predicted_sum():
     config, analysis = _mnist(latency=0.6, validate=False, max_groups=4)
     tables = candidate_tables(analysis, config)
     assert all(np.all(t.costs[1:, 2] <= t.costs[0, 2]) for t in tables)  # none slower offered
-    choices = allocate(tables, [_latency_budget(analysis, tables, 0.6)], config)
+    choices = allocate(tables, [latency_budget(analysis, tables, 0.6)], config)
     total = analysis.latency_ms
     dense = sum(t.costs[0, 2] for t in tables)
     chosen = sum(t.costs[row, 2] for t, row in zip(tables, choices, strict=True))
