@@ -25,21 +25,27 @@ Bias correction (calibrate.py): ``biases`` maps a node name to the layer's new b
 a Conv gets it as its bias input, a Gemm as ``C`` with ``beta = 1``, and a MatMul, which has no
 bias input, gets an ``Add`` after it that produces the original output name.
 
-The pass edits a copy of the model in place at the protobuf level. Every node that is not
-replaced keeps its bytes; the graph's inputs, outputs, opset imports, IR version and producer are
-untouched, and ``metadata_props`` only gains the ``discover.FACTORIZED_KEY`` record of what was
-factorized (so a second run knows the original sizes). The replaced node's output name goes to
-the second node, so every downstream name stays valid. Weights that nothing reads any more are
-removed, along with their Identity/Cast/Transpose chains.
+The surgery runs on onnx-graphsurgeon (``graphs.Surgery``): each replaced node's outputs go to
+the last node of its pair, as graphsurgeon's examples do, so every downstream name stays valid;
+the pair is spliced in at the replaced node's place, so the graph stays in topological order;
+``Graph.cleanup`` then removes what nothing reads any more, in every graph (the old weights with
+their Identity/Cast/Transpose chains, outer-scope weights of rewritten subgraph layers, and any
+node that does not contribute to an output). ``Surgery.export`` carries across what a
+graphsurgeon round trip drops, so the graph's inputs, outputs, opset imports, IR version,
+producer, doc strings and ``metadata_props`` are kept; the nodes of a pair inherit the replaced
+node's doc string and ``metadata_props``. The model's ``metadata_props`` only gain the
+``discover.FACTORIZED_KEY`` record of what was factorized (so a second run knows the original
+sizes). Weights kept in external files (a lazily loaded model) stay there: graphsurgeon reads
+constants lazily, and the export copies their file references.
 
 A weight read by several nodes (``Layer.tied``) is factorized once: every node gets its own
 pair (with its own attributes, input and bias), and all pairs read the same factor tensors.
 
-Layers may sit in subgraphs (``Layer.graph_path``). Subgraphs are rewritten before the graphs
-that hold them, and every new name is unique across the whole model, so no subgraph name
-shadows an outer one. Factors are stored in the narrower of the stored and the read weight type
-(fp16 weights behind a ``Cast`` to fp32 stay fp16, followed by a ``Cast``), as initializers, or
-as ``Constant`` nodes in models of IR version < 4, whose initializers must also be graph inputs.
+Layers may sit in subgraphs (``Layer.graph_path``); every new name is unique across the whole
+model, so no subgraph name shadows an outer one. Factors are stored in the narrower of the
+stored and the read weight type (fp16 weights behind a ``Cast`` to fp32 stay fp16, followed by a
+``Cast``), as initializers, or as ``Constant`` nodes in models of IR version < 4, whose
+initializers must also be graph inputs.
 """
 
 from __future__ import annotations
@@ -50,10 +56,11 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+import onnx_graphsurgeon as gs
+from onnx import helper
 
-from .graphs import FreshNames, attribute, graph_at, iter_graphs
-from .types import FACTOR_TAG, FACTORIZED_KEY, Factors, GraphPath, Layer
+from .graphs import FreshNames, Surgery
+from .types import FACTOR_TAG, FACTORIZED_KEY, Factors, Layer
 
 __all__ = ["rewrite"]
 
@@ -72,9 +79,10 @@ def rewrite(
     """Replace each layer by its factorized pair.
 
     Args:
-        model: the model ``discover`` ran on.
+        model: the model ``discover`` ran on; it is not modified unless ``inplace``.
         replacements: layers (of any graph) with their factors.
-        inplace: edit ``model`` itself instead of a copy.
+        inplace: make ``model`` itself the rewritten model (it then holds the result; the
+            rewrite still builds it beside the original).
         biases: node name (the layer's, or a tied use's) -> new bias ``b'`` (``f`` values in
             output units) that replaces the node's bias (bias correction); nodes not named keep
             their bias.
@@ -82,57 +90,63 @@ def rewrite(
     Returns:
         The rewritten model. The ONNX checker and shape inference accept it.
     """
-    if not inplace:
+    if not replacements:
+        if inplace:
+            return model
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
-        model = copy
-    if not replacements:
-        return model
+        return copy
+    surgery = Surgery(model)
     names = FreshNames(model)
     biases = biases or {}
     as_nodes = 0 < model.ir_version < 4
-    by_graph: dict[GraphPath, list[tuple[Layer, Factors]]] = {}
-    for layer, factors in replacements:
-        by_graph.setdefault(layer.graph_path, []).append((layer, factors))
-    paths = {path[:depth] for path in by_graph for depth in range(len(path) + 1)}
-    unused: dict[GraphPath, set[str]] = {}
+    # Every node is found before any node list changes (paths and indices refer to them).
+    graphs = {layer.graph_path: surgery.subgraph(layer.graph_path) for layer, _ in replacements}
+    uses = [
+        [(use, graphs[layer.graph_path].nodes[use.node_index]) for use in layer.uses()]
+        for layer, _ in replacements
+    ]
+    pairs: dict[int, list[gs.Node]] = {}  # id(replaced node) -> the nodes that replace it
     records = []
-    # Deepest graphs first: a subgraph's path (node indices of its parents) stays valid until
-    # its parent is rewritten.
-    for path in sorted(paths, key=len, reverse=True):
-        graph = graph_at(model.graph, path)
-        candidates = unused.pop(path, set())
-        new_nodes: dict[int, list[onnx.NodeProto]] = {}
-        for layer, factors in by_graph.get(path, []):
-            shared: dict[str, str] = {}  # the factors, written once for all uses of the weight
-            seconds = []
-            for use in layer.uses():
-                node = graph.node[use.node_index]
-                bias = biases.get(use.name)
-                builder = _PairBuilder(
-                    use, factors, node, names, as_nodes, bias, shared, layer.lookup
-                )
-                new_nodes[use.node_index] = builder.nodes()
-                graph.initializer.extend(builder.initializers)  # one layer's factors at a time
-                if bias is not None and len(node.input) > 2 and node.input[2]:
-                    candidates.add(node.input[2])  # the corrected bias replaces the original
-                seconds.append(builder.second_name)
-                candidates.add(use.weight_input)
-            record = {**_record_of(layer, factors), "second": seconds[0]}
-            if seconds[1:]:
-                record["tied"] = seconds[1:]
-            records.append(record)
-        # Splice the pairs in place, last first, so indices stay valid. Rebuilding the whole
-        # list would copy every node (and Constant-node weight) into the model's arena again.
-        for position in sorted(new_nodes, reverse=True):
-            del graph.node[position]
-            for offset, node in enumerate(new_nodes[position]):
-                graph.node.insert(position + offset, node)
-        _remove_unused(graph, set(candidates), main=not path)
-        if path:  # an outer-scope weight is removed from the graph that holds it
-            unused.setdefault(path[:-1], set()).update(candidates)
-    _record(model, records)
-    return model
+    for (layer, factors), layer_uses in zip(replacements, uses, strict=True):
+        shared: dict[str, gs.Tensor] = {}  # the factors, written once for all uses of the weight
+        seconds = []
+        for use, node in layer_uses:
+            builder = _PairBuilder(
+                use, factors, node, names, as_nodes, biases.get(use.name), shared, layer.lookup
+            )
+            pairs[id(node)] = nodes = builder.nodes()
+            surgery.inherit(nodes, node)
+            seconds.append(builder.second_name)
+        record = {**_record_of(layer, factors), "second": seconds[0]}
+        if seconds[1:]:
+            record["tied"] = seconds[1:]
+        records.append(record)
+    for graph in {id(graph): graph for graph in graphs.values()}.values():
+        spliced = []
+        for node in graph.nodes:
+            if id(node) in pairs:
+                node.inputs.clear()  # the pair's last node took the outputs already
+                spliced += pairs[id(node)]
+            else:
+                spliced.append(node)
+        graph.nodes = spliced
+    surgery.graph.cleanup(recurse_subgraphs=True, recurse_functions=False)
+    result = surgery.export()
+    del surgery
+    kept = {info.name for info in result.graph.input}
+    removed = [info.name for info in model.graph.input if info.name not in kept]
+    if removed:
+        log.warning(
+            "removed graph input(s) %s: they were initializers listed as inputs "
+            "(IR version < 4) and are replaced by low-rank factors",
+            ", ".join(sorted(removed)),
+        )
+    _record(result, records)
+    if inplace:
+        model.CopyFrom(result)
+        return model
+    return result
 
 
 def _record(model: onnx.ModelProto, records: list[dict]) -> None:
@@ -170,25 +184,32 @@ def _record_of(layer: Layer, factors: Factors) -> dict:
 _SHARED_FACTORS = {"v", "u"}
 
 
+def _node(op: str, inputs, outputs, name: str, **attrs) -> gs.Node:
+    """A graphsurgeon node whose attributes are sorted by name, as ``helper.make_node`` writes
+    them."""
+    return gs.Node(op, name, dict(sorted(attrs.items())), list(inputs), list(outputs))
+
+
 class _PairBuilder:
-    """The nodes and initializers that replace one layer (one use of its weight)."""
+    """The nodes that replace one layer (one use of its weight): its pair, and the Constant,
+    Cast and Transpose nodes its factors need."""
 
     def __init__(
         self,
         layer: Layer,
         factors: Factors,
-        node: onnx.NodeProto,
+        node: gs.Node,
         names: FreshNames,
         as_nodes: bool = False,
         bias: np.ndarray | None = None,
-        shared: dict[str, str] | None = None,
+        shared: dict[str, gs.Tensor] | None = None,
         tied_lookup: bool = False,
     ):
         self.layer, self.factors, self.node, self.names = layer, factors, node, names
         self.as_nodes = as_nodes
         self.bias = bias
         # Factor tensors already written for another use of the same weight (Layer.tied):
-        # suffix -> name. This builder adds the ones it writes first.
+        # suffix -> tensor. This builder adds the ones it writes first.
         self.shared = shared
         read = layer.weight_dtype
         stored = layer.stored_dtype or read
@@ -196,12 +217,14 @@ class _PairBuilder:
         narrow = stored if _itemsize(stored) < _itemsize(read) else read
         self.dtype = helper.tensor_dtype_to_np_dtype(narrow)
         self.cast_to = read if narrow != read else None
-        self.initializers: list[onnx.TensorProto] = []
-        self.constants: list[onnx.NodeProto] = []
+        self.constants: list[gs.Node] = []
+        self.output_name = node.outputs[0].name
         self.second_name = ""
         self.tied_lookup = tied_lookup
 
-    def nodes(self) -> list[onnx.NodeProto]:
+    def nodes(self) -> list[gs.Node]:
+        """The new nodes, in an order that keeps the graph sorted. The last one takes over the
+        replaced node's outputs."""
         if self.layer.op_type == "Gather":
             pair = self._lookup()
         else:
@@ -209,129 +232,132 @@ class _PairBuilder:
         self.second_name = pair[-1].name
         return self.constants + pair
 
-    def _tensor(self, suffix: str, array: np.ndarray, dtype=None) -> str:
+    def _outputs(self) -> list[gs.Tensor]:
+        """The replaced node's outputs, taken from it for the pair's last node."""
+        outputs = list(self.node.outputs)
+        self.node.outputs.clear()
+        return outputs
+
+    def _bias_input(self) -> gs.Tensor | None:
+        inputs = self.node.inputs
+        if len(inputs) > 2 and not inputs[2].is_empty():
+            return inputs[2]
+        return None
+
+    def _tensor(self, suffix: str, array: np.ndarray, dtype=None) -> gs.Tensor:
         reuse = self.shared is not None and suffix in _SHARED_FACTORS
         if reuse and suffix in self.shared:
             return self.shared[suffix]
-        name = self._new_tensor(suffix, array, dtype)
+        tensor = self._new_tensor(suffix, array, dtype)
         if reuse:
-            self.shared[suffix] = name
-        return name
+            self.shared[suffix] = tensor
+        return tensor
 
-    def _new_tensor(self, suffix: str, array: np.ndarray, dtype=None) -> str:
+    def _new_tensor(self, suffix: str, array: np.ndarray, dtype=None) -> gs.Tensor:
         name = self.names.fresh(f"{self.layer.weight_input}{FACTOR_TAG}_{suffix}")
         values = np.ascontiguousarray(array, dtype=dtype or self.dtype)
-        tensor = numpy_helper.from_array(values, name)
+        tensor: gs.Tensor = gs.Constant(name, values)
         if self.as_nodes:
+            variable = gs.Variable(name)
             self.constants.append(
-                helper.make_node("Constant", [], [name], name=self.names.fresh(name), value=tensor)
+                _node("Constant", [], [variable], self.names.fresh(name), value=tensor)
             )
-        else:
-            self.initializers.append(tensor)
+            tensor = variable
         if dtype is not None or self.cast_to is None:
-            return name
-        cast = self.names.fresh(f"{name}/cast")
+            return tensor
+        cast = gs.Variable(self.names.fresh(f"{name}/cast"))
         self.constants.append(
-            helper.make_node("Cast", [name], [cast], name=self.names.fresh(cast), to=self.cast_to)
+            _node("Cast", [tensor], [cast], self.names.fresh(cast.name), to=self.cast_to)
         )
         return cast
 
-    def _transposed(self, suffix: str, array: np.ndarray) -> str:
+    def _transposed(self, suffix: str, array: np.ndarray) -> gs.Tensor:
         """``arrayᵀ`` as the node reads it. A weight tied with a table lookup stores the shared
         factors once, in the lookup's layout, and transposes them with a node."""
         if not self.tied_lookup:
             return self._tensor(suffix, array.T)
-        name = self._tensor(suffix, array)
-        out = self.names.fresh(f"{name}/transposed")
+        tensor = self._tensor(suffix, array)
+        out = gs.Variable(self.names.fresh(f"{tensor.name}/transposed"))
         self.constants.append(
-            helper.make_node("Transpose", [name], [out], name=self.names.fresh(out), perm=[1, 0])
+            _node("Transpose", [tensor], [out], self.names.fresh(out.name), perm=[1, 0])
         )
         return out
 
     def _node_name(self, suffix: str) -> str:
         return self.names.fresh(f"{self.layer.name}{FACTOR_TAG}_{suffix}")
 
-    def _intermediate(self, suffix: str) -> str:
-        return self.names.fresh(f"{self.node.output[0]}{FACTOR_TAG}_{suffix}")
+    def _intermediate(self, suffix: str) -> gs.Variable:
+        return gs.Variable(self.names.fresh(f"{self.output_name}{FACTOR_TAG}_{suffix}"))
 
-    def _conv(self) -> list[onnx.NodeProto]:
+    def _conv(self) -> list[gs.Node]:
         layer, factors, node = self.layer, self.factors, self.node
         g, r = factors.groups, factors.rank
         kernel = list(layer.kernel_shape)
         first_weight = factors.first.reshape(g * r, layer.in_channels // g, *kernel)
         second_weight = factors.second.reshape(layer.out_channels, g * r, *[1] * len(kernel))
-        kept = {
-            a.name: helper.get_attribute_value(a)
-            for a in node.attribute
-            if a.name in _CONV_KEPT_ATTRIBUTES
-        }
+        kept = {name: node.attrs[name] for name in _CONV_KEPT_ATTRIBUTES if name in node.attrs}
         middle = self._intermediate("mid")
-        first = helper.make_node(
+        first = _node(
             "Conv",
-            [node.input[0], self._tensor("v", first_weight)],
+            [node.inputs[0], self._tensor("v", first_weight)],
             [middle],
-            name=self._node_name("v"),
+            self._node_name("v"),
             kernel_shape=kernel,
             group=g,
             **kept,
         )
         second_inputs = [middle, self._tensor("u", second_weight)]
+        bias = self._bias_input()
         if self.bias is not None:
             second_inputs.append(self._tensor("bias", self.bias))
-        elif len(node.input) > 2 and node.input[2]:
-            second_inputs.append(node.input[2])
-        second = helper.make_node(
+        elif bias is not None:
+            second_inputs.append(bias)
+        second = _node(
             "Conv",
             second_inputs,
-            list(node.output),
-            name=self._node_name("u"),
+            self._outputs(),
+            self._node_name("u"),
             kernel_shape=[1] * len(kernel),
         )
         return [first, second]
 
-    def _lookup(self) -> list[onnx.NodeProto]:
+    def _lookup(self) -> list[gs.Node]:
         node, factors = self.node, self.factors
         middle = self._intermediate("mid")
-        first = helper.make_node(
+        first = gs.Node(
             "Gather",
-            [self._tensor("u", factors.second), node.input[1]],
+            self._node_name("u"),
+            dict(node.attrs),  # axis
+            [self._tensor("u", factors.second), node.inputs[1]],
             [middle],
-            name=self._node_name("u"),
         )
-        first.attribute.extend(node.attribute)  # axis
-        second = helper.make_node(
+        second = _node(
             "MatMul",
             [middle, self._tensor("v", factors.first[0])],
-            list(node.output),
-            name=self._node_name("v"),
+            self._outputs(),
+            self._node_name("v"),
         )
         return [first, second]
 
-    def _dense(self) -> list[onnx.NodeProto]:
+    def _dense(self) -> list[gs.Node]:
         layer, factors, node = self.layer, self.factors, self.node
         g, r, c = factors.groups, factors.rank, layer.in_channels
-        nodes: list[onnx.NodeProto] = []
-        data = node.input[0]
-        if layer.op_type == "Gemm" and attribute(node, "transA", 0):
+        nodes: list[gs.Node] = []
+        data = node.inputs[0]
+        if layer.op_type == "Gemm" and node.attrs.get("transA", 0):
             transposed = self._intermediate("a")
             nodes.append(
-                helper.make_node(
-                    "Transpose",
-                    [data],
-                    [transposed],
-                    name=self._node_name("transpose"),
-                    perm=[1, 0],
-                )
+                _node("Transpose", [data], [transposed], self._node_name("transpose"), perm=[1, 0])
             )
             data = transposed
         middle = self._intermediate("mid")
         if g == 1:
             nodes.append(
-                helper.make_node(
+                _node(
                     "MatMul",
                     [data, self._transposed("v", factors.first[0])],
                     [middle],
-                    name=self._node_name("v"),
+                    self._node_name("v"),
                 )
             )
         else:
@@ -340,61 +366,62 @@ class _PairBuilder:
             keep = [0] * (rank - 1)
             split, grouped = self._intermediate("groups"), self._intermediate("grouped")
             nodes += [
-                helper.make_node(
+                _node(
                     "Reshape",
                     [data, self._tensor("split_shape", [*keep, g, 1, c // g], np.int64)],
                     [split],
-                    name=self._node_name("split"),
+                    self._node_name("split"),
                 ),
-                helper.make_node(
+                _node(
                     "MatMul",
                     [split, self._tensor("v", np.transpose(factors.first, (0, 2, 1)))],
                     [grouped],
-                    name=self._node_name("v"),
+                    self._node_name("v"),
                 ),
-                helper.make_node(
+                _node(
                     "Reshape",
                     [grouped, self._tensor("merge_shape", [*keep, g * r], np.int64)],
                     [middle],
-                    name=self._node_name("merge"),
+                    self._node_name("merge"),
                 ),
             ]
         if layer.op_type == "Gemm":
             inputs = [middle, self._tensor("u", factors.second)]
-            beta = attribute(node, "beta", 1.0)
+            beta = node.attrs.get("beta", 1.0)
+            bias = self._bias_input()
             if self.bias is not None:
                 inputs.append(self._tensor("bias", self.bias))
                 beta = 1.0
-            elif len(node.input) > 2 and node.input[2]:
-                inputs.append(node.input[2])
+            elif bias is not None:
+                inputs.append(bias)
             nodes.append(
-                helper.make_node(
+                _node(
                     "Gemm",
                     inputs,
-                    list(node.output),
-                    name=self._node_name("u"),
+                    self._outputs(),
+                    self._node_name("u"),
                     transB=1,
-                    alpha=attribute(node, "alpha", 1.0),
+                    alpha=node.attrs.get("alpha", 1.0),
                     beta=beta,
                 )
             )
         else:
-            product = list(node.output) if self.bias is None else [self._intermediate("product")]
+            product = self._outputs() if self.bias is None else [self._intermediate("product")]
             nodes.append(
-                helper.make_node(
+                _node(
                     "MatMul",
                     [middle, self._transposed("u", factors.second)],
                     product,
-                    name=self._node_name("u"),
+                    self._node_name("u"),
                 )
             )
             if self.bias is not None:
                 nodes.append(
-                    helper.make_node(
+                    _node(
                         "Add",
                         [product[0], self._tensor("bias", self.bias)],
-                        list(node.output),
-                        name=self._node_name("bias"),
+                        self._outputs(),
+                        self._node_name("bias"),
                     )
                 )
         return nodes
@@ -402,58 +429,3 @@ class _PairBuilder:
 
 def _itemsize(data_type: int) -> int:
     return np.dtype(helper.tensor_dtype_to_np_dtype(data_type)).itemsize
-
-
-def _remove_unused(graph: onnx.GraphProto, candidates: set[str], main: bool = True) -> None:
-    """Remove constants (and their Identity/Cast/Transpose chains) that nothing reads now.
-
-    In the main graph (``main``), an initializer that was also listed as a graph input (IR
-    version < 4) loses that input too; a subgraph's inputs are its signature and stay.
-    """
-    while candidates:
-        read = {name for node in graph.node for name in node.input}
-        read |= {info.name for info in graph.output}
-        read |= _outer_scope_reads(graph)
-        dead = {name for name in candidates if name not in read}
-        if not dead:
-            return
-        candidates = _remove_dead(graph, dead, read, main)
-
-
-def _remove_dead(graph: onnx.GraphProto, dead: set[str], read: set[str], main: bool) -> set[str]:
-    """Remove the producers, initializers, inputs and value infos of the ``dead`` names; return
-    the inputs of the removed nodes, which may be dead now."""
-
-    def producer(node: onnx.NodeProto) -> bool:
-        outputs = node.output
-        return any(o in dead for o in outputs) and all(o in dead or o not in read for o in outputs)
-
-    inputs = {name for node in graph.node if producer(node) for name in node.input if name}
-    _delete(graph.node, producer)
-    _delete(graph.initializer, lambda tensor: tensor.name in dead)
-    removed = _delete(graph.input, lambda info: main and info.name in dead)
-    if removed:
-        log.warning(
-            "removed graph input(s) %s: they were initializers listed as inputs "
-            "(IR version < 4) and are replaced by low-rank factors",
-            ", ".join(sorted(removed)),
-        )
-    _delete(graph.value_info, lambda info: info.name in dead)
-    return inputs
-
-
-def _delete(container, doomed) -> list[str]:
-    """Delete the items of a repeated protobuf field for which ``doomed(item)`` holds, in place
-    (deleting by index does not copy the others, unlike rebuilding the list). Returns the
-    deleted items' names."""
-    positions = [i for i, item in enumerate(container) if doomed(item)]
-    names = [getattr(container[i], "name", "") for i in positions]
-    for position in reversed(positions):
-        del container[position]
-    return names
-
-
-def _outer_scope_reads(graph: onnx.GraphProto) -> set[str]:
-    return {
-        name for sub in list(iter_graphs(graph))[1:] for node in sub.node for name in node.input
-    }

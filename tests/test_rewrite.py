@@ -6,7 +6,10 @@ the original outputs to float tolerance; so must full-rank factorization of any 
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -26,12 +29,16 @@ from builders import (
     run,
 )
 from onnx import helper
+from robust_helpers import assert_close, full_rank
+from test_robustness import if_feeds, if_model, loop_model
 
 from onnx_lowrank.discover import discover
 from onnx_lowrank.factorize import factorize
-from onnx_lowrank.graphs import Surgery
+from onnx_lowrank.graphs import Surgery, graph_at, walk_graphs
+from onnx_lowrank.load import open_model
 from onnx_lowrank.rewrite import rewrite
-from onnx_lowrank.types import FACTORIZED_KEY
+from onnx_lowrank.save import save_model
+from onnx_lowrank.types import FACTOR_TAG, FACTORIZED_KEY
 
 TOLERANCE = 1e-4
 
@@ -368,3 +375,174 @@ def test_graphsurgeon_round_trip_of_real_models_is_byte_identical(path):
     before = model.SerializeToString()
     assert Surgery(model).export().SerializeToString() == before
     assert model.SerializeToString() == before
+
+
+# Node and model metadata, subgraphs, determinism, external data -----------------------------
+
+MODEL_FIELDS = ("doc_string", "domain", "model_version", "producer_name", "producer_version")
+
+
+def _with_metadata(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with model metadata, and a doc string and metadata_props on every node (in
+    every graph) that names it."""
+    model.doc_string, model.domain, model.model_version = "model doc", "ai.example", 3
+    helper.set_model_props(model, {"author": "tests", "license": "MIT"})
+    for _, graph in walk_graphs(model.graph):
+        for node in graph.node:
+            _tagged(node, node.name)
+    return model
+
+
+def _assert_metadata_inherited(model: onnx.ModelProto, compressed: onnx.ModelProto) -> None:
+    """Every node of ``compressed`` carries the doc string and metadata_props of the node it
+    replaced or was, and the model's own fields and metadata are those of ``model``."""
+    for field in MODEL_FIELDS:
+        assert getattr(compressed, field) == getattr(model, field)
+    kept = {p.key: p.value for p in compressed.metadata_props}
+    kept.pop(FACTORIZED_KEY)
+    assert kept == {p.key: p.value for p in model.metadata_props}
+    originals = {node.name for _, graph in walk_graphs(model.graph) for node in graph.node}
+    pairs = 0
+    for _, graph in walk_graphs(compressed.graph):
+        for node in graph.node:
+            origin = dict((p.key, p.value) for p in node.metadata_props)["origin"]
+            assert node.doc_string == f"doc of {origin}"
+            prefix = node.name.split(FACTOR_TAG)[0]
+            if FACTOR_TAG in node.name and prefix in originals:  # a pair node: its layer's
+                assert origin == prefix
+                pairs += 1
+    assert pairs >= 2
+
+
+@pytest.mark.parametrize("form", ["conv", "matmul-fp16-cast", "gemm-bias-correction"])
+def test_pair_nodes_inherit_the_replaced_nodes_metadata(form):
+    """Regression: the old rewrite built pairs without the replaced node's doc string and
+    metadata_props."""
+    biases = {}
+    if form == "conv":
+        model = conv_model(conv_weight(8, 4, (3, 3), 1, 2), (6, 6), pads=[1, 1, 1, 1])
+        feeds = {"x": random_feed([2, 4, 6, 6])}
+    elif form == "matmul-fp16-cast":
+        nodes = [
+            helper.make_node("Cast", ["W16"], ["B"], name="cast", to=onnx.TensorProto.FLOAT),
+            helper.make_node("MatMul", ["x", "B"], ["y"], name="mm"),
+        ]
+        weight = low_rank(6, 10, 2).T.astype(np.float16)
+        model = make_model(nodes, [("x", [3, 10])], [("y", None)], {"W16": weight})
+        feeds = {"x": random_feed([3, 10])}
+    else:
+        model = gemm_model(low_rank(6, 8, 2).T.copy(), bias=np.ones(6, np.float32))
+        biases = {"gemm": np.full(6, 0.5, np.float32)}
+        feeds = {"a": random_feed([3, 8])}
+    model = _with_metadata(model)
+    discovery = discover(model)
+    (layer,) = discovery.layers
+    factors = factorize(discovery.weight(layer), 1, 2)
+    compressed = rewrite(model, [(layer, factors)], biases=biases)
+    check_model(compressed)
+    _assert_metadata_inherited(model, compressed)
+    if not biases:
+        (before,), (after,) = run(model, feeds), run(compressed, feeds)
+        assert rel_l2(before, after) < 2e-3  # exact rank 2 (fp16 rounding of the factors)
+
+
+def test_pair_nodes_inherit_metadata_in_a_real_model_with_if_subgraphs():
+    """silero-vad keeps every weight in the branches of (nested) If nodes: every pair, in every
+    branch, inherits its node's metadata, and the model's metadata is kept."""
+    model = _with_metadata(onnx.load(MODELS / "silero_vad.onnx"))
+    compressed = full_rank(model)
+    _assert_metadata_inherited(model, compressed)
+    rng = np.random.default_rng(0)
+    for rate, samples in ((16000, 576), (8000, 288)):
+        feeds = {
+            "input": (0.1 * rng.standard_normal((1, samples))).astype(np.float32),
+            "state": np.zeros((2, 1, 128), np.float32),
+            "sr": np.array(rate, dtype=np.int64),
+        }
+        assert_close(model, compressed, feeds, tolerance=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["if", "loop"])
+def test_full_rank_rewrite_inside_a_subgraph(kind):
+    """A layer in an If branch (its weight an outer-scope initializer, or a Constant node in the
+    branch) or in a Loop body: the checker's full check passes, ONNX Runtime runs the model,
+    and at full rank it computes what the original does. The outer weight is gone."""
+    model = _with_metadata(if_model() if kind == "if" else loop_model())
+    compressed = full_rank(model)
+    onnx.checker.check_model(compressed, full_check=True)
+    _assert_metadata_inherited(model, compressed)
+    if kind == "if":
+        assert "We" not in {t.name for t in compressed.graph.initializer}
+        for cond in (True, False):
+            assert_close(model, compressed, if_feeds(cond), tolerance=1e-5)
+    else:
+        body = graph_at(compressed.graph, ((0, "body", 0),))
+        assert [n.op_type for n in body.node].count("MatMul") == 2
+        assert "Constant" not in [n.op_type for n in body.node]  # W went with its MatMul
+        assert_close(model, compressed, {"x": random_feed([2, 12])}, tolerance=1e-5)
+
+
+_DIGEST = """
+import hashlib, sys
+sys.path[:0] = ["tests"]
+import onnx
+from robust_helpers import full_rank
+from test_robustness import if_model
+print(hashlib.sha256(full_rank(onnx.load(sys.argv[1])).SerializeToString()).hexdigest())
+print(hashlib.sha256(full_rank(if_model()).SerializeToString()).hexdigest())
+"""
+
+
+def test_rewrite_is_byte_for_byte_deterministic():
+    """Two rewrites of the same model give the same bytes, in one process and in two with
+    different hash seeds (set orders change between them)."""
+    path = MODELS / "silero_vad.onnx"
+    model = onnx.load(path)
+    first, second = full_rank(model), full_rank(model)
+    assert first.SerializeToString() == second.SerializeToString()
+    digests = []
+    for seed in ("1", "2"):
+        result = subprocess.run(
+            [sys.executable, "-c", _DIGEST, str(path)],
+            capture_output=True,
+            text=True,
+            env={**__import__("os").environ, "PYTHONHASHSEED": seed},
+            cwd=MODELS.parent.parent,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr
+        digests.append(result.stdout.split())
+    assert digests[0] == digests[1]
+    assert digests[0][0] == hashlib.sha256(first.SerializeToString()).hexdigest()
+
+
+def test_lazily_loaded_weights_stay_in_their_file(tmp_path):
+    """The rewrite of a model whose weights are still in an external file (the lazy path) never
+    reads them: untouched weights keep pointing at the file; only the factors are in memory."""
+    first, second = low_rank(64, 64, 4, seed=1), low_rank(64, 64, 4, seed=2)
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"),
+        helper.make_node("MatMul", ["h", "W2"], ["y"], name="mm2"),
+    ]
+    model = make_model(nodes, [("x", ["N", 64])], [("y", None)], {"W1": first, "W2": second})
+    path = save_model(model, tmp_path / "m.onnx", external_data=True)
+    loaded = open_model(path, lazy=True)
+    assert loaded.lazy
+    discovery = discover(loaded.model, data_dir=loaded.data_dir)
+    layer = next(layer for layer in discovery.layers if layer.name == "mm1")
+    factors = factorize(discovery.weight(layer), 1, 64)
+    before = loaded.model.SerializeToString()
+    compressed = rewrite(loaded.model, [(layer, factors)])
+    assert loaded.model.SerializeToString() == before
+    tensors = {t.name: t for t in compressed.graph.initializer}
+    assert "W1" not in tensors
+    assert onnx.external_data_helper.uses_external_data(tensors["W2"])
+    factor_names = [name for name in tensors if FACTOR_TAG in name]
+    assert len(factor_names) == 2
+    assert not any(onnx.external_data_helper.uses_external_data(tensors[n]) for n in factor_names)
+    (tmp_path / "out").mkdir()
+    out = save_model(
+        compressed, tmp_path / "out" / "c.onnx", external_data=True, data_dir=loaded.data_dir
+    )
+    feeds = {"x": random_feed([3, 64])}
+    assert_close(model, str(out), feeds, tolerance=1e-4)
