@@ -407,10 +407,8 @@ class Surgery:
         # kept so that an id is never reused while the Surgery lives.
         self._originals: dict[int, tuple[object, onnx.NodeProto | onnx.GraphProto]] = {}
         self._inherited: dict[int, tuple[object, onnx.NodeProto]] = {}
+        self._stored: dict[int, tuple[gs.Constant, np.dtype]] = {}  # see constant()
         self._pair(self.graph, model.graph)
-        # export_onnx names every tensor it exports, the original's too: these get their
-        # unset name back
-        self._unnamed = [t for t in iter_tensors(model) if not t.HasField("name")]
 
     def _pair(self, graph: gs.Graph, proto: onnx.GraphProto) -> None:
         self._originals[id(graph)] = (graph, proto)
@@ -442,6 +440,17 @@ class Surgery:
         entry = self._originals.get(id(item))
         return entry[1] if entry is not None and entry[0] is item else None
 
+    def constant(self, name: str, values: np.ndarray, dtype=None) -> gs.Constant:
+        """A new constant that ``export`` writes as ``values`` in ``dtype`` (default: their
+        own). The values are converted and copied only then, one tensor at a time, so a view of
+        a larger array costs nothing before."""
+        import onnx_graphsurgeon as gs
+
+        values = np.asarray(values)
+        constant = gs.Constant(name, values)
+        self._stored[id(constant)] = (constant, np.dtype(dtype or values.dtype))
+        return constant
+
     def inherit(self, nodes: Iterable[gs.Node], source: gs.Node) -> None:
         """Let ``nodes``, which replace ``source``, inherit its doc string and
         ``metadata_props``."""
@@ -458,15 +467,67 @@ class Surgery:
         import onnx_graphsurgeon as gs
         from onnx_graphsurgeon.logger import G_LOGGER
 
+        shadowed = self._shadow_constants()
         try:
             with G_LOGGER.suppress(G_LOGGER.CRITICAL):
                 exported = gs.export_onnx(self.graph, do_type_check=False)
         finally:
-            for tensor in self._unnamed:
-                tensor.ClearField("name")
+            for constant, values, _ in shadowed.values():
+                constant._values = values
         self._restore_graph(self.graph, exported.graph, {})
         self._restore_model(exported)
+        for tensor in iter_tensors(exported):
+            entry = shadowed.get(tensor.raw_data) if tensor.HasField("raw_data") else None
+            if entry is not None:
+                _fill(tensor, entry[0], entry[2])
         return exported
+
+    def _shadow_constants(self) -> dict[bytes, tuple[gs.Constant, object, object]]:
+        """Give every constant a data-less stand-in for the export; return each stand-in's
+        marker (its ``raw_data``) with the constant, its values, and what ``_fill`` writes
+        (``LazyValues``, or an array with the type to store it in).
+
+        ``gs.export_onnx`` copies each weight twice (``make_graph``, then ``make_model``) and
+        turns arrays into bytes first, and it renames the original's tensors in place: with
+        stand-ins it copies a few bytes per constant, and ``_fill`` copies each weight once
+        into the exported model. Constants that graphsurgeon converts on export
+        (``export_dtype``) and sparse ones keep their values.
+        """
+        import onnx_graphsurgeon as gs
+        from onnx_graphsurgeon.exporters.onnx_exporter import dtype_to_onnx
+        from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
+
+        constants: dict[int, gs.Constant] = {}
+        for graph in [self.graph, *self.graph.subgraphs(recursive=True)]:
+            for tensor in graph.tensors().values():
+                if isinstance(tensor, gs.Constant):
+                    constants[id(tensor)] = tensor
+            for node in graph.nodes:
+                for value in node.attrs.values():
+                    if isinstance(value, gs.Constant):
+                        constants[id(value)] = value
+        shadowed = {}
+        for constant in constants.values():
+            values = constant._values
+            if isinstance(values, SparseValues) or (
+                isinstance(values, np.ndarray) and constant.export_dtype != constant.dtype
+            ):
+                continue
+            marker = f"\0onnx-lowrank stand-in {len(shadowed)}".encode()
+            stand_in = onnx.TensorProto(name=constant.name, raw_data=marker)
+            if isinstance(values, np.ndarray):
+                entry = self._stored.get(id(constant))
+                dtype = entry[1] if entry is not None and entry[0] is constant else values.dtype
+                stand_in.data_type = dtype_to_onnx(dtype)
+                stand_in.dims.extend(values.shape)
+                if constant.data_location is not None:
+                    stand_in.data_location = constant.data_location
+                values = (values, dtype)
+            lazy = object.__new__(LazyValues)  # what the exporter reads: .tensor
+            lazy.tensor, lazy.shape, lazy.dtype = stand_in, constant.shape, constant.dtype
+            shadowed[marker] = (constant, constant._values, values)
+            constant._values = lazy
+        return shadowed
 
     def _restore_model(self, exported: onnx.ModelProto) -> None:
         original = self.model
@@ -564,8 +625,6 @@ class Surgery:
                 continue
             if before.HasField("doc_string"):
                 attr.doc_string = before.doc_string
-            if attr.HasField("t") and before.HasField("t") and not before.t.HasField("name"):
-                attr.t.ClearField("name")
         exported = {attr.name for attr in proto.attribute}
         dropped = {
             attr.name
@@ -580,6 +639,19 @@ class Surgery:
                 if attr.name in dropped or attr.name in current
             ]
             _replace(proto.attribute, attributes + list(current.values()))
+
+
+def _fill(tensor: onnx.TensorProto, constant: gs.Constant, values) -> None:
+    """Put the data of ``constant`` into its exported stand-in: ``values`` is an
+    ``(array, dtype)`` pair, or ``LazyValues`` over a tensor of the original model (copied with
+    its external data references, if any)."""
+    if isinstance(values, tuple):
+        array, dtype = values
+        tensor.raw_data = np.ascontiguousarray(array, dtype=dtype).tobytes()
+        return
+    tensor.CopyFrom(values.tensor)
+    if constant.name != values.tensor.name:
+        tensor.name = constant.name
 
 
 def _names(graph: onnx.GraphProto) -> set[str]:

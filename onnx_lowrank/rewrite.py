@@ -113,7 +113,15 @@ def rewrite(
         seconds = []
         for use, node in layer_uses:
             builder = _PairBuilder(
-                use, factors, node, names, as_nodes, biases.get(use.name), shared, layer.lookup
+                use,
+                factors,
+                node,
+                surgery,
+                names,
+                as_nodes,
+                biases.get(use.name),
+                shared,
+                layer.lookup,
             )
             pairs[id(node)] = nodes = builder.nodes()
             surgery.inherit(nodes, node)
@@ -199,6 +207,7 @@ class _PairBuilder:
         layer: Layer,
         factors: Factors,
         node: gs.Node,
+        surgery: Surgery,
         names: FreshNames,
         as_nodes: bool = False,
         bias: np.ndarray | None = None,
@@ -206,6 +215,7 @@ class _PairBuilder:
         tied_lookup: bool = False,
     ):
         self.layer, self.factors, self.node, self.names = layer, factors, node, names
+        self.surgery = surgery
         self.as_nodes = as_nodes
         self.bias = bias
         # Factor tensors already written for another use of the same weight (Layer.tied):
@@ -255,8 +265,8 @@ class _PairBuilder:
 
     def _new_tensor(self, suffix: str, array: np.ndarray, dtype=None) -> gs.Tensor:
         name = self.names.fresh(f"{self.layer.weight_input}{FACTOR_TAG}_{suffix}")
-        values = np.ascontiguousarray(array, dtype=dtype or self.dtype)
-        tensor: gs.Tensor = gs.Constant(name, values)
+        # a view of the factors: converted and copied into the model when it is exported
+        tensor: gs.Tensor = self.surgery.constant(name, array, dtype or self.dtype)
         if self.as_nodes:
             variable = gs.Variable(name)
             self.constants.append(
