@@ -5,13 +5,14 @@
         [--json OUT.json] [--plot OUT.png] [--markdown]
 
 Every mode is one ``CompressionConfig`` (``MODES``): data-free with the ``bound``,
-``max-group`` or ``network`` error (the network one measured on random inputs), and calibrated
-with the ``output`` or ``network`` error, each with the ``alds`` (min-max) or ``sum``
-(additive) solver. Each analysis is made once per model and mode and reused for every budget,
-as ``sweep`` does; the network errors are measured once and refined per budget. The tasks and
-their disjoint calibration and evaluation data are those of ``benchmarks/calibration.py``
-(MNIST test accuracy, EfficientNet-Lite0 top-1 agreement on real image crops, CREPE tiny raw
-pitch accuracy on synthetic tones), plus:
+``max-group`` or ``network`` error (the network one measured on random inputs), and calibrated with
+the ``output`` or ``network`` error, each with the ``alds`` (min-max) or ``sum`` (additive)
+solver; the calibrated modes refit (``refit=True``, the default with calibration) only where
+their name ends in ``-refit``. Each analysis is made once per model and mode and reused for
+every budget, as ``sweep`` does; the network errors are measured once and refined per budget.
+The tasks and their disjoint calibration and evaluation data are those of
+``benchmarks/calibration.py`` (MNIST test accuracy, EfficientNet-Lite0 top-1 agreement on real
+image crops, CREPE tiny raw pitch accuracy on synthetic tones), plus:
 
 * **PP-OCR text-direction classifier** (``tests/models/ppocr_mobile_v2.0_cls.onnx``): synthetic
   text lines (random letters and digits in Pillow's default font, dark on light, random size
@@ -51,10 +52,10 @@ MODES: dict[str, tuple[bool, dict]] = {
     "df-max-group": (False, {"error": "max-group"}),
     "df-network": (False, {"error": "network"}),
     "df-network-sum": (False, {"error": "network", "method": "sum"}),
-    "cal-output": (True, {"error": "output"}),
-    "cal-output-sum": (True, {"error": "output", "method": "sum"}),
-    "cal-network": (True, {"error": "network"}),
-    "cal-network-sum": (True, {"error": "network", "method": "sum"}),
+    "cal-output": (True, {"error": "output", "refit": False}),
+    "cal-output-sum": (True, {"error": "output", "method": "sum", "refit": False}),
+    "cal-network": (True, {"error": "network", "refit": False}),
+    "cal-network-sum": (True, {"error": "network", "method": "sum", "refit": False}),
     "cal-output-refit": (True, {"error": "output", "refit": True}),
     "cal-network-sum-refit": (True, {"error": "network", "method": "sum", "refit": True}),
 }

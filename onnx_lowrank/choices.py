@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import TOLERANCES, CompressionConfig
+from .config import TOLERANCES, CompressionConfig, recorded_options
 from .errors import ConfigError
 from .spectra import group_counts
 from .types import CandidateTable, Discovery, Layer, UserChoice
@@ -108,7 +108,8 @@ def recipe_config(path: str | os.PathLike, **changes: Any) -> CompressionConfig:
     skip = {"recipe", "exclude", "ranks", "groups_for"}  # the recipe's layers fix every layer
     if changes.get("validate") is False:  # the recorded validation options would conflict
         skip |= {*TOLERANCES, "inputs"}
-    recorded = {k: v for k, v in recipe.config.items() if k in fields and k not in skip}
+    options = recorded_options(recipe.config)
+    recorded = {k: v for k, v in options.items() if k in fields and k not in skip}
     return CompressionConfig(**{**recorded, "recipe": os.fspath(path), **changes})
 
 

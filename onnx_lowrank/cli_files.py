@@ -12,7 +12,7 @@ from typing import Any
 
 from .choices import read_recipe
 from .cli_options import COMMANDS, build_parser, fractions, methods
-from .config import TOLERANCES, CompressionConfig
+from .config import TOLERANCES, CompressionConfig, recorded_options
 from .errors import ConfigError
 
 __all__ = ["apply_files", "given_options"]
@@ -63,7 +63,7 @@ def apply_files(
         skip = set(_NOT_FROM_RECIPE)
         if "validate" in given and not args.validate:  # recorded tolerances would conflict
             skip |= {*TOLERANCES, "inputs"}
-        recorded = {k: v for k, v in recipe.config.items() if k not in skip}
+        recorded = {k: v for k, v in recorded_options(recipe.config).items() if k not in skip}
         fields = {f.name for f in dataclasses.fields(CompressionConfig)}
         for key in list(recorded):
             if key not in actions and key in fields:  # an option without a flag

@@ -305,8 +305,9 @@ def _add_run_options(run: argparse.ArgumentParser, *, sweep: bool) -> None:
         "--refit",
         action=argparse.BooleanOptionalAction,
         default=CompressionConfig.refit,
-        help="with --calibration: refit each factorized layer's left factor and bias in "
-        "topological order on the partly compressed model's inputs (docs/calibration.md)",
+        help="with --calibration (on by default there; --no-refit turns it off): refit each "
+        "factorized layer's left factor and bias in topological order on the partly "
+        "compressed model's inputs (docs/calibration.md)",
     )
     _add_shape_options(run)
     _add_layer_options(run, sweep=sweep)

@@ -26,6 +26,7 @@ __all__ = [
     "parse_input_shape",
     "parse_input_shapes",
     "parse_tolerances",
+    "recorded_options",
 ]
 
 #: Allocation methods, in the order the docs list them. ``solvers.SOLVERS`` implements each.
@@ -107,7 +108,10 @@ class CompressionConfig:
         calibration_samples: use only this many evenly spaced samples of the calibration
             file (deterministic); None uses all.
         refit: with ``calibration``, refit every factorized layer's left factor and bias in
-            topological order on the partly compressed model's inputs (refit.py).
+            topological order on the partly compressed model's inputs (refit.py). None (the
+            default) resolves to True when ``calibration`` is given and to False otherwise
+            (measured: docs/calibration.md); True without ``calibration`` is an error. The
+            config stores the resolved value.
         row_floor: with calibration, the share ``ρ`` in (0, 1] of uniform weight mixed into
             the row weights of embedding tables (id counts); 1 turns the row weighting off
             (calibrate.py).
@@ -165,7 +169,7 @@ class CompressionConfig:
     groups_for: Mapping[str, int] = field(default_factory=dict)
     recipe: str | None = None
     sensitivity_samples: int = 32
-    refit: bool = False
+    refit: bool | None = None
     calibration_samples: int | None = None
 
     def __post_init__(self) -> None:
@@ -185,8 +189,6 @@ class CompressionConfig:
                 raise ConfigError(f"{_flag(name)} must be a fraction in (0, 1], got {value!r}")
         _check_choice("error", self.error, ERROR_MEASURES)
         _check_choice("device", self.device, DEVICES)
-        if not isinstance(self.refit, bool):
-            raise ConfigError(f"refit must be True or False, got {self.refit!r}")
         if not isinstance(self.fold_batchnorm, bool):
             raise ConfigError(f"fold_batchnorm must be True or False, got {self.fold_batchnorm!r}")
         counts = ("max_groups", "groups", "rank_multiple", "latency_runs", "latency_threads")
@@ -294,6 +296,15 @@ class CompressionConfig:
                 "--error output measures errors on real activations and needs "
                 "--calibration FILE.npz; give one, or use --error bound"
             )
+        if self.refit is None:  # on whenever there are activations to refit on
+            object.__setattr__(self, "refit", self.calibration is not None)
+        if not isinstance(self.refit, bool):
+            raise ConfigError(f"refit must be True or False, got {self.refit!r}")
+        if self.refit and self.calibration is None:
+            raise ConfigError(
+                "--refit refits layers on real activations and needs --calibration FILE.npz; "
+                "give one, or drop --refit"
+            )
 
     def _check_validation_options(self) -> None:
         """Tolerances and ``inputs`` only act through validation: without it they are an
@@ -338,7 +349,12 @@ class CompressionConfig:
         return self.params is not None or self.flops is not None or self.latency is not None
 
     def replace(self, **changes: Any) -> CompressionConfig:
-        """A copy with some fields changed, validated again."""
+        """A copy with some fields changed, validated again. A ``refit`` that is its default
+        (on exactly when ``calibration`` is given) follows a changed ``calibration``; one
+        set against the default is kept."""
+        default = self.refit == (self.calibration is not None)
+        if "calibration" in changes and "refit" not in changes and default:
+            changes["refit"] = None
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -352,6 +368,16 @@ class CompressionConfig:
     def fixes_layers(self) -> bool:
         """True when the user excluded or pinned layers, or applies a recipe."""
         return bool(self.exclude or self.ranks or self.groups_for or self.recipe)
+
+
+def recorded_options(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of a recorded config (a report's ``config``) that a recipe carries over:
+    all of them except a ``refit`` that was only its default (on exactly when the run had
+    ``calibration``), which resolves again from the new run's calibration."""
+    options = dict(config)
+    if options.get("refit") == (options.get("calibration") is not None):
+        options.pop("refit", None)
+    return options
 
 
 def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:

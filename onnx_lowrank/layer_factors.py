@@ -106,10 +106,12 @@ def factorize_calibrated(
 
 def with_errors(
     analysis: Analysis, calibrated: dict[str, CalibratedLayer]
-) -> dict[str, tuple[Factors, float | None]]:
-    """The factors of ``calibrated`` (refitted, refit.py) with their actual relative weight
-    error; None for a layer without spectra (a recipe's fixed layers)."""
+) -> tuple[dict[str, CalibratedLayer], dict[str, tuple[Factors, float | None]]]:
+    """The layers of ``calibrated`` (refitted, refit.py) with the weight-error bound of their
+    own factors (``CalibratedLayer.error_bound``), and their factors with their actual relative
+    weight error; None for a layer without spectra (a recipe's fixed layers)."""
     discovery = analysis.discovery
+    bounded = dict(calibrated)
     factors: dict[str, tuple[Factors, float | None]] = {}
     for name, item in calibrated.items():
         spectrum = analysis.spectra.get(name)
@@ -117,5 +119,7 @@ def with_errors(
         if spectrum is not None:
             weight = discovery.weight(discovery.layer(name))
             error = relative_error(weight, item.factors, spectrum.spectral_norm)
+            bound = relative_error_bound(weight, item.factors, spectrum.spectral_norm)
+            bounded[name] = replace(item, error_bound=bound)
         factors[name] = (item.factors, error)
-    return factors
+    return bounded, factors

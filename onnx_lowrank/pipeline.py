@@ -398,10 +398,16 @@ def realize(
             calibrated, factors = factorize_calibrated(
                 analysis, tables, choices, calibration, progress
             )
+    refitted = 0
     if calibrated and config.refit:
         with timer.stage("refit"), numpy_backend(1).parallel():
+            before = calibrated
             calibrated = refit.refit_layers(discovery, calibration, calibrated, progress)
-            factors.update(with_errors(analysis, calibrated))
+            changed = {name: item for name, item in calibrated.items() if item is not before[name]}
+            refitted = len(changed)
+            bounded, refitted_factors = with_errors(analysis, changed)
+            calibrated.update(bounded)
+            factors.update(refitted_factors)
     with timer.stage("rewrite"):
         biases = {  # by node name: a tied weight's nodes each have their own
             use: bias
@@ -472,7 +478,12 @@ def realize(
         else max((layer.output_error or 0.0 for layer in factorized), default=0.0),
         calibration=None
         if calibration is None
-        else {"file": calibration.source, "samples": calibration.samples},
+        else {
+            "file": calibration.source,
+            "samples": calibration.samples,
+            "refit": refitted > 0,  # whether the sequential refit changed any layer
+            "refitted_layers": refitted,
+        },
         layers=in_graph_order(layers, model),
         validation=validation,
         validation_skipped=analysis.validation_skipped if config.validate else None,

@@ -215,6 +215,10 @@ def refit_layers(
             stage=f"refit {level + 1}/{count}",  # one progress bar per pass
             other=compressed if fetched else None,  # inputs of the model need no second run
             other_wanted=fetched,
+            # a lazily loaded model's weights, and the compressed model's untouched ones,
+            # are still in the original's external files
+            data_dir=discovery.data_dir,
+            other_data_dir=discovery.data_dir,
         )
         for originals, compressed_inputs in batches:
             for name in names:

@@ -220,6 +220,7 @@ def format_summary(report: CompressionReport) -> str:
         text.append(
             f"calibration: {report.calibration['samples']} samples from "
             f"{report.calibration['file']}; error measure: {measure}"
+            + (f"; {_refit_text(report)}" if _refit_text(report) else "")
             + (
                 ""
                 if report.max_output_error is None
@@ -235,6 +236,16 @@ def format_summary(report: CompressionReport) -> str:
     else:
         text.append(format_validation(report.validation))
     return "\n".join(line for line in text if line)
+
+
+def _refit_text(report: CompressionReport) -> str:
+    """Whether the sequential refit (refit.py) ran, for the calibration line."""
+    if "refit" not in report.config:  # a report of a version without the refit
+        return ""
+    refitted = report.calibration.get("refitted_layers")
+    if refitted:
+        return f"refit: {refitted} layer(s)"
+    return "refit: no layer refitted" if report.config["refit"] else "refit: off (--no-refit)"
 
 
 def format_latency(report: CompressionReport) -> str:

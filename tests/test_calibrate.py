@@ -405,7 +405,8 @@ def mnist_calibration(tmp_path, count=300):
 
 def test_mnist_calibration_lowers_output_errors_at_the_same_budget(tmp_path):
     path = mnist_calibration(tmp_path)
-    config = CompressionConfig(params=0.4, calibration=str(path), latency_runs=1)
+    # the calibrated factors themselves (the estimates are theirs): no refit
+    config = CompressionConfig(params=0.4, calibration=str(path), latency_runs=1, refit=False)
     analysis = analyze(MNIST, config)
     tables = candidate_tables(analysis, config)
     choices = choose(analysis, tables, config)
@@ -442,7 +443,12 @@ def test_mnist_calibration_lowers_output_errors_at_the_same_budget(tmp_path):
     accuracy = np.mean(run(calibrated.model, feeds)[0].argmax(1) == labels)
     assert accuracy > np.mean(run(data_free, feeds)[0].argmax(1) == labels)
     report = calibrated.report
-    assert report.calibration == {"file": str(path), "samples": 300}
+    assert report.calibration == {
+        "file": str(path),
+        "samples": 300,
+        "refit": False,
+        "refitted_layers": 0,
+    }
     assert report.config["error"] == "output"
     assert report.max_output_error == max(layer.output_error for layer in layers)
 

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
+import pytest
 from builders import MNIST, SAMPLES, check_model, make_model, random_feed, run
 from onnx import helper
 
 from onnx_lowrank import CompressionConfig
+from onnx_lowrank.choices import recipe_config
+from onnx_lowrank.cli import main
+from onnx_lowrank.errors import ConfigError
 from onnx_lowrank.pipeline import analyze, candidate_tables, choose, realize
 from onnx_lowrank.refit import levels, refit_layers
+from onnx_lowrank.report import format_summary
 from onnx_lowrank.whiten import factorize_layers
 
 
@@ -84,12 +91,107 @@ def test_refit_lowers_the_network_error_on_real_models(tmp_path):
     assert errors[True] < 0.8 * errors[False]
 
 
-def test_refit_without_calibration_changes_nothing():
+def test_refit_needs_calibration(tmp_path, capsys):
+    """Asked for without calibration data, the refit is a one-line error, not a no-op."""
+    with pytest.raises(ConfigError, match=r"--refit .* needs --calibration"):
+        CompressionConfig(params=0.5, refit=True, validate=False)
+    assert CompressionConfig(params=0.5).refit is False
+    model = tmp_path / "model.onnx"
+    onnx.save(two_layer_model(), model)
+    out = tmp_path / "out.onnx"
+    assert main(["compress", str(model), "-o", str(out), "--params", "0.5", "--refit", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "needs --calibration" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_refit_default_follows_calibration(tmp_path):
+    path = _calibration(tmp_path, {"x": random_feed((64, 16), 1)})
+    on = CompressionConfig(params=0.5, calibration=str(path))
+    assert on.refit is True and on.to_dict()["refit"] is True
+    assert (
+        on.replace(calibration=None, error="bound").refit is False
+    )  # the default follows the data
+    off = on.replace(refit=False)
+    assert off.replace(calibration=str(path)).refit is False  # a choice is kept
+
+
+def test_refit_is_the_default_with_calibration(tmp_path):
+    """Tiny model, Python API: with calibration the refit runs unless turned off, the report
+    says so, and it changes the model (the second layer sees the compressed first one)."""
     model = two_layer_model()
-    config = CompressionConfig(params=0.5, refit=True, validate=False)
-    analysis = analyze(model, config)
-    tables = candidate_tables(analysis, config)
-    result = realize(analysis, tables, choose(analysis, tables, config), config)
-    x = random_feed((3, 16), 2)
-    plain = realize(analysis, tables, choose(analysis, tables, config), config.replace(refit=False))
-    np.testing.assert_array_equal(run(result.model, {"x": x})[0], run(plain.model, {"x": x})[0])
+    path = _calibration(tmp_path, {"x": random_feed((400, 16), 1)})
+    base = CompressionConfig(params=0.5, calibration=str(path), validate=False)
+    analysis = analyze(model, base)
+    tables = candidate_tables(analysis, base)
+    choices = choose(analysis, tables, base)
+    default = realize(analysis, tables, choices, base)
+    plain = realize(analysis, tables, choices, base.replace(refit=False))
+    assert default.report.config["refit"] is True and "refit" in default.report.timings
+    assert default.report.calibration["refit"] is True
+    assert default.report.calibration["refitted_layers"] == len(default.report.compressed_layers)
+    assert "refit: " in format_summary(default.report)
+    assert plain.report.calibration == {**default.report.calibration, "refit": False,
+                                        "refitted_layers": 0}  # fmt: skip
+    assert "refit" not in plain.report.timings
+    assert "refit: off (--no-refit)" in format_summary(plain.report)
+    x = random_feed((8, 16), 2)
+    assert not np.allclose(run(default.model, {"x": x})[0], run(plain.model, {"x": x})[0])
+
+
+def test_cli_refits_by_default_with_calibration(tmp_path):
+    """MNIST CNN, command line: ``--calibration`` alone refits (report and JSON say so);
+    ``--no-refit`` gives the calibrated model without it, a different one."""
+    data = np.load(SAMPLES / "mnist_train_calib.npz")
+    images = ((data["images"][:96].astype(np.float32) / 255.0 - 0.1307) / 0.3081)[:, None]
+    path = _calibration(tmp_path, {"input": images})
+    test = np.load(SAMPLES / "mnist_test.npz")
+    x = ((test["images"][:64].astype(np.float32) / 255.0 - 0.1307) / 0.3081)[:, None]
+    outputs, reports = {}, {}
+    for flags in ((), ("--no-refit",)):
+        out, report = tmp_path / f"m{len(flags)}.onnx", tmp_path / f"r{len(flags)}.json"
+        args = ["compress", str(MNIST), "-o", str(out), "--params", "0.2", "--calibration"]
+        args += [str(path), "--no-validate", "--no-latency-check", "--report", str(report)]
+        assert main([*args, *flags, "-q"]) == 0
+        compressed = onnx.load(out)
+        check_model(compressed)
+        outputs[flags] = run(compressed, {"input": x})[0]
+        reports[flags] = json.loads(report.read_text())
+    on, off = reports[()], reports[("--no-refit",)]
+    assert on["config"]["refit"] is True and on["calibration"]["refit"] is True
+    assert on["calibration"]["refitted_layers"] >= 2 and "refit" in on["timings"]
+    assert off["config"]["refit"] is False and off["calibration"]["refit"] is False
+    assert "refit" not in off["timings"]
+    assert on["params_after"] == off["params_after"]  # the same allocation
+    assert not np.allclose(outputs[()], outputs[("--no-refit",)], atol=1e-4)
+
+
+def test_recipes_and_config_files_keep_the_refit_choice(tmp_path):
+    """A recipe carries an explicit ``--no-refit`` over, while a refit that was only the
+    default follows the new run's calibration; a --config file can turn it off."""
+    model = tmp_path / "model.onnx"
+    onnx.save(two_layer_model(), model)
+    path = _calibration(tmp_path, {"x": random_feed((64, 16), 1)})
+    reports = {}
+    for name, flags in (("free", []), ("off", ["--calibration", str(path), "--no-refit"])):
+        reports[name] = tmp_path / f"{name}.json"
+        args = ["compress", str(model), "-o", str(tmp_path / f"{name}.onnx"), "--params", "0.5"]
+        args += [*flags, "--no-validate", "--report", str(reports[name]), "-q"]
+        assert main(args) == 0
+    assert recipe_config(reports["free"]).refit is False
+    assert recipe_config(reports["free"], calibration=str(path)).refit is True
+    assert recipe_config(reports["off"]).refit is False
+    assert recipe_config(reports["off"], refit=True).refit is True
+    settings = tmp_path / "run.toml"
+    settings.write_text(f'calibration = "{path}"\nrefit = false\n')
+    for extra, expected in (([], False), (["--refit"], True)):
+        report = tmp_path / f"file{len(extra)}.json"
+        args = ["compress", str(model), "-o", str(tmp_path / f"f{len(extra)}.onnx"), "--params"]
+        args += ["0.5", "--config", str(settings), "--no-validate", "--report", str(report)]
+        assert main([*args, *extra, "-q"]) == 0
+        assert json.loads(report.read_text())["config"]["refit"] is expected
+    again = tmp_path / "again.json"
+    args = ["compress", str(model), "-o", str(tmp_path / "again.onnx"), "--recipe"]
+    args += [str(reports["free"]), "--calibration", str(path), "--no-validate"]
+    assert main([*args, "--report", str(again), "-q"]) == 0
+    assert json.loads(again.read_text())["calibration"]["refit"] is True

@@ -88,7 +88,10 @@ def test_macs_are_counted_at_the_sizes_of_the_given_data(tmp_path):
     assert any("from --inputs" in note for note in given.report.notes)
 
     calibrated = compress(
-        CLS, CompressionConfig(params=0.8, calibration=str(calibration), validate=False)
+        CLS,
+        CompressionConfig(  # sizes only: no refit
+            params=0.8, calibration=str(calibration), validate=False, refit=False
+        ),
     )
     assert calibrated.report.macs_before == large
     # --input-shape wins over the data
@@ -98,6 +101,7 @@ def test_macs_are_counted_at_the_sizes_of_the_given_data(tmp_path):
             params=0.8,
             calibration=str(calibration),
             validate=False,
+            refit=False,
             input_shapes={"x": (1, 3, 48, 192)},
         ),
     )
@@ -109,7 +113,10 @@ def test_calibration_sizes_make_random_validation_inputs(tmp_path):
     rng = np.random.default_rng(1)
     np.savez(calibration, x=rng.standard_normal((2, 3, 48, 192)).astype(np.float32))
     result = compress(
-        CLS, CompressionConfig(params=0.8, calibration=str(calibration), latency_runs=1)
+        CLS,
+        CompressionConfig(  # sizes only: no refit
+            params=0.8, calibration=str(calibration), latency_runs=1, refit=False
+        ),
     )
     assert result.report.validation is not None and result.report.validation_skipped is None
     assert result.report.validation.outputs[0].shape[0] > 0
