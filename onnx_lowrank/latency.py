@@ -4,11 +4,9 @@ Parameters and MACs do not predict speed on a real runtime (docs/performance.md)
 allocator can budget what users pay: the latency of each layer, measured on the execution
 provider the model will run on (DESIGN.md §8).
 
-**What is timed.** For one use of a layer (one node reading the weight):
-
-* *dense*: a one-node model, the node itself, random weights of the layer's shapes and the
-  node's real input shape (a dynamic batch is 1, as in validation);
-* *candidate* ``(g, r)``: that model rewritten by ``rewrite.rewrite`` with random factors.
+**What is timed.** For one use of a layer: the dense node alone in a one-node model (random
+weights, the node's real input shape, a dynamic batch taken as 1) and, per candidate ``(g, r)``,
+that model rewritten by ``rewrite.rewrite`` with random factors.
 
 Every session comes from ``sessions.make_session`` (validation's options). Sessions run
 interleaved, ``BATCH`` at a time with the dense layer in every batch, after ``WARMUP`` runs each,
@@ -36,7 +34,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +45,7 @@ from onnx import helper, numpy_helper
 from .device import cache_dir, device_name
 from .errors import OutputPathError
 from .graphs import graph_at
-from .records import LayerLatency
+from .records import LayerLatency, TimingStats
 from .rewrite import rewrite
 from .save import write_file
 from .sessions import make_session, runtime, session_settings
@@ -58,7 +56,6 @@ __all__ = [
     "GROUPED_GRID_POINTS",
     "LatencyBook",
     "LatencyCache",
-    "LatencyStats",
     "grid_ranks",
     "interpolate",
     "measure_choice",
@@ -86,32 +83,6 @@ CHOICE_BUDGET_S = 1.0
 WARMUP = 2
 #: Version of the cache files' layout; part of every key.
 _CACHE_FORMAT = 1
-
-
-@dataclass
-class LatencyStats:
-    """What measuring the cost tables took.
-
-    Attributes:
-        seconds: wall time spent building and timing sessions (cache reads included).
-        measured: sessions timed in this run.
-        cached: timings read from the cache.
-        unknown: layers whose input shape is not fully known; their latency is not measured.
-        provider: the execution provider timed.
-        device: the CPU or GPU model.
-        cache: the cache folder.
-    """
-
-    seconds: float = 0.0
-    measured: int = 0
-    cached: int = 0
-    unknown: list[str] = field(default_factory=list)
-    provider: str = ""
-    device: str = ""
-    cache: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 class LatencyCache:
@@ -255,7 +226,7 @@ class LatencyBook:
         self.progress = progress
         provider = str(self.providers[0])
         device = device_name(provider)
-        self.stats = LatencyStats(provider=provider, device=device, cache=str(self.cache.folder))
+        self.stats = TimingStats(provider=provider, device=device, cache=str(self.cache.folder))
         self.context = {
             "format": _CACHE_FORMAT,
             "provider": provider,
@@ -406,7 +377,7 @@ def measure_layers(
     cache: LatencyCache | None = None,
     points: int = GRID_POINTS,
     progress: Progress | None = None,
-    stats: LatencyStats | None = None,
+    stats: TimingStats | None = None,
     threads: int | None = None,
 ) -> dict[str, LayerLatency]:
     """``LatencyBook(...).grid(tables, points)``; ``stats`` (when given) gets what it took."""

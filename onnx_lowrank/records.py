@@ -36,6 +36,7 @@ __all__ = [
     "ParameterShares",
     "Side",
     "TensorInfo",
+    "TimingStats",
     "ValidationReport",
     "plain",
 ]
@@ -514,3 +515,29 @@ class LayerLatency:
     dense_ms: float
     row_ms: np.ndarray
     timed: np.ndarray
+
+
+@dataclass
+class TimingStats:
+    """What measuring the cost tables took.
+
+    Attributes:
+        seconds: wall time spent building and timing sessions (cache reads included).
+        measured: sessions timed in this run.
+        cached: timings read from the cache.
+        unknown: layers whose input shape is not fully known; their latency is not measured.
+        provider: the execution provider timed.
+        device: the CPU or GPU model.
+        cache: the cache folder.
+    """
+
+    seconds: float = 0.0
+    measured: int = 0
+    cached: int = 0
+    unknown: list[str] = field(default_factory=list)
+    provider: str = ""
+    device: str = ""
+    cache: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -21,8 +21,9 @@ from onnx_lowrank import (
     latency,
 )
 from onnx_lowrank.allocate import allocate
-from onnx_lowrank.latency import LatencyCache, LatencyStats, grid_ranks, interpolate
+from onnx_lowrank.latency import LatencyCache, grid_ranks, interpolate
 from onnx_lowrank.pipeline import analyze, candidate_tables, choose
+from onnx_lowrank.records import TimingStats
 from onnx_lowrank.report import format_summary
 from onnx_lowrank.speed import latency_book, latency_budget
 from onnx_lowrank.sweeps import sweep
@@ -62,7 +63,7 @@ def test_conv_and_gemm_tables_are_measured_then_cached(tmp_path):
     for model in (conv_model(weight, [12, 12], pads=[1, 1, 1, 1]), gemm_model(low_rank(64, 48, 4))):
         analysis, tables = _tables(model)
         cache = LatencyCache(tmp_path)
-        stats = LatencyStats()
+        stats = TimingStats()
         first = latency.measure_layers(
             analysis.model, analysis.discovery, tables, CPU, cache=cache, stats=stats
         )
@@ -74,7 +75,7 @@ def test_conv_and_gemm_tables_are_measured_then_cached(tmp_path):
         for g in np.unique(table.groups[1:]):  # monotone in the rank within a group count
             rows = np.flatnonzero(table.groups == g)
             assert np.all(np.diff(measured.row_ms[rows[np.argsort(table.ranks[rows])]]) >= 0)
-        again = LatencyStats()
+        again = TimingStats()
         second = latency.measure_layers(
             analysis.model, analysis.discovery, tables, CPU, cache=cache, stats=again
         )
@@ -87,7 +88,7 @@ def test_cache_key_separates_shapes(tmp_path):
     cache = LatencyCache(tmp_path)
     for size in (8, 10):
         analysis, tables = _tables(conv_model(weight, [size, size]))
-        stats = LatencyStats()
+        stats = TimingStats()
         latency.measure_layers(
             analysis.model, analysis.discovery, tables, CPU, cache=cache, stats=stats
         )
@@ -101,7 +102,7 @@ def test_corrupt_cache_file_is_ignored_with_a_warning(tmp_path, caplog):
     latency.measure_layers(analysis.model, analysis.discovery, tables, CPU, cache=cache)
     (path,) = tmp_path.glob("*.json")
     path.write_text("{not json")
-    stats = LatencyStats()
+    stats = TimingStats()
     with caplog.at_level(logging.WARNING, logger="onnx_lowrank.latency"):
         latency.measure_layers(
             analysis.model, analysis.discovery, tables, CPU, cache=cache, stats=stats
@@ -121,7 +122,7 @@ def test_cache_folder_follows_the_environment(tmp_path, monkeypatch):
 def test_mnist_tables_measured_on_the_real_model(tmp_path):
     model = onnx.load(MNIST)
     analysis, tables = _tables(model, max_groups=4)
-    stats = LatencyStats()
+    stats = TimingStats()
     result = latency.measure_layers(
         analysis.model, analysis.discovery, tables, CPU, cache=LatencyCache(tmp_path), stats=stats
     )
@@ -224,7 +225,7 @@ def test_tables_on_the_cuda_execution_provider(tmp_path):
     weight = low_rank(64, 32 * 9, 8).reshape(64, 32, 3, 3)
     analysis, tables = _tables(conv_model(weight, [28, 28], pads=[1, 1, 1, 1]))
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    stats = LatencyStats()
+    stats = TimingStats()
     result = latency.measure_layers(
         analysis.model,
         analysis.discovery,
