@@ -20,8 +20,9 @@ import math
 
 import onnx
 
-from .graphs import FLOAT_TYPES, attribute, iter_graphs, iter_tensors
+from .graphs import FLOAT_TYPES, attribute
 from .types import ShapeInfo
+from .walk import iter_graphs, iter_tensors
 
 __all__ = [
     "MAC_OPS",

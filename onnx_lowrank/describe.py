@@ -11,7 +11,7 @@ from dataclasses import replace
 import onnx
 
 from .cost import count_parameters
-from .graphs import FLOAT_TYPES, attribute, type_name, walk_graphs
+from .graphs import FLOAT_TYPES, attribute, type_name
 from .index import GraphIndex
 from .records import (
     KEPT_DENSE,
@@ -32,6 +32,7 @@ from .types import (
     SkippedLayer,
     UserChoice,
 )
+from .walk import walk_graphs
 
 __all__ = [
     "dense_record",

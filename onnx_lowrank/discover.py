@@ -36,15 +36,7 @@ import onnx
 
 from .cost import node_macs
 from .errors import UnsupportedModelError
-from .graphs import (
-    FLOAT_TYPES,
-    attribute,
-    graph_at,
-    opset_version,
-    overridable_initializers,
-    type_name,
-    walk_graphs,
-)
+from .graphs import FLOAT_TYPES, attribute, opset_version, overridable_initializers, type_name
 from .history import factorized_layers, folded_params
 from .index import PASS_THROUGH, ConstantRef, GraphIndex, read_constant
 from .shapes import infer_shapes
@@ -57,6 +49,7 @@ from .types import (
     SkippedLayer,
     TiedUse,
 )
+from .walk import graph_at, walk_graphs
 
 __all__ = ["WeightReader", "discover"]
 

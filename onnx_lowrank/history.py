@@ -15,8 +15,8 @@ import onnx
 
 from .cost import node_macs
 from .errors import InvalidModelError
-from .graphs import walk_graphs
 from .types import FACTORIZED_KEY, FOLDED_KEY, FactorizedLayer, ShapeInfo
+from .walk import walk_graphs
 
 __all__ = ["factorized_layers", "folded_params"]
 

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .graphs import attribute, tensor_to_array, walk_graphs
+from .graphs import attribute, tensor_to_array
 from .types import GraphPath
+from .walk import walk_graphs
 
 __all__ = [
     "OVERRIDABLE_REASON",

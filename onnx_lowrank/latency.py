@@ -44,12 +44,12 @@ from onnx import helper, numpy_helper
 
 from .device import cache_dir, device_name
 from .errors import OutputPathError
-from .graphs import graph_at
 from .records import LayerLatency, TimingStats
 from .rewrite import rewrite
 from .save import write_file
 from .sessions import make_session, runtime, session_settings
 from .types import Discovery, Factors, Layer, Progress
+from .walk import graph_at
 
 __all__ = [
     "GRID_POINTS",

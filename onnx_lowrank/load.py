@@ -20,7 +20,8 @@ import onnx
 from onnx.external_data_helper import ExternalDataInfo
 
 from .errors import InvalidModelError, ModelFileError, file_kind, reason
-from .graphs import PROTOBUF_LIMIT, external_location, has_external_data, iter_graphs, iter_tensors
+from .graphs import PROTOBUF_LIMIT, external_location, has_external_data
+from .walk import iter_graphs, iter_tensors
 
 if TYPE_CHECKING:
     import onnx_graphsurgeon as gs

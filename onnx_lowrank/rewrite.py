@@ -25,7 +25,7 @@ Bias correction (calibrate.py): ``biases`` maps a node name to the layer's new b
 a Conv gets it as its bias input, a Gemm as ``C`` with ``beta = 1``, and a MatMul, which has no
 bias input, gets an ``Add`` after it that produces the original output name.
 
-The surgery runs on onnx-graphsurgeon (``graphs.Surgery``): each replaced node's outputs go to
+The surgery runs on onnx-graphsurgeon (``surgery.Surgery``): each replaced node's outputs go to
 the last node of its pair, as graphsurgeon's examples do, so every downstream name stays valid;
 the pair is spliced in at the replaced node's place, so the graph stays in topological order;
 ``Graph.cleanup`` then removes what nothing reads any more, in every graph (the old weights with
@@ -59,7 +59,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper
 
-from .graphs import FreshNames, Surgery
+from .graphs import FreshNames
+from .surgery import Surgery
 from .types import FACTOR_TAG, FACTORIZED_KEY, Factors, Layer
 
 __all__ = ["rewrite"]

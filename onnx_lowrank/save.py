@@ -38,10 +38,10 @@ from .graphs import (
     PROTOBUF_LIMIT,
     external_location,
     has_external_data,
-    iter_tensors,
     read_external_bytes,
     tensor_nbytes,
 )
+from .walk import iter_tensors
 
 __all__ = [
     "EXTERNAL_THRESHOLD",

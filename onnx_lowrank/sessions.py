@@ -29,8 +29,9 @@ from onnx.external_data_helper import uses_external_data
 
 from .errors import InvalidModelError, RuntimeMissingError
 from .feeds import graph_inputs
-from .graphs import external_array, iter_tensors, tensor_to_array
+from .graphs import external_array, tensor_to_array
 from .types import Progress
+from .walk import iter_tensors
 
 __all__ = [
     "ACTIVATION_BYTES",

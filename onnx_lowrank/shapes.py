@@ -18,9 +18,10 @@ import onnx
 
 from .cost import MAC_OPS
 from .errors import ConfigError, RuntimeMissingError
-from .graphs import FLOAT_TYPES, attribute, iter_graphs
+from .graphs import FLOAT_TYPES, attribute
 from .sessions import make_session, runtime
 from .types import Shape, ShapeInfo
+from .walk import iter_graphs
 
 __all__ = ["infer_shapes"]
 

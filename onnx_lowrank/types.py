@@ -141,7 +141,7 @@ class Layer:
         max_groups: largest group count the rewrite supports for this layer (None: no limit).
         graph_path: the graph that holds the node (``()``: the main graph; see
             ``graphs.GraphPath``). The node's data input is ``node.input[0]`` of
-            ``graphs.graph_at(model.graph, graph_path).node[node_index]``.
+            ``walk.graph_at(model.graph, graph_path).node[node_index]``.
         stored_dtype: element type of the stored constant when a ``Cast`` sits between it and
             the node (fp16 weights cast to fp32), else None.
         tied: the other nodes of the same graph that read the same weight, in graph order after

@@ -34,11 +34,12 @@ from test_robustness import if_feeds, if_model, loop_model
 
 from onnx_lowrank.discover import discover
 from onnx_lowrank.factorize import factorize
-from onnx_lowrank.graphs import Surgery, graph_at, walk_graphs
 from onnx_lowrank.load import open_model
 from onnx_lowrank.rewrite import rewrite
 from onnx_lowrank.save import save_model
+from onnx_lowrank.surgery import Surgery
 from onnx_lowrank.types import FACTOR_TAG, FACTORIZED_KEY
+from onnx_lowrank.walk import graph_at, walk_graphs
 
 TOLERANCE = 1e-4
 

@@ -23,9 +23,9 @@ from onnx_lowrank import CompressionConfig, NothingToCompressError, compress
 from onnx_lowrank.cost import count_macs, count_parameters
 from onnx_lowrank.discover import discover
 from onnx_lowrank.errors import InfeasibleBudgetError
-from onnx_lowrank.graphs import graph_at
 from onnx_lowrank.shapes import infer_shapes
 from onnx_lowrank.types import FACTORIZED_KEY
+from onnx_lowrank.walk import graph_at
 
 FLOAT = TensorProto.FLOAT
 
@@ -147,7 +147,7 @@ def test_if_branches_are_compressed_with_local_and_outer_scope_weights():
 
 
 def _graphs(model):
-    from onnx_lowrank.graphs import walk_graphs
+    from onnx_lowrank.walk import walk_graphs
 
     return walk_graphs(model.graph)
 
