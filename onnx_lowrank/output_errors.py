@@ -31,6 +31,7 @@ from .factorize import reconstruct
 from .graphs import FreshNames, attribute
 from .records import CalibratedLayer, Calibration, OutputErrors
 from .sessions import run_batches
+from .surgery import Surgery
 from .types import Discovery, Layer, Progress
 
 __all__ = ["measure_output_errors", "node_weight"]
@@ -58,54 +59,52 @@ def _residual_probe(
     discovery: Discovery,
     layers: Mapping[str, CalibratedLayer],
 ) -> tuple[onnx.ModelProto, dict[str, str]]:
-    """A copy of ``model`` with, for every layer, a twin node computing ``α·(W − Ŵ) x``.
+    """A copy of ``model`` with, for every layer, a twin node computing ``α·(W − Ŵ) x``, made
+    through onnx-graphsurgeon (``surgery.Surgery``).
 
     The twin is the layer's own node (same op and attributes, so the same patches) with the
     residual weight ``W − Ŵ`` in the layout the node reads, and no bias; a tied weight gets a
     twin for each of its nodes. Returns the probe model and node name -> the twin's output.
     """
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    graph = probe.graph
-    names = FreshNames(probe)
+    import onnx_graphsurgeon as gs
+
+    surgery = Surgery(model)
+    graph = surgery.graph
+    names = FreshNames(model)
     outputs = {}
     for layer in discovery.layers:
         if layer.name not in layers:
             continue
         residual = discovery.weight(layer) - reconstruct(layers[layer.name].factors)
         base = f"{layer.name}/onnx_lowrank_residual"
-        stored_names: dict[bool, str] = {}  # tied uses share the residual weight per layout
+        stored_weights: dict[bool, gs.Constant] = {}  # tied uses share it per layout
         zero = None
         if layer.op_type == "Gemm":
             # Gemm's C is required before opset 11; a zero scalar (broadcast since opset 7) is
             # no bias in every opset
             dtype = onnx.helper.tensor_dtype_to_np_dtype(layer.weight_dtype)
-            zero = names.fresh(f"{base}_zero")
-            graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((), dtype), zero))
+            zero = surgery.constant(names.fresh(f"{base}_zero"), np.zeros((), dtype))
         for use in layer.uses():
-            node = graph.node[use.node_index]
-            stored, transposed = node_weight(use, node, residual)
-            if transposed not in stored_names:
-                stored_names[transposed] = names.fresh(f"{base}_weight")
-                graph.initializer.append(
-                    onnx.numpy_helper.from_array(stored, stored_names[transposed])
-                )
-            weight_name = stored_names[transposed]
-            twin = onnx.NodeProto()
-            twin.CopyFrom(node)
-            twin.name = names.fresh(base)
-            del twin.input[:]
+            node = graph.nodes[use.node_index]
+            stored, transposed = node_weight(use, model.graph.node[use.node_index], residual)
+            if transposed not in stored_weights:
+                stored_weights[transposed] = surgery.constant(names.fresh(f"{base}_weight"), stored)
+            weight = stored_weights[transposed]
             if use.op_type == "Gather":
-                twin.input.extend([weight_name, node.input[1]])
+                inputs = [weight, node.inputs[1]]
             else:
-                twin.input.extend([node.input[0], weight_name])
-                if use.op_type == "Gemm" and zero is not None:
-                    twin.input.append(zero)
-            del twin.output[:]
-            twin.output.append(names.fresh(base))
-            graph.node.append(twin)
-            outputs[use.name] = twin.output[0]
-    return probe, outputs
+                inputs = [node.inputs[0], weight, *([zero] if use.op_type == "Gemm" else [])]
+            twin = gs.Node(
+                node.op,
+                names.fresh(base),
+                dict(node.attrs),
+                inputs,
+                [gs.Variable(names.fresh(base))],
+                domain=node.domain,
+            )
+            graph.nodes.append(twin)
+            outputs[use.name] = twin.outputs[0].name
+    return surgery.export(), outputs
 
 
 class _OutputErrorSums:

@@ -30,6 +30,7 @@ from onnx.external_data_helper import uses_external_data
 from .errors import InvalidModelError, RuntimeMissingError
 from .feeds import graph_inputs
 from .graphs import external_array, tensor_to_array
+from .surgery import Surgery
 from .types import Progress
 from .walk import iter_tensors
 
@@ -166,15 +167,28 @@ def fixed_batch(model: onnx.ModelProto) -> int | None:
 
 
 def exposed(model: onnx.ModelProto, outputs: Mapping[str, int]) -> onnx.ModelProto:
-    """A copy of ``model`` with the tensors ``outputs`` (name -> element type) as graph outputs."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    present = {info.name for info in copy.graph.output}
-    present |= {info.name for info in graph_inputs(copy)}
+    """A copy of ``model`` with the main-graph tensors ``outputs`` (name -> element type) as
+    graph outputs, edited through onnx-graphsurgeon (``surgery.Surgery``); the model is not
+    modified. A name that already is a graph input or output is left as it is.
+
+    Raises:
+        InvalidModelError: a name is not a tensor of the main graph.
+    """
+    surgery = Surgery(model)
+    graph = surgery.graph
+    tensors = graph.tensors()
+    present = {tensor.name for tensor in (*graph.inputs, *graph.outputs)}
+    present |= {info.name for info in graph_inputs(model)}
     for name, elem_type in outputs.items():
-        if name not in present:
-            copy.graph.output.append(onnx.helper.make_tensor_value_info(name, elem_type, None))
-    return copy
+        if name in present:
+            continue
+        if name not in tensors:
+            raise InvalidModelError(f"cannot expose {name!r}: it is not a tensor of the main graph")
+        tensor = tensors[name]
+        if tensor.dtype is None:
+            tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
+        graph.outputs.append(tensor)
+    return surgery.export()
 
 
 def run_batches(

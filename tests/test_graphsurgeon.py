@@ -15,6 +15,7 @@ from builders import MNIST, REPO, conv_model, low_rank, run
 from onnx_lowrank import CompressionConfig, InvalidModelError, compress
 from onnx_lowrank.load import model_to_graph, open_model
 from onnx_lowrank.save import save_model
+from onnx_lowrank.sessions import exposed, make_session
 
 
 def _exported(graph: gs.Graph) -> bytes:
@@ -85,3 +86,33 @@ def test_graph_that_cannot_be_exported_is_a_one_line_error():
     ) as e:
         compress(graph, CompressionConfig(params=0.5))
     assert "\n" not in str(e.value)
+
+
+def test_probe_graphs_are_edited_through_graphsurgeon_and_keep_the_model():
+    """The calibration probe (extra graph outputs) keeps names, doc strings, metadata and the
+    original's outputs, and its extra outputs hold the values the layers read."""
+    model = onnx.load(MNIST)
+    model.doc_string, model.model_version = "the MNIST sample", 7
+    onnx.helper.set_model_props(model, {"owner": "tests"})
+    conv = next(node for node in model.graph.node if node.op_type == "Conv")
+    conv.doc_string = "first conv"
+    conv.metadata_props.add(key="origin", value="torch")
+    before = model.SerializeToString()
+    wanted = {node.output[0]: onnx.TensorProto.FLOAT for node in model.graph.node[:3]}
+    probe = exposed(model, wanted)
+    assert model.SerializeToString() == before  # the input is not modified
+    names = [info.name for info in probe.graph.output]
+    assert names[: len(model.graph.output)] == [info.name for info in model.graph.output]
+    assert set(wanted) <= set(names)
+    assert probe.doc_string == "the MNIST sample" and probe.model_version == 7
+    assert {p.key: p.value for p in probe.metadata_props}["owner"] == "tests"
+    kept = next(node for node in probe.graph.node if node.name == conv.name)
+    assert kept.doc_string == "first conv"
+    assert {p.key: p.value for p in kept.metadata_props} == {"origin": "torch"}
+    feeds = {"input": np.random.default_rng(0).standard_normal((2, 1, 28, 28), np.float32)}
+    session = make_session(probe, ["CPUExecutionProvider"])
+    values = dict(zip(names, session.run(names, feeds), strict=True))
+    (reference,) = run(model, feeds)
+    np.testing.assert_array_equal(values[model.graph.output[0].name], reference)
+    with pytest.raises(InvalidModelError, match="not a tensor of the main graph"):
+        exposed(model, {"no_such_tensor": onnx.TensorProto.FLOAT})
