@@ -5,11 +5,11 @@
 ``PATH`` is another checkout of onnx-lowrank (e.g. ``git worktree add ../base <commit>``). On
 the ResNet-50-shaped model (``resnet_model.py``, 25.5 M parameters) and the BERT-shaped one
 (``transformer.py``, 12 blocks, 85 M weights), it runs ``python -m onnx_lowrank compress MODEL
--o OUT --params 0.5 --max-groups 8 --report R`` as a subprocess from each checkout (its folder
-first on ``sys.path``), the two checkouts alternating, ``--repeat`` times, and prints the
-median wall time, the peak resident memory (``ru_maxrss``) and the stage split of each, with the
-ratio of this checkout to the other. Timings on a shared machine are noisy: compare the ratios,
-and read the spread of the wall times printed with each median.
+-o OUT --params 0.5 --max-groups 8 --report R`` (plus ``--extra``) as a subprocess from each
+checkout (its folder first on ``sys.path``), the two checkouts alternating, ``--repeat``
+times, and prints the median wall time, the peak resident memory (``ru_maxrss``) and the
+stage split of each, with the ratio of this checkout to the other. Timings on a shared machine
+are noisy: compare the ratios, and read the spread of the wall times printed with each median.
 """
 
 from __future__ import annotations
@@ -69,9 +69,14 @@ def main() -> int:
     parser.add_argument("--against", type=Path, required=True, help="the other checkout")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the results as JSON")
+    parser.add_argument(
+        "--extra", default="", help="more compress options for both, e.g. '--no-latency-check'"
+    )
     args = parser.parse_args()
+    extra = args.extra.split()
     checkouts = {"this": HERE, "other": args.against.resolve()}
     results: dict = {"machine": machine(), "other": str(checkouts["other"]), "models": {}}
+    results["extra"] = extra
     models = {"ResNet-50-shaped": build_resnet50, "BERT-shaped": lambda: build_transformer(12)}
     with tempfile.TemporaryDirectory() as folder:
         for label, build in models.items():
@@ -80,7 +85,7 @@ def main() -> int:
             runs: dict[str, list[dict]] = {name: [] for name in checkouts}
             for _ in range(args.repeat):
                 for name, checkout in checkouts.items():
-                    runs[name].append(run(checkout, path, Path(folder), []))
+                    runs[name].append(run(checkout, path, Path(folder), extra))
                     print(f"{label} {name}: {runs[name][-1]['wall_s']:.1f} s", file=sys.stderr)
             results["models"][label] = {name: summary(r) for name, r in runs.items()}
     print(f"| model | checkout | wall s (all) | peak RSS MB | {' | '.join(STAGES)} |")
