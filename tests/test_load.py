@@ -234,8 +234,14 @@ def test_ctrl_c_between_the_renames_is_held_back(tmp_path, monkeypatch):
         _signal_this_thread(signal.SIGINT)
 
     monkeypatch.setattr(save_module.os, "replace", replace_with_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        save_model(two_layer_model(), tmp_path / "out.onnx", external_data=True)
+    # Python's own Ctrl-C handler, whatever the suite inherited: a shell starts background jobs
+    # with SIGINT ignored, and Python then keeps SIG_IGN.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            save_model(two_layer_model(), tmp_path / "out.onnx", external_data=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     monkeypatch.undo()
     assert_close(two_layer_model(), tmp_path / "out.onnx", FEEDS, tolerance=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx", "out.onnx.data"]
