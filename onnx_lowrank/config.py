@@ -43,7 +43,7 @@ ALL_OUTPUTS = "*"
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 #: Environment variable that turns the default latency check off (``0``).
 LATENCY_CHECK_ENV = "ONNX_LOWRANK_LATENCY_CHECK"
-#: Default share of uniform weight in the row weights of tables and heads (calibrate.py).
+#: Default share of uniform weight in the row weights of tables and heads (activations.py).
 ROW_FLOOR = 0.1
 #: Classifier heads are not row-weighted by default: on the PP-OCRv4 recognizer (6625 classes)
 #: weighting by class mass at 0.1 cut exact-line accuracy from 0.64 to 0.005 at half the
@@ -74,7 +74,7 @@ class CompressionConfig:
         groups: the fixed group count of methods that do not search groups.
         rank_multiple: every factorized layer's ``groups * rank`` is a multiple of this; or
             ``"auto"``: Conv candidates whose per-group channels are multiples of the execution
-            provider's channel block (``latency.preferred_multiple``; allocate.with_block).
+            provider's channel block (``device.preferred_multiple``; allocate.with_block).
         device: ``"auto"`` (GPU when CuPy and a device are present), ``"cpu"`` or ``"cuda"``.
         input_shapes: concrete shapes for graph inputs with dynamic dimensions.
         validate: compare the compressed model with the original in ONNX Runtime.
@@ -101,7 +101,7 @@ class CompressionConfig:
         force: go on with a model that fails the ONNX checker.
         calibration: real model inputs, batch first, in any format of ``inputs``. When
             given, every layer is factorized to minimize its output error on these activations
-            (whitened SVD with bias correction; see calibrate.py).
+            (whitened SVD with bias correction; see whiten.py).
         sensitivity_samples: with ``error="network"``, the number of samples the network
             degradations are measured on: held out from the calibration file (not used for the
             layer statistics), else taken from ``inputs`` or random (sensitivity.py).

@@ -273,7 +273,7 @@ class LatencyBook:
         """The latency of every row of every table whose layer can be timed.
 
         Args:
-            tables: ``allocate.CandidateTable`` per layer (any subset of the layers).
+            tables: ``types.CandidateTable`` per layer (any subset of the layers).
             points: timed ranks of ``g = 1`` (``GROUPED_GRID_POINTS`` for larger ``g``).
 
         Returns:

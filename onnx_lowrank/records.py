@@ -1,9 +1,9 @@
 """The ground floor, second room: records of what a run measured.
 
-Calibration statistics and whitened factors (calibrate.py), output errors, the validation
-verdict (validate.py), and the reports' records (per layer and whole model; report.py prints
-them, plots.py draws them) are shared by several stages; like ``types``, this module imports no
-stage. A report is plain data: ``to_dict`` gives the JSON written by ``--report``.
+Calibration statistics and whitened factors (activations.py, whiten.py), output errors, the
+validation verdict (validate.py), and the reports' records (per layer and whole model;
+report.py prints them, plots.py draws them) are shared by several stages; like ``types``, this
+module imports no stage. A report is plain data: ``to_dict`` gives the JSON of ``--report``.
 """
 
 from __future__ import annotations
@@ -308,7 +308,7 @@ class LayerReport:
     and ``output_error_network`` measured inside the compressed model (errors of earlier
     layers included). They are None without calibration data.
 
-    ``shared_with`` names the other nodes that read the same weight (discover.Layer.tied): the
+    ``shared_with`` names the other nodes that read the same weight (types.Layer.tied): the
     weight is factorized once for all of them, counted once in ``params_*``, and ``macs_*`` cover
     every use.
 

@@ -20,7 +20,7 @@ Gather (an embedding table ``T ≈ U V``, discover.py):
     A table tied with an output MatMul/Gemm stores ``U`` and ``V`` once: the MatMul's pair
     reads them through Transpose nodes where it needs the other layout.
 
-Bias correction (calibrate.py): ``biases`` maps a node name to the layer's new bias ``b'``
+Bias correction (whiten.py): ``biases`` maps a node name to the layer's new bias ``b'``
 (``f`` values, in output units). The second node then reads ``b'`` instead of the original bias:
 a Conv gets it as its bias input, a Gemm as ``C`` with ``beta = 1``, and a MatMul, which has no
 bias input, gets an ``Add`` after it that produces the original output name.
