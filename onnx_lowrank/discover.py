@@ -87,6 +87,7 @@ def discover(
     input_shapes: Mapping[str, tuple[int, ...]] | None = None,
     *,
     data_dir: str | os.PathLike | None = None,
+    cache_bytes: int | None = None,
 ) -> Discovery:
     """Find every compressible layer of ``model`` and the reason each other layer is skipped.
 
@@ -94,6 +95,8 @@ def discover(
         model: the model; it is read, never modified.
         input_shapes: concrete shapes for dynamic graph inputs (for MAC counts).
         data_dir: folder of the model file, for tensors whose data is still in external files.
+        cache_bytes: most bytes of float64 weights the ``WeightReader`` keeps (default
+            ``WEIGHT_CACHE_BYTES``; 0 keeps none).
     """
     shapes = infer_shapes(model, input_shapes or {})
     indexes: dict[GraphPath, GraphIndex] = {}
@@ -140,7 +143,7 @@ def discover(
         data_dir=data_dir,
         factorized=factorized,
         folded_params=folded_params(model),
-        reader=WeightReader(model, data_dir, indexes),
+        reader=WeightReader(model, data_dir, indexes, cache_bytes),
     )
 
 

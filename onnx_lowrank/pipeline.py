@@ -183,7 +183,13 @@ def analyze(
             original, model = model, folding.model
             notes.append(folding.summary())
     with timer.stage("discover"):
-        discovery = discover(model, input_shapes, data_dir=loaded.data_dir)
+        # Calibration and the sensitivity probe read each weight in several stages, so the
+        # reader keeps them; without them a factorized layer's weight is read twice (spectra,
+        # factors), which costs less than keeping every float64 weight (docs/design.md, §8).
+        reread = config.calibration is None and config.error != "network"
+        discovery = discover(
+            model, input_shapes, data_dir=loaded.data_dir, cache_bytes=0 if reread else None
+        )
         params_total = count_parameters(original or model)
         if original is not None:
             params_model = count_parameters(model)
@@ -381,8 +387,13 @@ def realize(
     config: CompressionConfig,
     *,
     progress: Progress | None = None,
+    keep_weights: bool = False,
 ) -> CompressionResult:
-    """Factorize the chosen layers, rewrite the model, validate it, and report."""
+    """Factorize the chosen layers, rewrite the model, validate it, and report.
+
+    Once the factors and the output errors are made, the weights the analysis read in float64
+    (``discover.WeightReader``) are released before validation, unless ``keep_weights`` (a
+    sweep realizes the same analysis again)."""
     timer = _Timer()
     timer.timings.update(analysis.timings)
     if analysis.network is not None:  # measured by candidate_tables, cached for every budget
@@ -435,6 +446,14 @@ def realize(
         with timer.stage("rewrite"):
             spilled, compressed = spill(compressed, loaded, config.force)
             data_dir = Path(spilled.name)
+    measured = {}  # the layers' output errors on the calibration data
+    if calibration is not None and calibrated and config.validate:
+        with timer.stage("output-error"):
+            measured = output_errors.measure_output_errors(
+                calibration, discovery, compressed, calibrated, progress, compressed_dir=data_dir
+            )
+    if not keep_weights and discovery.reader is not None:
+        discovery.reader.release()  # every weight is read: validation's peak goes without them
     validation = None
     if config.validate and analysis.validation_skipped is None:
         with timer.stage("validate"):
@@ -447,17 +466,6 @@ def realize(
     if latency is not None:
         layers = [report_latency(layer, latency["layers"]) for layer in layers]
     if calibration is not None and calibrated:  # estimates always; measured ones with validate
-        measured = {}
-        if config.validate:
-            with timer.stage("output-error"):
-                measured = output_errors.measure_output_errors(
-                    calibration,
-                    discovery,
-                    compressed,
-                    calibrated,
-                    progress,
-                    compressed_dir=data_dir,
-                )
         layers = [report_output_errors(layer, calibrated, measured) for layer in layers]
     factorized = [layer for layer in layers if layer.rank is not None]
     report = CompressionReport(

@@ -130,7 +130,8 @@ def sweep(
         raise OutputPathError(f"cannot create {folder}: {exc.strerror or exc}") from exc
     rows = []
     for done, (point, choices, name) in enumerate(zip(configs, chosen, names, strict=True)):
-        result = realize(analysis, tables, choices, point)
+        last = done == len(configs) - 1  # the weights serve every point, then go
+        result = realize(analysis, tables, choices, point, keep_weights=not last)
         row = sweep_row(result.report, point)
         if row["validation_passed"] is not False:
             result.save(folder / f"{name}.onnx", external_data=external_data)

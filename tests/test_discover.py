@@ -155,6 +155,20 @@ def test_each_weight_is_converted_to_float64_once_per_run(tmp_path):
     assert result.report.validation.passed and result.report.compressed_layers
     reader = analysis.discovery.reader
     assert reader.reads == len(analysis.discovery.layers) == 4
+    assert not reader.cached  # released before validation
+
+
+def test_without_calibration_the_weights_are_not_kept():
+    """Data-free, a factorized layer's weight is read twice (spectra, factors) and nothing is
+    kept: keeping every float64 weight raised the peak memory of a BERT-shaped run."""
+    config = CompressionConfig(params=0.5, latency_runs=1)
+    analysis = analyze(MNIST, config)
+    tables = candidate_tables(analysis, config)
+    result = realize(analysis, tables, choose(analysis, tables, config), config)
+    reader = analysis.discovery.reader
+    factorized = len(result.report.compressed_layers)
+    assert factorized and reader.cache_bytes == 0 and not reader.cached
+    assert reader.reads == len(analysis.discovery.layers) + factorized
 
 
 def test_the_weight_reader_rereads_what_it_cannot_keep():
