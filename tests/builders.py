@@ -159,5 +159,19 @@ def total_weights(model: onnx.ModelProto) -> int:
     return sum(math.prod(t.dims) for t in model.graph.initializer if t.data_type == FLOAT)
 
 
+def mnist_images(count: int, split: str = "train_calib") -> np.ndarray:
+    """The first ``count`` images of a shipped MNIST set (``samples/mnist_<split>.npz``), as the
+    sample model reads them: ``(count, 1, 28, 28)`` float32, normalized."""
+    images = np.load(SAMPLES / f"mnist_{split}.npz")["images"][:count].astype(np.float32) / 255.0
+    return ((images - 0.1307) / 0.3081)[:, None]
+
+
+def mnist_calibration(folder: Path, count: int) -> Path:
+    """``folder/calibration.npz`` holding ``mnist_images(count)`` as the model's input."""
+    path = folder / "calibration.npz"
+    np.savez(path, input=mnist_images(count))
+    return path
+
+
 def op_types(model: onnx.ModelProto) -> list[str]:
     return [node.op_type for node in model.graph.node]

@@ -24,6 +24,7 @@ from builders import (
     gemm_model,
     make_model,
     matmul_model,
+    mnist_calibration,
     rel_l2,
     run,
 )
@@ -395,16 +396,8 @@ def test_config_resolves_the_error_measure():
         CompressionConfig(error="outputs")
 
 
-def mnist_calibration(tmp_path, count=300):
-    data = np.load(SAMPLES / "mnist_train_calib.npz")
-    images = data["images"][:count].astype(np.float32) / 255.0
-    path = tmp_path / "mnist_calibration.npz"
-    np.savez(path, input=((images - 0.1307) / 0.3081)[:, None])
-    return path
-
-
 def test_mnist_calibration_lowers_output_errors_at_the_same_budget(tmp_path):
-    path = mnist_calibration(tmp_path)
+    path = mnist_calibration(tmp_path, 300)
     # the calibrated factors themselves (the estimates are theirs): no refit
     config = CompressionConfig(params=0.4, calibration=str(path), latency_runs=1, refit=False)
     analysis = analyze(MNIST, config)

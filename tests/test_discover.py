@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from builders import MNIST, MODELS, SAMPLES, conv_model, gemm_model, make_model, matmul_model
+from builders import (
+    MNIST,
+    MODELS,
+    conv_model,
+    gemm_model,
+    make_model,
+    matmul_model,
+    mnist_calibration,
+)
 from onnx import helper
 
 from onnx_lowrank import CompressionConfig
@@ -145,9 +153,7 @@ def test_an_initializer_that_is_a_graph_input_is_not_a_constant():
 def test_each_weight_is_converted_to_float64_once_per_run(tmp_path):
     """Spectra, calibration statistics, whitened factors, bias correction and the measured output
     errors all read the weights; the reader converts each one once."""
-    images = np.load(SAMPLES / "mnist_train_calib.npz")["images"][:64].astype(np.float32)
-    calibration = str(tmp_path / "calibration.npy")
-    np.save(calibration, ((images / 255 - 0.1307) / 0.3081)[:, None])
+    calibration = str(mnist_calibration(tmp_path, 64))
     config = CompressionConfig(params=0.5, calibration=calibration, latency_runs=1)
     analysis = analyze(MNIST, config)
     tables = candidate_tables(analysis, config)

@@ -232,6 +232,13 @@ def test_folding_lowers_the_error_of_the_same_budget_on_ppocr():
     assert errors[True] < errors[False]
 
 
+def _add_if(graph: onnx.GraphProto, branches: dict[str, onnx.GraphProto]) -> None:
+    """Append ``If(cond)`` with ``branches`` and its output ``flag`` to ``graph``."""
+    graph.node.append(helper.make_node("If", ["cond"], ["flag"], name="if", **branches))
+    graph.input.append(helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, []))
+    graph.output.append(helper.make_tensor_value_info("flag", onnx.TensorProto.FLOAT, [1]))
+
+
 def _constant_branch(name: str, output: str) -> onnx.GraphProto:
     value = onnx.numpy_helper.from_array(np.ones(1, np.float32))
     return helper.make_graph(
@@ -252,9 +259,7 @@ def test_a_new_bias_name_is_fresh_in_subgraphs_too():
         "else_branch": _constant_branch("else", "other"),
     }
     graph = conv_bn.graph
-    graph.node.append(helper.make_node("If", ["cond"], ["flag"], name="if", **branches))
-    graph.input.append(helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, []))
-    graph.output.append(helper.make_tensor_value_info("flag", onnx.TensorProto.FLOAT, [1]))
+    _add_if(graph, branches)
     onnx.checker.check_model(conv_bn, full_check=True)
     folding = fold(conv_bn)
     assert [f.op_type for f in folding.folded] == ["BatchNormalization"]
@@ -348,9 +353,7 @@ def test_a_new_bias_name_is_fresh_in_nested_subgraphs():
         "then_branch": _nested_branch("conv/folded_bias", "a"),
         "else_branch": _nested_branch("conv/folded_bias_2", "b"),
     }
-    graph.node.append(helper.make_node("If", ["cond"], ["flag"], name="if", **branches))
-    graph.input.append(helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, []))
-    graph.output.append(helper.make_tensor_value_info("flag", onnx.TensorProto.FLOAT, [1]))
+    _add_if(graph, branches)
     onnx.checker.check_model(conv_bn, full_check=True)
     folding = fold(conv_bn)
     assert [f.op_type for f in folding.folded] == ["BatchNormalization"]

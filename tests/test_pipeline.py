@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from builders import MNIST, MODELS, check_model, conv_model, low_rank, rel_l2, run
+from builders import MNIST, MODELS, check_model, conv_model, low_rank, mnist_images, rel_l2, run
 
 import onnx_lowrank
 from onnx_lowrank import CompressionConfig, compress
@@ -13,9 +13,7 @@ from onnx_lowrank.cost import count_parameters
 
 
 def mnist_feeds(count: int = 256) -> dict[str, np.ndarray]:
-    data = np.load(MNIST.parent / "mnist_test.npz")
-    images = data["images"][:count].astype(np.float32) / 255.0
-    return {"input": ((images - 0.1307) / 0.3081)[:, None]}
+    return {"input": mnist_images(count, "test")}
 
 
 @pytest.mark.parametrize("fraction", [0.5, 0.3])

@@ -7,7 +7,17 @@ import itertools
 import numpy as np
 import onnx
 import pytest
-from builders import MNIST, SAMPLES, check_model, gemm_model, matmul_model, random_feed, run
+from builders import (
+    MNIST,
+    SAMPLES,
+    check_model,
+    gemm_model,
+    matmul_model,
+    mnist_calibration,
+    mnist_images,
+    random_feed,
+    run,
+)
 
 from onnx_lowrank import CompressionConfig
 from onnx_lowrank.allocate import allocate
@@ -21,14 +31,6 @@ from onnx_lowrank.sensitivity import (
     probe_model,
 )
 from onnx_lowrank.types import BudgetLimit, CandidateTable
-
-
-def mnist_calibration(tmp_path, count=160):
-    data = np.load(SAMPLES / "mnist_train_calib.npz")
-    images = ((data["images"][:count].astype(np.float32) / 255.0 - 0.1307) / 0.3081)[:, None]
-    path = tmp_path / "calibration.npz"
-    np.savez(path, input=images)
-    return path, images
 
 
 @pytest.mark.parametrize(
@@ -166,7 +168,7 @@ def test_network_errors_are_the_degradation_of_the_compressed_model(tmp_path):
     """Data-free, on the MNIST CNN: the table's measured row is exactly what the compressed
     model (only that layer factorized) does to the outputs on the same inputs."""
     inputs = tmp_path / "inputs.npz"
-    _, images = mnist_calibration(tmp_path, count=16)
+    images = mnist_images(16)
     np.savez(inputs, input=images)
     config = CompressionConfig(
         params=1.0, error="network", inputs=str(inputs), validate=False, method="sum"
@@ -192,7 +194,7 @@ def test_network_errors_are_the_degradation_of_the_compressed_model(tmp_path):
 
 
 def test_calibrated_network_errors_hold_samples_out_and_meet_the_budget(tmp_path):
-    path, _ = mnist_calibration(tmp_path)
+    path = mnist_calibration(tmp_path, 160)
     config = CompressionConfig(
         params=0.2, calibration=str(path), error="network", sensitivity_samples=24, validate=False
     )
@@ -217,7 +219,7 @@ def test_calibrated_network_errors_hold_samples_out_and_meet_the_budget(tmp_path
 
 
 def test_cli_network_error(tmp_path, capsys):
-    path, _ = mnist_calibration(tmp_path, count=64)
+    path = mnist_calibration(tmp_path, count=64)
     out = tmp_path / "small.onnx"
     code = main(
         [
