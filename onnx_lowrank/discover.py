@@ -177,6 +177,7 @@ class WeightReader:
         self.indexes: dict[GraphPath, GraphIndex] = dict(indexes or {})
         self.cache_bytes = WEIGHT_CACHE_BYTES if cache_bytes is None else cache_bytes
         self.cached: dict[str, np.ndarray] = {}
+        self.kept = 0  # bytes in ``cached``
         self.reads = 0  # conversions to float64 so far (tests check that each happens once)
 
     def __call__(self, layer: Layer) -> np.ndarray:
@@ -185,12 +186,14 @@ class WeightReader:
             return self.cached[key]
         weight = self._read(layer)
         weight.flags.writeable = False
-        if sum(a.nbytes for a in self.cached.values()) + weight.nbytes <= self.cache_bytes:
+        if self.kept + weight.nbytes <= self.cache_bytes:
             self.cached[key] = weight
+            self.kept += weight.nbytes
         return weight
 
     def release(self) -> None:
         self.cached.clear()
+        self.kept = 0
 
     def _read(self, layer: Layer) -> np.ndarray:
         index = self._index(layer.graph_path)
