@@ -340,27 +340,19 @@ class LatencyBook:
 
 def measure_choice(
     original: onnx.ModelProto | str | os.PathLike,
-    model: onnx.ModelProto,
-    picks: Sequence[tuple[Layer, int, int]],
+    compressed: onnx.ModelProto,
     feeds: Mapping[str, np.ndarray],
     providers: Sequence[str],
     threads: int | None = None,
 ) -> tuple[float, float]:
-    """Median ms of ``original`` and of ``model`` with ``picks`` factorized, timed interleaved.
+    """Median ms of ``original`` and of ``compressed``, timed interleaved on the same ``feeds``
+    with the same session options.
 
-    The factorized model is written by ``rewrite`` with random factors of the chosen shapes
-    (speed does not depend on the values), so a choice's real end-to-end latency is known
-    before any factorization.
+    ``compressed`` must hold the factors that will be written (``speed.choice_model``), not
+    random ones of the same shapes: ONNX Runtime's CPU PRelu runs up to 8 times slower on
+    inputs whose signs are unpredictable than on inputs of one sign, so a model's speed depends
+    on its weights (docs/performance.md, "Why O-Net landed below F").
     """
-    rng = np.random.default_rng(0)
-    replacements = []
-    for layer, groups, rank in picks:
-        width = layer.cols // groups
-        dtype = layer.weight_dtype
-        first = _random(rng, (groups, rank, width), dtype) / math.sqrt(width)
-        second = _random(rng, (layer.out_channels, groups * rank), dtype) / math.sqrt(rank)
-        replacements.append((layer, Factors(groups, rank, first, second)))
-    compressed = rewrite(model, replacements)
     runners = [
         _BoundRunner(make_session(m, providers, threads), feeds) for m in (original, compressed)
     ]

@@ -16,14 +16,18 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import onnx
 
 from .allocate import allocate, with_latency, without_rows
 from .config import CompressionConfig
 from .errors import InfeasibleBudgetError, ShapeError
+from .factorize import factorize
 from .feeds import latency_feeds
 from .latency import LatencyBook, measure_choice, measure_model
+from .rewrite import rewrite
 from .types import COST_KINDS, Analysis, BudgetLimit, CandidateTable, Progress
 from .validate import providers_for, session_threads, validation_inputs
+from .whiten import factorize_layers
 
 if TYPE_CHECKING:
     from .records import LayerReport, ValidationReport
@@ -31,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = [
     "allocate_rows",
     "check_latency_ratio",
+    "choice_model",
     "end_to_end",
     "latency_book",
     "latency_budget",
@@ -155,10 +160,11 @@ def measured_latency(
     The layers' times do not add up to the model's (fused activations, layout conversions
     between layers, memory traffic the one-layer models do not have: on EfficientNet-Lite0 the
     sum predicted 0.97 where the model measured 0.73), so choices are timed end to end: the
-    original against the model with the chosen layers factorized (random factors,
-    ``latency.measure_choice``), interleaved. First the fastest choice (every layer's
-    fastest row): its measured ratio ``m_min`` is the smallest reachable fraction, and an ``F``
-    with ``m_min > F·(1 + _REACHABLE_TOLERANCE)`` is an ``InfeasibleBudgetError`` naming it.
+    original against the model with the chosen layers factorized by the factors that will be
+    written (``choice_model``; ``latency.measure_choice``), interleaved. First the fastest
+    choice (every layer's fastest row): its measured ratio ``m_min`` is the smallest reachable
+    fraction, and an ``F`` with ``m_min > F·(1 + _REACHABLE_TOLERANCE)`` is an
+    ``InfeasibleBudgetError`` naming it.
     Then the layer budget is solved for the predicted fraction ``p'`` that interpolates
     linearly between the nearest measured (predicted, measured) points below and above ``F``
     (at first the fastest choice and ``(1, 1)``, the dense model; regula falsi, so one noisy
@@ -238,20 +244,56 @@ def _allocate_latency(
     return allocate_rows(analysis, tables, budgets[:-1], config)
 
 
+def choice_model(
+    analysis: Analysis, tables: list[CandidateTable], choices: list[int]
+) -> onnx.ModelProto:
+    """``analysis.model`` with ``choices`` factorized by the factors ``pipeline.realize`` writes:
+    truncated SVD factors (``factorize``), or for the layers with calibration statistics the
+    whitened factors and their corrected biases (``whiten.factorize_layers``), as
+    ``layer_factors`` makes them, without measuring their errors. The sequential refit
+    (``--refit``) is left out: it changes the factors' values a little, not their shapes.
+
+    The values matter for speed, not only the shapes: ONNX Runtime's CPU PRelu runs up to 8
+    times slower on inputs of unpredictable sign, and random factors of O-Net's chosen shapes
+    made its PRelu inputs just that, so the model timed end to end measured 0.74 of the
+    original where the written one ran at 0.47 (docs/performance.md, "Why O-Net landed below
+    F").
+    """
+    discovery, calibration = analysis.discovery, analysis.calibration
+    chosen = [
+        (layer, int(table.groups[row]), int(table.ranks[row]))
+        for layer, table, row in zip(discovery.layers, tables, choices, strict=True)
+        if table.groups[row] > 0
+    ]
+    statistics = calibration.statistics if calibration is not None else {}
+    whitened = [item for item in chosen if item[0].name in statistics]
+    calibrated = factorize_layers(calibration, discovery, whitened) if whitened else {}
+    plain = [item for item in chosen if item[0].name not in calibrated]
+
+    def plain_factors(item):
+        layer, groups, rank = item
+        return layer, factorize(discovery.weight(layer), groups, rank, analysis.backend)
+
+    replacements = [(layer, calibrated[layer.name].factors) for layer, _, _ in whitened]
+    replacements += list(analysis.backend.map(plain_factors, plain))  # layers in parallel
+    biases = {  # by node name, as realize passes them
+        use: bias
+        for item in calibrated.values()
+        for use, bias in item.biases.items()
+        if bias is not None
+    }
+    return rewrite(analysis.model, replacements, biases=biases)
+
+
 def _measure_end_to_end(
     analysis: Analysis, tables: list[CandidateTable], choices: list[int]
 ) -> float:
-    """Measured latency ratio of the model with ``choices`` to the original."""
+    """Measured latency ratio of the model with ``choices`` (``choice_model``) to the
+    original."""
     book = analysis.latency
-    picks = [
-        (layer, int(table.groups[row]), int(table.ranks[row]))
-        for layer, table, row in zip(analysis.discovery.layers, tables, choices, strict=True)
-        if table.groups[row] > 0
-    ]
     before, after = measure_choice(
         analysis.original or analysis.model,
-        analysis.model,
-        picks,
+        choice_model(analysis, tables, choices),
         book.model_feeds,
         book.providers,
         book.threads,
