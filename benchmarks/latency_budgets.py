@@ -1,7 +1,7 @@
 """Measured speed of compressed models: parameter, MAC and latency budgets side by side.
 
     python benchmarks/latency_budgets.py [--models-dir DIR] [--json OUT.json] [--plot OUT.png]
-                                 [--only NAME,...] [--pairs N]
+                                 [--only NAME,...] [--pairs N] [--values]
 
 For every public model (the MNIST CNN in ``samples/``, CREPE tiny, the PP-OCR direction
 classifier and MTCNN O-Net in ``tests/models/``, EfficientNet-Lite0 from the models folder when
@@ -27,6 +27,13 @@ and repeats one point per model with the cache warm, which must time nothing. Th
 is a fresh temporary folder, so the first runs measure everything. Prints a markdown table
 (pasted into docs/performance.md), writes every number to ``--json`` and draws latency ratio
 against quality to ``--plot``.
+
+``--values`` instead checks that speed depends on the weights' values, not only on their shapes
+(docs/performance.md, "Why O-Net landed below F"): per model, the ``--latency 0.7`` model as
+written and the same model with its factors replaced by uniform random values of the same
+shapes and RMS (``--latency`` used to time random factors) are timed against the original, all
+three interleaved, ``--pairs`` rounds, three times; and ONNX Runtime's PRelu alone on inputs of
+the same magnitudes whose signs are random with a given share positive, or in two blocks.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -42,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -188,6 +197,111 @@ def run_model(task: Task, pairs: int) -> list[dict]:
     return rows
 
 
+#: Initializers ``rewrite`` writes for the factors (``<weight>/lowrank_v``, ``..._u``, ``..._u_1``).
+FACTOR = re.compile(r"/lowrank_[uv](_\d+)?$")
+
+
+def random_factors(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
+    """A copy of ``model`` with every factor replaced by uniform random values of its shape and
+    RMS: the same shapes and magnitudes, none of the real weights' structure."""
+    rng = np.random.default_rng(seed)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for tensor in copy.graph.initializer:
+        if not FACTOR.search(tensor.name):
+            continue
+        real = numpy_helper.to_array(tensor)
+        values = rng.uniform(-1, 1, real.shape)
+        values *= np.sqrt(np.mean(real.astype(np.float64) ** 2) / np.mean(values**2))
+        tensor.CopyFrom(numpy_helper.from_array(values.astype(real.dtype), tensor.name))
+    return copy
+
+
+def interleaved(models: list, feed: dict, rounds: int) -> list[list[float]]:
+    """Ratios to ``models[0]`` of every other model, per round, all run in turn (the order
+    rotating each round) with the tool's session options."""
+    threads = session_threads(CompressionConfig())
+    sessions = [make_session(model, CPU, threads) for model in models]
+    for session in sessions:
+        for _ in range(5):
+            session.run(None, feed)
+    ratios: list[list[float]] = [[] for _ in models[1:]]
+    for index in range(rounds):
+        times = [0.0] * len(sessions)
+        for step in range(len(sessions)):
+            which = (index + step) % len(sessions)
+            started = time.perf_counter()
+            sessions[which].run(None, feed)
+            times[which] = time.perf_counter() - started
+        for column, elapsed in zip(ratios, times[1:], strict=True):
+            column.append(elapsed / times[0])
+    return ratios
+
+
+def spread(ratios: list[float]) -> str:
+    quartiles = statistics.quantiles(ratios, n=4)
+    return f"{statistics.median(ratios):.2f} [{quartiles[0]:.2f}-{quartiles[2]:.2f}]"
+
+
+def values_check(task: Task, pairs: int) -> list[dict]:
+    """The written ``--latency 0.7`` model and its random-factor twin against the original."""
+    feed = {task.input_name: task.inputs[:1]}
+    config = CompressionConfig(
+        validate=False, latency=0.7, input_shapes=INPUT_SHAPES.get(task.name, {})
+    )
+    try:
+        written = compress(task.path, config).model
+    except Exception as exc:  # an unreachable budget
+        return [{"model": task.name, "written": f"not compressed: {exc}"}]
+    twin = random_factors(written)
+    rows = []
+    for repeat in range(3):
+        real, shuffled = interleaved([str(task.path), written, twin], feed, pairs)
+        rows.append(
+            {
+                "model": task.name,
+                "repeat": repeat,
+                "written": spread(real),
+                "random": spread(shuffled),
+            }
+        )
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    return rows
+
+
+def prelu_signs(rounds: int) -> list[dict]:
+    """ONNX Runtime's PRelu alone on a (1, 32, 46, 46) input (O-Net's first PRelu) of fixed
+    magnitudes, its signs random with a given share positive, or half negative in one block."""
+    magnitudes = np.abs(np.random.default_rng(1).standard_normal((1, 32, 46, 46)))
+    magnitudes = magnitudes.astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("PRelu", ["x", "slope"], ["y"])],
+        "prelu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(magnitudes.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.full((1, 32, 1, 1), 0.25, np.float32), "slope")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)])
+    model.ir_version = 7
+    session = make_session(model, CPU, session_threads(CompressionConfig()))
+    rng = np.random.default_rng(2)
+    inputs = {
+        f"random signs, {share:.0%} positive": magnitudes
+        * np.where(rng.random(magnitudes.shape) < share, 1, -1).astype(np.float32)
+        for share in (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
+    }
+    blocks = magnitudes.copy()
+    blocks.reshape(-1)[: blocks.size // 2] *= -1
+    inputs["50% positive, in two blocks"] = blocks
+    times: dict[str, list[float]] = {name: [] for name in inputs}
+    for _ in range(rounds):  # interleaved
+        for name, values in inputs.items():
+            started = time.perf_counter()
+            session.run(None, {"x": values})
+            times[name].append((time.perf_counter() - started) * 1e6)
+    return [{"input": name, "median_us": statistics.median(t)} for name, t in times.items()]
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -225,6 +339,11 @@ def main() -> int:
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--only", help="comma-separated model names")
     parser.add_argument("--pairs", type=int, default=200)
+    parser.add_argument(
+        "--values",
+        action="store_true",
+        help="time written models against their random-factor twins, and PRelu by input signs",
+    )
     args = parser.parse_args()
     os.environ["ONNX_LOWRANK_CACHE"] = tempfile.mkdtemp(prefix="latency-bench-")
     info = machine()
@@ -243,6 +362,26 @@ def main() -> int:
         wanted = set(args.only.split(","))
         tasks = [task for task in tasks if task.name in wanted]
     started = time.perf_counter()
+    if args.values:
+        rows = [row for task in tasks for row in values_check(task, args.pairs)]
+        print(
+            markdown(
+                rows,
+                [
+                    ("model", "model"),
+                    ("repeat", "repeat"),
+                    ("written", "written"),
+                    ("random", "random factors"),
+                ],
+            )
+        )
+        prelu = prelu_signs(args.pairs)
+        print(markdown(prelu, [("input", "PRelu input"), ("median_us", "median µs")]))
+        info["load_average_at_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        print(f"\n{info}")
+        if args.json:
+            args.json.write_text(json.dumps({"machine": info, "rows": rows, "prelu": prelu}))
+        return 0
     rows = [row for task in tasks for row in run_model(task, args.pairs)]
     columns = [
         ("model", "model"),
