@@ -31,9 +31,10 @@ against quality to ``--plot``.
 ``--values`` instead checks that speed depends on the weights' values, not only on their shapes
 (docs/performance.md, "Why O-Net landed below F"): per model, the ``--latency 0.7`` model as
 written and the same model with its factors replaced by uniform random values of the same
-shapes and RMS (``--latency`` used to time random factors) are timed against the original, all
-three interleaved, ``--pairs`` rounds, three times; and ONNX Runtime's PRelu alone on inputs of
-the same magnitudes whose signs are random with a given share positive, or in two blocks.
+shapes and RMS (``--latency`` used to time random factors), three times each: against the
+original as the tool times a choice end to end (``latency.measure_choice``), and all three
+interleaved for ``--pairs`` rounds as above; and ONNX Runtime's PRelu alone on inputs of the same
+magnitudes whose signs are random with a given share positive, or in two blocks.
 """
 
 from __future__ import annotations
@@ -65,8 +66,11 @@ from compare_methods import (
     run_batches,
 )
 
-from onnx_lowrank import CompressionConfig, compress
+from onnx_lowrank import CompressionConfig, InfeasibleBudgetError, compress
+from onnx_lowrank.latency import measure_choice
+from onnx_lowrank.pipeline import analyze, candidate_tables, choose, realize
 from onnx_lowrank.sessions import make_session
+from onnx_lowrank.speed import choice_model
 from onnx_lowrank.validate import session_threads
 
 REPO = Path(__file__).resolve().parent.parent
@@ -244,23 +248,36 @@ def spread(ratios: list[float]) -> str:
 
 
 def values_check(task: Task, pairs: int) -> list[dict]:
-    """The written ``--latency 0.7`` model and its random-factor twin against the original."""
+    """The ``--latency 0.7`` choice, written and as a random-factor twin, against the original:
+    as the tool times it (``latency.measure_choice``, the model of ``speed.choice_model``, on
+    the tool's inputs) and as ``timed_pairs`` times the written model."""
     feed = {task.input_name: task.inputs[:1]}
     config = CompressionConfig(
         validate=False, latency=0.7, input_shapes=INPUT_SHAPES.get(task.name, {})
     )
+    analysis = analyze(task.path, config)
+    tables = candidate_tables(analysis, config)
     try:
-        written = compress(task.path, config).model
-    except Exception as exc:  # an unreachable budget
+        choices = choose(analysis, tables, config)
+    except InfeasibleBudgetError as exc:
         return [{"model": task.name, "written": f"not compressed: {exc}"}]
+    written = realize(analysis, tables, choices, config, keep_weights=True).model
+    timed = choice_model(analysis, tables, choices)
     twin = random_factors(written)
+    book = analysis.latency
     rows = []
     for repeat in range(3):
+        tool = [
+            measure_choice(task.path, model, book.model_feeds, book.providers, book.threads)
+            for model in (timed, twin)
+        ]
         real, shuffled = interleaved([str(task.path), written, twin], feed, pairs)
         rows.append(
             {
                 "model": task.name,
                 "repeat": repeat,
+                "tool": f"{tool[0][1] / tool[0][0]:.2f}",
+                "tool_random": f"{tool[1][1] / tool[1][0]:.2f}",
                 "written": spread(real),
                 "random": spread(shuffled),
             }
@@ -370,8 +387,10 @@ def main() -> int:
                 [
                     ("model", "model"),
                     ("repeat", "repeat"),
-                    ("written", "written"),
-                    ("random", "random factors"),
+                    ("tool", "tool: written factors"),
+                    ("tool_random", "tool: random factors"),
+                    ("written", "benchmark: written [IQR]"),
+                    ("random", "benchmark: random factors [IQR]"),
                 ],
             )
         )
