@@ -16,13 +16,16 @@ samples (``--sensitivity-samples``, never the samples the layer statistics come 
 
 and a candidate's degradation is the sum over outputs.
 
-**One probe model, one session.** The probe is the analysis model in which every compressible
-layer's weight is an overridable initializer (a graph input with the original weight as its
-default) and every node of it adds an overridable per-channel shift (default zero). A
-candidate is measured by one ``run`` that feeds its weight ``Ŵ`` (and, with calibration, its
-bias correction ``α·(W − Ŵ) μ`` as the shift); every other layer keeps its default. So the
-whole table costs one forward pass of the held-out samples per measured candidate, and no
-graph is rebuilt.
+**One probe model, and its suffixes.** The probe is the analysis model in which every
+compressible layer's weight is an overridable initializer (a graph input with the original
+weight as its default) and every node of it adds an overridable per-channel shift (default
+zero). A candidate is measured by feeding its weight ``Ŵ`` (and, with calibration, its bias
+correction ``α·(W − Ŵ) μ`` as the shift); every other layer keeps its default. The probe runs
+once with its defaults (the reference outputs). Then each layer's candidates run only on the
+layer's **suffix** (suffix.py): the nodes downstream of it, fed with the tensors they read from
+upstream, which one run of the model computes once for all candidates of several layers. A
+layer whose suffix cannot be built (tied weights, unknown shapes, cut tensors over
+``suffix.CUT_BYTES``) is measured on the full probe, one forward pass per candidate.
 
 **Which candidates are measured.** A layer's table has up to thousands of rows; measuring each
 would cost as many forward passes. ``NetworkErrors.initial`` measures, per layer, the ``g = 1``
@@ -58,6 +61,7 @@ from .index import GraphIndex
 from .output_errors import node_weight
 from .records import Calibration
 from .sessions import fixed_batch, make_session
+from .suffix import CUT_BYTES, SuffixProbes
 from .types import CandidateTable, Discovery, Factors, Layer, Progress
 from .whiten import factorize_layers
 
@@ -251,6 +255,8 @@ class NetworkErrors:
             (empty: no bias correction).
         providers: ONNX Runtime execution providers.
         batch: the model's fixed batch size, or None.
+        cut_bytes: most bytes of a layer's cut tensors for a suffix run (``suffix.CUT_BYTES``;
+            0: every candidate on the full probe).
     """
 
     def __init__(
@@ -260,6 +266,7 @@ class NetworkErrors:
         approximation: Approximation,
         providers: Sequence[str] = ("CPUExecutionProvider",),
         batch: int | None = None,
+        cut_bytes: int = CUT_BYTES,
     ):
         self.discovery = discovery
         self.feeds = dict(feeds)
@@ -273,8 +280,10 @@ class NetworkErrors:
         }
         self.seconds = 0.0
         self.runs = 0
+        self.cut_bytes = cut_bytes
+        self.suffixes: SuffixProbes | None = None
         self._session = None
-        self._reference: list[list[np.ndarray]] | None = None
+        self._reference: list[np.ndarray] | None = None
         self._weights: dict[str, str] = {}
         self._shifts: dict[str, str] = {}
         self._outputs: list[str] = []
@@ -291,6 +300,9 @@ class NetworkErrors:
         self._session = make_session(probe, self.providers)
         self._outputs = [output.name for output in probe.graph.output]
         self._reference = self._run({})
+        self.suffixes = SuffixProbes(
+            probe, self.discovery, self._batches(), self._reference, self.providers, self.cut_bytes
+        )
         self.seconds += time.perf_counter() - started
 
     def _batches(self) -> list[dict[str, np.ndarray]]:
@@ -300,19 +312,13 @@ class NetworkErrors:
             for start in range(0, self.samples, size)
         ]
 
-    def _run(self, overrides: Mapping[str, np.ndarray]) -> list[list[np.ndarray]]:
+    def _run(self, overrides: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Every output of the full probe on all held-out samples."""
         assert self._session is not None
-        self.runs += 1
-        return [
+        parts = [
             self._session.run(self._outputs, {**batch, **overrides}) for batch in self._batches()
         ]
-
-    def _degradation(self, overrides: Mapping[str, np.ndarray]) -> float:
-        assert self._reference is not None
-        outputs = self._run(overrides)
-        reference = [np.concatenate(parts) for parts in zip(*self._reference, strict=True)]
-        candidate = [np.concatenate(parts) for parts in zip(*outputs, strict=True)]
-        return degradation(reference, candidate)
+        return [np.concatenate(column) for column in zip(*parts, strict=True)]
 
     # -- measurement ------------------------------------------------------------------------
 
@@ -332,11 +338,21 @@ class NetworkErrors:
         if not total:
             return 0
         self._start()
+        assert self.suffixes is not None and self._reference is not None
         started = time.perf_counter()
         done = 0
         graph = self.discovery.model.graph
-        for layer in self.layers:
-            for groups, rank in todo.get(layer.name, []):
+        layers = [layer for layer in self.layers if todo.get(layer.name)]
+        # a layer's suffix starts at the nodes that read its probe weight and shift
+        requests = [
+            (layer.name, {self._weights[u.name] for u in layer.uses()}
+             | {self._shifts[u.name] for u in layer.uses()}, len(layer.uses()))
+            for layer in layers
+        ]  # fmt: skip
+        runners = self.suffixes.runners(requests)
+        for layer, (_, runner) in zip(layers, runners, strict=True):
+            run = runner or self._run
+            for groups, rank in todo[layer.name]:
                 factors, shifts = self.approximation(layer, groups, rank)
                 approximate = reconstruct(factors)
                 overrides = {}
@@ -348,12 +364,22 @@ class NetworkErrors:
                         overrides[self._shifts[use.name]] = np.asarray(
                             shift, dtype=stored.dtype
                         ).reshape(_shift_shape(use))
-                self.measured[layer.name][(groups, rank)] = self._degradation(overrides)
+                self.runs += 1
+                value = degradation(self._reference, run(overrides))
+                self.measured[layer.name][(groups, rank)] = value
                 done += 1
                 if progress is not None:
                     progress("sensitivity", done, total)
         self.seconds += time.perf_counter() - started
-        log.info("network errors: %d candidates measured in %.1f s", total, self.seconds)
+        log.info(
+            "network errors: %d candidates measured in %.1f s (%d layers on the full probe; "
+            "cut tensors %.1f s, suffix sessions %.1f s)",
+            total,
+            self.seconds,
+            len(self.suffixes.fallbacks),
+            self.suffixes.seconds["cut"],
+            self.suffixes.seconds["build"],
+        )
         return total
 
     def initial(self, tables: Sequence[CandidateTable], progress: Progress | None = None) -> None:

@@ -1,0 +1,285 @@
+r"""Suffix probes: run only the part of a network downstream of one layer.
+
+``--error network`` (sensitivity.py) measures a candidate of layer ``ℓ`` by what it does to the
+network's outputs. Everything upstream of ``ℓ`` is the same for every candidate of ``ℓ``, so it
+is computed once per layer and only the **suffix** runs per candidate:
+
+* the suffix's nodes are ``ℓ``'s node and every main-graph node that reads (directly, or from
+  inside its If/Loop/Scan bodies) a tensor one of them makes, in graph order;
+* the **cut** is what those nodes read from upstream: ``ℓ``'s input, skip and residual tensors,
+  branches that join later (graph inputs and initializers are read as they are; a ``Constant``
+  node upstream is copied into the suffix instead);
+* the suffix model has the cut tensors and the graph inputs its nodes read as inputs (an
+  overridable initializer stays one: ``ℓ``'s weight and shift in the probe), the model outputs
+  its nodes make as outputs, and the initializers its nodes (and their subgraphs) read. Model
+  outputs that do not depend on ``ℓ`` are the reference's.
+
+``SuffixProbes.runners`` takes the layers to measure in graph order, computes the cut tensors
+of as many consecutive layers as fit in ``CUT_BYTES`` with one run of the model that exposes
+them (``sessions.exposed``), and yields per layer a runner that feeds them, batch by batch, to
+the layer's suffix session; a layer's cut tensors are released as soon as no later layer of the
+group reads them. A layer falls back to the full probe (``None``, with the reason logged and
+kept in ``fallbacks``) when it has tied uses, when a cut tensor's shape or element type is
+unknown (``discovery.shapes``), when its cut tensors alone exceed ``CUT_BYTES``, or when no
+model output depends on it.
+
+``onnx.utils.Extractor`` is not used: it walks back from the outputs along node inputs only,
+so it drops the producers and initializers that only an If/Loop/Scan body reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from .graphs import overridable_initializers
+from .sessions import exposed, fixed_batch, make_session
+from .types import Discovery
+from .walk import iter_graphs
+
+__all__ = ["CUT_BYTES", "Runner", "SuffixProbes", "downstream", "suffix_model"]
+
+log = logging.getLogger(__name__)
+
+#: Most bytes of cut tensors (all held-out samples) kept at once; a layer whose cut alone is
+#: larger is measured on the full probe.
+CUT_BYTES = 256 * 2**20
+
+#: Runs a suffix on the held-out samples: overrides -> every model output (all samples).
+Runner = Callable[[Mapping[str, np.ndarray]], list[np.ndarray]]
+
+
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """Names ``node`` reads: its inputs, and every name read inside its subgraphs."""
+    names = set(node.input)
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for graph in graphs:
+            for sub in iter_graphs(graph):
+                for inner in sub.node:
+                    names.update(inner.input)
+    names.discard("")
+    return names
+
+
+def downstream(graph: onnx.GraphProto, start: set[str]) -> tuple[list[int], list[str], list[str]]:
+    """The suffix of ``graph`` from the nodes that read any of the names ``start``.
+
+    Returns:
+        The suffix's node positions (graph order, ``Constant`` nodes it reads included), the
+        cut (tensors made upstream that it reads), and the graph outputs it makes.
+    """
+    producer = {name: i for i, node in enumerate(graph.node) for name in node.output if name}
+    reached: list[int] = []
+    made: set[str] = set()
+    read: set[str] = set()
+    for position, node in enumerate(graph.node):
+        reads = _reads(node)
+        if reads & start or reads & made:
+            reached.append(position)
+            made.update(name for name in node.output if name)
+            read |= reads
+    cut = sorted(name for name in read - made if name in producer)
+    constants = {producer[n] for n in cut if graph.node[producer[n]].op_type == "Constant"}
+    cut = [name for name in cut if producer[name] not in constants]
+    outputs = [info.name for info in graph.output if info.name in made]
+    return sorted(set(reached) | constants), cut, outputs
+
+
+def _value_info(name: str, batches: Sequence[np.ndarray]) -> onnx.ValueInfoProto:
+    """An input for the cut tensor ``name`` with the shape its values have in every batch (a
+    dimension that differs between batches is symbolic)."""
+    shapes = [value.shape for value in batches]
+    dims: list[int | str] = [
+        sizes[0] if len(set(sizes)) == 1 else f"{name}_dim{axis}"
+        for axis, sizes in enumerate(zip(*shapes, strict=True))
+    ]
+    elem_type = onnx.helper.np_dtype_to_tensor_dtype(batches[0].dtype)
+    return onnx.helper.make_tensor_value_info(name, elem_type, dims)
+
+
+def suffix_model(
+    model: onnx.ModelProto,
+    nodes: Sequence[int],
+    cut: Mapping[str, Sequence[np.ndarray]],
+    outputs: Sequence[str],
+    overridable: set[str],
+) -> onnx.ModelProto:
+    """The suffix of ``model``: its ``nodes``, with the ``cut`` tensors (name -> values per
+    batch, which give their types and shapes) and the graph inputs those nodes read as inputs,
+    and ``outputs`` as outputs. Of the initializers that are also graph inputs, only the
+    ``overridable`` ones stay inputs; the others become constants (ONNX Runtime may fold and
+    pre-pack them)."""
+    graph = model.graph
+    read = set().union(*(_reads(graph.node[i]) for i in nodes)) if nodes else set()
+    stored = {tensor.name for tensor in graph.initializer}
+    read_inputs = read - (stored - overridable)
+    suffix = onnx.ModelProto()
+    suffix.ir_version = model.ir_version
+    suffix.opset_import.extend(model.opset_import)
+    suffix.functions.extend(model.functions)
+    part = suffix.graph
+    part.name = f"{graph.name or 'graph'}_suffix"
+    part.node.extend(graph.node[i] for i in nodes)
+    part.input.extend(_value_info(name, values) for name, values in cut.items())
+    part.input.extend(info for info in graph.input if info.name in read_inputs)
+    part.initializer.extend(tensor for tensor in graph.initializer if tensor.name in read)
+    part.sparse_initializer.extend(
+        sparse for sparse in graph.sparse_initializer if sparse.values.name in read
+    )
+    wanted = set(outputs)
+    part.output.extend(info for info in graph.output if info.name in wanted)
+    made = {name for i in nodes for name in graph.node[i].output}
+    part.value_info.extend(info for info in graph.value_info if info.name in made)
+    return suffix
+
+
+class SuffixProbes:
+    """Suffix sessions of a probe model, one layer at a time (see the module docstring).
+
+    Args:
+        probe: the probe model (every layer's weight and shift overridable).
+        discovery: the layers of the model the probe was made from (``discovery.model``, with
+            the same tensor names, is run to expose the cuts; ``discovery.shapes`` gives their
+            shapes, with a dynamic batch taken as 1, and element types).
+        batches: the held-out samples, batch by batch, as the probe is run on them.
+        reference: the probe's outputs with its defaults (all samples, per output).
+        providers: ONNX Runtime execution providers.
+        cut_bytes: most bytes of cut tensors kept at once (0: every layer on the full probe).
+    """
+
+    def __init__(
+        self,
+        probe: onnx.ModelProto,
+        discovery: Discovery,
+        batches: Sequence[Mapping[str, np.ndarray]],
+        reference: Sequence[np.ndarray],
+        providers: Sequence[str],
+        cut_bytes: int = CUT_BYTES,
+    ):
+        self.probe, self.model, self.shapes = probe, discovery.model, discovery.shapes
+        self.overridable = set(overridable_initializers(discovery.model))
+        batch = fixed_batch(discovery.model)
+        self.batches = [dict(b) for b in batches]
+        self.reference = list(reference)
+        self.outputs = [info.name for info in probe.graph.output]
+        self.providers = list(providers)
+        self.samples = sum(int(next(iter(b.values())).shape[0]) for b in self.batches)
+        self.per_shape = self.samples / (batch or 1)  # shapes are at batch `batch` (or 1)
+        self.cut_bytes = cut_bytes
+        self.fallbacks: dict[str, str] = {}
+        self.seconds = {"cut": 0.0, "build": 0.0}
+        self.cut_runs = 0  # passes of the held-out samples that exposed cut tensors
+        self.suffix_layers = 0  # layers measured on a suffix
+
+    def _bytes(self, name: str) -> int | None:
+        shape, elem_type = self.shapes.get(name), self.shapes.types.get(name)
+        if shape is None or elem_type is None or any(d is None for d in shape):
+            return None
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(elem_type).itemsize
+        return int(math.prod(shape) * itemsize * self.per_shape)
+
+    def _plan(self, key: str, start: set[str], uses: int):
+        """``(nodes, cut, outputs, bytes)`` of a layer's suffix, or the reason it has none."""
+        if self.cut_bytes <= 0:
+            return "suffix probes are off (no bytes for cut tensors)"
+        if uses != 1:
+            return "its weight is tied (several nodes read it)"
+        nodes, cut, outputs = downstream(self.probe.graph, start)
+        if not outputs:
+            return "no model output depends on it"
+        sizes = {name: self._bytes(name) for name in cut}
+        unknown = [name for name, size in sizes.items() if size is None]
+        if unknown:
+            return f"the shape or type of {unknown[0]!r} is unknown"
+        total = sum(sizes.values())
+        if total > self.cut_bytes:
+            return f"its cut tensors take {total / 2**20:.0f} MiB (> {self.cut_bytes / 2**20:.0f})"
+        return nodes, cut, outputs, sizes, start
+
+    def runners(
+        self, layers: Sequence[tuple[str, set[str], int]]
+    ) -> Iterator[tuple[str, Runner | None]]:
+        """For each ``(key, names ℓ's node reads that no other node does, uses)`` in graph
+        order: ``(key, runner)``, or ``(key, None)`` where the layer falls back to the full
+        probe (reason in ``fallbacks``)."""
+        group: list[tuple[str, tuple]] = []
+        held: dict[str, int] = {}
+        for key, start, uses in layers:
+            plan = self._plan(key, start, uses)
+            if isinstance(plan, str):
+                yield from self._group(group)
+                group, held = [], {}
+                self.fallbacks[key] = plan
+                log.info("network errors of %s on the full model: %s", key, plan)
+                yield key, None
+                continue
+            adding = {name: size for name, size in plan[3].items() if name not in held}
+            if group and sum(held.values()) + sum(adding.values()) > self.cut_bytes:
+                yield from self._group(group)
+                group, held, adding = [], {}, plan[3]
+            group.append((key, plan))
+            held.update(adding)
+        yield from self._group(group)
+
+    def _group(self, group: list[tuple[str, tuple]]) -> Iterator[tuple[str, Runner]]:
+        if not group:
+            return
+        started = time.perf_counter()
+        wanted = {name: self.shapes.types[name] for _, plan in group for name in plan[1]}
+        values: dict[str, list[np.ndarray]] = {name: [] for name in wanted}
+        if wanted:
+            session = make_session(exposed(self.model, wanted), self.providers, log_level=3)
+            names = list(wanted)
+            inputs = {info.name for info in session.get_inputs()}
+            for batch in self.batches:
+                feed = {name: value for name, value in batch.items() if name in inputs}
+                for name, value in zip(names, session.run(names, feed), strict=True):
+                    values[name].append(value)
+            del session
+            self.cut_runs += 1
+        self.seconds["cut"] += time.perf_counter() - started
+        last = {name: position for position, (_, plan) in enumerate(group) for name in plan[1]}
+        for position, (key, (nodes, cut, outputs, _, start)) in enumerate(group):
+            cut_values = {name: values[name] for name in cut}
+            yield key, self._runner(nodes, cut_values, outputs, start | self.overridable)
+            for name in cut:  # released once no later layer of the group reads it
+                if last[name] == position:
+                    del values[name]
+
+    def _runner(
+        self,
+        nodes: Sequence[int],
+        cut: Mapping[str, list[np.ndarray]],
+        outputs: Sequence[str],
+        overridable: set[str],
+    ) -> Runner:
+        started = time.perf_counter()
+        model = suffix_model(self.probe, nodes, cut, outputs, overridable)
+        session = make_session(model, self.providers)
+        self.seconds["build"] += time.perf_counter() - started
+        self.suffix_layers += 1
+        inputs = {info.name for info in model.graph.input}
+        del model
+        feeds = [
+            {
+                **{name: value for name, value in batch.items() if name in inputs},
+                **{name: values[index] for name, values in cut.items()},
+            }
+            for index, batch in enumerate(self.batches)
+        ]
+        positions = [self.outputs.index(name) for name in outputs]
+
+        def run(overrides: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+            parts = [session.run(list(outputs), {**feed, **overrides}) for feed in feeds]
+            result = list(self.reference)
+            for column, position in enumerate(positions):
+                result[position] = np.concatenate([part[column] for part in parts])
+            return result
+
+        return run
