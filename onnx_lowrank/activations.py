@@ -7,21 +7,30 @@ needs, per layer, the mean ``μ`` and covariance ``Σ = E[x xᵀ] − μ μᵀ``
 **Through ONNX Runtime.** A copy of the model exposes every compressible layer's input as an
 extra graph output, and the calibration set runs through it in batches
 (``sessions.run_batches``). Each batch's activations are turned into input vectors chunk by
-chunk (``CHUNK_BYTES``), so memory stays bounded whatever the image size. Statistics accumulate
-in float64 around a pilot mean (the first chunk's), which avoids cancellation in
-``E[x xᵀ] − μ μᵀ``.
+chunk (``CHUNK_BYTES``, but at least ``MIN_CHUNK_ROWS`` vectors), so memory stays bounded
+whatever the image size. Statistics accumulate in float64 around a pilot mean (the first
+chunk's), which avoids cancellation in ``E[x xᵀ] − μ μᵀ``.
+
+**In parallel, on the backend.** The sums and products (accumulate.py) run on the array backend
+(NumPy, or CuPy on a GPU). On the CPU the layers of a batch, and once a layer has its pilot
+mean, ``SAMPLE_SHARES`` shares of the batch's samples (each into its own fork of the layer's
+sums, added up at the end), are spread over the backend's workers with one BLAS thread each.
 
 **Tied weights** (``Layer.tied``: one weight, several nodes). The statistics pool the input
 vectors of every node; node ``u`` keeps its own mean ``μ_u``, and ``Σ`` is the covariance
 within the nodes, ``Σ_u (n_u/n)·Σ_u`` (``LayerStatistics.use_means``), which is what remains
 once each node's bias is corrected with its own mean (whiten.py).
 
-**Memory and time: the cheaper side per layer** (DESIGN.md §7). The input side keeps ``Σ``
-(``cκ × cκ``), from which every candidate group count reads its blocks. The output side keeps,
-for each candidate group count ``g``, the ``g`` matrices ``W_i Σ_i W_iᵀ = Cov(W_i x_i)``
-(``f × f`` each), accumulated from the partial outputs ``z_i = W_i x_i``. A tall-kernel conv
-with ``cκ = 8192`` and ``f = 16`` needs 512 MiB and ``8192²`` multiply-adds per input vector on
-the input side, and 30 KiB and ``16·8192 + 15·16²`` on the output side. ``choose_side`` picks.
+**Memory and time: the cheaper side per group count** (DESIGN.md §7;
+``accumulate.plan_statistics``). Statistics are kept only for the candidate group counts the
+allocator can use (``calibrate.candidate_groups``), each on its cheaper side: the diagonal
+blocks ``Σ_i`` of the input vectors for counts whose groups are narrower than ``f``, the
+``f × f`` output covariances ``W_i Σ_i W_iᵀ`` for the others. A tall-kernel conv with
+``cκ = 8192`` and ``f = 16`` needs 512 MiB and ``8192²`` multiply-adds per input vector for the
+whole ``Σ``, and 30 KiB and ``16·8192 + 15·16²`` on the output side; CREPE full's ``1024 × 64``-tap
+conv (``cκ = 65536``, ``f = 128``, 11 counts) takes blocks of 512 groups for 512 and 1024 groups
+and the output side for 1 … 256, about three times the layer's own multiply-adds, where the
+output side for every count cost fifteen times.
 
 **Row weights: embedding tables and classifier heads.** Some rows of a weight matter more
 than others on real data; the factors then minimize a row-weighted output error with
@@ -56,19 +65,20 @@ import numpy as np
 import onnx
 from numpy.lib.stride_tricks import sliding_window_view
 
+from .accumulate import Accumulator, plan_statistics
+from .backend import Backend, numpy_backend
 from .config import HEAD_FLOOR, ROW_FLOOR
 from .graphs import attribute, overridable_initializers
 from .index import ConstantRef, GraphIndex
 from .records import LayerStatistics, Side
 from .sessions import run_batches
-from .spectra import bmm, group_counts
+from .spectra import group_counts
 from .types import Discovery, Layer, Progress
 
 __all__ = [
     "CHUNK_BYTES",
-    "MAX_ATOMS",
-    "MAX_INPUT_SIDE_BYTES",
-    "choose_side",
+    "MIN_CHUNK_ROWS",
+    "SAMPLE_SHARES",
     "collect_statistics",
     "layer_vectors",
     "row_weights",
@@ -79,10 +89,13 @@ log = logging.getLogger(__name__)
 
 #: Largest block of input vectors (im2col patches or rows) built at once, in bytes of float64.
 CHUNK_BYTES = 8 * 2**20
-#: Largest input-side matrix ``Σ`` kept for one layer; beyond it the output side is used.
-MAX_INPUT_SIDE_BYTES = 512 * 2**20
-#: Most channel slices whose partial outputs the output side computes at once.
-MAX_ATOMS = 64
+#: Shares of each batch's samples, each summed into its own fork of a layer's sums by a worker
+#: of its own. A constant, not the worker count, so that the sums, whose rounding depends on
+#: their order, are the same on every machine.
+SAMPLE_SHARES = 2
+#: Fewest input vectors in a chunk, whatever ``CHUNK_BYTES`` says: the products of very wide
+#: layers (``c·κ`` in the tens of thousands) run far below speed on a few rows.
+MIN_CHUNK_ROWS = 128
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,7 +146,8 @@ class _ConvGeometry:
 def layer_vectors(
     layer: Layer, node: onnx.NodeProto, activation: np.ndarray, chunk_bytes: int = CHUNK_BYTES
 ) -> Iterator[np.ndarray]:
-    """The layer's input vectors in float64 chunks ``(n, c·κ)`` of at most ``chunk_bytes``.
+    """The layer's input vectors in float64 chunks ``(n, c·κ)`` of at most ``chunk_bytes``,
+    each a new array (the caller may overwrite it).
 
     A Conv's vectors are its im2col patches: for every sample and output position, the input
     values the kernel reads (with the node's strides, pads or ``auto_pad``, and dilations),
@@ -149,7 +163,7 @@ def layer_vectors(
     else:
         matrix = activation.reshape(-1, layer.in_channels)
     for start in range(0, matrix.shape[0], rows):
-        yield np.asarray(matrix[start : start + rows], dtype=np.float64)
+        yield np.array(matrix[start : start + rows], dtype=np.float64)  # a copy, always
 
 
 def _patches(x: np.ndarray, geometry: _ConvGeometry, rows: int) -> Iterator[np.ndarray]:
@@ -189,143 +203,6 @@ def _float64(view: np.ndarray, cols: int) -> np.ndarray:
 # Accumulating statistics
 
 
-def choose_side(layer: Layer, groups: Sequence[int]) -> Side:
-    """The cheaper side for ``layer`` (DESIGN.md §7).
-
-    Per input vector the input side costs ``(cκ)²`` multiply-adds, in one large product, and
-    stores ``(cκ)²`` values; the output side costs ``f·cκ + Σ_g g·f²`` in smaller products,
-    which run about half as fast, and stores ``Σ_g g·f²``. The output side is taken when it is
-    cheaper by that measure, or when ``Σ`` would exceed ``MAX_INPUT_SIDE_BYTES``.
-    """
-    f, cols = layer.out_channels, layer.cols
-    output_cost = 2 * (f * cols + sum(g * f * f for g in groups))
-    too_large = 8 * cols * cols > MAX_INPUT_SIDE_BYTES
-    if f < cols and (output_cost < cols * cols or too_large):
-        return "output"
-    return "input"
-
-
-class _Accumulator:
-    """Running sums of one layer's input vectors, shifted by a pilot mean ``m``."""
-
-    def __init__(self, layer: Layer, weight: np.ndarray, groups: Sequence[int], side: Side):
-        self.layer, self.side, self.groups = layer, side, list(groups)
-        cols = layer.cols
-        #: float64 values held per input vector while it is processed
-        self.row_values = cols
-        self.count = 0
-        self.pilot: np.ndarray | None = None
-        self.total = np.zeros(cols)
-        self.squares = np.zeros(cols)
-        self.weight = weight
-        self.use_sums: dict[str, np.ndarray] = {}  # node name -> Σ x, for tied uses
-        self.use_counts: dict[str, int] = {}
-        if side == "input":
-            self.outer = np.zeros((cols, cols))
-            return
-        # Partial outputs W_a x_a of the finest common refinement of all candidate groupings:
-        # atom a covers channels [a·c/L, (a+1)·c/L) with L = lcm(groups), which every g
-        # divides, and a group's partial output is the sum of its atoms'. When L is large
-        # (many divisors), each group count gets its own partition instead.
-        f = layer.out_channels
-        atoms = math.lcm(*self.groups)
-        self.plans = (
-            [(atoms, self.groups)] if atoms <= MAX_ATOMS else [(g, [g]) for g in self.groups]
-        )
-        self.row_values = max(cols, max(count for count, _ in self.plans) * f)
-        self.atom_weights = {
-            count: np.ascontiguousarray(weight.reshape(f, count, -1).transpose(1, 2, 0))
-            for count, _ in self.plans
-        }  # (L, width, f) per partition
-        self.pilot_partial: dict[int, np.ndarray] = {}
-        self.partial_total = {g: np.zeros((g, f)) for g in self.groups}
-        self.partial_outer = {g: np.zeros((g, f, f)) for g in self.groups}
-
-    def add(self, vectors: np.ndarray, use: str | None = None) -> None:
-        n = len(vectors)
-        raw_sum = vectors.sum(axis=0)
-        if use is not None:
-            self.use_sums[use] = self.use_sums.get(use, 0.0) + raw_sum
-            self.use_counts[use] = self.use_counts.get(use, 0) + n
-        if self.pilot is None:
-            self.pilot = vectors.mean(axis=0)
-            if self.side == "output":
-                for count, weights in self.atom_weights.items():  # W_a m_a, (L, 1, f)
-                    self.pilot_partial[count] = bmm(self.pilot.reshape(count, 1, -1), weights)
-        pilot = self.pilot
-        self.count += n
-        self.total += raw_sum - n * pilot
-        # Σ (x − m)² = Σ x² − 2 m Σ x + n m²; only the damping scale reads it.
-        self.squares += np.einsum("nk,nk->k", vectors, vectors) - 2 * pilot * raw_sum
-        self.squares += n * pilot * pilot
-        if self.side == "input":
-            shifted = vectors - pilot
-            self.outer += shifted.T @ shifted
-            return
-        for count, derived in self.plans:
-            width = self.layer.cols // count
-            weights = self.atom_weights[count]
-            # W_a (x_a − m_a), (L, n, f); a loop: numpy's stacked matmul is far slower here
-            partial = np.stack(
-                [vectors[:, a * width : (a + 1) * width] @ weights[a] for a in range(count)]
-            )
-            partial -= self.pilot_partial[count]
-            for g in derived:  # a group's partial output sums its atoms': (g, n, f)
-                z = partial if g == count else partial.reshape(g, count // g, n, -1).sum(axis=1)
-                self.partial_total[g] += z.sum(axis=1)
-                self.partial_outer[g] += bmm(z.transpose(0, 2, 1), z)
-
-    def statistics(self) -> LayerStatistics:
-        n = max(self.count, 1)
-        pilot = self.pilot if self.pilot is not None else np.zeros_like(self.total)
-        shift = self.total / n
-        mean = pilot + shift
-        variance = self.squares / n - shift * shift
-        name = self.layer.name
-        # Tied uses: remove the scatter of the uses' means around the pooled mean (``d_u``),
-        # which leaves the covariance within the uses (see LayerStatistics.use_means).
-        use_means = {u: total / max(self.use_counts[u], 1) for u, total in self.use_sums.items()}
-        spread = [(self.use_counts[u] / n, m - mean) for u, m in use_means.items()]
-        spread = spread if len(spread) > 1 else []
-        for weight, d in spread:
-            variance -= weight * d * d
-        variance = np.maximum(variance, 0.0)
-        use_means = use_means if spread else {}
-        if self.side == "input":
-            covariance = self.outer / n - np.outer(shift, shift)
-            for weight, d in spread:
-                covariance -= weight * np.outer(d, d)
-            covariance = (covariance + covariance.T) / 2
-            return LayerStatistics(
-                name,
-                "input",
-                self.count,
-                mean,
-                variance,
-                covariance=covariance,
-                use_means=use_means,
-            )
-        output = {}
-        f = self.layer.out_channels
-        for g in self.groups:
-            partial_mean = self.partial_total[g] / n  # (g, f)
-            matrix = self.partial_outer[g] / n - partial_mean[:, :, None] * partial_mean[:, None, :]
-            blocks = self.weight.reshape(f, g, -1).transpose(1, 0, 2)  # (g, f, width)
-            for weight, d in spread:
-                wd = np.einsum("gfw,gw->gf", blocks, d.reshape(g, -1))  # W_i d_i
-                matrix -= weight * wd[:, :, None] * wd[:, None, :]
-            output[g] = (matrix + matrix.transpose(0, 2, 1)) / 2
-        return LayerStatistics(
-            name,
-            "output",
-            self.count,
-            mean,
-            variance,
-            output_covariance=output,
-            use_means=use_means,
-        )
-
-
 def collect_statistics(
     discovery: Discovery,
     feeds: Mapping[str, np.ndarray],
@@ -334,6 +211,8 @@ def collect_statistics(
     progress: Progress | None = None,
     *,
     sides: Mapping[str, Side] | None = None,
+    groups: Mapping[str, Sequence[int]] | None = None,
+    backend: Backend | None = None,
     chunk_bytes: int = CHUNK_BYTES,
     row_floor: float = ROW_FLOOR,
     head_floor: float = HEAD_FLOOR,
@@ -344,17 +223,24 @@ def collect_statistics(
         discovery: the compressible layers of the (analysis) model ``discovery.model``, which
             is the model that runs.
         feeds: calibration inputs (checked with ``calibrate.check_calibration``).
-        max_groups: the candidate group counts are ``spectra.group_counts(layer, max_groups)``.
+        max_groups: the candidate group counts are ``spectra.group_counts(layer, max_groups)``
+            for every layer not in ``groups``.
         providers: ONNX Runtime execution providers.
         progress: called as ``progress("calibrate", samples_done, samples)``.
-        sides: force the side of some layers (default: ``choose_side``).
-        chunk_bytes: largest block of input vectors built at once.
+        sides: force the side of some layers (default: ``plan_statistics`` chooses).
+        groups: layer name -> the group counts to keep statistics for (the others are never
+            computed; ``calibrate.candidate_groups``).
+        backend: where the sums and products run (default: NumPy, one thread per core); the
+            layers of a batch are spread over its workers.
+        chunk_bytes: largest block of input vectors built at once (but at least
+            ``MIN_CHUNK_ROWS`` vectors).
         row_floor: ``ρ`` of the row weights of embedding tables (1: none).
         head_floor: ``ρ`` of the row weights of classifier heads (1: none).
     """
+    backend = backend or numpy_backend()
     model = discovery.model
     graph = model.graph
-    accumulators: dict[str, _Accumulator] = {}
+    accumulators: dict[str, Accumulator] = {}
     lookups = {
         layer.name: np.zeros(layer.out_channels) for layer in discovery.layers if layer.lookup
     }
@@ -366,14 +252,19 @@ def collect_statistics(
         if layer.lookup:
             log.info("calibration statistics of %s: id counts", layer.name)
             continue
-        groups = group_counts(layer, max_groups)
-        side = (sides or {}).get(layer.name) or choose_side(layer, groups)
-        weight = discovery.weight(layer) if side == "output" else np.empty(0)
-        accumulators[layer.name] = _Accumulator(layer, weight, groups, side)
+        counts = (groups or {}).get(layer.name) or group_counts(layer, max_groups)
+        plan = plan_statistics(layer, [1, *counts], (sides or {}).get(layer.name))
+        weight = discovery.weight(layer) if plan.partitions else np.empty(0)
+        accumulators[layer.name] = Accumulator(layer, weight, plan, backend)
         head = None if index is None else score_output(discovery, layer, index)
         if head is not None:
             heads[layer.name] = head
-        log.info("calibration statistics of %s on the %s side", layer.name, side)
+        log.info(
+            "calibration statistics of %s: input blocks of %s groups, output side for %s",
+            layer.name,
+            plan.blocks,
+            plan.output_groups,
+        )
     wanted: dict[str, int] = {}
     for layer in discovery.layers:
         for use in layer.uses():
@@ -385,25 +276,51 @@ def collect_statistics(
     types = {info.name: info.type.tensor_type.elem_type for info in graph.output}
     wanted.update({output: types[output] for output, _ in heads.values()})
     masses = {name: np.zeros(discovery.layer(name).out_channels) for name in heads}
-    for activations, _ in run_batches(
-        model, wanted, feeds, providers, progress, data_dir=discovery.data_dir
-    ):
-        for layer in discovery.layers:
-            if layer.lookup:
-                for use in layer.uses():
-                    if use.op_type == "Gather":
-                        ids = activations[_data_input(graph.node[use.node_index], use)]
-                        lookups[layer.name] += _id_counts(ids, layer.out_channels)
-                continue
-            accumulator = accumulators[layer.name]
-            limit = chunk_bytes * layer.cols // accumulator.row_values
-            for use in layer.uses():  # a tied weight pools the inputs of all its nodes
-                node = graph.node[use.node_index]
-                label = use.name if layer.tied else None
-                for vectors in layer_vectors(use, node, activations[node.input[0]], limit):
-                    accumulator.add(vectors, label)
-        for name, (output, kind) in heads.items():
-            masses[name] += _class_mass(activations[output], kind)
+
+    def accumulate(
+        accumulator: Accumulator, activations: Mapping[str, np.ndarray], part: int, parts: int
+    ) -> None:
+        layer = accumulator.layer
+        limit = max(
+            chunk_bytes * layer.cols // accumulator.row_values, 8 * MIN_CHUNK_ROWS * layer.cols
+        )
+        for use in layer.uses():  # a tied weight pools the inputs of all its nodes
+            node = graph.node[use.node_index]
+            label = use.name if layer.tied else None
+            activation = _sample_part(activations[node.input[0]], use, node, part, parts)
+            for vectors in layer_vectors(use, node, activation, limit):
+                accumulator.add(vectors, label)
+
+    # Each task owns one accumulator: the layers are independent, and once a layer has its
+    # pilot mean, each worker takes its share of a batch's samples into a fork of it.
+    forks = {name: [accumulator] for name, accumulator in accumulators.items()}
+    with backend.parallel() as executor:  # one BLAS thread per worker on the CPU
+        for activations, _ in run_batches(
+            model, wanted, feeds, providers, progress, data_dir=discovery.data_dir
+        ):
+            tasks = []
+            for name, accumulator in accumulators.items():
+                shares = forks[name]
+                parts = SAMPLE_SHARES if accumulator.pilot is not None else 1
+                while len(shares) < parts:
+                    shares.append(accumulator.fork())
+                tasks += [
+                    executor.submit(accumulate, shares[part], activations, part, parts)
+                    for part in range(parts)
+                ]
+            for layer in discovery.layers:
+                if layer.lookup:
+                    for use in layer.uses():
+                        if use.op_type == "Gather":
+                            ids = activations[_data_input(graph.node[use.node_index], use)]
+                            lookups[layer.name] += _id_counts(ids, layer.out_channels)
+            for name, (output, kind) in heads.items():
+                masses[name] += _class_mass(activations[output], kind)
+            for task in tasks:
+                task.result()
+    for name, accumulator in accumulators.items():
+        for share in forks[name][1:]:
+            accumulator.merge(share)
     statistics = {name: accumulator.statistics() for name, accumulator in accumulators.items()}
     for name, mass in masses.items():
         statistics[name] = replace(statistics[name], row_weights=row_weights(mass, head_floor))
@@ -419,6 +336,21 @@ def collect_statistics(
             row_weights=row_weights(counts, row_floor),
         )
     return statistics
+
+
+def _sample_part(
+    activation: np.ndarray, layer: Layer, node: onnx.NodeProto, part: int, parts: int
+) -> np.ndarray:
+    """Part ``part`` of ``parts`` of a layer input's samples: its first axis (the second for
+    a Gemm with ``transA``, whose vectors are columns)."""
+    if parts == 1:
+        return activation
+    axis = 1 if layer.op_type == "Gemm" and attribute(node, "transA", 0) else 0
+    if activation.ndim < 2:
+        return activation if part == 0 else activation[:0]
+    size = activation.shape[axis]
+    start, stop = size * part // parts, size * (part + 1) // parts
+    return activation[start:stop] if axis == 0 else activation[:, start:stop]
 
 
 def _data_input(node: onnx.NodeProto, layer: Layer) -> str:

@@ -81,6 +81,37 @@ class Backend:
             return np.asarray(array)
         return np.from_dlpack(array)
 
+    def bmm(self, first: Any, second: Any) -> Any:
+        """Stacked matrix product ``first[i] @ second[i]``, ``(k, m, n) @ (k, n, p)``.
+
+        NumPy's stacked ``matmul`` does not call BLAS for every layout, so there it is a loop of
+        2-D products into one array; other backends batch it (one cuBLAS call on CuPy).
+        """
+        if self.name != "numpy":
+            return self.xp.matmul(first, second)
+        result = np.empty(
+            (first.shape[0], first.shape[1], second.shape[2]),
+            dtype=np.result_type(first, second),
+        )
+        for index, (a, b) in enumerate(zip(first, second, strict=True)):
+            np.matmul(a, b, out=result[index])
+        return result
+
+    def add_bmm(self, target: Any, first: Any, second: Any) -> None:
+        """``target[i] += first[i] @ second[i]`` in place (an accumulation of Gram matrices)."""
+        if self.name != "numpy":
+            target += self.xp.matmul(first, second)
+            return
+        for index, (a, b) in enumerate(zip(first, second, strict=True)):
+            target[index] += a @ b
+
+    def sum_squares(self, matrix: Any) -> Any:
+        """Column sums of squares of a 2-D array, ``Σ_n x_nk²`` (NumPy: without a temporary
+        of the matrix's size)."""
+        if self.name == "numpy":
+            return np.einsum("nk,nk->k", matrix, matrix)
+        return self.xp.sum(matrix * matrix, axis=0)
+
     def free(self) -> None:
         """Release cached device memory between layers (a no-op on the CPU)."""
         if self.name == "cupy":

@@ -14,12 +14,14 @@ bias corrected for the input mean. The work lives in four rooms, each with its m
 * sessions.py: the probe runner (a model with extra outputs, run in batches).
 
 This module reads the data (``load_calibration``, ``check_calibration``) and runs the first two
-steps for ``analyze`` (``calibrate``).
+steps for ``analyze`` (``calibrate``), only for the group counts the allocator can use
+(``candidate_groups``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -28,16 +30,19 @@ import numpy as np
 import onnx
 
 from .activations import collect_statistics
+from .backend import Backend, numpy_backend
 from .config import HEAD_FLOOR, ROW_FLOOR
+from .cost import candidate_params
 from .data import read_arrays
 from .errors import CalibrationError
 from .feeds import check_feeds
 from .records import Calibration
 from .sessions import fixed_batch
-from .types import Discovery, Progress
+from .spectra import group_counts
+from .types import Discovery, Layer, Progress, UserChoice
 from .whiten import whitened_spectra
 
-__all__ = ["calibrate", "check_calibration", "load_calibration"]
+__all__ = ["calibrate", "candidate_groups", "check_calibration", "load_calibration"]
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +109,53 @@ def check_calibration(
     return samples
 
 
+def candidate_groups(
+    discovery: Discovery,
+    max_groups: int,
+    rank_multiple: int | str = 1,
+    choices: Mapping[str, UserChoice] | None = None,
+) -> dict[str, list[int]]:
+    """The group counts whose statistics the allocator can use, per layer.
+
+    Every layer gets ``g = 1``: its whitened spectrum gives ``‖W S‖_F``, the scale of every
+    output error. Beyond it:
+
+    * every layer gets the counts of ``spectra.group_counts(layer, max_groups)`` that have a
+      row in the allocator's table (``allocate.build_table``): a rank ``r ≤ min(f, c·κ/g)``
+      with ``g·r`` a multiple of ``rank_multiple`` whose factors save weights,
+      ``r·(g·f + c·κ) < f·c·κ``. The smallest such ``r`` is ``m / gcd(g, m)``.
+      ``--rank-multiple auto`` only drops rows later (``allocate.with_block``), so it keeps
+      every count;
+    * a layer the user pinned (``--rank``, ``--groups-for``, ``--recipe``) adds its pinned
+      count, even outside ``max_groups`` (``choices.constrain_table``). It keeps the others,
+      so that the statistics, which are summed in an order that depends on the counts
+      (``accumulate.plan_statistics``), and so the factors, are those of the run a recipe
+      came from, bit for bit; an excluded layer gets ``g = 1`` alone.
+
+    Args:
+        discovery: the compressible layers.
+        max_groups: largest candidate group count (``budgets.group_limit``).
+        rank_multiple: ``--rank-multiple`` (``"auto"`` counts as 1).
+        choices: the user's choices by layer name (``choices.user_choices``).
+    """
+    multiple = rank_multiple if isinstance(rank_multiple, int) else 1
+    result = {}
+    for layer in discovery.layers:
+        choice = (choices or {}).get(layer.name)
+        if choice is not None and choice.kind == "excluded":
+            result[layer.name] = [1]
+            continue
+        counts = {g for g in group_counts(layer, max_groups) if _has_row(layer, g, multiple)}
+        result[layer.name] = sorted({1, *counts, *([choice.groups or 1] if choice else [])})
+    return result
+
+
+def _has_row(layer: Layer, groups: int, multiple: int) -> bool:
+    rank = multiple // math.gcd(groups, multiple)
+    f, cols = layer.out_channels, layer.cols
+    return rank <= min(f, cols // groups) and candidate_params(f, cols, groups, rank) < layer.params
+
+
 def calibrate(
     discovery: Discovery,
     feeds: Mapping[str, np.ndarray],
@@ -114,6 +166,8 @@ def calibrate(
     progress: Progress | None = None,
     row_floor: float = ROW_FLOOR,
     head_floor: float = HEAD_FLOOR,
+    groups: Mapping[str, Sequence[int]] | None = None,
+    backend: Backend | None = None,
 ) -> Calibration:
     """Activation statistics and whitened spectra of every compressible layer.
 
@@ -127,6 +181,9 @@ def calibrate(
         progress: callback ``(stage, done, total)``; stage ``"calibrate"``.
         row_floor: ``ρ`` of the row weights of embedding tables (1: none).
         head_floor: ``ρ`` of the row weights of classifier heads (1: none).
+        groups: layer name -> the group counts to compute (default:
+            ``candidate_groups(discovery, max_groups)``); no other count gets statistics.
+        backend: where the statistics are accumulated (default: NumPy on every core).
     """
     inner = [layer.name for layer in discovery.layers if layer.graph_path]
     if inner:
@@ -139,16 +196,21 @@ def calibrate(
         discovery = replace(
             discovery, layers=[layer for layer in discovery.layers if not layer.graph_path]
         )
+    if groups is None:
+        groups = candidate_groups(discovery, max_groups)
+    backend = backend or numpy_backend()
     statistics = collect_statistics(
         discovery,
         feeds,
         max_groups,
         providers,
         progress,
+        groups=groups,
+        backend=backend,
         row_floor=row_floor,
         head_floor=head_floor,
     )
-    spectra = whitened_spectra(discovery, statistics, max_groups)
+    spectra = whitened_spectra(discovery, statistics, max_groups, groups, backend)
     samples = int(next(iter(feeds.values())).shape[0])
     return Calibration(
         source=source,

@@ -250,6 +250,8 @@ def analyze(
                 progress=progress,
                 row_floor=config.row_floor,
                 head_floor=config.head_floor,
+                groups=calibrate.candidate_groups(discovery, limit, config.rank_multiple, choices),
+                backend=backend,
             )
     network = None
     if held_out is not None:

@@ -54,13 +54,16 @@ class LayerStatistics:
 
     Attributes:
         name: layer name.
-        side: ``"input"`` (``covariance`` is kept) or ``"output"`` (``output_covariance``).
+        side: ``"input"`` (``covariance`` is kept, and ``output_covariance`` for the group
+            counts its blocks do not serve) or ``"output"`` (``output_covariance`` alone).
         count: number of input vectors seen (samples × output positions).
         mean: ``μ`` (``c·κ``).
         variance: the diagonal of ``Σ`` (``c·κ``).
-        covariance: input side: ``Σ`` (``c·κ × c·κ``, channel-major like the folded weight).
-        output_covariance: output side: group count ``g`` -> ``(g, f, f)``, the matrices
-            ``W_i Σ_i W_iᵀ`` of its groups.
+        covariance: input side: ``Σ`` (``c·κ × c·κ``, channel-major like the folded weight),
+            or its diagonal blocks ``Σ_i`` of ``b`` channel groups, ``(b, w, w)``, which serve
+            the group counts that ``b`` divides (accumulate.py).
+        output_covariance: group count ``g`` -> ``(g, f, f)``, the matrices ``W_i Σ_i W_iᵀ``
+            of its groups.
         use_means: for a weight read by several nodes (``Layer.tied``): node name -> the mean
             ``μ_u`` of that node's input vectors. ``mean`` is then the pooled mean, and
             ``Σ`` the pooled covariance *within* the uses, ``Σ_u n_u/n · Σ_u``: each use gets

@@ -55,12 +55,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 
 import numpy as np
 import onnx
 
+from .backend import Backend, numpy_backend
 from .factorize import fix_signs, reconstruct
 from .graphs import attribute, overridable_initializers
 from .index import GraphIndex, read_constant
@@ -86,8 +87,8 @@ def _output_gram(blocks: np.ndarray, stats: LayerStatistics, groups: int) -> np.
     """``D^{1/2} W_i (Σ_i + λI) W_iᵀ D^{1/2}`` per group, ``(g, f, f)`` (``D = I`` without
     row weights)."""
     damping = stats.damping * bmm(blocks, blocks.transpose(0, 2, 1))
-    if stats.side == "output":
-        if stats.output_covariance is None or groups not in stats.output_covariance:
+    if _has_output_covariance(stats, groups) or stats.side == "output":
+        if not _has_output_covariance(stats, groups):
             raise ValueError(f"no output-side statistics of {stats.name} for {groups} groups")
         gram = stats.output_covariance[groups] + damping
     else:
@@ -113,20 +114,37 @@ def _weighted(blocks: np.ndarray, stats: LayerStatistics) -> np.ndarray:
     return blocks * np.sqrt(stats.row_weights)[:, None]
 
 
-def _uses_output_gram(stats: LayerStatistics, rows: int, width: int) -> bool:
-    """Work with the ``f × f`` matrices (output side, or ``f ≤ w``), else with ``W_i S_i``."""
-    return stats.side == "output" or rows <= width
+def _has_output_covariance(stats: LayerStatistics, groups: int) -> bool:
+    return stats.output_covariance is not None and groups in stats.output_covariance
 
 
-def whitened_singular_values(weight: np.ndarray, stats: LayerStatistics, groups: int) -> np.ndarray:
-    """Singular values of every ``W_i S_i``, ``(g, min(f, c·κ/g))``, each row descending."""
+def _uses_output_gram(stats: LayerStatistics, rows: int, width: int, groups: int) -> bool:
+    """Work with the ``f × f`` matrices (output side, or ``f ≤ w``), else with ``W_i S_i``.
+
+    Input-side statistics may keep only the diagonal blocks of some group count ``b``
+    (accumulate.plan_statistics); the counts that ``b`` does not divide have output
+    covariances instead.
+    """
+    return stats.side == "output" or rows <= width or _has_output_covariance(stats, groups)
+
+
+def whitened_singular_values(
+    weight: np.ndarray, stats: LayerStatistics, groups: int, backend: Backend | None = None
+) -> np.ndarray:
+    """Singular values of every ``W_i S_i``, ``(g, min(f, c·κ/g))``, each row descending.
+
+    The eigenvalue problems run on ``backend`` (NumPy when None)."""
     blocks = group_blocks(weight, groups)
     _, rows, width = blocks.shape
-    if _uses_output_gram(stats, rows, width):
-        eigenvalues = np.linalg.eigvalsh(_output_gram(blocks, stats, groups))
+    if _uses_output_gram(stats, rows, width, groups):
+        gram = _output_gram(blocks, stats, groups)
     else:
         whitened = _whitened_blocks(blocks, stats, groups)
-        eigenvalues = np.linalg.eigvalsh(bmm(whitened.transpose(0, 2, 1), whitened))
+        gram = bmm(whitened.transpose(0, 2, 1), whitened)
+    if backend is None:
+        eigenvalues = np.linalg.eigvalsh(gram)
+    else:
+        eigenvalues = backend.to_numpy(backend.xp.linalg.eigvalsh(backend.asarray(gram)))
     values = np.sqrt(np.clip(eigenvalues, 0.0, None))[:, ::-1]
     return np.ascontiguousarray(values[:, : min(rows, width)])
 
@@ -135,24 +153,40 @@ def whitened_spectra(
     discovery: Discovery,
     statistics: Mapping[str, LayerStatistics],
     max_groups: int,
+    groups: Mapping[str, Sequence[int]] | None = None,
+    backend: Backend | None = None,
 ) -> dict[str, LayerSpectrum]:
-    """Whitened singular values of every layer for each candidate group count.
+    """Whitened singular values of every layer for each candidate group count
+    (``spectra.group_counts(layer, max_groups)``, or ``groups[layer.name]``; ``g = 1`` always).
 
     The spectra have the layout of spectra.py's (``frobenius_sq`` is ``‖W S‖_F²``), so the
-    solvers' tables can be built from them with ``output_error_table``.
+    solvers' tables can be built from them with ``output_error_table``. The ``(layer, g)``
+    problems are spread over ``backend``'s workers (``Backend.map``: one BLAS thread each on
+    the CPU), with the eigenvalue problems on the backend.
     """
+    backend = backend or numpy_backend(1)
+
+    def problems() -> Iterator[tuple[str, np.ndarray, LayerStatistics, int]]:
+        for layer in discovery.layers:  # weights are read here, in the calling thread
+            weight = discovery.weight(layer)
+            counts = (groups or {}).get(layer.name) or group_counts(layer, max_groups)
+            for g in sorted({1, *counts}):
+                yield layer.name, weight, statistics[layer.name], g
+
+    def solve(problem: tuple[str, np.ndarray, LayerStatistics, int]) -> tuple[str, int, np.ndarray]:
+        name, weight, stats, g = problem
+        return name, g, whitened_singular_values(weight, stats, g, backend)
+
+    by_layer: dict[str, dict[int, np.ndarray]] = {layer.name: {} for layer in discovery.layers}
+    for name, g, values in backend.map(solve, problems()):
+        by_layer[name][g] = values
     result = {}
-    for layer in discovery.layers:
-        weight = discovery.weight(layer)
-        stats = statistics[layer.name]
-        by_groups = {
-            g: whitened_singular_values(weight, stats, g) for g in group_counts(layer, max_groups)
-        }
-        result[layer.name] = LayerSpectrum(
-            name=layer.name,
+    for name, by_groups in by_layer.items():
+        result[name] = LayerSpectrum(
+            name=name,
             spectral_norm=float(by_groups[1][0, 0]),
             frobenius_sq=float(np.sum(by_groups[1] ** 2)),
-            singular_values=by_groups,
+            singular_values=dict(sorted(by_groups.items())),
         )
     return result
 
@@ -174,17 +208,30 @@ def output_error_table(spectrum: LayerSpectrum, groups: int) -> np.ndarray:
 
 
 def with_output_errors(table: CandidateTable, spectrum: LayerSpectrum) -> CandidateTable:
-    """The same candidates with their errors replaced by ``ε_out(g, r)``."""
+    """The same candidates with their errors replaced by ``ε_out(g, r)``.
+
+    Rows of a group count without whitened spectra are dropped: calibration computes only the
+    counts the allocator may choose (``calibrate.candidate_groups``), so such a row belongs to
+    a count the user's choice rules out.
+    """
     cache: dict[int, np.ndarray] = {}
     errors = np.zeros(len(table))
     for row in range(len(table)):
         g = int(table.groups[row])
-        if g == 0:
+        if g == 0 or g not in spectrum.singular_values:
             continue
         if g not in cache:
             cache[g] = output_error_table(spectrum, g)
         errors[row] = cache[g][int(table.ranks[row])]
-    return replace(table, errors=errors)
+    keep = (table.groups == 0) | np.isin(table.groups, list(spectrum.singular_values))
+    return replace(
+        table,
+        groups=table.groups[keep],
+        ranks=table.ranks[keep],
+        errors=errors[keep],
+        costs=table.costs[keep],
+        energy=table.energy[keep],
+    )
 
 
 def with_bias_cost(table: CandidateTable, layer: Layer, graph: onnx.GraphProto) -> CandidateTable:
@@ -228,7 +275,7 @@ def whitened_factors(weight: np.ndarray, stats: LayerStatistics, groups: int, ra
         raise ValueError(
             f"cannot factorize a {rows}×{width * groups} weight into {groups} groups of rank {rank}"
         )
-    if _uses_output_gram(stats, rows, width):
+    if _uses_output_gram(stats, rows, width, groups):
         _, vectors = np.linalg.eigh(_output_gram(blocks, stats, groups))
         left = vectors[:, :, ::-1][:, :, :rank]  # (g, f, r)
     else:
