@@ -21,7 +21,10 @@ the layer's suffix session; a layer's cut tensors are released as soon as no lat
 group reads them. A layer falls back to the full probe (``None``, with the reason logged and
 kept in ``fallbacks``) when it has tied uses, when a cut tensor's shape or element type is
 unknown (``discovery.shapes``), when its cut tensors alone exceed ``CUT_BYTES``, or when no
-model output depends on it.
+model output depends on it. It is also measured there when that is cheaper: once a layer's
+suffix has been built and run, a later round (the refinement measures about one candidate per
+layer) uses the suffix only if its measured build and run times beat as many passes of the
+full probe; on a small model a session build costs more than a few full passes.
 
 ``onnx.utils.Extractor`` is not used: it walks back from the outputs along node inputs only,
 so it drops the producers and initializers that only an If/Loop/Scan body reads.
@@ -33,6 +36,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -139,6 +143,17 @@ def suffix_model(
     return suffix
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """A layer's suffix: node positions, cut tensors (with their bytes), outputs, and the
+    inputs that stay overridable (the layer's weight and shift)."""
+
+    nodes: list[int]
+    cut: dict[str, int]
+    outputs: list[str]
+    start: set[str]
+
+
 class SuffixProbes:
     """Suffix sessions of a probe model, one layer at a time (see the module docstring).
 
@@ -175,7 +190,12 @@ class SuffixProbes:
         self.fallbacks: dict[str, str] = {}
         self.seconds = {"cut": 0.0, "build": 0.0}
         self.cut_runs = 0  # passes of the held-out samples that exposed cut tensors
-        self.suffix_layers = 0  # layers measured on a suffix
+        self.suffix_layers = 0  # suffix sessions built
+        self.in_full = 0  # times a layer was measured on the full probe as the cheaper way
+        #: seconds of one full-probe pass over the held-out samples (set by the caller)
+        self.full_seconds: float | None = None
+        #: key -> (seconds to build its suffix session, seconds of its last suffix pass)
+        self.costs: dict[str, tuple[float, float]] = {}
 
     def _bytes(self, name: str) -> int | None:
         shape, elem_type = self.shapes.get(name), self.shapes.types.get(name)
@@ -200,38 +220,50 @@ class SuffixProbes:
         total = sum(sizes.values())
         if total > self.cut_bytes:
             return f"its cut tensors take {total / 2**20:.0f} MiB (> {self.cut_bytes / 2**20:.0f})"
-        return nodes, cut, outputs, sizes, start
+        return _Plan(nodes, sizes, outputs, start)
 
     def runners(
-        self, layers: Sequence[tuple[str, set[str], int]]
+        self, layers: Sequence[tuple[str, set[str], int, int]]
     ) -> Iterator[tuple[str, Runner | None]]:
-        """For each ``(key, names ℓ's node reads that no other node does, uses)`` in graph
-        order: ``(key, runner)``, or ``(key, None)`` where the layer falls back to the full
-        probe (reason in ``fallbacks``)."""
-        group: list[tuple[str, tuple]] = []
+        """For each ``(key, names only ℓ's node reads, uses, candidates)``, given in graph
+        order: ``(key, runner)``, or ``(key, None)`` where the layer is measured on the full
+        probe (the reason in ``fallbacks``, unless the suffix would cost more: see
+        ``_cheaper_in_full``). The pairs may come in another order."""
+        group: list[tuple[str, _Plan]] = []
         held: dict[str, int] = {}
-        for key, start, uses in layers:
+        for key, start, uses, count in layers:
             plan = self._plan(key, start, uses)
             if isinstance(plan, str):
-                yield from self._group(group)
-                group, held = [], {}
                 self.fallbacks[key] = plan
                 log.info("network errors of %s on the full model: %s", key, plan)
                 yield key, None
                 continue
-            adding = {name: size for name, size in plan[3].items() if name not in held}
+            if self._cheaper_in_full(key, count):
+                self.in_full += 1
+                yield key, None
+                continue
+            adding = {name: size for name, size in plan.cut.items() if name not in held}
             if group and sum(held.values()) + sum(adding.values()) > self.cut_bytes:
                 yield from self._group(group)
-                group, held, adding = [], {}, plan[3]
+                group, held, adding = [], {}, plan.cut
             group.append((key, plan))
             held.update(adding)
         yield from self._group(group)
 
-    def _group(self, group: list[tuple[str, tuple]]) -> Iterator[tuple[str, Runner]]:
+    def _cheaper_in_full(self, key: str, count: int) -> bool:
+        """Whether ``count`` candidates of a layer measured on a suffix before would cost
+        less on the full probe: its suffix session's build and runs, as measured, against
+        ``count`` runs of the full probe (the refinement measures one candidate per layer)."""
+        if key not in self.costs or self.full_seconds is None:
+            return False
+        build, run = self.costs[key]
+        return build + count * run >= count * self.full_seconds
+
+    def _group(self, group: list[tuple[str, _Plan]]) -> Iterator[tuple[str, Runner]]:
         if not group:
             return
         started = time.perf_counter()
-        wanted = {name: self.shapes.types[name] for _, plan in group for name in plan[1]}
+        wanted = {name: self.shapes.types[name] for _, plan in group for name in plan.cut}
         values: dict[str, list[np.ndarray]] = {name: [] for name in wanted}
         if wanted:
             session = make_session(exposed(self.model, wanted), self.providers, log_level=3)
@@ -244,25 +276,21 @@ class SuffixProbes:
             del session
             self.cut_runs += 1
         self.seconds["cut"] += time.perf_counter() - started
-        last = {name: position for position, (_, plan) in enumerate(group) for name in plan[1]}
-        for position, (key, (nodes, cut, outputs, _, start)) in enumerate(group):
-            cut_values = {name: values[name] for name in cut}
-            yield key, self._runner(nodes, cut_values, outputs, start | self.overridable)
-            for name in cut:  # released once no later layer of the group reads it
+        last = {name: position for position, (_, plan) in enumerate(group) for name in plan.cut}
+        for position, (key, plan) in enumerate(group):
+            cut_values = {name: values[name] for name in plan.cut}
+            yield key, self._runner(key, plan, cut_values)
+            for name in plan.cut:  # released once no later layer of the group reads it
                 if last[name] == position:
                     del values[name]
 
-    def _runner(
-        self,
-        nodes: Sequence[int],
-        cut: Mapping[str, list[np.ndarray]],
-        outputs: Sequence[str],
-        overridable: set[str],
-    ) -> Runner:
+    def _runner(self, key: str, plan: _Plan, cut: Mapping[str, list[np.ndarray]]) -> Runner:
         started = time.perf_counter()
-        model = suffix_model(self.probe, nodes, cut, outputs, overridable)
+        overridable = plan.start | self.overridable
+        model = suffix_model(self.probe, plan.nodes, cut, plan.outputs, overridable)
         session = make_session(model, self.providers)
-        self.seconds["build"] += time.perf_counter() - started
+        build = time.perf_counter() - started
+        self.seconds["build"] += build
         self.suffix_layers += 1
         inputs = {info.name for info in model.graph.input}
         del model
@@ -273,10 +301,13 @@ class SuffixProbes:
             }
             for index, batch in enumerate(self.batches)
         ]
+        outputs = list(plan.outputs)
         positions = [self.outputs.index(name) for name in outputs]
 
         def run(overrides: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-            parts = [session.run(list(outputs), {**feed, **overrides}) for feed in feeds]
+            begun = time.perf_counter()
+            parts = [session.run(outputs, {**feed, **overrides}) for feed in feeds]
+            self.costs[key] = (build, time.perf_counter() - begun)
             result = list(self.reference)
             for column, position in enumerate(positions):
                 result[position] = np.concatenate([part[column] for part in parts])

@@ -129,6 +129,19 @@ def test_suffix_errors_equal_the_full_probe_on_a_residual_model():
     assert suffix.measured["l3"][(1, 1)] > 0
 
 
+def test_a_later_round_of_one_candidate_per_layer_runs_where_it_is_cheaper():
+    """On a tiny model building a suffix session costs far more than a full pass: once the
+    first round has measured that, one more candidate per layer runs on the full probe."""
+    model = _residual_model()
+    feeds = {"x": random_feed((20, 16), 5)}
+    analysis, suffix, full = _pair(model, feeds)
+    _assert_same(suffix, full, _every_rank(analysis))
+    assert suffix.suffixes.suffix_layers == 4 and suffix.suffixes.in_full == 0
+    _assert_same(suffix, full, _every_rank(analysis, ranks=(5,)))
+    assert suffix.suffixes.suffix_layers == 4 and suffix.suffixes.in_full == 4
+    assert suffix.suffixes.fallbacks == {}
+
+
 def test_suffix_errors_equal_the_full_probe_through_if_bodies():
     model = _if_model()
     feeds = {"x": random_feed((8, 16), 6)}
