@@ -50,6 +50,10 @@ REPO = Path(__file__).resolve().parent.parent
 MODES: dict[str, tuple[bool, dict]] = {
     "df-bound": (False, {"error": "bound"}),
     "df-max-group": (False, {"error": "max-group"}),
+    "df-frobenius": (False, {"error": "frobenius"}),
+    "df-bound-sum": (False, {"error": "bound", "method": "sum"}),
+    "df-max-group-sum": (False, {"error": "max-group", "method": "sum"}),
+    "df-frobenius-sum": (False, {"error": "frobenius", "method": "sum"}),
     "df-network": (False, {"error": "network"}),
     "df-network-sum": (False, {"error": "network", "method": "sum"}),
     "cal-output": (True, {"error": "output", "refit": False}),

@@ -234,6 +234,7 @@ def _add_run_options(run: argparse.ArgumentParser, *, sweep: bool) -> None:
         default=CompressionConfig.error,
         choices=ERROR_MEASURES,
         help="layer error measure (default: output with --calibration, else bound); "
+        "frobenius: the exact relative Frobenius weight error (docs/methods.md); "
         "network: the network outputs' degradation per candidate (docs/calibration.md)",
     )
     method.add_argument(

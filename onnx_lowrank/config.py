@@ -34,7 +34,7 @@ METHODS: tuple[str, ...] = ("alds", "alds-paper", "alds-error", "energy", "svd",
 #: Layer error measures (DESIGN.md §3): the valid upper bound, the reference code's lower bound,
 #: with calibration data, the relative output error on real activations (calibrate.py), and the
 #: degradation of the network's outputs with one layer replaced (sensitivity.py).
-ERROR_MEASURES: tuple[str, ...] = ("bound", "max-group", "output", "network")
+ERROR_MEASURES: tuple[str, ...] = ("bound", "max-group", "frobenius", "output", "network")
 #: Validation tolerances (fields of CompressionConfig; flags ``--max-rel-error`` ...).
 TOLERANCES: tuple[str, ...] = ("max_rel_error", "min_cosine", "min_top1")
 #: Key of a per-output tolerance mapping that applies to every output not named in it (the

@@ -15,6 +15,11 @@ Error measures of ``ε(g, r) = ‖W − Ŵ‖₂ / ‖W‖₂`` (DESIGN.md §3):
 * ``max-group``, a lower bound: ``ε ≥ max_i σ_{i,r+1} / ‖W‖₂``. It is what the reference code
   (torchprune) optimizes; it never penalizes many groups.
 
+and, as a different norm, ``frobenius``: the exact ``‖W − Ŵ‖_F / ‖W‖_F =
+sqrt(Σ_i Σ_{j>r} σ_{i,j}²) / ‖W‖_F`` (the groups' residuals occupy disjoint columns, so their
+energies add). It is the relative output error for white inputs, the data-free limit of the
+calibrated ``output`` measure, and it counts the whole dropped tail, not only its first value.
+
 **The Gram path.** Only singular values are needed, so they come from the eigenvalues of the
 smaller Gram matrix of each group, in float64: ``G_i = W_i W_iᵀ`` (``f × f``) when
 ``f ≤ (c/g)κ``, else ``G_i = W_iᵀ W_i``, and ``σ_j = sqrt(max(λ_j(G_i), 0))``. Forming ``G_i``
@@ -400,10 +405,17 @@ def error_table(spectrum: LayerSpectrum, groups: int, measure: str = "bound") ->
     Args:
         spectrum: the layer's spectra.
         groups: ``g``.
-        measure: ``"bound"`` for ``sqrt(Σ_i σ_{i,r+1}²)/‖W‖₂`` or ``"max-group"`` for
-            ``max_i σ_{i,r+1}/‖W‖₂``.
+        measure: ``"bound"`` for ``sqrt(Σ_i σ_{i,r+1}²)/‖W‖₂``, ``"max-group"`` for
+            ``max_i σ_{i,r+1}/‖W‖₂``, or ``"frobenius"`` for the exact
+            ``‖W − Ŵ‖_F/‖W‖_F = sqrt(Σ_i Σ_{j>r} σ_{i,j}²)/‖W‖_F``.
     """
     values = spectrum.singular_values[groups]
+    if measure == "frobenius":
+        if spectrum.frobenius_sq == 0.0:
+            return np.zeros(values.shape[1] + 1)
+        energy = np.sum(values * values, axis=0)
+        tail = np.append(np.cumsum(energy[::-1])[::-1], 0.0)
+        return np.sqrt(np.maximum(tail, 0.0) / spectrum.frobenius_sq)
     norm = spectrum.spectral_norm
     if norm == 0.0:
         return np.zeros(values.shape[1] + 1)

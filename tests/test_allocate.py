@@ -226,7 +226,7 @@ def mnist_budget(analysis, fraction: float) -> list[BudgetLimit]:
     return [BudgetLimit("params", fraction, analysis.params_total, fixed)]
 
 
-@pytest.mark.parametrize("measure", ["bound", "max-group"])
+@pytest.mark.parametrize("measure", ["bound", "max-group", "frobenius"])
 def test_alds_beats_the_heuristics_on_mnist_in_each_measure(mnist_analysis, measure):
     errors = {}
     for method in ("alds", "alds-paper", "alds-error", "energy", "svd"):

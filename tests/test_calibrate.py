@@ -392,7 +392,7 @@ def test_config_resolves_the_error_measure():
     assert CompressionConfig(calibration="data.npz", error="bound").error == "bound"
     with pytest.raises(ConfigError, match="needs --calibration"):
         CompressionConfig(error="output")
-    with pytest.raises(ConfigError, match="one of bound, max-group, output"):
+    with pytest.raises(ConfigError, match="one of bound, max-group, frobenius, output"):
         CompressionConfig(error="outputs")
 
 

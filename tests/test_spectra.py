@@ -203,4 +203,25 @@ def test_error_tables_bound_the_actual_error_from_both_sides():
         assert np.all(lower <= upper + 1e-15)
         assert np.all(upper <= np.sqrt(groups) * lower + 1e-15)
     with pytest.raises(ValueError, match="unknown error measure"):
-        error_table(spectrum, 2, "frobenius")
+        error_table(spectrum, 2, "spectral")
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4, 8])
+def test_frobenius_table_is_the_exact_grouped_truncation_error(groups):
+    """``frobenius`` is exact, not a bound: the residual blocks of the groups are disjoint."""
+    rng = np.random.default_rng(groups)
+    weight = rng.standard_normal((12, 32)) * np.linspace(3, 0.1, 32)
+    spectrum = layer_spectrum("layer", weight, 32, [1, 2, 4, 8])
+    table = error_table(spectrum, groups, "frobenius")
+    width = 32 // groups
+    blocks = [
+        np.linalg.svd(weight[:, i * width : (i + 1) * width], full_matrices=False)
+        for i in range(groups)
+    ]
+    for rank in range(len(table)):
+        approx = np.hstack([(u[:, :rank] * s[:rank]) @ vt[:rank] for u, s, vt in blocks])
+        expected = np.linalg.norm(weight - approx) / np.linalg.norm(weight)
+        np.testing.assert_allclose(table[rank], expected, rtol=1e-9, atol=1e-12)
+    assert table[-1] == 0.0 and np.all(np.diff(table) <= 1e-15)
+    zero = layer_spectrum("zero", np.zeros((6, 12)), 12, [1, 2])
+    assert np.all(error_table(zero, 2, "frobenius") == 0)
