@@ -2,6 +2,7 @@
 
     python benchmarks/latency_budgets.py [--models-dir DIR] [--json OUT.json] [--plot OUT.png]
                                  [--only NAME,...] [--pairs N] [--values]
+                                 [--rank-multiple 1,auto]
 
 For every public model (the MNIST CNN in ``samples/``, CREPE tiny, the PP-OCR direction
 classifier and MTCNN O-Net in ``tests/models/``, EfficientNet-Lite0 from the models folder when
@@ -35,6 +36,15 @@ shapes and RMS (``--latency`` used to time random factors), three times each: ag
 original as the tool times a choice end to end (``latency.measure_choice``), and all three
 interleaved for ``--pairs`` rounds as above; and ONNX Runtime's PRelu alone on inputs of the same
 magnitudes whose signs are random with a given share positive, or in two blocks.
+
+``--rank-multiple 1,auto`` instead compares rank multiples (docs/performance.md, "Default:
+``--rank-multiple 1``"): per model and point (``--params 0.5`` and ``--flops 0.5`` with the
+never-slower check on, ``--latency 0.7``) the model is compressed with each multiple, each
+multiple with a latency cache of its own that is empty at the model's first point (so the timing
+seconds are what a first run pays), and the original, the original again (the noise floor) and
+every compressed model run in turn (the order rotating) for ``--pairs`` rounds: each model's
+ratio to the original, median [IQR], and the per-round ratio of the second multiple's model to
+the first's. Quality as above.
 """
 
 from __future__ import annotations
@@ -319,6 +329,99 @@ def prelu_signs(rounds: int) -> list[dict]:
     return [{"input": name, "median_us": statistics.median(t)} for name, t in times.items()]
 
 
+#: The points of ``--rank-multiple``: the never-slower check on (the default), or a latency budget.
+MULTIPLE_POINTS: list[tuple[str, dict]] = [
+    ("params 0.5", {"params": 0.5, "latency_check": True}),
+    ("flops 0.5", {"flops": 0.5, "latency_check": True}),
+    ("latency 0.7", {"latency": 0.7}),
+]
+
+
+def rank_multiple(text: str) -> int | str:
+    return text if text == "auto" else int(text)
+
+
+def multiples_check(task: Task, multiples: list, pairs: int) -> list[dict]:
+    """Every point of ``MULTIPLE_POINTS`` compressed with each of ``multiples`` (each with its own
+    latency cache, empty at the first point), all timed interleaved with the original."""
+    feed = {task.input_name: task.inputs[:1]}
+    shapes = INPUT_SHAPES.get(task.name, {})
+    caches = {m: tempfile.mkdtemp(prefix=f"latency-bench-{m}-") for m in multiples}
+    rows = []
+    for label, options in MULTIPLE_POINTS:
+        models, start = {}, len(rows)
+        for multiple in multiples:
+            os.environ["ONNX_LOWRANK_CACHE"] = caches[multiple]
+            config = CompressionConfig(
+                validate=False, input_shapes=shapes, rank_multiple=multiple, **options
+            )
+            started = time.perf_counter()
+            try:
+                result = compress(task.path, config)
+            except InfeasibleBudgetError as exc:
+                rows.append(
+                    {"model": task.name, "point": label, "multiple": multiple, "error": str(exc)}
+                )
+                continue
+            seconds = time.perf_counter() - started
+            report, latency = result.report, result.report.latency or {}
+            models[multiple] = result.model
+            rows.append(
+                {
+                    "model": task.name,
+                    "point": label,
+                    "multiple": multiple,
+                    "params": report.params_after / report.params_before,
+                    "macs": report.macs_after / report.macs_before,
+                    "predicted": latency.get("predicted_ratio"),
+                    "quality": quality(task, result.model),
+                    "metric": task.metric,
+                    "compress_s": seconds,
+                    "timing_s": latency.get("seconds"),
+                    "timing_share": latency["seconds"] / seconds if latency else None,
+                    "timed": latency.get("measured"),
+                    "cached": latency.get("cached"),
+                }
+            )
+        done = list(models)
+        ratios = interleaved([str(task.path), str(task.path), *models.values()], feed, pairs)
+        noise = {"model": task.name, "point": label, "multiple": "original vs itself"}
+        noise["measured"] = spread(ratios[0])
+        rows.append(noise)
+        for multiple, column in zip(done, ratios[1:], strict=True):
+            row = next(r for r in rows if r["point"] == label and r["multiple"] == multiple)
+            row["measured"] = spread(column)
+            row["measured_median"] = statistics.median(column)
+        if len(done) >= 2:
+            first, second = ratios[1], ratios[2]
+            rows.append(
+                {
+                    "model": task.name,
+                    "point": label,
+                    "multiple": f"{done[1]} / {done[0]}",
+                    "measured": spread([b / a for a, b in zip(first, second, strict=True)]),
+                }
+            )
+        for row in rows[start:]:
+            print(json.dumps(row), file=sys.stderr)
+    for multiple in multiples:
+        mine = [r for r in rows if r.get("multiple") == multiple and "compress_s" in r]
+        spent = sum(r["timing_s"] or 0.0 for r in mine)
+        total = sum(r["compress_s"] for r in mine)
+        rows.append(
+            {
+                "model": task.name,
+                "point": "all three, first run",
+                "multiple": multiple,
+                "compress_s": total,
+                "timing_s": spent,
+                "timing_share": spent / total if total else None,
+                "timed": sum(r["timed"] or 0 for r in mine),
+            }
+        )
+    return rows
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -361,6 +464,10 @@ def main() -> int:
         action="store_true",
         help="time written models against their random-factor twins, and PRelu by input signs",
     )
+    parser.add_argument(
+        "--rank-multiple",
+        help="compare rank multiples, e.g. 1,auto: latency, quality and timing cost per model",
+    )
     args = parser.parse_args()
     os.environ["ONNX_LOWRANK_CACHE"] = tempfile.mkdtemp(prefix="latency-bench-")
     info = machine()
@@ -379,6 +486,31 @@ def main() -> int:
         wanted = set(args.only.split(","))
         tasks = [task for task in tasks if task.name in wanted]
     started = time.perf_counter()
+    if args.rank_multiple:
+        multiples = [rank_multiple(text) for text in args.rank_multiple.split(",")]
+        rows = [row for task in tasks for row in multiples_check(task, multiples, args.pairs)]
+        columns = [
+            ("model", "model"),
+            ("point", "budget"),
+            ("multiple", "rank multiple"),
+            ("params", "params"),
+            ("macs", "MACs"),
+            ("predicted", "latency predicted"),
+            ("measured", "latency measured [IQR]"),
+            ("quality", "quality"),
+            ("timing_s", "timing s"),
+            ("timing_share", "timing share"),
+            ("timed", "timed"),
+            ("error", "error"),
+        ]
+        shown = [{k: v for k, v in row.items() if v is not None} for row in rows]
+        print(markdown(shown, columns))
+        info["load_average_at_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        info["seconds"] = f"{time.perf_counter() - started:.0f}"
+        print(f"\n{info}")
+        if args.json:
+            args.json.write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
+        return 0
     if args.values:
         rows = [row for task in tasks for row in values_check(task, args.pairs)]
         print(

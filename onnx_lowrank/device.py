@@ -59,7 +59,10 @@ def preferred_multiple(provider: str) -> int:
 
     ONNX Runtime's CPU EP runs Conv in the NCHWc layout with blocks of 16 channels on AVX-512
     and 8 on AVX2 (MLAS ``MlasNchwcGetBlockSize``); GPU providers get 8 (tensor cores, FP16).
-    A CPU without AVX2 gets 1.
+    A CPU without AVX2 gets 1. The flags' block is the one ONNX Runtime's optimizer applies
+    (``benchmarks/rank_multiple.py``'s ``nchwc_block`` reads it from an optimized grouped Conv;
+    tests/test_latency.py checks they agree) and the fastest group width it timed
+    (docs/performance.md, "Rank multiples and group widths").
     """
     if provider != "CPUExecutionProvider":
         return 8

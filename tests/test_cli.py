@@ -11,7 +11,9 @@ import onnx
 import pytest
 from builders import MNIST, check_model
 
+from onnx_lowrank import CompressionConfig
 from onnx_lowrank.cli import main
+from onnx_lowrank.cli_options import build_parser
 from onnx_lowrank.cost import count_parameters
 
 
@@ -195,3 +197,17 @@ def test_console_script_and_module_agree():
     assert script is not None
     result = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.startswith("onnx-lowrank ")
+
+
+def test_rank_multiple_defaults_to_1_and_takes_auto(capsys):
+    """``--rank-multiple`` stays 1 by default (docs/performance.md, "Rank multiples": ``auto``
+    made PP-OCR's budgets unreachable); ``auto`` and integers parse, and --help names both."""
+    assert CompressionConfig().rank_multiple == 1
+    base = ["compress", str(MNIST), "-o", "x.onnx", "--params", "0.5"]
+    parser = build_parser()
+    assert parser.parse_args(base).rank_multiple == 1
+    assert parser.parse_args([*base, "--rank-multiple", "auto"]).rank_multiple == "auto"
+    assert parser.parse_args([*base, "--rank-multiple", "8"]).rank_multiple == 8
+    with pytest.raises(SystemExit):
+        parser.parse_args(["compress", "--help"])
+    assert "--rank-multiple N|auto" in capsys.readouterr().out

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import platform
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -319,6 +322,44 @@ def test_rank_multiple_auto_keeps_blocked_conv_shapes():
     assert len(auto["conv2d_8"]) == len(plain["conv2d_8"])  # 32x3x3x3: no aligned candidate
     with pytest.raises(ConfigError, match="rank-multiple"):
         CompressionConfig(rank_multiple="fast")
+
+
+def test_auto_block_is_the_one_onnx_runtime_applies():
+    """``auto``'s CPU block comes from the CPU's flags; ONNX Runtime's optimizer, asked with
+    grouped Convs of each width (benchmarks/rank_multiple.py), moves exactly the widths that are
+    multiples of it into the NCHWc layout: the smallest such width is the flags' block."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from rank_multiple import nchwc_block
+
+    block = device.preferred_multiple("CPUExecutionProvider")
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert block > 1
+    assert nchwc_block() == block
+    assert device.preferred_multiple("CUDAExecutionProvider") == 8
+
+
+@pytest.mark.parametrize("path", [MNIST, MODELS / "mtcnn_onet.onnx"])
+def test_rank_multiple_auto_on_real_models_gives_aligned_convs(path):
+    """Compressed with ``--rank-multiple auto`` and validated: every factorized Conv of a layer
+    that has aligned candidates has channels per group and rank in multiples of the block (MNIST
+    gets its 64x32x3x3 conv at g = 2, r = 32 with blocks of 16, O-Net's conv2d_9 at g = 1)."""
+    config = CompressionConfig(params=0.5, rank_multiple="auto")
+    result = compress(path, config)
+    assert result.report.validation.passed
+    analysis = analyze(path, config)
+    plain = {t.layer: t for t in candidate_tables(analysis, config.replace(rank_multiple=1))}
+    auto = {t.layer: t for t in candidate_tables(analysis, config)}
+    layers = {layer.name: layer for layer in analysis.discovery.layers}
+    block = device.preferred_multiple("CPUExecutionProvider")
+    convs = [
+        layer
+        for layer in result.report.compressed_layers
+        if layer.op_type == "Conv" and len(auto[layer.name]) < len(plain[layer.name])
+    ]
+    assert convs
+    for layer in convs:
+        assert layer.rank % block == 0
+        assert layer.groups == 1 or (layers[layer.name].in_channels // layer.groups) % block == 0
 
 
 def test_check_skips_what_it_cannot_time(caplog):
