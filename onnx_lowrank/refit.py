@@ -51,7 +51,7 @@ from dataclasses import replace
 import numpy as np
 import onnx
 
-from .activations import CHUNK_BYTES, layer_vectors
+from .activations import CHUNK_BYTES, MIN_CHUNK_ROWS, layer_vectors
 from .graphs import attribute
 from .records import CalibratedLayer, Calibration
 from .rewrite import rewrite
@@ -225,7 +225,9 @@ def refit_layers(
                 layer = discovery.layer(name)
                 node = graph.node[layer.node_index]
                 source = node.input[0]
-                limit = CHUNK_BYTES // 2
+                # at least MIN_CHUNK_ROWS vectors: products on a few rows of a very wide
+                # layer run far below speed (65536-wide patches: 8 rows in CHUNK_BYTES // 2)
+                limit = max(CHUNK_BYTES // 2, 8 * MIN_CHUNK_ROWS * layer.cols)
                 pairs = zip(
                     layer_vectors(layer, node, originals[source], limit),
                     layer_vectors(

@@ -275,12 +275,13 @@ def whitened_factors(weight: np.ndarray, stats: LayerStatistics, groups: int, ra
         raise ValueError(
             f"cannot factorize a {rows}×{width * groups} weight into {groups} groups of rank {rank}"
         )
-    if _uses_output_gram(stats, rows, width, groups):
-        _, vectors = np.linalg.eigh(_output_gram(blocks, stats, groups))
-        left = vectors[:, :, ::-1][:, :, :rank]  # (g, f, r)
-    else:
-        left = np.linalg.svd(_whitened_blocks(blocks, stats, groups), full_matrices=False)[0]
-        left = left[:, :, :rank]
+    with numpy_backend(1).parallel():  # one BLAS thread (backend.py: busy cores)
+        if _uses_output_gram(stats, rows, width, groups):
+            _, vectors = np.linalg.eigh(_output_gram(blocks, stats, groups))
+            left = vectors[:, :, ::-1][:, :, :rank]  # (g, f, r)
+        else:
+            left = np.linalg.svd(_whitened_blocks(blocks, stats, groups), full_matrices=False)[0]
+            left = left[:, :, :rank]
     first = bmm(left.transpose(0, 2, 1), _weighted(blocks, stats))  # (g, r, w) = A_rᵀ D^½ W_i
     norms = np.linalg.norm(first, axis=2)  # ‖v‖ per term; ‖u‖ = 1
     if stats.row_weights is not None:  # U_i = D^{-1/2} A_r: balance ‖u‖ and ‖v‖ again
