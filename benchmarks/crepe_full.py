@@ -39,26 +39,13 @@ def export(cache: Path | None = None) -> Path:
     """Export CREPE full into the cache (atomically) and check ONNX Runtime against torch."""
     import numpy as np
     import onnxruntime as ort
-    import torch
 
     cache = cache or fetch_models.DEFAULT_CACHE
     out = cached_path(cache)
     model = _load_model(cache)
     frames, _ = fetch_models.crepe_frames()
-    x = torch.from_numpy(frames)
     partial = out.with_name(out.name + ".partial")
-    torch.onnx.export(
-        model,
-        (x,),
-        str(partial),
-        dynamo=False,
-        opset_version=17,
-        input_names=["frames"],
-        output_names=["probabilities"],
-        dynamic_axes={"frames": {0: "N"}, "probabilities": {0: "N"}},
-    )
-    with torch.no_grad():
-        reference = model(x).numpy()
+    reference = fetch_models.export_crepe_onnx(model, frames, partial)
     session = ort.InferenceSession(str(partial), providers=["CPUExecutionProvider"])
     difference = float(np.abs(session.run(None, {"frames": frames})[0] - reference).max())
     if difference > 1e-3:

