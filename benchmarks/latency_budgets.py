@@ -452,6 +452,17 @@ def plot(rows: list[dict], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+def finish(rows: list[dict], columns: list, info: dict, started: float, out: Path | None) -> None:
+    """Print the rows' table and the machine, and write both to ``out`` as JSON if given."""
+    shown = [{key: value for key, value in row.items() if value is not None} for row in rows]
+    print(markdown(shown, columns))
+    info["load_average_at_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    info["seconds"] = f"{time.perf_counter() - started:.0f}"
+    print(f"\n{info}")
+    if out:
+        out.write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models-dir", type=Path, default=default_models_dir())
@@ -503,13 +514,7 @@ def main() -> int:
             ("timed", "timed"),
             ("error", "error"),
         ]
-        shown = [{k: v for k, v in row.items() if v is not None} for row in rows]
-        print(markdown(shown, columns))
-        info["load_average_at_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-        info["seconds"] = f"{time.perf_counter() - started:.0f}"
-        print(f"\n{info}")
-        if args.json:
-            args.json.write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
+        finish(rows, columns, info, started, args.json)
         return 0
     if args.values:
         rows = [row for task in tasks for row in values_check(task, args.pairs)]
@@ -547,13 +552,7 @@ def main() -> int:
         ("timed", "timed"),
         ("cached", "cached"),
     ]
-    shown = [{key: value for key, value in row.items() if value is not None} for row in rows]
-    print(markdown(shown, columns))
-    info["load_average_at_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    info["seconds"] = f"{time.perf_counter() - started:.0f}"
-    print(f"\n{info}")
-    if args.json:
-        args.json.write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
+    finish(rows, columns, info, started, args.json)
     if args.plot:
         plot(rows, args.plot)
     return 0

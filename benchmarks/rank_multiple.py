@@ -64,13 +64,18 @@ def models(models_dir: Path) -> list[Path]:
 INPUT_SHAPES = {"ppocr_mobile_v2.0_cls": {"x": (1, 3, 48, 192)}}
 
 
-def layer_times(path: Path, ranks: range, cache: LatencyCache) -> dict[str, dict[int, float]]:
+def analysis_and_book(path: Path, cache: LatencyCache):
+    """The model's analysis and a one-thread CPU latency book on its real input shapes."""
     shapes = INPUT_SHAPES.get(path.stem, {})
-    config = CompressionConfig(params=0.5, validate=False, input_shapes=shapes)
-    analysis = analyze(path, config)
+    analysis = analyze(path, CompressionConfig(params=0.5, validate=False, input_shapes=shapes))
     book = LatencyBook(
         analysis.model, analysis.discovery, ["CPUExecutionProvider"], cache=cache, threads=1
     )
+    return analysis, book
+
+
+def layer_times(path: Path, ranks: range, cache: LatencyCache) -> dict[str, dict[int, float]]:
+    analysis, book = analysis_and_book(path, cache)
     wanted = {}
     for layer in analysis.discovery.layers:
         if layer.name in book.unknown:
@@ -136,12 +141,7 @@ def grouped_times(
     path: Path, widths: list[int], cache: LatencyCache
 ) -> dict[str, dict[int, float]]:
     """Per Conv layer, the time of the pair with groups ``w`` channels wide in and out."""
-    shapes = INPUT_SHAPES.get(path.stem, {})
-    config = CompressionConfig(params=0.5, validate=False, input_shapes=shapes)
-    analysis = analyze(path, config)
-    book = LatencyBook(
-        analysis.model, analysis.discovery, ["CPUExecutionProvider"], cache=cache, threads=1
-    )
+    analysis, book = analysis_and_book(path, cache)
     wanted = {}
     for layer in analysis.discovery.layers:
         c = layer.in_channels
