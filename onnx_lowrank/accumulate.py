@@ -30,7 +30,14 @@ from .backend import Backend
 from .records import LayerStatistics, Side
 from .types import Layer
 
-__all__ = ["MAX_ATOMS", "MAX_INPUT_SIDE_BYTES", "Accumulator", "StatisticsPlan", "plan_statistics"]
+__all__ = [
+    "MAX_ATOMS",
+    "MAX_INPUT_SIDE_BYTES",
+    "Accumulator",
+    "StatisticsPlan",
+    "ledoit_wolf",
+    "plan_statistics",
+]
 
 #: Largest input-side blocks ``Σ_i`` kept for one layer; beyond it the output side is used.
 MAX_INPUT_SIDE_BYTES = 512 * 2**20
@@ -160,12 +167,23 @@ class Accumulator:
         groups = plan.output_groups
         self.partial_total = {g: xp.zeros((g, f), dtype=xp.float64) for g in groups}
         self.partial_outer = {g: xp.zeros((g, f, f), dtype=xp.float64) for g in groups}
+        # Σ ‖z‖⁴ and Σ ‖z‖² z of the outputs z = W (x − m), for the shrinkage (ledoit_wolf),
+        # kept only while the vectors are few enough for it (n ≤ c·κ per node); from the
+        # partial outputs of g = 1 where the output side has them, else from Σ's side
+        self.few = cols * len(layer.uses())
+        self.fourth = 0.0
+        self.cubic = np.zeros(f if 1 in groups else cols)  # Σ ‖z‖² z, or Σ ‖z‖² y
+        self.projection: Any = None
+        if 1 not in groups and plan.blocks == 1:  # ‖W y‖² as ‖y Wᵀ‖² or yᵀ(WᵀW)y
+            matrix = weight.T if f <= cols else weight.T @ weight
+            self.projection = backend.asarray(np.ascontiguousarray(matrix))
 
     def fork(self) -> Accumulator:
         """An empty accumulator with this one's pilot mean, whose sums ``merge`` adds here
         (one per worker: they share no state while they run)."""
         other = Accumulator(self.layer, self.weight, self.plan, self.backend)
         other.pilot = self.pilot
+        other.projection = self.projection
         return other
 
     def merge(self, other: Accumulator) -> None:
@@ -178,6 +196,8 @@ class Accumulator:
         for g in self.partial_total:
             self.partial_total[g] += other.partial_total[g]
             self.partial_outer[g] += other.partial_outer[g]
+        self.fourth += other.fourth
+        self.cubic += other.cubic
         for use, sums in other.use_sums.items():
             self.use_sums[use] = self.use_sums.get(use, 0.0) + sums
             self.use_counts[use] = self.use_counts.get(use, 0) + other.use_counts[use]
@@ -200,6 +220,10 @@ class Accumulator:
         if self.outer is not None:
             if self.plan.blocks == 1:
                 self.outer += xp.matrix_transpose(shifted) @ shifted
+                if self.projection is not None and self.count <= self.few:
+                    z = shifted @ self.projection
+                    narrow = self.layer.out_channels <= self.layer.cols  # z = W y, or (WᵀW) y
+                    self._add_moments(xp.sum((z if narrow else shifted) * z, axis=1), shifted)
             else:  # Σ_i per group: (b, w, n) @ (b, n, w)
                 stack = _slices(xp, shifted, self.plan.blocks)
                 backend.add_bmm(self.outer, xp.matrix_transpose(stack), stack)
@@ -214,6 +238,14 @@ class Accumulator:
                 z = done[g]
                 self.partial_total[g] += xp.sum(z, axis=1)
                 backend.add_bmm(self.partial_outer[g], xp.matrix_transpose(z), z)
+                if g == 1 and self.count <= self.few:
+                    self._add_moments(xp.sum(z[0, ...] * z[0, ...], axis=1), z[0, ...])
+
+    def _add_moments(self, norms: Any, vectors: Any) -> None:
+        """``Σ a²`` and ``Σ a·v`` of the squared output norms ``a = ‖z‖²`` of a chunk."""
+        numpy = self.backend.to_numpy
+        self.fourth += float(numpy(self.backend.xp.sum(norms * norms)))
+        self.cubic += numpy(norms @ vectors)
 
     def statistics(self) -> LayerStatistics:
         numpy = self.backend.to_numpy
@@ -244,7 +276,7 @@ class Accumulator:
             covariance = (covariance + covariance.transpose(0, 2, 1)) / 2
             if blocks == 1:
                 covariance = covariance[0]
-        output = {}
+        output: dict[int, np.ndarray] = {}
         f = self.layer.out_channels
         for g in self.plan.output_groups:
             partial_total = numpy(self.partial_total[g]) / n  # (g, f)
@@ -264,7 +296,64 @@ class Accumulator:
             covariance=covariance,
             output_covariance=output or None,
             use_means=use_means,
+            shrinkage=self._shrinkage(covariance, output, variance),
         )
+
+    def _shrinkage(
+        self, covariance: np.ndarray | None, output: dict[int, np.ndarray], variance: np.ndarray
+    ) -> float:
+        """``γ`` (``ledoit_wolf``) from the moments of ``z = W (x − m)``, only where the
+        vectors are few, ``n ≤ c·κ`` (``Σ`` singular); else 0. A tied weight counts one
+        node's share, ``n / nodes``: its nodes rarely see independent inputs."""
+        if self.count > self.few or self.count < 2 or not variance.size:
+            return 0.0
+        numpy, w = self.backend.to_numpy, self.weight
+        if 1 in output:  # M = W Σ Wᵀ, Σ z zᵀ and Σ z from the partial outputs
+            moments = (output[1][0], numpy(self.partial_outer[1])[0])
+            total, cubic = numpy(self.partial_total[1])[0], self.cubic
+        elif covariance is not None and covariance.ndim == 2:  # from Σ and Σ y yᵀ
+            moments = (w @ covariance @ w.T, w @ numpy(self.outer)[0] @ w.T)
+            total, cubic = w @ numpy(self.total), w @ self.cubic
+        else:
+            return 0.0
+        fourth = _centred_fourth(self.fourth, cubic, moments[1], total, self.count) / self.count
+        count = self.count / len(self.layer.uses())
+        return ledoit_wolf(moments[0], w @ w.T, float(np.mean(variance)), fourth, count)
+
+
+def _centred_fourth(
+    fourth: float, cubic: np.ndarray, outer: np.ndarray, total: np.ndarray, count: int
+) -> float:
+    """``Σ ‖z − δ‖⁴``, ``δ = total / n``, from ``Σ ‖z‖⁴``, ``Σ ‖z‖² z``, ``Σ z zᵀ`` and ``Σ z``
+    around a pilot: with ``a = ‖z‖²``, ``Σ (a − 2 z·δ + ‖δ‖²)² = Σ a² − 4 δ·Σ a z
+    + 4 δᵀ(Σ z zᵀ)δ + 2‖δ‖² Σ a − 4‖δ‖² δ·Σ z + n ‖δ‖⁴``."""
+    delta = total / count
+    square = float(delta @ delta)
+    value = fourth - 4 * float(delta @ cubic) + 4 * float(delta @ outer @ delta)
+    value += square * (2 * float(np.trace(outer)) - 4 * float(delta @ total) + count * square)
+    return max(value, 0.0)
+
+
+def ledoit_wolf(
+    covariance: np.ndarray, target: np.ndarray, scale: float, fourth: float, count: float
+) -> float:
+    r"""Shrinkage ``γ`` of the input covariance toward its diagonal mean (docs/calibration.md).
+
+    Whitening uses ``Σ' = (1 − γ)·Σ + γ·m·I``, ``m = tr Σ / (c·κ)`` (``scale``). The factors
+    see ``Σ`` only through ``M = W Σ Wᵀ`` (``covariance``), the covariance of the outputs
+    ``z = W x``, so ``γ`` is Ledoit and Wolf's (2004) estimate for ``M`` and the target
+    ``T = m·W Wᵀ`` (``target`` is ``W Wᵀ``), which minimizes the expected squared Frobenius
+    error of ``(1 − γ)·M + γ·T``:
+
+        γ = min(1, b²/d²),  b² = (1/n²) Σ_k ‖z_k z_kᵀ − M‖² = (E‖z‖⁴ − ‖M‖²)/n,  d² = ‖M − T‖²,
+
+    ``z`` centred, ``fourth = E‖z‖⁴``, ``n = count``; ``b²`` is the sampling noise of ``M``.
+    """
+    squared = float(np.sum(covariance * covariance))
+    distance = float(np.sum((covariance - scale * target) ** 2))
+    if count < 2 or scale <= 0 or distance <= 0:
+        return 0.0
+    return float(min(1.0, max(fourth - squared, 0.0) / count / distance))
 
 
 def _slices(xp: Any, matrix: Any, count: int) -> Any:

@@ -254,7 +254,7 @@ def collect_statistics(
             continue
         counts = (groups or {}).get(layer.name) or group_counts(layer, max_groups)
         plan = plan_statistics(layer, [1, *counts], (sides or {}).get(layer.name))
-        weight = discovery.weight(layer) if plan.partitions else np.empty(0)
+        weight = discovery.weight(layer)  # output partitions, and the shrinkage (accumulate.py)
         accumulators[layer.name] = Accumulator(layer, weight, plan, backend)
         head = None if index is None else score_output(discovery, layer, index)
         if head is not None:

@@ -70,6 +70,11 @@ class LayerStatistics:
             its own bias correction, so differences between the uses' means cost nothing.
         row_weights: ``d`` (``f`` values, mean 1) of a table or classifier head, else None
             (see "Row weights" above).
+        shrinkage: ``γ`` in ``[0, 1]``, the Ledoit–Wolf intensity with which whiten.py shrinks
+            ``Σ`` toward its diagonal mean, ``(1 − γ)·Σ + γ·(tr Σ / c·κ)·I``, before whitening
+            (``accumulate.ledoit_wolf``) where the vectors are few (``count ≤ c·κ``, per node
+            for a tied weight), else 0.
+            ``covariance`` and ``output_covariance`` are the unshrunk statistics.
     """
 
     name: str
@@ -81,6 +86,7 @@ class LayerStatistics:
     output_covariance: Mapping[int, np.ndarray] | None = None
     use_means: Mapping[str, np.ndarray] = field(default_factory=dict)
     row_weights: np.ndarray | None = None
+    shrinkage: float = 0.0
 
     @property
     def damping(self) -> float:

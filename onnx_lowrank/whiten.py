@@ -30,6 +30,13 @@ also the top eigenvectors of the ``f × f`` matrix ``W_i (Σ_i + λI) W_iᵀ``; 
 ``λ_j(W_i S_i)²``. At full rank ``Ŵ_i = W_i``. On the output side (activations.py) only these
 ``f × f`` matrices exist, and they are used.
 
+**Few vectors: shrinkage** (accumulate.ledoit_wolf). Where a layer's statistics rest on
+``n ≤ c·κ`` vectors (``Σ`` singular: a classifier after global pooling), ``Σ`` is replaced
+everywhere here by ``Σ' = (1 − γ)·Σ + γ·m·I``, ``m = tr Σ / (c·κ)``, with the Ledoit–Wolf
+intensity ``γ`` (``LayerStatistics.shrinkage``, estimated by accumulate.py for ``W Σ Wᵀ``);
+the spectra, the error tables and the factors all use ``Σ'``, so the estimate is the error
+of the factors written, under ``Σ'``.
+
 **Row weights.** With ``D = diag(d)`` a positive weight per output row (``f`` values, mean 1:
 embedding tables and classifier heads, activations.py), the factors minimize the weighted
 output error ``‖D^{1/2}(W − Ŵ) S‖_F``: the same whitened SVD of ``D^{1/2} W_i S_i`` with top left
@@ -83,17 +90,26 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+def _shrunk(stats: LayerStatistics) -> tuple[float, float]:
+    """``(1 − γ, γ·m + λ)``: ``Σ_i' + λI = (1 − γ)·Σ_i + (γ·m + λ)·I`` with ``m = tr Σ/(c·κ)``
+    and the shrinkage ``γ`` (accumulate.ledoit_wolf), the damping ``λ``."""
+    gamma = stats.shrinkage
+    scale = float(np.mean(stats.variance)) if stats.variance.size else 0.0
+    return 1.0 - gamma, gamma * scale + stats.damping
+
+
 def _output_gram(blocks: np.ndarray, stats: LayerStatistics, groups: int) -> np.ndarray:
-    """``D^{1/2} W_i (Σ_i + λI) W_iᵀ D^{1/2}`` per group, ``(g, f, f)`` (``D = I`` without
-    row weights)."""
-    damping = stats.damping * bmm(blocks, blocks.transpose(0, 2, 1))
+    """``D^{1/2} W_i (Σ_i' + λI) W_iᵀ D^{1/2}`` per group, ``(g, f, f)`` (``D = I`` without
+    row weights, ``Σ'`` the shrunk covariance)."""
+    keep, ridge = _shrunk(stats)
+    damping = ridge * bmm(blocks, blocks.transpose(0, 2, 1))
     if _has_output_covariance(stats, groups) or stats.side == "output":
         if not _has_output_covariance(stats, groups):
             raise ValueError(f"no output-side statistics of {stats.name} for {groups} groups")
-        gram = stats.output_covariance[groups] + damping
+        gram = keep * stats.output_covariance[groups] + damping
     else:
         sigma = diagonal_blocks(stats.covariance, groups)
-        gram = bmm(bmm(blocks, sigma), blocks.transpose(0, 2, 1)) + damping
+        gram = keep * bmm(bmm(blocks, sigma), blocks.transpose(0, 2, 1)) + damping
     if stats.row_weights is None:
         return gram
     root = np.sqrt(stats.row_weights)
@@ -101,9 +117,10 @@ def _output_gram(blocks: np.ndarray, stats: LayerStatistics, groups: int) -> np.
 
 
 def _whitened_blocks(blocks: np.ndarray, stats: LayerStatistics, groups: int) -> np.ndarray:
-    """``D^{1/2} W_i S_i`` per group with ``S_i S_iᵀ = Σ_i + λI`` (Cholesky), ``(g, f, w)``."""
-    sigma = diagonal_blocks(stats.covariance, groups)
-    sigma = sigma + stats.damping * np.eye(sigma.shape[-1])
+    """``D^{1/2} W_i S_i`` per group with ``S_i S_iᵀ = Σ_i' + λI`` (Cholesky), ``(g, f, w)``."""
+    keep, ridge = _shrunk(stats)
+    sigma = keep * diagonal_blocks(stats.covariance, groups)
+    sigma = sigma + ridge * np.eye(sigma.shape[-1])
     return bmm(_weighted(blocks, stats), np.linalg.cholesky(sigma))
 
 
