@@ -422,16 +422,10 @@ def realize(
             calibrated.update(bounded)
             factors.update(refitted_factors)
     with timer.stage("rewrite"):
-        biases = {  # by node name: a tied weight's nodes each have their own
-            use: bias
-            for item in (calibrated or {}).values()
-            for use, bias in item.biases.items()
-            if bias is not None
-        }
         compressed = rewrite(
             model,
             [(discovery.layer(name), f) for name, (f, _) in factors.items()],
-            biases=biases,
+            biases=whiten.node_biases((calibrated or {}).values()),
         )
         if analysis.params_model is not None:  # folded in this run: recorded for the next
             record_folded(compressed, analysis)

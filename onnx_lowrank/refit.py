@@ -57,6 +57,7 @@ from .records import CalibratedLayer, Calibration
 from .rewrite import rewrite
 from .sessions import run_batches
 from .types import Discovery, Layer, Progress
+from .whiten import node_biases
 
 __all__ = ["RIDGE", "levels", "refit_layers"]
 
@@ -190,12 +191,7 @@ def refit_layers(
         compressed = rewrite(
             model,
             [(discovery.layer(name), item.factors) for name, item in result.items()],
-            biases={
-                use: bias
-                for item in result.values()
-                for use, bias in item.biases.items()
-                if bias is not None
-            },
+            biases=node_biases(result.values()),
         )
         sums, wanted, alphas = {}, {}, {}
         for name in names:

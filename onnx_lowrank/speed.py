@@ -27,7 +27,7 @@ from .latency import LatencyBook, measure_choice, measure_model
 from .rewrite import rewrite
 from .types import COST_KINDS, Analysis, BudgetLimit, CandidateTable, Progress
 from .validate import providers_for, session_threads, validation_inputs
-from .whiten import factorize_layers
+from .whiten import factorize_layers, node_biases
 
 if TYPE_CHECKING:
     from .records import LayerReport, ValidationReport
@@ -276,13 +276,7 @@ def choice_model(
 
     replacements = [(layer, calibrated[layer.name].factors) for layer, _, _ in whitened]
     replacements += list(analysis.backend.map(plain_factors, plain))  # layers in parallel
-    biases = {  # by node name, as realize passes them
-        use: bias
-        for item in calibrated.values()
-        for use, bias in item.biases.items()
-        if bias is not None
-    }
-    return rewrite(analysis.model, replacements, biases=biases)
+    return rewrite(analysis.model, replacements, biases=node_biases(calibrated.values()))
 
 
 def _measure_end_to_end(

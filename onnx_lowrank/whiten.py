@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -79,6 +79,7 @@ from .types import CandidateTable, Discovery, Factors, Layer, LayerSpectrum, Pro
 __all__ = [
     "effective_bias",
     "factorize_layers",
+    "node_biases",
     "output_error_table",
     "whitened_factors",
     "whitened_singular_values",
@@ -314,6 +315,14 @@ def whitened_factors(weight: np.ndarray, stats: LayerStatistics, groups: int, ra
 
 # --------------------------------------------------------------------------------------------
 # Bias correction
+
+
+def node_biases(calibrated: Iterable[CalibratedLayer]) -> dict[str, np.ndarray]:
+    """The corrected biases of ``calibrated`` by node name, as ``rewrite`` takes them (a tied
+    weight's nodes each have their own); nodes whose bias is unreadable are left out."""
+    return {
+        use: bias for item in calibrated for use, bias in item.biases.items() if bias is not None
+    }
 
 
 def effective_bias(
