@@ -34,6 +34,8 @@ sys.path.insert(0, str(REPO / "samples"))
 from mnist import TEST_SET, normalise  # noqa: E402
 
 from onnx_lowrank import CompressionConfig  # noqa: E402
+from onnx_lowrank.cost import candidate_params  # noqa: E402
+from onnx_lowrank.factorize import factorize, reconstruct  # noqa: E402
 from onnx_lowrank.pipeline import analyze, candidate_tables, choose, realize  # noqa: E402
 
 MODEL = REPO / "samples" / "mnist_cnn.onnx"
@@ -46,14 +48,13 @@ GRID = {
 
 
 def truncated(weight: np.ndarray, rank: int) -> np.ndarray:
+    """The rank-``rank`` product of the tool's own factors (one group), in ``weight``'s shape."""
     matrix = weight.reshape(weight.shape[0], -1).astype(np.float64)
-    u, s, vt = np.linalg.svd(matrix, full_matrices=False)
-    return ((u[:, :rank] * s[:rank]) @ vt[:rank]).reshape(weight.shape).astype(np.float32)
+    return reconstruct(factorize(matrix, 1, rank)).reshape(weight.shape).astype(np.float32)
 
 
 def pair_params(weight: np.ndarray, rank: int) -> int:
-    rows, cols = weight.shape[0], int(np.prod(weight.shape[1:]))
-    return rank * (rows + cols)
+    return candidate_params(weight.shape[0], int(np.prod(weight.shape[1:])), 1, rank)
 
 
 def accuracy(model: onnx.ModelProto, images: np.ndarray, labels: np.ndarray) -> float:
