@@ -2,7 +2,7 @@
 
     python benchmarks/latency_budgets.py [--models-dir DIR] [--json OUT.json] [--plot OUT.png]
                                  [--only NAME,...] [--pairs N] [--values]
-                                 [--rank-multiple 1,auto]
+                                 [--rank-multiple 1,auto] [--shares]
 
 For every public model (the MNIST CNN in ``samples/``, CREPE tiny, the PP-OCR direction
 classifier and MTCNN O-Net in ``tests/models/``, EfficientNet-Lite0 from the models folder when
@@ -36,6 +36,13 @@ shapes and RMS (``--latency`` used to time random factors), three times each: ag
 original as the tool times a choice end to end (``latency.measure_choice``), and all three
 interleaved for ``--pairs`` rounds as above; and ONNX Runtime's PRelu alone on inputs of the same
 magnitudes whose signs are random with a given share positive, or in two blocks.
+
+``--shares`` instead measures what timing costs (docs/performance.md, "What timing costs"):
+per model and point (``--params 0.5`` with the never-slower check, ``--latency 0.7`` and
+``0.5``) the model is compressed twice with a latency cache of its own, empty the first time
+(cold) and warm the second, and each call's seconds, the seconds spent timing (the report's
+``latency.seconds``: the whole model, the candidates, and the choices timed end to end) and
+their share are printed, with the cold model's measured latency ratio as above.
 
 ``--rank-multiple 1,auto`` instead compares rank multiples (docs/performance.md, "Default:
 ``--rank-multiple 1``"): per model and point (``--params 0.5`` and ``--flops 0.5`` with the
@@ -78,9 +85,9 @@ from compare_methods import (
 
 from onnx_lowrank import CompressionConfig, InfeasibleBudgetError, compress
 from onnx_lowrank.latency import measure_choice
+from onnx_lowrank.layer_factors import choice_model
 from onnx_lowrank.pipeline import analyze, candidate_tables, choose, realize
 from onnx_lowrank.sessions import make_session
-from onnx_lowrank.speed import choice_model
 from onnx_lowrank.validate import session_threads
 
 REPO = Path(__file__).resolve().parent.parent
@@ -259,8 +266,9 @@ def spread(ratios: list[float]) -> str:
 
 def values_check(task: Task, pairs: int) -> list[dict]:
     """The ``--latency 0.7`` choice, written and as a random-factor twin, against the original:
-    as the tool times it (``latency.measure_choice``, the model of ``speed.choice_model``, on
-    the tool's inputs) and as ``timed_pairs`` times the written model."""
+    as the tool times it (``latency.measure_choice``, the model of
+    ``layer_factors.choice_model``, on the tool's inputs) and as ``timed_pairs`` times the
+    written model."""
     feed = {task.input_name: task.inputs[:1]}
     config = CompressionConfig(
         validate=False, latency=0.7, input_shapes=INPUT_SHAPES.get(task.name, {})
@@ -422,6 +430,58 @@ def multiples_check(task: Task, multiples: list, pairs: int) -> list[dict]:
     return rows
 
 
+#: The points of ``--shares``: the default check, and both latency budgets.
+SHARE_POINTS: list[tuple[str, dict]] = [
+    ("params 0.5", {"params": 0.5, "latency_check": True}),
+    ("latency 0.7", {"latency": 0.7}),
+    ("latency 0.5", {"latency": 0.5}),
+]
+
+
+def shares_check(task: Task, pairs: int) -> list[dict]:
+    """Per point of ``SHARE_POINTS``: ``compress`` with an empty latency cache of its own (cold),
+    then again with that cache (warm); the seconds spent timing (the whole model, the
+    candidates, and with ``--latency`` the choices timed end to end: the report's
+    ``latency.seconds``) against the call's, and the cold model's measured ratio."""
+    feed = {task.input_name: task.inputs[:1]}
+    shapes = INPUT_SHAPES.get(task.name, {})
+    rows = []
+    for label, options in SHARE_POINTS:
+        os.environ["ONNX_LOWRANK_CACHE"] = tempfile.mkdtemp(prefix="latency-share-")
+        row: dict = {"model": task.name, "point": label}
+        config = CompressionConfig(validate=False, input_shapes=shapes, **options)
+        for run in ("cold", "warm"):
+            started = time.perf_counter()
+            try:
+                result = compress(task.path, config)
+            except InfeasibleBudgetError as exc:
+                row[f"{run}_error"] = str(exc)
+                continue
+            seconds = time.perf_counter() - started
+            latency = result.report.latency or {}
+            row[f"{run}_s"] = seconds
+            row[f"{run}_timing_s"] = latency.get("seconds", 0.0)
+            row[f"{run}_share"] = latency.get("seconds", 0.0) / seconds
+            row[f"{run}_timed"] = f"{latency.get('measured')} / {latency.get('cached')}"
+            row[f"{run}_cell"] = (
+                f"{seconds:.2f} s, {row[f'{run}_timing_s']:.2f} s "
+                f"({row[f'{run}_share']:.0%}), {row[f'{run}_timed']}"
+            )
+            if run == "cold":
+                measured = timed_pairs(task.path, result.model, feed, pairs)
+                row["measured"] = (
+                    f"{measured['ratio']:.2f} [{measured['ratio_q1']:.2f}-"
+                    f"{measured['ratio_q3']:.2f}]"
+                )
+                row["measured_median"] = measured["ratio"]
+        for run in ("cold", "warm"):
+            if f"{run}_error" in row:
+                row[f"{run}_cell"] = row[f"{run}_error"]
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+    return rows
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -479,6 +539,11 @@ def main() -> int:
         "--rank-multiple",
         help="compare rank multiples, e.g. 1,auto: latency, quality and timing cost per model",
     )
+    parser.add_argument(
+        "--shares",
+        action="store_true",
+        help="the share of each call spent timing, with an empty and with a warm latency cache",
+    )
     args = parser.parse_args()
     os.environ["ONNX_LOWRANK_CACHE"] = tempfile.mkdtemp(prefix="latency-bench-")
     info = machine()
@@ -497,6 +562,17 @@ def main() -> int:
         wanted = set(args.only.split(","))
         tasks = [task for task in tasks if task.name in wanted]
     started = time.perf_counter()
+    if args.shares:
+        rows = [row for task in tasks for row in shares_check(task, args.pairs)]
+        columns = [
+            ("model", "model"),
+            ("point", "budget"),
+            ("cold_cell", "cold cache: call, timing (share), timed / cached"),
+            ("warm_cell", "warm cache: call, timing (share), timed / cached"),
+            ("measured", "cold model: latency measured [IQR]"),
+        ]
+        finish(rows, columns, info, started, args.json)
+        return 0
     if args.rank_multiple:
         multiples = [rank_multiple(text) for text in args.rank_multiple.split(",")]
         rows = [row for task in tasks for row in multiples_check(task, multiples, args.pairs)]

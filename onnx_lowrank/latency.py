@@ -348,7 +348,7 @@ def measure_choice(
     """Median ms of ``original`` and of ``compressed``, timed interleaved on the same ``feeds``
     with the same session options.
 
-    ``compressed`` must hold the factors that will be written (``speed.choice_model``), not
+    ``compressed`` must hold the factors that will be written (``layer_factors.choice_model``), not
     random ones of the same shapes: ONNX Runtime's CPU PRelu runs up to 8 times slower on
     inputs whose signs are unpredictable than on inputs of one sign, so a model's speed depends
     on its weights (docs/performance.md, "Why O-Net landed below F").

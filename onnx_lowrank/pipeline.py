@@ -56,7 +56,7 @@ from .discover import discover
 from .errors import ConfigError, NothingToCompressError
 from .feeds import RANDOM_BATCH, graph_inputs, unknown_dimensions
 from .fold import fold
-from .layer_factors import factorize_calibrated, factorize_chosen, with_errors
+from .layer_factors import choice_model, chosen_factors, with_errors
 from .load import LoadedModel, ModelSource, model_file_size, open_model, source_path
 from .records import CompressionReport, InspectionReport
 from .result import SPILLED, CompressionResult, record_folded, spill
@@ -375,7 +375,7 @@ def choose(
     if config.latency is not None:
         budgets.append(latency_budget(analysis, tables, config.latency))
         if end_to_end(analysis):
-            return measured_latency(analysis, tables, budgets, config)
+            return measured_latency(analysis, tables, budgets, config, choice_model)
     choices = allocate_rows(analysis, tables, budgets, config)
     if config.latency is not None or not config.latency_check:
         return choices
@@ -401,16 +401,11 @@ def realize(
     if analysis.network is not None:  # measured by candidate_tables, cached for every budget
         timer.timings["sensitivity"] = analysis.network.seconds
     discovery, model = analysis.discovery, analysis.model
-    calibration, calibrated = analysis.calibration, None
-    with timer.stage("factorize"):
-        if calibration is None:
-            factors = factorize_chosen(
-                discovery, tables, choices, analysis.spectra, analysis.backend, progress
-            )
-        else:
-            calibrated, factors = factorize_calibrated(
-                analysis, tables, choices, calibration, progress
-            )
+    calibration = analysis.calibration
+    with timer.stage("factorize"):  # those --latency timed are made already (layer_factors)
+        calibrated, factors = chosen_factors(analysis, tables, choices, progress)
+        if not keep_weights:
+            analysis.factors.clear()
     refitted = 0
     if calibrated and config.refit:
         with timer.stage("refit"), numpy_backend(1).parallel():
@@ -557,8 +552,9 @@ def compress(
         latency_book(analysis, config, progress)
     tables = candidate_tables(analysis, config)
     started = time.perf_counter()
-    timing = analysis.timings.get("latency", 0.0)
+    spent = sum(analysis.timings.values())
     choices = choose(analysis, tables, config)
-    timing = analysis.timings.get("latency", 0.0) - timing  # the never-slower check's timing
-    analysis.timings["allocate"] = time.perf_counter() - started - timing
+    # less what choose recorded itself: the latency checks' timing, --latency's choice models
+    spent = sum(analysis.timings.values()) - spent
+    analysis.timings["allocate"] = time.perf_counter() - started - spent
     return realize(analysis, tables, choices, config, progress=progress)

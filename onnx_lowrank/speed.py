@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -21,13 +22,10 @@ import onnx
 from .allocate import allocate, with_latency, without_rows
 from .config import CompressionConfig
 from .errors import InfeasibleBudgetError, ShapeError
-from .factorize import factorize
 from .feeds import latency_feeds
 from .latency import LatencyBook, measure_choice, measure_model
-from .rewrite import rewrite
 from .types import COST_KINDS, Analysis, BudgetLimit, CandidateTable, Progress
 from .validate import providers_for, session_threads, validation_inputs
-from .whiten import factorize_layers, node_biases
 
 if TYPE_CHECKING:
     from .records import LayerReport, ValidationReport
@@ -35,7 +33,6 @@ if TYPE_CHECKING:
 __all__ = [
     "allocate_rows",
     "check_latency_ratio",
-    "choice_model",
     "end_to_end",
     "latency_book",
     "latency_budget",
@@ -47,6 +44,11 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: Builds the model of a choice with the factors that will be written
+#: (``layer_factors.choice_model``; speed.py stands beside layer_factors, so the pipeline hands
+#: it in).
+ChoiceModel = Callable[[Analysis, list[CandidateTable], list[int]], onnx.ModelProto]
 
 
 def latency_book(
@@ -154,6 +156,7 @@ def measured_latency(
     tables: list[CandidateTable],
     budgets: list[BudgetLimit],
     config: CompressionConfig,
+    build: ChoiceModel,
 ) -> list[int]:
     """Meet a latency budget on the measured end-to-end ratio, not only on the layer sum.
 
@@ -161,7 +164,8 @@ def measured_latency(
     between layers, memory traffic the one-layer models do not have: on EfficientNet-Lite0 the
     sum predicted 0.97 where the model measured 0.73), so choices are timed end to end: the
     original against the model with the chosen layers factorized by the factors that will be
-    written (``choice_model``; ``latency.measure_choice``), interleaved. First the fastest
+    written (``build``: ``layer_factors.choice_model``, which keeps the factors it makes for the
+    later rounds and the final rewrite; ``latency.measure_choice``), interleaved. First the fastest
     choice (every layer's fastest row): its measured ratio ``m_min`` is the smallest reachable
     fraction, and an ``F`` with ``m_min > F·(1 + _REACHABLE_TOLERANCE)`` is an
     ``InfeasibleBudgetError`` naming it.
@@ -173,10 +177,12 @@ def measured_latency(
     ``_LATENCY_ROUNDS`` times. The choice measured nearest ``F`` is kept.
     """
     started = time.perf_counter()
+    spent = sum(analysis.timings.values())  # what ``build`` records is not timing
+    before = set(analysis.factors)  # factors of earlier points of a sweep stay
     target = config.latency
     fastest = [int(np.argmin(t.costs[:, 2])) for t in tables]
     floor = _predicted(analysis, tables, fastest)
-    point = (floor, _measure_end_to_end(analysis, tables, fastest))
+    point = (floor, _measure_end_to_end(analysis, tables, fastest, build))
     # the fastest choice may break another budget (--params, --flops): then it is only a bound
     tried: list[tuple[float, list[int]]] = [(point[1], fastest)] if len(budgets) == 1 else []
     log.info("latency budget %.3g: fastest choice measured %.3f", target, point[1])
@@ -205,7 +211,7 @@ def measured_latency(
         choices = _allocate_latency(analysis, tables, budgets, fraction, config)
         point = (
             _predicted(analysis, tables, choices),
-            _measure_end_to_end(analysis, tables, choices),
+            _measure_end_to_end(analysis, tables, choices, build),
         )
         points.append(point)
         tried.append((point[1], choices))
@@ -217,8 +223,15 @@ def measured_latency(
             {"latency": point[1]},
         )
     best = min(tried, key=lambda item: (abs(item[0] - target), item[0]))
+    kept = before | {
+        (table.layer, int(table.groups[row]), int(table.ranks[row]))
+        for table, row in zip(tables, best[1], strict=True)
+    }
+    for key in set(analysis.factors) - kept:  # the rounds not kept: their factors go
+        del analysis.factors[key]
+    built = sum(analysis.timings.values()) - spent
     analysis.timings["latency"] = analysis.timings.get("latency", 0.0) + (
-        time.perf_counter() - started
+        time.perf_counter() - started - built
     )
     return best[1]
 
@@ -244,54 +257,18 @@ def _allocate_latency(
     return allocate_rows(analysis, tables, budgets[:-1], config)
 
 
-def choice_model(
-    analysis: Analysis, tables: list[CandidateTable], choices: list[int]
-) -> onnx.ModelProto:
-    """``analysis.model`` with ``choices`` factorized by the factors ``pipeline.realize`` writes:
-    truncated SVD factors (``factorize``), or for the layers with calibration statistics the
-    whitened factors and their corrected biases (``whiten.factorize_layers``), as
-    ``layer_factors`` makes them, without measuring their errors. The sequential refit
-    (``--refit``) is left out: it changes the factors' values a little, not their shapes.
-
-    The values matter for speed, not only the shapes: ONNX Runtime's CPU PRelu runs up to 8
-    times slower on inputs of unpredictable sign, and random factors of O-Net's chosen shapes
-    made its PRelu inputs just that, so the model timed end to end measured 0.74 of the
-    original where the written one ran at 0.47 (docs/performance.md, "Why O-Net landed below
-    F").
-    """
-    discovery, calibration = analysis.discovery, analysis.calibration
-    chosen = [
-        (layer, int(table.groups[row]), int(table.ranks[row]))
-        for layer, table, row in zip(discovery.layers, tables, choices, strict=True)
-        if table.groups[row] > 0
-    ]
-    statistics = calibration.statistics if calibration is not None else {}
-    whitened = [item for item in chosen if item[0].name in statistics]
-    calibrated = factorize_layers(calibration, discovery, whitened) if whitened else {}
-    plain = [item for item in chosen if item[0].name not in calibrated]
-
-    def plain_factors(item):
-        layer, groups, rank = item
-        return layer, factorize(discovery.weight(layer), groups, rank, analysis.backend)
-
-    replacements = [(layer, calibrated[layer.name].factors) for layer, _, _ in whitened]
-    replacements += list(analysis.backend.map(plain_factors, plain))  # layers in parallel
-    return rewrite(analysis.model, replacements, biases=node_biases(calibrated.values()))
-
-
 def _measure_end_to_end(
-    analysis: Analysis, tables: list[CandidateTable], choices: list[int]
+    analysis: Analysis, tables: list[CandidateTable], choices: list[int], build: ChoiceModel
 ) -> float:
-    """Measured latency ratio of the model with ``choices`` (``choice_model``) to the
-    original."""
+    """Measured latency ratio of the model with ``choices`` (made by ``build``) to the
+    original. The timing counts in the book's seconds; ``build`` accounts for its own."""
     book = analysis.latency
+    model = build(analysis, tables, choices)
+    started = time.perf_counter()
     before, after = measure_choice(
-        analysis.original or analysis.model,
-        choice_model(analysis, tables, choices),
-        book.model_feeds,
-        book.providers,
-        book.threads,
+        analysis.original or analysis.model, model, book.model_feeds, book.providers, book.threads
     )
+    book.stats.seconds += time.perf_counter() - started
     return after / before
 
 

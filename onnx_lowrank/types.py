@@ -13,7 +13,7 @@ import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import onnx
@@ -507,6 +507,10 @@ class Analysis:
             the ``--inputs`` or ``--calibration`` data, per sample).
         validation_skipped: why validation will not run although it was asked for (dynamic
             input dimensions without sizes), else None.
+        factors: the factors of ``(layer name, g, r)`` made so far in this run
+            (layer_factors.py): ``(Factors, actual error)`` for plain truncated factors, a
+            ``CalibratedLayer`` for whitened ones. The choices ``--latency`` times end to end
+            and the final rewrite share them, so each ``(layer, g, r)`` is factorized once.
     """
 
     source: str
@@ -531,6 +535,7 @@ class Analysis:
     network: NetworkErrors | None = None
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     validation_skipped: str | None = None
+    factors: dict[tuple[str, int, int], Any] = field(default_factory=dict)
 
     @property
     def fixed(self) -> bool:
