@@ -10,17 +10,19 @@ that model rewritten by ``rewrite.rewrite`` with random factors.
 
 Every session comes from ``sessions.make_session`` (validation's options). Sessions run
 interleaved, ``BATCH`` at a time with the dense layer in every batch, after ``WARMUP`` runs each,
-inputs bound once; a session's cost is the median of its rounds, rescaled by the dense layer's
-median, so load that changes between batches cancels out.
+inputs bound once (rounds stop early once the spread is small, ``timing.settled``); a session's
+cost is the median of its rounds, rescaled by the dense layer's median (load cancels out).
 
 **Which candidates.** Per group count the smallest rank is timed first (a group count whose
 smallest rank is not faster than dense is dropped), then ``GRID_POINTS`` ranks of ``g = 1`` and
 ``GROUPED_GRID_POINTS`` of ``g > 1``; other ranks get the linear interpolation of the timed ones,
 made non-decreasing in ``r``. ``measure_model`` times the whole original model, so a latency
 budget ``F`` is ``Σ_ℓ T_ℓ(x_ℓ) ≤ F·T_model − (T_model − Σ_ℓ T_ℓ(dense))``. Every timing is cached
-on disk (``device.cache_dir()``), one JSON file per layer signature (provider, runtime version
-and session options, device model, op, attributes, shapes, element type), written atomically.
-docs/performance.md ("Measured latency") has the details and the measurements.
+on disk (``device.cache_dir()``), written atomically: one JSON file per layer signature
+(provider, runtime version and session options, device model, op, attributes, shapes, element
+type), and through a ``LatencyBook`` one per whole model and one per choice timed end to end
+(the same context, the SHA-256 of the models' and the inputs' bytes), so a second run times
+nothing. docs/performance.md ("Measured latency") has the details and the measurements.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from .records import LayerLatency, TimingStats
 from .rewrite import rewrite
 from .save import write_file
 from .sessions import make_session, runtime, session_settings
+from .timing import grid_ranks, interpolate, settled, time_sessions
 from .types import Discovery, Factors, Layer, Progress
 from .walk import graph_at
 
@@ -61,6 +64,7 @@ __all__ = [
     "measure_choice",
     "measure_layers",
     "measure_model",
+    "settled",
     "time_sessions",
 ]
 
@@ -79,6 +83,13 @@ LAYER_BUDGET_S = 0.25
 #: (``measure_choice``): a small model gets many pairs, a large one at least ``MIN_ROUNDS``.
 CHOICE_ROUNDS = 200
 CHOICE_BUDGET_S = 1.0
+#: Fewer rounds when the spread is small (``timing.settled``): an end-to-end timing stops after
+#: ``CHOICE_MIN_ROUNDS`` once the ratio's median is known to ``CHOICE_PRECISION``, a layer's
+#: batch after ``MIN_ROUNDS`` once every candidate's ratio to dense is known to
+#: ``LAYER_PRECISION`` (docs/performance.md, "What timing costs").
+CHOICE_MIN_ROUNDS = 100
+CHOICE_PRECISION = 0.01
+LAYER_PRECISION = 0.02
 #: Warm-up runs per session before timing.
 WARMUP = 2
 #: Version of the cache files' layout; part of every key.
@@ -122,62 +133,6 @@ class LatencyCache:
             log.warning("cannot write the latency cache in %s (%s)", self.folder, exc)
 
 
-def grid_ranks(ranks: Sequence[int], points: int = GRID_POINTS) -> list[int]:
-    """``points`` ranks spread evenly over the sorted ``ranks`` (first and last included)."""
-    ordered = sorted(set(int(r) for r in ranks))
-    if len(ordered) <= points:
-        return ordered
-    positions = np.unique(np.round(np.linspace(0, len(ordered) - 1, points)).astype(int))
-    return [ordered[p] for p in positions]
-
-
-def interpolate(timed: Mapping[int, float], ranks: Sequence[int]) -> np.ndarray:
-    """Time of every rank in ``ranks`` from the timed ones, monotone in the rank.
-
-    The timed values, in rank order, are replaced by their running maximum; ranks between two
-    timed ranks get the linear interpolation, ranks outside the timed range the nearest end.
-    """
-    known = sorted(timed)
-    values = np.maximum.accumulate(np.asarray([timed[r] for r in known], dtype=np.float64))
-    return np.interp(np.asarray(ranks, dtype=np.float64), np.asarray(known, float), values)
-
-
-def time_sessions(
-    runners: Sequence[Callable[[], Any]],
-    *,
-    min_rounds: int | None = None,
-    max_rounds: int | None = None,
-    budget_s: float | None = None,
-) -> list[float]:
-    """Median ms of each runner, timed interleaved after ``WARMUP`` runs each.
-
-    Every round runs each runner once, starting one further along each round, so no runner
-    always follows the same one. At least ``min_rounds`` and at most ``max_rounds`` rounds run;
-    no new round starts once the timed runs took ``budget_s`` (defaults: ``MIN_ROUNDS``,
-    ``MAX_ROUNDS``, ``LAYER_BUDGET_S``).
-    """
-    min_rounds = MIN_ROUNDS if min_rounds is None else min_rounds
-    max_rounds = MAX_ROUNDS if max_rounds is None else max(max_rounds, min_rounds)
-    budget_s = LAYER_BUDGET_S if budget_s is None else budget_s
-    for runner in runners:
-        for _ in range(WARMUP):
-            runner()
-    times: list[list[float]] = [[] for _ in runners]
-    spent = 0.0
-    count = len(runners)
-    for round_index in range(max_rounds):
-        if round_index >= min_rounds and spent >= budget_s:
-            break
-        for step in range(count):
-            which = (round_index + step) % count
-            started = time.perf_counter()
-            runners[which]()
-            elapsed = time.perf_counter() - started
-            times[which].append(elapsed * 1000)
-            spent += elapsed
-    return [statistics.median(values) for values in times]
-
-
 def measure_model(
     model: onnx.ModelProto | str | os.PathLike,
     feeds: Mapping[str, np.ndarray],
@@ -187,12 +142,14 @@ def measure_model(
     budget_s: float | None = None,
     threads: int | None = None,
 ) -> float:
-    """Median ms of the whole model on ``feeds`` (not cached: models change, layers repeat)."""
+    """Median ms of the whole model on ``feeds`` (cached by ``LatencyBook.model_ms``)."""
     session = make_session(model, providers, threads)
     runner = _BoundRunner(session, feeds)
     rounds = 2 * MAX_ROUNDS if rounds is None else rounds
     budget_s = 4 * LAYER_BUDGET_S if budget_s is None else budget_s
-    return time_sessions([runner], max_rounds=rounds, budget_s=budget_s)[0]
+    return time_sessions(
+        [runner], min_rounds=MIN_ROUNDS, max_rounds=rounds, budget_s=budget_s, warmup=WARMUP
+    )[0]
 
 
 class LatencyBook:
@@ -243,6 +200,46 @@ class LatencyBook:
         self.stats.unknown = list(self.unknown)
         #: the inputs the whole model is timed on (set by whoever times it)
         self.model_feeds: dict[str, np.ndarray] = {}
+        self._original: tuple[onnx.ModelProto, str] | None = None
+
+    def model_ms(self, model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> float:
+        """The whole model's median ms on ``feeds`` (``measure_model``); cached, keyed by the
+        model's and the inputs' bytes."""
+        key = {**self.context, "kind": "model", "model": self._digest(model)}
+        return self._stored(
+            {**key, "feeds": _feeds_digest(feeds)},
+            lambda: {"model": measure_model(model, feeds, self.providers, threads=self.threads)},
+        )["model"]
+
+    def choice_ms(self, original: onnx.ModelProto, choice: onnx.ModelProto) -> tuple[float, float]:
+        """``measure_choice`` of the two models on ``model_feeds``; cached, keyed by both
+        models' and the inputs' bytes."""
+        key = {**self.context, "kind": "choice", "original": self._digest(original)}
+        key |= {"choice": _digest(choice), "feeds": _feeds_digest(self.model_feeds)}
+
+        def measure() -> dict[str, float]:
+            times = measure_choice(original, choice, self.model_feeds, self.providers, self.threads)
+            return dict(zip(("before", "after"), times, strict=True))
+
+        stored = self._stored(key, measure)
+        return stored["before"], stored["after"]
+
+    def _stored(self, key: dict[str, Any], measure: Callable[[], dict[str, float]]) -> dict:
+        """The timings under ``key`` from the cache, else ``measure()``'s (then cached)."""
+        stored = self.cache.read(key)
+        if stored:
+            self.stats.cached += 1
+            return stored
+        stored = measure()
+        self.stats.measured += 1
+        self.cache.write(key, stored)
+        return stored
+
+    def _digest(self, model: onnx.ModelProto) -> str:
+        """``_digest`` of the original model, computed once."""
+        if self._original is None or self._original[0] is not model:
+            self._original = (model, _digest(model))
+        return self._original[1]
 
     def _give_up(self, layer: str, exc: Exception) -> None:
         """A layer whose micro-models do not run is not timed (its latency stays unknown)."""
@@ -356,7 +353,15 @@ def measure_choice(
     runners = [
         _BoundRunner(make_session(m, providers, threads), feeds) for m in (original, compressed)
     ]
-    before, after = time_sessions(runners, max_rounds=CHOICE_ROUNDS, budget_s=CHOICE_BUDGET_S)
+    before, after = time_sessions(
+        runners,
+        min_rounds=MIN_ROUNDS,
+        settle_after=CHOICE_MIN_ROUNDS,
+        max_rounds=CHOICE_ROUNDS,
+        budget_s=CHOICE_BUDGET_S,
+        warmup=WARMUP,
+        precision=CHOICE_PRECISION,
+    )
     return before, after
 
 
@@ -436,6 +441,22 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def _digest(model: onnx.ModelProto) -> str:
+    """SHA-256 of the model's bytes: timings of the whole model depend on its weights' values
+    (``measure_choice``)."""
+    return hashlib.sha256(model.SerializeToString()).hexdigest()
+
+
+def _feeds_digest(feeds: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 of the inputs' names, element types, shapes and values."""
+    digest = hashlib.sha256()
+    for name in sorted(feeds):
+        array = np.ascontiguousarray(feeds[name])
+        digest.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
 def _name(item: tuple[int, int]) -> str:
     return "dense" if item == (0, 0) else f"{item[0]},{item[1]}"
 
@@ -475,7 +496,14 @@ def _time_candidates(
             )
             for g, r in batch
         ]
-        times = time_sessions(runners)
+        times = time_sessions(
+            runners,
+            min_rounds=MIN_ROUNDS,
+            max_rounds=MAX_ROUNDS,
+            budget_s=LAYER_BUDGET_S,
+            warmup=WARMUP,
+            precision=LAYER_PRECISION,
+        )
         references.append(times[0])
         raw.append(dict(zip(batch, times[1:], strict=True)))
         del runners

@@ -23,7 +23,7 @@ from .allocate import allocate, with_latency, without_rows
 from .config import CompressionConfig
 from .errors import InfeasibleBudgetError, ShapeError
 from .feeds import latency_feeds
-from .latency import LatencyBook, measure_choice, measure_model
+from .latency import LatencyBook
 from .types import COST_KINDS, Analysis, BudgetLimit, CandidateTable, Progress
 from .validate import providers_for, session_threads, validation_inputs
 
@@ -66,9 +66,7 @@ def latency_book(
         try:
             feeds = (analysis.validation_inputs or validation_inputs(reference, config))[0]
             book.model_feeds = latency_feeds(reference, feeds)[1]
-            analysis.latency_ms = measure_model(
-                reference, book.model_feeds, providers, threads=threads
-            )
+            analysis.latency_ms = book.model_ms(reference, book.model_feeds)
         except Exception as exc:  # no inputs can be made, or the model does not run in ORT
             if config.latency is not None:
                 raise ShapeError(
@@ -165,7 +163,8 @@ def measured_latency(
     sum predicted 0.97 where the model measured 0.73), so choices are timed end to end: the
     original against the model with the chosen layers factorized by the factors that will be
     written (``build``: ``layer_factors.choice_model``, which keeps the factors it makes for the
-    later rounds and the final rewrite; ``latency.measure_choice``), interleaved. First the fastest
+    later rounds and the final rewrite; ``LatencyBook.choice_ms``: ``latency.measure_choice``,
+    cached on disk), interleaved. First the fastest
     choice (every layer's fastest row): its measured ratio ``m_min`` is the smallest reachable
     fraction, and an ``F`` with ``m_min > F·(1 + _REACHABLE_TOLERANCE)`` is an
     ``InfeasibleBudgetError`` naming it.
@@ -265,9 +264,7 @@ def _measure_end_to_end(
     book = analysis.latency
     model = build(analysis, tables, choices)
     started = time.perf_counter()
-    before, after = measure_choice(
-        analysis.original or analysis.model, model, book.model_feeds, book.providers, book.threads
-    )
+    before, after = book.choice_ms(analysis.original or analysis.model, model)
     book.stats.seconds += time.perf_counter() - started
     return after / before
 

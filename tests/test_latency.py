@@ -6,6 +6,7 @@ import json
 import logging
 import platform
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from onnx_lowrank import (
     compress,
     device,
     latency,
-    speed,
+    timing,
 )
 from onnx_lowrank.allocate import allocate
 from onnx_lowrank.latency import LatencyCache, grid_ranks, interpolate
@@ -218,18 +219,20 @@ def test_compress_reports_measured_latency_and_max_ratio_fails():
     assert "latency on CPUExecutionProvider" in format_summary(result.report)
 
 
-def _timed_models(monkeypatch) -> list[onnx.ModelProto]:
+def _timed_models(monkeypatch, folder) -> list[onnx.ModelProto]:
     """The compressed models ``measure_choice`` times end to end, recorded as it is called (it
-    still times them), with few rounds: timings are not asserted."""
+    still times them), with few rounds: timings are not asserted. The latency cache is the
+    empty ``folder``, so every choice is timed."""
+    monkeypatch.setenv("ONNX_LOWRANK_CACHE", str(folder))
     monkeypatch.setattr(latency, "CHOICE_ROUNDS", 9)
     timed: list[onnx.ModelProto] = []
-    measure = speed.measure_choice
+    measure = latency.measure_choice
 
     def recording(original, compressed, *args, **kwargs):
         timed.append(compressed)
         return measure(original, compressed, *args, **kwargs)
 
-    monkeypatch.setattr(speed, "measure_choice", recording)
+    monkeypatch.setattr(latency, "measure_choice", recording)
     return timed
 
 
@@ -253,7 +256,7 @@ def test_latency_budget_times_the_factors_that_are_written(monkeypatch, tmp_path
     0.47 (docs/performance.md). The choice --latency keeps must have been timed end to end as
     the model that is written (truncated SVD factors; whitened ones and their biases with
     calibration data)."""
-    timed = _timed_models(monkeypatch)
+    timed = _timed_models(monkeypatch, tmp_path / "cache")
     if calibrated:
         path, budget = MNIST, 0.7
         options = {"calibration": mnist_calibration(tmp_path, 64), "refit": False}
@@ -267,6 +270,28 @@ def test_latency_budget_times_the_factors_that_are_written(monkeypatch, tmp_path
     written = realize(analysis, tables, choices, config, keep_weights=True).model
     assert any(_same_graph(model, written) for model in timed)
     assert all(not _same_graph(model, analysis.model) for model in timed)
+
+
+def test_a_second_latency_run_times_nothing(monkeypatch, tmp_path):
+    """With a warm cache, ``--latency`` times no session at all (layers, the whole model and
+    the choices timed end to end all come from the cache) and writes the same model."""
+    monkeypatch.setenv("ONNX_LOWRANK_CACHE", str(tmp_path))
+    monkeypatch.setattr(latency, "CHOICE_ROUNDS", 9)
+    config = CompressionConfig(latency=0.7, validate=False, max_groups=4)
+    first = compress(MNIST, config)
+    assert first.report.latency["measured"] > 0
+    timed = []
+    measure = latency.time_sessions
+
+    def counted(runners, **kwargs):
+        timed.append(len(runners))
+        return measure(runners, **kwargs)
+
+    monkeypatch.setattr(latency, "time_sessions", counted)
+    second = compress(MNIST, config)
+    assert not timed
+    assert second.report.latency["measured"] == 0 and second.report.latency["cached"] > 0
+    assert second.model.SerializeToString() == first.model.SerializeToString()
 
 
 def test_sweep_accepts_latency_lists(tmp_path):
@@ -387,3 +412,31 @@ def test_fp16_layers_are_timed():
     book.items({"conv": [(1, 4), (2, 4)]})
     timed = book.timed["conv"]
     assert not book.unknown and all(timed[item] > 0 for item in [(0, 0), (1, 4), (2, 4)])
+
+
+def test_timing_stops_early_only_when_the_spread_is_small():
+    """``settled``: the median ratio's notch (1.57·IQR/√n) within the precision. A tight
+    ratio stops a timing after its minimum rounds; a spread one (a busy machine) runs on to
+    its budget."""
+    rng = np.random.default_rng(0)
+    base = list(1.0 + 0.01 * rng.random(50))
+    tight = [b * (2.0 + 0.01 * rng.standard_normal()) for b in base]
+    spread = [b * (2.0 + 0.8 * rng.standard_normal()) for b in base]
+    assert timing.settled([base, tight], 0.01)
+    assert not timing.settled([base, spread], 0.01)
+    assert not timing.settled([base[:3], tight[:3]], 0.01)  # too few rounds to tell
+    assert timing.settled([base], 0.01)  # one runner: its own times
+
+    calls = [0, 0]
+
+    def runner(which, seconds):
+        def run():
+            calls[which] += 1
+            time.sleep(seconds)
+
+        return run
+
+    runners = [runner(0, 0.001), runner(1, 0.002)]
+    options = {"min_rounds": 8, "max_rounds": 400, "budget_s": 10.0, "warmup": 1}
+    first, second = timing.time_sessions(runners, precision=0.5, **options)
+    assert calls[0] < 400 and second > first  # settled long before the budget or max rounds

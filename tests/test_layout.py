@@ -31,6 +31,7 @@ HELPERS = {
     "save",
     "sessions",
     "surgery",
+    "timing",
     "walk",
 }
 #: Rooms of one stage, which may share that stage's records (room -> stage).
