@@ -1,7 +1,8 @@
 """Sentence embeddings of a compressed all-MiniLM-L6-v2: cosine to the original and retrieval.
 
     python benchmarks/sentence_embeddings.py [--budgets 0.9,0.7,0.5] [--floors 0.1]
-        [--method alds] [--models-dir DIR] [--json OUT.json] [--markdown]
+        [--errors output,network] [--method NAME] [--models-dir DIR] [--json OUT.json]
+        [--markdown]
 
 The model is sentence-transformers' all-MiniLM-L6-v2 (BERT, 6 layers, 384 wide, mean pooling,
 L2 normalisation), exported to ONNX by ``tests/models/fetch_models.py --only minilm_l6`` from the
@@ -12,7 +13,12 @@ Data (``benchmarks/sentence_data.py``, hand-written): 150 calibration sentences,
 paraphrase pairs for evaluation; no sentence is in both. For every parameter budget the model is
 compressed without data (``--error bound``) and with the calibration sentences
 (``--calibration``, for each ``--floors`` value of ``row_floor``: 1 turns the id-frequency
-weighting of the embedding tables off). Metrics on the 160 evaluation sentences:
+weighting of the embedding tables off, and for each calibrated ``--errors`` measure, whose
+``network`` holds 32 calibration sentences out of the statistics). ``--method`` defaults to
+each error measure's own (``sum`` for ``network``, else ``alds``). The seconds of the analysis,
+of each budget (tables, allocation, factors, refit; the first budget of ``network`` measures
+most of its errors) and of the network errors so far (``sensitivity``, cumulative) are
+printed. Metrics on the 160 evaluation sentences:
 
 * **cosine**: mean cosine similarity of each sentence's embedding to the original model's;
 * **retrieval**: each sentence of a pair queries the 80 other halves by cosine; the share whose
@@ -114,16 +120,20 @@ def run(args) -> dict:
         np.savez(calibration, **tokenize(tokenizer_path, CALIBRATION))
         modes = [("data-free", {})]
         for floor in args.floors:
-            extra = {"calibration": str(calibration)}
-            if supports("row_floor"):
-                extra["row_floor"] = floor
-            elif floor != args.floors[0]:
-                continue  # that version has no row weighting
-            label = f"calibrated, row_floor {floor:g}" if supports("row_floor") else "calibrated"
-            modes.append((label, extra))
+            for error in args.errors:
+                extra = {"calibration": str(calibration), "error": error}
+                if supports("row_floor"):
+                    extra["row_floor"] = floor
+                elif floor != args.floors[0]:
+                    continue  # that version has no row weighting
+                label = (
+                    f"calibrated, row_floor {floor:g}" if supports("row_floor") else "calibrated"
+                )
+                modes.append((f"{label}, {error}", extra))
         for mode, extra in modes:
+            if args.method is not None:
+                extra = {**extra, "method": args.method}
             base = CompressionConfig(
-                method=args.method,
                 validate=False,
                 input_shapes={name: array.shape for name, array in eval_feeds.items()},
                 **extra,
@@ -132,8 +142,14 @@ def run(args) -> dict:
             analysis = analyze(model_path, base)
             analyze_s = time.perf_counter() - started
             for budget in args.budgets:
+                begun = time.perf_counter()
                 config = base.replace(params=budget)
-                row = {"mode": mode, "budget": budget, "analyze_s": round(analyze_s, 1)}
+                row = {
+                    "mode": mode,
+                    "method": config.method,
+                    "budget": budget,
+                    "analyze_s": round(analyze_s, 1),
+                }
                 try:
                     tables = candidate_tables(analysis, config)
                     result = realize(analysis, tables, choose(analysis, tables, config), config)
@@ -145,6 +161,8 @@ def run(args) -> dict:
                 report = result.report
                 layers = [layer for layer in report.layers if layer.rank is not None]
                 row.update(
+                    sensitivity_s=round(report.timings.get("sensitivity", 0.0), 1),
+                    budget_s=round(time.perf_counter() - begun, 1),
                     params_fraction=report.params_after / report.params_before,
                     tables_factorized=sum(layer.op_type == "Gather" for layer in layers),
                     **metrics(reference, embed(result.model, eval_feeds)),
@@ -152,14 +170,15 @@ def run(args) -> dict:
                 print(
                     f"{mode:30s} {budget:4.2f}: params {row['params_fraction']:.3f} "
                     f"cosine {row['cosine_mean']:.3f} (min {row['cosine_min']:.3f}) "
-                    f"retrieval {row['retrieval']:.3f}",
+                    f"retrieval {row['retrieval']:.3f} (analysis {analyze_s:.0f} s, network "
+                    f"errors {row['sensitivity_s']:.0f} s)",
                     flush=True,
                 )
                 rows.append(row)
     return {
         "model": MODEL,
         "package": onnx_lowrank.__file__,
-        "method": args.method,
+        "method": args.method or "each error measure's default",
         "calibration_sentences": len(CALIBRATION),
         "evaluation_sentences": len(evaluation),
         "machine": {
@@ -173,17 +192,24 @@ def run(args) -> dict:
 
 def markdown(result: dict) -> str:
     lines = [
-        "| mode | budget | params kept | mean cosine (min) | retrieval |",
-        "|---|---|---|---|---|",
+        "| mode | method | budget | params kept | mean cosine (min) | retrieval | seconds |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
         if "error" in row:
-            lines.append(f"| {row['mode']} | {row['budget']:g} | not reachable | - | - |")
+            lines.append(
+                f"| {row['mode']} | {row.get('method', '-')} | {row['budget']:g} | not reachable "
+                "| - | - | - |"
+            )
             continue
         kept = f"{row.get('params_fraction', 1.0):.1%}"
         cosine = f"{row['cosine_mean']:.3f} ({row['cosine_min']:.3f})"
+        seconds = "-"
+        if "analyze_s" in row:
+            seconds = f"{row['analyze_s']:g} + {row['budget_s']:g} ({row['sensitivity_s']:g})"
         lines.append(
-            f"| {row['mode']} | {row['budget']:g} | {kept} | {cosine} | {row['retrieval']:.3f} |"
+            f"| {row['mode']} | {row.get('method', '-')} | {row['budget']:g} | {kept} | {cosine} "
+            f"| {row['retrieval']:.3f} | {seconds} |"
         )
     return "\n".join(lines)
 
@@ -194,12 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models-dir", type=Path, default=Path(default_dir).expanduser())
     parser.add_argument("--budgets", default="0.9,0.7,0.5")
     parser.add_argument("--floors", default="0.1", help="row_floor values (1: no weighting)")
-    parser.add_argument("--method", default="alds")
+    parser.add_argument("--method", default=None, help="default: each error measure's own")
+    parser.add_argument("--errors", default="output,network", help="calibrated error measures")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
     args.budgets = [float(b) for b in args.budgets.split(",")]
     args.floors = [float(f) for f in args.floors.split(",")]
+    args.errors = [e for e in args.errors.split(",") if e]
     result = run(args)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")

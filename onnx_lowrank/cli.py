@@ -334,7 +334,7 @@ def _sweep(args: argparse.Namespace) -> int:
             "--latency budgets measured latency, which --no-latency-check turns off; "
             "drop one of them"
         )
-    config = _run_config(args, method=args.method[0])
+    config = _run_config(args, method=args.method[0] if args.method else None)
     bars = _ProgressBars(enabled=not args.quiet)
     try:
         with _memory_context(f"sweeping {args.input} ({_size(args.input)})", bars):

@@ -222,18 +222,18 @@ def _add_run_options(run: argparse.ArgumentParser, *, sweep: bool) -> None:
     method = run.add_argument_group("method")
     method.add_argument(
         "--method",
-        default=[CompressionConfig.method] if sweep else CompressionConfig.method,
+        default=None,
         type=methods if sweep else str,
         choices=None if sweep else METHODS,
         metavar="NAME[,NAME...]" if sweep else None,
         help=f"allocation method{'s' if sweep else ''}: {', '.join(METHODS)} "
-        f"(default: {CompressionConfig.method})",
+        "(default: sum with --error network, which --calibration defaults to, else alds)",
     )
     method.add_argument(
         "--error",
         default=CompressionConfig.error,
         choices=ERROR_MEASURES,
-        help="layer error measure (default: output with --calibration, else bound); "
+        help="layer error measure (default: network with --calibration, else bound); "
         "frobenius: the exact relative Frobenius weight error (docs/methods.md); "
         "network: the network outputs' degradation per candidate (docs/calibration.md)",
     )

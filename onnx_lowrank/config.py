@@ -23,6 +23,8 @@ __all__ = [
     "TOLERANCES",
     "CompressionConfig",
     "Tolerance",
+    "default_error",
+    "default_method",
     "parse_input_shape",
     "parse_input_shapes",
     "parse_tolerances",
@@ -65,10 +67,13 @@ class CompressionConfig:
         flops: fraction in (0, 1] of the model's total MACs (Conv/Gemm/MatMul) to keep, or None.
         latency: fraction in (0, 1] of the model's latency to keep, measured on the execution
             provider of ``device`` (latency.py), or None.
-        method: allocation method, one of ``METHODS``.
-        error: layer error measure, one of ``ERROR_MEASURES``. None (the default) means
-            ``"output"`` when ``calibration`` is given and ``"bound"`` otherwise; the config
+        method: allocation method, one of ``METHODS``. None (the default) means ``"sum"``
+            with ``error="network"`` and ``"alds"`` otherwise (``default_method``); the config
             stores the resolved name.
+        error: layer error measure, one of ``ERROR_MEASURES``. None (the default) means
+            ``"network"`` when ``calibration`` is given and ``"bound"`` otherwise
+            (``default_error``, measured: docs/calibration.md); the config stores the
+            resolved name.
         max_groups: largest channel-group count tried per layer (divisors of the input channels);
             None, the default, tries every divisor (chosen by measurement: docs/methods.md).
         groups: the fixed group count of methods that do not search groups.
@@ -141,7 +146,7 @@ class CompressionConfig:
 
     params: float | None = None
     flops: float | None = None
-    method: str = "alds"
+    method: str | None = None
     error: str | None = None
     max_groups: int | None = None
     groups: int = 1
@@ -181,8 +186,10 @@ class CompressionConfig:
                     f"--{name} must be a fraction in (0, 1], got {value!r}; "
                     f"for example --{name} 0.5 keeps half"
                 )
-        _check_choice("method", self.method, METHODS)
         self._check_calibration()
+        if self.method is None:
+            object.__setattr__(self, "method", default_method(self.error))
+        _check_choice("method", self.method, METHODS)
         for name in ("row_floor", "head_floor"):
             value = getattr(self, name)
             if not (_is_number(value) and 0 < value <= 1):
@@ -290,7 +297,7 @@ class CompressionConfig:
                 )
             object.__setattr__(self, "calibration", os.fspath(self.calibration))
         if self.error is None:
-            object.__setattr__(self, "error", "bound" if self.calibration is None else "output")
+            object.__setattr__(self, "error", default_error(self.calibration))
         elif self.error == "output" and self.calibration is None:
             raise ConfigError(
                 "--error output measures errors on real activations and needs "
@@ -349,12 +356,18 @@ class CompressionConfig:
         return self.params is not None or self.flops is not None or self.latency is not None
 
     def replace(self, **changes: Any) -> CompressionConfig:
-        """A copy with some fields changed, validated again. A ``refit`` that is its default
-        (on exactly when ``calibration`` is given) follows a changed ``calibration``; one
-        set against the default is kept."""
-        default = self.refit == (self.calibration is not None)
-        if "calibration" in changes and "refit" not in changes and default:
-            changes["refit"] = None
+        """A copy with some fields changed, validated again. An option that is its default
+        follows the options it defaults from: ``refit`` (on exactly when ``calibration`` is
+        given) and ``error`` (``default_error``) follow a changed ``calibration``, ``method``
+        (``default_method``) a changed ``error``; one set against its default is kept."""
+        if "calibration" in changes:
+            if "refit" not in changes and self.refit == (self.calibration is not None):
+                changes["refit"] = None
+            if "error" not in changes and self.error == default_error(self.calibration):
+                changes["error"] = None
+        method_default = self.method == default_method(self.error)
+        if "error" in changes and "method" not in changes and method_default:
+            changes["method"] = None
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -370,13 +383,35 @@ class CompressionConfig:
         return bool(self.exclude or self.ranks or self.groups_for or self.recipe)
 
 
+def default_error(calibration: object) -> str:
+    """The error measure of a config that names none: ``"network"`` with calibration data,
+    ``"bound"`` without (measured on every public model: docs/calibration.md, docs/methods.md)."""
+    return "bound" if calibration is None else "network"
+
+
+def default_method(error: str | None) -> str:
+    """The allocation method of a config that names none: the additive ``"sum"`` for network
+    degradations, which add up through the network, else the min-max ``"alds"``
+    (docs/calibration.md, "Network-aware errors")."""
+    return "sum" if error == "network" else "alds"
+
+
 def recorded_options(config: Mapping[str, Any]) -> dict[str, Any]:
     """The options of a recorded config (a report's ``config``) that a recipe carries over:
-    all of them except a ``refit`` that was only its default (on exactly when the run had
-    ``calibration``), which resolves again from the new run's calibration."""
+    all of them except those that were only their defaults, which resolve again from the new
+    run's options (``CompressionConfig.replace``): a ``refit`` on exactly when the run had
+    ``calibration``, an ``error`` that is ``default_error`` of its calibration, a ``method``
+    that is ``default_method`` of its error (a report written before a default changed keeps
+    the option it ran with, unless it equals the new default)."""
     options = dict(config)
-    if options.get("refit") == (options.get("calibration") is not None):
+    calibrated = options.get("calibration") is not None
+    if options.get("refit") == calibrated:
         options.pop("refit", None)
+    error = options.get("error")
+    if "method" in options and options["method"] == default_method(error):
+        options.pop("method")
+    if error == default_error(options.get("calibration")):
+        options.pop("error")
     return options
 
 

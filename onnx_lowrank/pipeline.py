@@ -491,7 +491,8 @@ def realize(
         shares=parameter_shares(model, discovery),
         notes=analysis.notes
         + shape_notes(discovery, analysis.unknown_macs)
-        + history_notes(analysis),
+        + history_notes(analysis)
+        + (analysis.network.notes() if analysis.network is not None else []),
     )
     return CompressionResult(
         model=compressed,

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
+from .allocate import without_rows
 from .backend import Backend
 from .config import CompressionConfig
 from .data import load_npz
@@ -58,11 +59,13 @@ from .factorize import factorize, reconstruct
 from .feeds import check_feeds, random_inputs
 from .graphs import FreshNames, overridable_initializers
 from .index import GraphIndex
+from .metrics import TIE_BREAK, degradation
 from .output_errors import node_weight
 from .records import Calibration
 from .sessions import fixed_batch, make_session
 from .suffix import CUT_BYTES, SuffixProbes
-from .types import CandidateTable, Discovery, Factors, Layer, Progress
+from .types import CandidateTable, Discovery, Factors, GraphPath, Layer, Progress
+from .walk import graph_at
 from .whiten import factorize_layers
 
 if TYPE_CHECKING:
@@ -99,12 +102,6 @@ LEVELS: tuple[float, ...] = (0.04, 0.08, 0.15, 0.25, 0.4, 0.6, 0.8)
 REFINE_ROUNDS = 4
 #: Most samples per ONNX Runtime run.
 MAX_BATCH = 64
-
-_EPS = 1e-12
-#: Weight of a score output's relative error added to its KL divergence. When a model is
-#: certain of every held-out sample, the KL of many candidates is at float32 rounding level
-#: (1e-10 on the MNIST CNN); this term still orders them by how far they move the scores.
-TIE_BREAK = 1e-3
 
 
 def holdout_indices(samples: int, wanted: int, batch: int | None = None) -> np.ndarray:
@@ -147,7 +144,9 @@ def probe_model(
     original weight, in the layout the node reads: one input per layout, so a table and its
     tied output MatMul get two); every node of the layer (tied uses too) gets
     ``Add(output, shift)`` with an overridable zero shift per output channel, and the Add
-    takes over the node's output name, so everything downstream is unchanged.
+    takes over the node's output name, so everything downstream is unchanged. A node inside
+    a subgraph (If branch, Loop or Scan body) reads its weight and shift from the main graph's
+    inputs by outer-scope reference, and its Add sits in that subgraph.
 
     Returns:
         The probe, node name -> weight input name, and node name -> shift input name.
@@ -157,12 +156,13 @@ def probe_model(
     graph = probe.graph
     names = FreshNames(probe)
     weights, shifts = {}, {}
-    adds: dict[int, onnx.NodeProto] = {}  # node index -> the Add that follows it
+    adds: dict[GraphPath, dict[int, onnx.NodeProto]] = {}  # per graph: node index -> its Add
     for layer in layers:
         base = f"{layer.name}/onnx_lowrank_probe"
         by_layout: dict[bool, str] = {}
+        holder = graph_at(graph, layer.graph_path)
         for use in layer.uses():
-            node = graph.node[use.node_index]
+            node = holder.node[use.node_index]
             stored, transposed = node_weight(use, node, discovery.weight(layer))
             if transposed not in by_layout:
                 by_layout[transposed] = weight_name = names.fresh(f"{base}_weight")
@@ -181,68 +181,24 @@ def probe_model(
             inner = names.fresh(f"{base}_output")
             output = node.output[0]
             node.output[0] = inner
-            adds[use.node_index] = onnx.helper.make_node(
+            adds.setdefault(layer.graph_path, {})[use.node_index] = onnx.helper.make_node(
                 "Add", [inner, shift_name], [output], name=names.fresh(f"{base}_add")
             )
-    nodes = []
-    for index, node in enumerate(graph.node):  # each Add right after its node: still sorted
-        nodes.append(node)
-        if index in adds:
-            nodes.append(adds[index])
-    copies = [onnx.NodeProto() for _ in nodes]
-    for copy, node in zip(copies, nodes, strict=True):
-        copy.CopyFrom(node)
-    del graph.node[:]
-    graph.node.extend(copies)
+    # deepest graphs first: a subgraph's node list changes, never the positions of the nodes
+    # that hold it in its parent
+    for path in sorted(adds, key=len, reverse=True):
+        holder = graph_at(graph, path)
+        nodes = []
+        for index, node in enumerate(holder.node):  # each Add right after its node: sorted
+            nodes.append(node)
+            if index in adds[path]:
+                nodes.append(adds[path][index])
+        copies = [onnx.NodeProto() for _ in nodes]
+        for copy, node in zip(copies, nodes, strict=True):
+            copy.CopyFrom(node)
+        del holder.node[:]
+        holder.node.extend(copies)
     return probe, weights, shifts
-
-
-def _distribution(scores: np.ndarray, probabilities: bool) -> np.ndarray:
-    scores = scores.astype(np.float64)
-    if probabilities:
-        scores = np.clip(scores, 0.0, None) + _EPS
-        return scores / scores.sum(axis=1, keepdims=True)
-    scores = scores - scores.max(axis=1, keepdims=True)
-    exp = np.exp(scores)
-    return exp / exp.sum(axis=1, keepdims=True)
-
-
-def _is_scores(reference: np.ndarray) -> bool:
-    return (
-        reference.ndim == 2
-        and reference.shape[1] >= 2
-        and np.issubdtype(reference.dtype, np.floating)
-    )
-
-
-def _relative(reference: np.ndarray, candidate: np.ndarray) -> float:
-    a, b = reference.astype(np.float64), candidate.astype(np.float64)
-    norm = float(np.linalg.norm(a))
-    diff = float(np.linalg.norm(a - b))
-    return diff / norm if norm > 0 else diff
-
-
-def degradation(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> float:
-    """Sum over outputs of the mean KL divergence (score outputs) or relative error (others)."""
-    total = 0.0
-    for ref, out in zip(reference, candidate, strict=True):
-        if not np.issubdtype(ref.dtype, np.floating):
-            total += float(np.mean(ref != out))
-            continue
-        if _is_scores(ref):
-            probabilities = bool(np.all((ref >= 0) & (ref <= 1)))
-            p = _distribution(ref, probabilities)
-            q = _distribution(out, probabilities)
-            if not probabilities:
-                q = np.clip(q, _EPS, None)
-            kl = np.sum(p * (np.log(p + _EPS) - np.log(q + _EPS)), axis=1)
-            total += float(np.mean(np.clip(kl, 0.0, None)))
-            total += TIE_BREAK * _relative(ref, out)
-        else:
-            total += _relative(ref, out)
-    if not np.isfinite(total):
-        return float(np.finfo(np.float64).max)
-    return total
 
 
 class NetworkErrors:
@@ -274,7 +230,7 @@ class NetworkErrors:
         self.providers = list(providers)
         self.batch = batch
         self.samples = int(next(iter(feeds.values())).shape[0])
-        self.layers = [layer for layer in discovery.layers if not layer.graph_path]
+        self.layers = list(discovery.layers)
         self.measured: dict[str, dict[tuple[int, int], float]] = {
             layer.name: {} for layer in self.layers
         }
@@ -297,7 +253,7 @@ class NetworkErrors:
         probe, self._weights, self._shifts = probe_model(
             self.discovery.model, self.discovery, self.layers
         )
-        self._session = make_session(probe, self.providers)
+        self._session = make_session(probe, self.providers, data_dir=self.discovery.data_dir)
         self._outputs = [output.name for output in probe.graph.output]
         self._reference = self._run({})
         self.suffixes = SuffixProbes(
@@ -408,14 +364,43 @@ class NetworkErrors:
             wanted[table.layer] = [(int(table.groups[r]), int(table.ranks[r])) for r in picks]
         self.measure(wanted, progress)
 
+    @property
+    def unreached(self) -> list[str]:
+        """Layers inside subgraphs whose every measured candidate left the outputs exactly as
+        they were: the held-out samples never run them (an If branch they do not take), so
+        their network errors say nothing, and ``tables`` keeps them dense."""
+        inside = {layer.name for layer in self.layers if layer.graph_path}
+        return [
+            name
+            for name, points in self.measured.items()
+            if name in inside and points and not any(points.values())
+        ]
+
+    def notes(self) -> list[str]:
+        """The report's note on ``unreached`` layers, if any."""
+        unreached = self.unreached
+        if not unreached:
+            return []
+        return [
+            f"{len(unreached)} layer(s) inside subgraphs (e.g. {unreached[0]}) kept dense: the "
+            "held-out samples never run them (a branch not taken), so --error network cannot "
+            "tell what cutting them costs; calibrate with data that runs them, or use --error "
+            "output"
+        ]
+
     def tables(self, tables: Sequence[CandidateTable]) -> list[CandidateTable]:
         """The tables with every row's error replaced by its (measured or interpolated)
-        network degradation; layers never measured keep their errors."""
+        network degradation; layers never measured keep their errors, and ``unreached``
+        layers keep only their dense row."""
         result = []
+        unreached = set(self.unreached)
         for table in tables:
             points = self.measured.get(table.layer)
             if not points:
                 result.append(table)
+                continue
+            if table.layer in unreached:
+                result.append(without_rows(table, table.groups > 0))
                 continue
             layer = self.discovery.layer(table.layer)
             result.append(replace(table, errors=interpolated(table, points, layer)))
@@ -556,8 +541,9 @@ def feeds_for(
         samples = int(next(iter(feeds.values())).shape[0])
         if samples < 2 * (batch or 1):
             raise CalibrationError(
-                f"--error network holds calibration samples out of the statistics, but "
-                f"{config.calibration} has only {samples}; give more samples"
+                f"--error network (the default with --calibration) holds calibration samples "
+                f"out of the statistics, but {config.calibration} has only {samples}; give more "
+                "samples, or use --error output"
             )
         return split_feeds(feeds, wanted, batch)
     if config.inputs is not None:

@@ -32,7 +32,7 @@ from .feeds import graph_inputs
 from .graphs import external_array, tensor_to_array
 from .surgery import Surgery
 from .types import Progress
-from .walk import iter_tensors
+from .walk import iter_graphs, iter_tensors
 
 __all__ = [
     "ACTIVATION_BYTES",
@@ -119,8 +119,17 @@ def make_session(
 def _external_initializers(model: onnx.ModelProto, data_dir: str | os.PathLike, options) -> list:
     """Give ``options`` the main-graph initializers that still sit in external files (as
     memory maps); read in any other external tensor (subgraphs, Constant nodes). Returns the
-    arrays and values, which must live as long as the session."""
+    arrays and values, which must live as long as the session. An external initializer that
+    no node reads (a probe's replaced weight) is removed: ONNX Runtime drops unused
+    initializers before it looks for the handed ones, and fails on a missing name."""
     ort = runtime()
+    read = {
+        name for graph in iter_graphs(model.graph) for node in graph.node for name in node.input
+    }
+    read |= {info.name for info in (*model.graph.input, *model.graph.output)}
+    unused = [t for t in model.graph.initializer if uses_external_data(t) and t.name not in read]
+    for tensor in unused:
+        model.graph.initializer.remove(tensor)
     names, values, arrays = [], [], []
     for tensor in model.graph.initializer:
         if not uses_external_data(tensor):

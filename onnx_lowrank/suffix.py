@@ -178,6 +178,7 @@ class SuffixProbes:
         cut_bytes: int = CUT_BYTES,
     ):
         self.probe, self.model, self.shapes = probe, discovery.model, discovery.shapes
+        self.data_dir = discovery.data_dir  # weights of a lazily loaded model (load.py)
         self.overridable = set(overridable_initializers(discovery.model))
         batch = fixed_batch(discovery.model)
         self.batches = [dict(b) for b in batches]
@@ -210,6 +211,8 @@ class SuffixProbes:
             return "suffix probes are off (no bytes for cut tensors)"
         if uses != 1:
             return "its weight is tied (several nodes read it)"
+        if not start & {name for node in self.probe.graph.node for name in node.input}:
+            return "it sits inside a subgraph (an If branch, a Loop or Scan body)"
         nodes, cut, outputs = downstream(self.probe.graph, start)
         if not outputs:
             return "no model output depends on it"
@@ -266,7 +269,9 @@ class SuffixProbes:
         wanted = {name: self.shapes.types[name] for _, plan in group for name in plan.cut}
         values: dict[str, list[np.ndarray]] = {name: [] for name in wanted}
         if wanted:
-            session = make_session(exposed(self.model, wanted), self.providers, log_level=3)
+            session = make_session(
+                exposed(self.model, wanted), self.providers, log_level=3, data_dir=self.data_dir
+            )
             names = list(wanted)
             inputs = {info.name for info in session.get_inputs()}
             for batch in self.batches:
@@ -288,7 +293,7 @@ class SuffixProbes:
         started = time.perf_counter()
         overridable = plan.start | self.overridable
         model = suffix_model(self.probe, plan.nodes, cut, plan.outputs, overridable)
-        session = make_session(model, self.providers)
+        session = make_session(model, self.providers, data_dir=self.data_dir)
         build = time.perf_counter() - started
         self.seconds["build"] += build
         self.suffix_layers += 1

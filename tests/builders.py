@@ -134,6 +134,44 @@ def matmul_model(weight: np.ndarray, lead: Sequence[int | str]) -> onnx.ModelPro
     return make_model([node], [("x", [*lead, weight.shape[0]])], [("y", None)], {"B": weight})
 
 
+def if_model(taken: bool = True, seed: int = 0) -> onnx.ModelProto:
+    """``x -> Conv "outer" -> If(cond)``: the then branch holds Conv "inner" (its weight an
+    outer-scope initializer), the else branch an Identity; ``cond`` is a constant ``taken``,
+    so ``taken=False`` never runs "inner"."""
+    rng = np.random.default_rng(seed)
+    shape = ["N", 16, 6, 6]
+    then_graph = helper.make_graph(
+        [helper.make_node("Conv", ["h", "W2"], ["t"], pads=[1, 1, 1, 1], name="inner")],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, shape)],
+    )
+    else_graph = helper.make_graph(
+        [helper.make_node("Identity", ["h"], ["e"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, shape)],
+    )
+    cond = numpy_helper.from_array(np.array(taken))
+    nodes = [
+        helper.make_node("Constant", [], ["cond"], value=cond),
+        helper.make_node("Conv", ["x", "W1"], ["h"], pads=[1, 1, 1, 1], name="outer"),
+        helper.make_node("If", ["cond"], ["y"], then_branch=then_graph, else_branch=else_graph),
+    ]
+    weights = {
+        "W1": rng.standard_normal((16, 8, 3, 3)).astype(np.float32),
+        "W2": rng.standard_normal((16, 16, 3, 3)).astype(np.float32),
+    }
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+        [numpy_helper.from_array(value, name) for name, value in weights.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
 def run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, dict(feeds))

@@ -22,13 +22,14 @@ from builders import (
     check_model,
     conv_model,
     gemm_model,
+    if_model,
     make_model,
     matmul_model,
     mnist_calibration,
     rel_l2,
     run,
 )
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
 
 import onnx_lowrank
 from onnx_lowrank import (
@@ -40,6 +41,7 @@ from onnx_lowrank import (
     compress,
     whiten,
 )
+from onnx_lowrank.config import recorded_options
 from onnx_lowrank.cost import count_parameters
 from onnx_lowrank.discover import discover
 from onnx_lowrank.factorize import factorize, reconstruct
@@ -279,8 +281,9 @@ def test_bias_correction_removes_the_mean_shift(tmp_path, bias):
     x = (rng.standard_normal((20, 6, 8, 8)) + rng.uniform(1, 4, (1, 6, 1, 1))).astype(np.float32)
     path = tmp_path / "calibration.npz"
     np.savez(path, x=x)
-    analysis = analyze(model, CompressionConfig(calibration=str(path)))
-    config = CompressionConfig(params=0.3, calibration=str(path), validate=False)
+    # the statistics of every sample: the mean shift is removed on the data it was taken from
+    analysis = analyze(model, CompressionConfig(calibration=str(path), error="output"))
+    config = CompressionConfig(params=0.3, calibration=str(path), validate=False, error="output")
     tables = candidate_tables(analysis, config)
     result = realize(analysis, tables, choose(analysis, tables, config), config)
     (before,), (after,) = run(model, {"x": x}), run(result.model, {"x": x})
@@ -387,9 +390,25 @@ def test_batches_and_fixed_batch_sizes():
 
 
 def test_config_resolves_the_error_measure():
-    assert CompressionConfig().error == "bound"
-    assert CompressionConfig(calibration="data.npz").error == "output"
+    free, calibrated = CompressionConfig(), CompressionConfig(calibration="data.npz")
+    assert (free.error, free.method, free.refit) == ("bound", "alds", False)
+    assert (calibrated.error, calibrated.method, calibrated.refit) == ("network", "sum", True)
+    assert CompressionConfig(calibration="data.npz", error="output").method == "alds"
+    assert CompressionConfig(calibration="data.npz", method="alds").error == "network"
     assert CompressionConfig(calibration="data.npz", error="bound").error == "bound"
+    assert CompressionConfig(error="network").method == "sum"
+    # options left at their defaults follow the options they default from; set ones stay
+    assert free.replace(calibration="data.npz") == calibrated
+    assert calibrated.replace(calibration=None) == free
+    assert calibrated.replace(error="output").method == "alds"
+    chosen = CompressionConfig(calibration="data.npz", error="output", method="sum")
+    assert chosen.replace(calibration="other.npz").error == "output"
+    assert chosen.replace(error="bound").method == "sum"
+    # a recipe carries over what was set, not what was only the default of its run
+    assert "error" not in recorded_options(calibrated.to_dict())
+    assert "method" not in recorded_options(calibrated.to_dict())
+    old = CompressionConfig(calibration="data.npz", error="output").to_dict()  # an older default
+    assert recorded_options(old)["error"] == "output" and "method" not in recorded_options(old)
     with pytest.raises(ConfigError, match="needs --calibration"):
         CompressionConfig(error="output")
     with pytest.raises(ConfigError, match="one of bound, max-group, frobenius, output"):
@@ -399,7 +418,9 @@ def test_config_resolves_the_error_measure():
 def test_mnist_calibration_lowers_output_errors_at_the_same_budget(tmp_path):
     path = mnist_calibration(tmp_path, 300)
     # the calibrated factors themselves (the estimates are theirs): no refit
-    config = CompressionConfig(params=0.4, calibration=str(path), latency_runs=1, refit=False)
+    config = CompressionConfig(
+        params=0.4, calibration=str(path), latency_runs=1, refit=False, error="output"
+    )
     analysis = analyze(MNIST, config)
     tables = candidate_tables(analysis, config)
     choices = choose(analysis, tables, config)
@@ -460,10 +481,11 @@ def test_cli_calibration_report_and_errors(tmp_path):
 
     done = cli("--params", "0.5", "--calibration", str(path), "--report", str(report_path))
     assert done.returncode == 0, done.stderr
-    assert "error measure: output" in done.stdout and "out err" in done.stdout
+    assert "error measure: network" in done.stdout and "out err" in done.stdout
     report = json.loads(report_path.read_text())
-    assert report["config"]["calibration"] == str(path) and report["config"]["error"] == "output"
-    assert report["calibration"]["samples"] == 64
+    assert report["config"]["calibration"] == str(path)
+    assert (report["config"]["error"], report["config"]["method"]) == ("network", "sum")
+    assert report["calibration"]["samples"] == 64 - 16  # a quarter held out for the errors
     for layer in report["layers"]:
         assert {"output_error", "output_error_estimate", "output_error_network"} <= set(layer)
         assert (layer["output_error"] is None) == (layer["rank"] is None)
@@ -509,39 +531,16 @@ def test_public_names():
 
 def test_layers_inside_subgraphs_fall_back_to_weight_factors(tmp_path):
     rng = np.random.default_rng(0)
-    shape = ["N", 16, 6, 6]
-    then_graph = helper.make_graph(
-        [helper.make_node("Conv", ["h", "W2"], ["t"], pads=[1, 1, 1, 1], name="inner")],
-        "then",
-        [],
-        [helper.make_tensor_value_info("t", TensorProto.FLOAT, shape)],
-    )
-    else_graph = helper.make_graph(
-        [helper.make_node("Identity", ["h"], ["e"])],
-        "else",
-        [],
-        [helper.make_tensor_value_info("e", TensorProto.FLOAT, shape)],
-    )
-    nodes = [
-        helper.make_node("Constant", [], ["cond"], value=numpy_helper.from_array(np.array(True))),
-        helper.make_node("Conv", ["x", "W1"], ["h"], pads=[1, 1, 1, 1], name="outer"),
-        helper.make_node("If", ["cond"], ["y"], then_branch=then_graph, else_branch=else_graph),
-    ]
-    weights = {
-        "W1": rng.standard_normal((16, 8, 3, 3)).astype(np.float32),
-        "W2": rng.standard_normal((16, 16, 3, 3)).astype(np.float32),
-    }
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 6, 6])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
-        [numpy_helper.from_array(value, name) for name, value in weights.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    model = if_model()
     calibration = tmp_path / "calibration.npz"
     np.savez(calibration, x=rng.standard_normal((32, 8, 6, 6)).astype(np.float32))
-    config = CompressionConfig(params=0.6, calibration=str(calibration), latency_runs=1)
+    config = CompressionConfig(
+        params=0.6,
+        calibration=str(calibration),
+        error="output",  # --error network: tests/test_sensitivity.py
+        latency_runs=1,
+        latency_check=False,
+    )
     result = compress(model, config)
     layers = {layer.name: layer for layer in result.report.layers}
     assert layers["outer"].rank is not None and layers["inner"].rank is not None

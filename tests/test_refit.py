@@ -73,7 +73,9 @@ def test_refit_lowers_the_network_error_on_real_models(tmp_path):
     test = np.load(SAMPLES / "mnist_test.npz")
     x = ((test["images"][:500].astype(np.float32) / 255.0 - 0.1307) / 0.3081)[:, None]
     reference = run(onnx.load(MNIST), {"input": x})[0]
-    base = CompressionConfig(params=0.2, calibration=str(path), validate=False)
+    # --error output spreads the cut over every layer (--error network cuts the classifier
+    # alone at 20 %, where a refit has no compressed layer upstream to correct for)
+    base = CompressionConfig(params=0.2, calibration=str(path), validate=False, error="output")
     analysis = analyze(MNIST, base)
     tables = candidate_tables(analysis, base)
     choices = choose(analysis, tables, base)
@@ -159,7 +161,7 @@ def test_cli_refits_by_default_with_calibration(tmp_path):
         reports[flags] = json.loads(report.read_text())
     on, off = reports[()], reports[("--no-refit",)]
     assert on["config"]["refit"] is True and on["calibration"]["refit"] is True
-    assert on["calibration"]["refitted_layers"] >= 2 and "refit" in on["timings"]
+    assert on["calibration"]["refitted_layers"] >= 1 and "refit" in on["timings"]
     assert off["config"]["refit"] is False and off["calibration"]["refit"] is False
     assert "refit" not in off["timings"]
     assert on["params_after"] == off["params_after"]  # the same allocation

@@ -75,7 +75,9 @@ def test_plot_of_the_mnist_cnn_with_calibration(tmp_path):
     images = np.load(MNIST.parent / "mnist_train_calib.npz")["images"][:200]
     calibration = tmp_path / "calibration.npz"
     np.savez(calibration, input=(images[:, None] / 255.0 - 0.1307).astype(np.float32) / 0.3081)
-    config = CompressionConfig(params=0.3, calibration=str(calibration), validate=False)
+    config = CompressionConfig(
+        params=0.3, calibration=str(calibration), validate=False, error="output"
+    )
     report = compress(MNIST, config).report
     heights, _, series = figure_data(layer_figure(report))
     assert heights == [layer.params_after for layer in report.layers]

@@ -12,6 +12,7 @@ from builders import (
     SAMPLES,
     check_model,
     gemm_model,
+    if_model,
     matmul_model,
     mnist_calibration,
     mnist_images,
@@ -249,3 +250,65 @@ def test_cli_network_error(tmp_path, capsys):
                  "network", "--sensitivity-samples", "0", "--overwrite", "-q"])  # fmt: skip
     assert code == 2
     assert "--sensitivity-samples must be a positive integer" in capsys.readouterr().err
+
+
+def test_probe_overrides_a_layer_inside_a_subgraph():
+    """A Conv inside an If branch reads its probe weight and shift from the main graph by
+    outer-scope reference, and its Add sits in the branch."""
+    model = if_model()
+    discovery = analyze(model, CompressionConfig(validate=False)).discovery
+    inner = discovery.layer("inner")
+    assert inner.graph_path  # inside the If
+    probe, weights, shifts = probe_model(model, discovery, discovery.layers)
+    check_model(probe)
+    x = random_feed((2, 8, 6, 6), 3)
+    expected = run(model, {"x": x})[0]
+    scale = float(np.abs(expected).max())  # float32 rounding of sums of ~100
+    np.testing.assert_allclose(run(probe, {"x": x})[0], expected, atol=1e-6 * scale)
+    zero = np.zeros((16, 16, 3, 3), np.float32)
+    shift = np.arange(16, dtype=np.float32).reshape(16, 1, 1)
+    out = run(probe, {"x": x, weights["inner"]: zero, shifts["inner"]: shift})[0]
+    np.testing.assert_allclose(out, np.broadcast_to(shift, out.shape), atol=1e-6)
+
+
+@pytest.mark.parametrize("taken", [True, False])
+def test_network_errors_of_layers_inside_subgraphs(tmp_path, taken):
+    """Layers in an If branch are measured on the full probe; one in a branch the held-out
+    samples never take changes nothing at any rank, so it is kept dense, with a note."""
+    calibration = tmp_path / "calibration.npz"
+    rng = np.random.default_rng(0)
+    np.savez(calibration, x=rng.standard_normal((32, 8, 6, 6)).astype(np.float32))
+    config = CompressionConfig(
+        params=0.8, calibration=str(calibration), latency_check=False, latency_runs=1
+    )
+    assert (config.error, config.method) == ("network", "sum")  # the calibrated default
+    analysis = analyze(if_model(taken), config)
+    tables = {table.layer: table for table in candidate_tables(analysis, config)}
+    measured = analysis.network.measured
+    assert measured["inner"] and measured["outer"]  # both measured, on the full probe
+    assert all(measured["outer"].values())
+    assert all(measured["inner"].values()) if taken else not any(measured["inner"].values())
+    assert len(tables["inner"]) > 1 if taken else len(tables["inner"]) == 1  # dense only
+    result = realize(
+        analysis, list(tables.values()), choose(analysis, list(tables.values()), config), config
+    )
+    notes = [note for note in result.report.notes if "kept dense" in note]
+    if taken:
+        assert not notes
+    else:
+        assert notes and "inside subgraphs (e.g. inner) kept dense" in notes[0]
+        assert result.report.layers[0].rank is not None  # the budget falls on "outer"
+    assert result.report.validation.passed
+
+
+def test_a_calibration_file_too_small_to_hold_samples_out(tmp_path, capsys):
+    """One sample cannot be split into statistics and held-out samples: the default
+    --error network refuses in one line that names the way out, and --error output runs."""
+    path = mnist_calibration(tmp_path, 1)
+    out = tmp_path / "small.onnx"
+    args = ["compress", str(MNIST), "-o", str(out), "--params", "0.5", "--calibration", str(path)]
+    assert main([*args, "--no-validate", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has only 1" in err and "--error output" in err
+    assert not out.exists()
+    assert main([*args, "--no-validate", "-q", "--error", "output"]) == 0 and out.is_file()

@@ -148,9 +148,10 @@ def test_sweep_with_calibration_collects_statistics_once(tmp_path):
         progress=lambda stage, done, total: events.append((stage, done, total)),
     )
     passes = [event for event in events if event[0] == "calibrate"]
-    assert passes and passes[-1][1] == passes[-1][2] == 200  # one pass over the data
+    statistics = 200 - 32  # --error network (the default) holds 32 samples out
+    assert passes and passes[-1][1] == passes[-1][2] == statistics  # one pass over the data
     assert len([event for event in passes if event[1] == event[2]]) == 1
     for row in result.rows:
         report = json.loads((tmp_path / "out" / row["model"].replace(".onnx", ".json")).read_text())
-        assert report["report"]["config"]["error"] == "output"
-        assert report["report"]["calibration"]["samples"] == 200
+        assert report["report"]["config"]["error"] == "network"
+        assert report["report"]["calibration"]["samples"] == statistics
