@@ -220,8 +220,11 @@ def decode_cents(probabilities: np.ndarray) -> np.ndarray:
     return result
 
 
-def crepe_task(count: int, evaluation_count: int) -> Task:
-    model = REPO / "tests" / "models" / "crepe_tiny.onnx"
+def crepe_task(
+    count: int, evaluation_count: int, model: Path | None = None, name: str = "crepe"
+) -> Task:
+    """CREPE tiny (or ``model``, CREPE full from benchmarks/crepe_full.py) on synthetic tones."""
+    model = model or REPO / "tests" / "models" / "crepe_tiny.onnx"
     calibration, _ = tones(count, seed=1)
     evaluation, frequencies = tones(evaluation_count, seed=2)
     truth = 1200 * np.log2(frequencies / 10.0)
@@ -231,7 +234,7 @@ def crepe_task(count: int, evaluation_count: int) -> Task:
         return {"rpa": float(np.mean(error <= 50)), "cents_error": float(np.mean(error))}
 
     return Task(
-        name="crepe",
+        name=name,
         model=model,
         calibration={"frames": calibration},
         metrics=metrics,

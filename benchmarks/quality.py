@@ -1,6 +1,6 @@
 """Error measures and solvers at real budgets: task quality and compress time per option.
 
-    python benchmarks/quality.py [--models mnist,efficientnet,crepe,ppocr]
+    python benchmarks/quality.py [--models mnist,efficientnet,crepe,ppocr,crepe-full]
         [--modes df-bound,df-max-group,...] [--budgets 0.9,0.8,0.7,0.5,0.3]
         [--json OUT.json] [--plot OUT.png] [--markdown]
 
@@ -125,6 +125,11 @@ def make_task(name: str, args: argparse.Namespace) -> tasks.Task:
         return tasks.efficientnet_task(args.models_dir, images, args.crops, args.eval_crops)
     if name == "crepe":
         return tasks.crepe_task(args.tones, args.eval_tones)
+    if name == "crepe-full":  # exported into the model cache by benchmarks/crepe_full.py
+        path = args.models_dir / "crepe_full.onnx"
+        if not path.exists():
+            raise SystemExit(f"quality.py: error: {path} is missing; run benchmarks/crepe_full.py")
+        return tasks.crepe_task(args.tones, args.eval_tones, path, "crepe-full")
     if name == "ppocr":
         return ppocr_task(args.lines, args.eval_lines)
     raise SystemExit(f"quality.py: error: unknown model {name!r}")
