@@ -2,7 +2,8 @@
 
     python benchmarks/latency_budgets.py [--models-dir DIR] [--json OUT.json] [--plot OUT.png]
                                  [--only NAME,...] [--pairs N] [--values]
-                                 [--rank-multiple 1,auto] [--shares]
+                                 [--rank-multiple 1,auto]
+                                 [--shares [--validate | --against DIR [--repeat N]]]
 
 For every public model (the MNIST CNN in ``samples/``, CREPE tiny, the PP-OCR direction
 classifier and MTCNN O-Net in ``tests/models/``, EfficientNet-Lite0 from the models folder when
@@ -42,7 +43,12 @@ per model and point (``--params 0.5`` with the never-slower check, ``--latency 0
 ``0.5``) the model is compressed twice with a latency cache of its own, empty the first time
 (cold) and warm the second, and each call's seconds, the seconds spent timing (the report's
 ``latency.seconds``: the whole model, the candidates, and the choices timed end to end) and
-their share are printed, with the cold model's measured latency ratio as above.
+their share are printed, with the cold model's measured latency ratio as above. With
+``--validate`` the calls validate, as a default run does (validation off otherwise). With
+``--against CHECKOUT`` the points are instead compressed cold by that checkout and by this one,
+each call in a fresh process with an empty cache, alternating ``--repeat`` times: the timing
+seconds of each call, and the last model of each checkout timed in turn with the original
+(``--pairs`` rounds, order rotating), as a before/after comparison at the same load.
 
 ``--rank-multiple 1,auto`` instead compares rank multiples (docs/performance.md, "Default:
 ``--rank-multiple 1``"): per model and point (``--params 0.5`` and ``--flops 0.5`` with the
@@ -438,7 +444,7 @@ SHARE_POINTS: list[tuple[str, dict]] = [
 ]
 
 
-def shares_check(task: Task, pairs: int) -> list[dict]:
+def shares_check(task: Task, pairs: int, validate: bool = False) -> list[dict]:
     """Per point of ``SHARE_POINTS``: ``compress`` with an empty latency cache of its own (cold),
     then again with that cache (warm); the seconds spent timing (the whole model, the
     candidates, and with ``--latency`` the choices timed end to end: the report's
@@ -449,7 +455,7 @@ def shares_check(task: Task, pairs: int) -> list[dict]:
     for label, options in SHARE_POINTS:
         os.environ["ONNX_LOWRANK_CACHE"] = tempfile.mkdtemp(prefix="latency-share-")
         row: dict = {"model": task.name, "point": label}
-        config = CompressionConfig(validate=False, input_shapes=shapes, **options)
+        config = CompressionConfig(validate=validate, input_shapes=shapes, **options)
         for run in ("cold", "warm"):
             started = time.perf_counter()
             try:
@@ -477,6 +483,67 @@ def shares_check(task: Task, pairs: int) -> list[dict]:
         for run in ("cold", "warm"):
             if f"{run}_error" in row:
                 row[f"{run}_cell"] = row[f"{run}_error"]
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+    return rows
+
+
+#: A cold ``compress`` in a fresh process on a given checkout (``PYTHONPATH``): prints the
+#: call's and the timing's seconds as JSON and saves the model.
+_CHILD = """
+import json, sys, time
+from onnx_lowrank import CompressionConfig, compress
+options = json.loads(sys.argv[2])
+options["input_shapes"] = {k: tuple(v) for k, v in options.get("input_shapes", {}).items()}
+started = time.perf_counter()
+result = compress(sys.argv[1], CompressionConfig(validate=False, **options))
+seconds = time.perf_counter() - started
+result.save(sys.argv[3])
+print(json.dumps({"s": seconds, "timing": (result.report.latency or {}).get("seconds")}))
+"""
+
+
+def against_check(task: Task, other: Path, repeats: int, pairs: int) -> list[dict]:
+    """Per point of ``SHARE_POINTS``: cold ``compress`` calls of ``other`` (a checkout) and of
+    this checkout, each in a fresh process with an empty latency cache, alternating ``repeats``
+    times (timing seconds per call); then the original and the last model of each timed in turn
+    (the order rotating) for ``pairs`` rounds, each model's ratio to the original."""
+    import subprocess
+
+    feed = {task.input_name: task.inputs[:1]}
+    checkouts = {"before": Path(other).resolve(), "after": REPO}
+    shapes = INPUT_SHAPES.get(task.name, {})
+    rows = []
+    for label, options in SHARE_POINTS:
+        options = {**options, "input_shapes": shapes}
+        calls: dict[str, list[dict]] = {name: [] for name in checkouts}
+        models: dict[str, str] = {}
+        for index in range(repeats):
+            names = list(checkouts) if index % 2 == 0 else list(checkouts)[::-1]
+            for name in names:
+                target = tempfile.mktemp(suffix=".onnx")
+                env = dict(os.environ, PYTHONPATH=str(checkouts[name]))
+                env["ONNX_LOWRANK_CACHE"] = tempfile.mkdtemp(prefix="latency-against-")
+                command = [sys.executable, "-c", _CHILD, str(task.path), json.dumps(options)]
+                done = subprocess.run(
+                    [*command, target], env=env, capture_output=True, text=True, check=False
+                )
+                if done.returncode == 0:
+                    calls[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                    models[name] = target
+        row: dict = {"model": task.name, "point": label}
+        for name, made in calls.items():
+            if made:
+                timing = [call["timing"] or 0.0 for call in made]
+                row[f"{name}_timing"] = (
+                    f"{statistics.median(timing):.2f} s of "
+                    f"{statistics.median(c['s'] for c in made):.2f} s "
+                    f"({', '.join(f'{t:.2f}' for t in timing)})"
+                )
+        if len(models) == 2:
+            ratios = interleaved([str(task.path), models["before"], models["after"]], feed, pairs)
+            for name, column in zip(("before", "after"), ratios, strict=True):
+                row[f"{name}_measured"] = spread(column)
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
     return rows
@@ -544,6 +611,18 @@ def main() -> int:
         action="store_true",
         help="the share of each call spent timing, with an empty and with a warm latency cache",
     )
+    parser.add_argument(
+        "--validate",
+        action="store_true",
+        help="with --shares: validate as the default run does (the share of a default call)",
+    )
+    parser.add_argument(
+        "--against",
+        type=Path,
+        help="with --shares: compare cold calls with another checkout (alternating, fresh "
+        "processes and caches) and time both checkouts' models interleaved with the original",
+    )
+    parser.add_argument("--repeat", type=int, default=3, help="with --against: calls per checkout")
     args = parser.parse_args()
     os.environ["ONNX_LOWRANK_CACHE"] = tempfile.mkdtemp(prefix="latency-bench-")
     info = machine()
@@ -562,8 +641,24 @@ def main() -> int:
         wanted = set(args.only.split(","))
         tasks = [task for task in tasks if task.name in wanted]
     started = time.perf_counter()
+    if args.shares and args.against:
+        rows = [
+            row
+            for task in tasks
+            for row in against_check(task, args.against, args.repeat, args.pairs)
+        ]
+        columns = [
+            ("model", "model"),
+            ("point", "budget"),
+            ("before_timing", "--against: timing of a cold call, median of calls (each)"),
+            ("after_timing", "this checkout: timing of a cold call, median of calls (each)"),
+            ("before_measured", "--against: latency measured [IQR]"),
+            ("after_measured", "this checkout: latency measured [IQR]"),
+        ]
+        finish(rows, columns, info, started, args.json)
+        return 0
     if args.shares:
-        rows = [row for task in tasks for row in shares_check(task, args.pairs)]
+        rows = [row for task in tasks for row in shares_check(task, args.pairs, args.validate)]
         columns = [
             ("model", "model"),
             ("point", "budget"),

@@ -200,7 +200,8 @@ class LatencyBook:
         self.stats.unknown = list(self.unknown)
         #: the inputs the whole model is timed on (set by whoever times it)
         self.model_feeds: dict[str, np.ndarray] = {}
-        self._original: tuple[onnx.ModelProto, str] | None = None
+        #: the original model and its identity in cache keys (``_digest`` unless set)
+        self.original: tuple[onnx.ModelProto, str] | None = None
 
     def model_ms(self, model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> float:
         """The whole model's median ms on ``feeds`` (``measure_model``); cached, keyed by the
@@ -236,10 +237,10 @@ class LatencyBook:
         return stored
 
     def _digest(self, model: onnx.ModelProto) -> str:
-        """``_digest`` of the original model, computed once."""
-        if self._original is None or self._original[0] is not model:
-            self._original = (model, _digest(model))
-        return self._original[1]
+        """The original model's identity: ``original`` (computed once)."""
+        if self.original is None or self.original[0] is not model:
+            self.original = (model, _digest(model))
+        return self.original[1]
 
     def _give_up(self, layer: str, exc: Exception) -> None:
         """A layer whose micro-models do not run is not timed (its latency stays unknown)."""

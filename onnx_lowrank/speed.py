@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -63,6 +66,10 @@ def latency_book(
             analysis.model, analysis.discovery, providers, progress=progress, threads=threads
         )
         reference = analysis.original or analysis.model
+        loaded = analysis.loaded
+        if loaded is not None and loaded.path is not None:
+            with suppress(OSError):  # else the cache keys hash the model's bytes
+                book.original = (reference, _file_identity([loaded.path, *loaded.data_files]))
         try:
             feeds = (analysis.validation_inputs or validation_inputs(reference, config))[0]
             book.model_feeds = latency_feeds(reference, feeds)[1]
@@ -77,6 +84,18 @@ def latency_book(
         book.stats.seconds += time.perf_counter() - started
         analysis.latency = book
     return analysis.latency
+
+
+def _file_identity(paths: list[Path]) -> str:
+    """The files' resolved paths, sizes and modification times: the original model's identity
+    in the latency cache's keys, instead of the SHA-256 of its bytes, which would cost every
+    default run (the never-slower check times the whole model) a serialization and a pass over
+    every weight."""
+    parts = []
+    for path in paths:
+        status = os.stat(path)
+        parts.append(f"{Path(path).resolve()}:{status.st_size}:{status.st_mtime_ns}")
+    return "files:" + "|".join(parts)
 
 
 def timed_tables(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import sys
 import time
@@ -292,6 +293,29 @@ def test_a_second_latency_run_times_nothing(monkeypatch, tmp_path):
     assert not timed
     assert second.report.latency["measured"] == 0 and second.report.latency["cached"] > 0
     assert second.model.SerializeToString() == first.model.SerializeToString()
+
+
+def test_the_whole_model_timing_is_cached_by_its_file(monkeypatch, tmp_path):
+    """A model read from a file is known to the cache by its path, size and modification time
+    (hashing 100 MB of weights costs 0.7 s): the second run times no whole model, a changed
+    file is timed again."""
+    path = tmp_path / "mnist.onnx"
+    path.write_bytes(MNIST.read_bytes())
+    monkeypatch.setenv("ONNX_LOWRANK_CACHE", str(tmp_path / "cache"))
+    timed = []
+    measure = latency.measure_model
+    monkeypatch.setattr(
+        latency, "measure_model", lambda *a, **k: timed.append(1) or measure(*a, **k)
+    )
+    monkeypatch.setattr(latency, "_digest", None)  # never called for the original: not hashed
+    config = CompressionConfig(params=0.5, latency_check=True, validate=False, max_groups=2)
+    compress(path, config)
+    compress(path, config)
+    assert len(timed) == 1
+    status = path.stat()
+    os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns + 10**9))
+    compress(path, config)
+    assert len(timed) == 2
 
 
 def test_sweep_accepts_latency_lists(tmp_path):
