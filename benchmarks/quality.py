@@ -1,15 +1,19 @@
 """Error measures and solvers at real budgets: task quality and compress time per option.
 
-    python benchmarks/quality.py [--models mnist,efficientnet,crepe,ppocr,crepe-full]
-        [--modes df-bound,df-max-group,...] [--budgets 0.9,0.8,0.7,0.5,0.3]
+    python benchmarks/quality.py [--models mnist,efficientnet,crepe,ppocr,crepe-full,minilm]
+        [--modes df-bound,df-max-group,...|df-weights] [--budgets 0.9,0.8,0.7,0.5,0.3]
         [--json OUT.json] [--plot OUT.png] [--markdown]
 
 Every mode is one ``CompressionConfig`` (``MODES``): data-free with the ``bound``,
-``max-group`` or ``network`` error (the network one measured on random inputs), and calibrated with
-the ``output`` or ``network`` error, each with the ``alds`` (min-max) or ``sum`` (additive)
-solver; the calibrated modes refit (``refit=True``, the default with calibration) only where
-their name ends in ``-refit``. Each analysis is made once per model and mode and reused for
-every budget, as ``sweep`` does; the network errors are measured once and refined per budget.
+``max-group``, ``frobenius`` or ``network`` error (the network one measured on random inputs),
+and calibrated with the ``output`` or ``network`` error, each with the ``alds`` (min-max) or
+``sum`` (additive) solver; the calibrated modes refit (``refit=True``, the default with
+calibration) only where their name ends in ``-refit``. Data-free candidates that are not options
+of the tool are derived here from its tables (``COMBINED``: the larger or the root mean square of
+two measures' errors, row by row; ``-sum2``: the additive solver on squared errors);
+``--modes df-weights`` runs every data-free mode but the network ones. Each analysis is made
+once per model and mode and reused for every budget, as ``sweep`` does; the network errors are
+measured once and refined per budget.
 The tasks and their disjoint calibration and evaluation data are those of
 ``benchmarks/calibration.py`` (MNIST test accuracy, EfficientNet-Lite0 top-1 agreement on real
 image crops, CREPE tiny raw pitch accuracy on synthetic tones), plus:
@@ -19,6 +23,11 @@ image crops, CREPE tiny raw pitch accuracy on synthetic tones), plus:
   and offset, half of them turned by 180°), resized to 48×192 and normalized as PaddleOCR does
   (``(x/255 − 0.5)/0.5``); calibration and evaluation lines from different seeds. Metric:
   agreement of the predicted direction with the original model.
+* **CREPE full** (``crepe-full``; ``benchmarks/crepe_full.py`` exports it into the model
+  cache): the full-size model of CREPE tiny's package, on the same tones.
+* **all-MiniLM-L6-v2** (``minilm``; ``tests/models/fetch_models.py --only minilm_l6``): the
+  sentence-embedding model and data of ``benchmarks/sentence_embeddings.py``; paraphrase
+  retrieval (headline) and mean cosine to the original's embeddings.
 
 Needs numpy, onnxruntime, Pillow, and matplotlib for ``--plot``.
 """
@@ -26,6 +35,7 @@ Needs numpy, onnxruntime, Pillow, and matplotlib for ``--plot``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -63,6 +73,53 @@ MODES: dict[str, tuple[bool, dict]] = {
     "cal-output-refit": (True, {"error": "output", "refit": True}),
     "cal-network-sum-refit": (True, {"error": "network", "method": "sum", "refit": True}),
 }
+
+#: Candidate data-free measures that are not options of the tool: each combines, row by row,
+#: the tables of two of its weight-error measures (a layer's rows do not depend on the
+#: measure, only their errors do). name -> (rule, first measure, second measure); rule "max"
+#: is ``max(e₁, e₂)``, "rms" is ``sqrt((e₁² + e₂²)/2)``.
+COMBINED: dict[str, tuple[str, str, str]] = {
+    "maxof-bound-frobenius": ("max", "bound", "frobenius"),
+    "maxof-max-group-frobenius": ("max", "max-group", "frobenius"),
+    "rms-bound-frobenius": ("rms", "bound", "frobenius"),
+    "rms-max-group-frobenius": ("rms", "max-group", "frobenius"),
+}
+for _name, _spec in COMBINED.items():
+    MODES[f"df-{_name}"] = (False, {"combine": _spec})
+    MODES[f"df-{_name}-sum"] = (False, {"combine": _spec, "method": "sum"})
+#: ``-sum2``: the additive solver on the squared errors, i.e. the least ``Σ_ℓ e_ℓ²`` (the
+#: squared errors of independent layers add up), where ``-sum`` takes the least ``Σ_ℓ e_ℓ``
+#: and the min-max (``alds``, no suffix) the least ``max_ℓ e_ℓ``.
+for _name in ("bound", "max-group", "frobenius", *COMBINED):
+    _spec = {"combine": COMBINED[_name]} if _name in COMBINED else {"error": _name}
+    MODES[f"df-{_name}-sum2"] = (False, {**_spec, "method": "sum", "squares": True})
+
+
+def data_free_tables(
+    analysis, config: CompressionConfig, combine: tuple[str, str, str] | None, squares: bool
+) -> list:
+    """The candidate tables of a data-free mode: one measure's, or two combined row by row
+    (``COMBINED``); with ``squares`` every error squared."""
+    if combine is None:
+        tables = candidate_tables(analysis, config)
+    else:
+        rule, first, second = combine
+        pairs = zip(
+            candidate_tables(analysis, config.replace(error=first)),
+            candidate_tables(analysis, config.replace(error=second)),
+            strict=True,
+        )
+        tables = []
+        for one, two in pairs:
+            assert np.array_equal(one.groups, two.groups) and np.array_equal(one.ranks, two.ranks)
+            if rule == "max":
+                errors = np.maximum(one.errors, two.errors)
+            else:
+                errors = np.sqrt((one.errors**2 + two.errors**2) / 2)
+            tables.append(dataclasses.replace(one, errors=errors))
+    if squares:
+        tables = [dataclasses.replace(table, errors=table.errors**2) for table in tables]
+    return tables
 
 
 def text_lines(count: int, seed: int) -> np.ndarray:
@@ -117,6 +174,32 @@ def ppocr_task(count: int, evaluation_count: int) -> tasks.Task:
     )
 
 
+def minilm_task(models_dir: Path) -> tasks.Task:
+    """all-MiniLM-L6-v2 (``benchmarks/sentence_embeddings.py``): paraphrase retrieval and the
+    mean cosine of the embeddings to the original's, on its 160 evaluation sentences."""
+    import sentence_embeddings as sentences
+
+    model = models_dir / sentences.MODEL
+    tokenizer = models_dir / sentences.TOKENIZER
+    if not model.exists():
+        raise SystemExit(f"{model} is missing: run tests/models/fetch_models.py --only minilm_l6")
+    pairs = sentences.PARAPHRASES
+    feeds = sentences.tokenize(tokenizer, [a for a, _ in pairs] + [b for _, b in pairs])
+    reference = sentences.embed(model, feeds)
+    task_shapes["minilm"] = {name: array.shape for name, array in feeds.items()}
+    return tasks.Task(
+        name="minilm",
+        model=model,
+        calibration=sentences.tokenize(tokenizer, sentences.CALIBRATION),
+        metrics=lambda compressed: sentences.metrics(reference, sentences.embed(compressed, feeds)),
+        headline="retrieval",
+        notes=(
+            f"calibration: {len(sentences.CALIBRATION)} sentences; evaluation: {len(pairs)} "
+            "paraphrase pairs (benchmarks/sentence_data.py)"
+        ),
+    )
+
+
 def make_task(name: str, args: argparse.Namespace) -> tasks.Task:
     if name == "mnist":
         return tasks.mnist_task()
@@ -132,6 +215,8 @@ def make_task(name: str, args: argparse.Namespace) -> tasks.Task:
         return tasks.crepe_task(args.tones, args.eval_tones, path, "crepe-full")
     if name == "ppocr":
         return ppocr_task(args.lines, args.eval_lines)
+    if name == "minilm":
+        return minilm_task(args.models_dir)
     raise SystemExit(f"quality.py: error: unknown model {name!r}")
 
 
@@ -149,6 +234,8 @@ def run_task(
     rows, timings = [], {}
     for mode in modes:
         calibrated, fields = MODES[mode]
+        fields = dict(fields)
+        combine, squares = fields.pop("combine", None), fields.pop("squares", False)
         base = CompressionConfig(
             params=1.0,
             validate=False,
@@ -165,7 +252,7 @@ def run_task(
             config = base.replace(params=budget)
             started = time.perf_counter()
             try:
-                tables = candidate_tables(analysis, config)
+                tables = data_free_tables(analysis, config, combine, squares)
                 choices = choose(analysis, tables, config)
             except Exception as exc:  # an infeasible budget is a result too
                 print(f"  {mode:16s} {budget:.2f}: {exc}", flush=True)
@@ -177,6 +264,11 @@ def run_task(
                 "params_fraction": result.report.params_after / result.report.params_before,
                 "seconds": time.perf_counter() - started,
                 **task.metrics(result.model),
+                # (g, r) per layer, (0, 0) for a dense one
+                "layers": {
+                    t.layer: [int(t.groups[c]), int(t.ranks[c])]
+                    for t, c in zip(tables, choices, strict=True)
+                },
             }
             rows.append(row)
             print(f"  {mode:16s} {budget:.2f}: {json.dumps(row)}", flush=True)
@@ -273,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
     modes = args.modes.split(",")
+    if modes == ["df-weights"]:  # every data-free mode on weight errors (not the network ones)
+        modes = [m for m in MODES if m.startswith("df-") and "network" not in m]
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         parser.error(f"unknown modes {unknown}; choose from {', '.join(MODES)}")
