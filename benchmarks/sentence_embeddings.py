@@ -18,7 +18,8 @@ weighting of the embedding tables off, and for each calibrated ``--errors`` meas
 each error measure's own (``sum`` for ``network``, else ``alds``). The seconds of the analysis,
 of each budget (tables, allocation, factors, refit; the first budget of ``network`` measures
 most of its errors) and of the network errors so far (``sensitivity``, cumulative) are
-printed. Metrics on the 160 evaluation sentences:
+printed. No candidate is timed (``latency_check=False``, as in benchmarks/quality.py), so every
+mode chooses from the same candidates. Metrics on the 160 evaluation sentences:
 
 * **cosine**: mean cosine similarity of each sentence's embedding to the original model's;
 * **retrieval**: each sentence of a pair queries the 80 other halves by cosine; the share whose
@@ -135,6 +136,7 @@ def run(args) -> dict:
                 extra = {**extra, "method": args.method}
             base = CompressionConfig(
                 validate=False,
+                **({"latency_check": False} if supports("latency_check") else {}),
                 input_shapes={name: array.shape for name, array in eval_feeds.items()},
                 **extra,
             )
