@@ -11,7 +11,9 @@ For every model, interleaved ``--repeats`` times in one process:
   plain model, session built before the clock starts;
 * **calibrate**: ``pipeline.analyze`` with ``--calibration`` (``validate=False``), its stage
   timings (``Analysis.timings``: ``spectra`` is the data-free spectra, ``calibrate`` the
-  statistics and whitened spectra), and the ratio ``calibrate / forward``.
+  statistics and whitened spectra), the ratio ``calibrate / forward``, and the process's CPU
+  seconds over the whole ``analyze`` (all threads; less sensitive than wall time to other jobs
+  on a shared machine).
 
 The calibration sets are those of the quality benchmarks (benchmarks/calibration.py,
 benchmarks/quality.py): MNIST 1000 training images, EfficientNet-Lite0 random crops of the
@@ -101,10 +103,11 @@ def calibrate_timings(path: Path, data: Path, name: str) -> dict[str, float]:
     config = CompressionConfig(
         params=0.5, calibration=str(data), validate=False, input_shapes=shapes
     )
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), time.process_time()
     analysis = analyze(str(path), config)
     timings = dict(analysis.timings)
     timings["analyze"] = time.perf_counter() - began
+    timings["cpu"] = time.process_time() - cpu
     return timings
 
 
@@ -143,13 +146,15 @@ def main(argv: list[str] | None = None) -> int:
                     calibrate=timings.get("calibrate", float("nan")),
                     spectra=timings.get("spectra", 0.0),
                     analyze=timings["analyze"],
+                    cpu=timings["cpu"],
                     load=f"{before} -> {load()}",
                 )
                 rows.append(row)
                 print(
                     f"{name:13s} n={samples:4d} forward {forward:7.2f} s  calibrate "
                     f"{row['calibrate']:7.2f} s ({row['calibrate'] / forward:5.1f}x)  spectra "
-                    f"{row['spectra']:6.2f} s  analyze {row['analyze']:7.2f} s  "
+                    f"{row['spectra']:6.2f} s  analyze {row['analyze']:7.2f} s "
+                    f"(CPU {row['cpu']:7.2f} s)  "
                     f"load {row['load']}",
                     flush=True,
                 )
@@ -157,13 +162,13 @@ def main(argv: list[str] | None = None) -> int:
         print(
             "\n| model | samples | forward (s) | calibrate (s) | × forward | analyze (s) |", end=""
         )
-        print(" load |")
-        print("|---|---:|---:|---:|---:|---:|---|")
+        print(" analyze CPU (s) | load |")
+        print("|---|---:|---:|---:|---:|---:|---:|---|")
         for row in rows:
             print(
                 f"| {row['model']} | {row['samples']} | {row['forward']:.2f} | "
                 f"{row['calibrate']:.2f} | {row['calibrate'] / row['forward']:.1f} | "
-                f"{row['analyze']:.2f} | {row['load']} |"
+                f"{row['analyze']:.2f} | {row['cpu']:.2f} | {row['load']} |"
             )
     return 0
 

@@ -12,9 +12,13 @@ exactly when its groups are narrower than ``f`` (``w ≤ f``): the finest counts
 take input blocks, the coarse ones the output side.
 
 **On the backend.** Sums and products run through the array API and ``Backend.bmm``/``add_bmm``
-(NumPy, or CuPy on a GPU). Everything is float64, shifted by a pilot mean (the first chunk's),
-which avoids cancellation in ``E[x xᵀ] − μ μᵀ``. A ``fork`` shares the pilot and sums another
-share of the samples; ``merge`` adds it back.
+(NumPy, or CuPy on a GPU). Vectors are shifted by a pilot mean (the first chunk's), which avoids
+cancellation in ``E[x xᵀ] − μ μᵀ``. Every sum across chunks is float64. The products within a
+chunk (its Gram matrices and partial outputs, at most a few hundred vectors each) are float64
+too, except for layers whose statistics cost at least ``FLOAT32_COST`` multiply-adds per
+vector: there they run in float32 (about twice as fast), on vectors shifted by the pilot
+rounded to float32, and each chunk's products are added into the float64 sums. A ``fork``
+shares the pilot and sums another share of the samples; ``merge`` adds it back.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from .records import LayerStatistics, Side
 from .types import Layer
 
 __all__ = [
+    "FLOAT32_COST",
     "MAX_ATOMS",
     "MAX_INPUT_SIDE_BYTES",
     "Accumulator",
@@ -43,6 +48,10 @@ __all__ = [
 MAX_INPUT_SIDE_BYTES = 512 * 2**20
 #: Most channel slices whose partial outputs serve every count at once (``_partitions``).
 MAX_ATOMS = 64
+#: ``StatisticsPlan.cost`` (multiply-adds per input vector) from which a layer's products run
+#: in float32 within each chunk (sums across chunks stay float64). Below it, where float64
+#: costs little, the statistics are float64 throughout.
+FLOAT32_COST = 2**21
 
 
 @dataclass(frozen=True)
@@ -141,14 +150,30 @@ def plan_statistics(
 
 
 class Accumulator:
-    """Running sums of one layer's input vectors, shifted by a pilot mean ``m``, on a backend."""
+    """Running sums of one layer's input vectors, shifted by a pilot mean ``m``, on a backend.
 
-    def __init__(self, layer: Layer, weight: np.ndarray, plan: StatisticsPlan, backend: Backend):
+    ``dtype`` is that of the products within a chunk: float32 where the plan costs at least
+    ``FLOAT32_COST`` per vector, else float64 (None); the sums are float64 either way.
+    """
+
+    def __init__(
+        self,
+        layer: Layer,
+        weight: np.ndarray,
+        plan: StatisticsPlan,
+        backend: Backend,
+        dtype: type[np.floating] | None = None,
+    ):
         self.layer, self.plan, self.backend = layer, plan, backend
+        if dtype is None:
+            dtype = np.float32 if plan.cost(layer) >= FLOAT32_COST else np.float64
+        self.dtype = dtype
         xp = backend.xp
+        self.work_dtype = xp.float32 if dtype == np.float32 else xp.float64
         cols, f = layer.cols, layer.out_channels
         self.count = 0
-        self.pilot: Any = None
+        self.pilot: Any = None  # float64, each value representable in ``dtype``
+        self.pilot_work: Any = None  # the same in ``dtype``
         self.total = xp.zeros(cols, dtype=xp.float64)
         self.squares = xp.zeros(cols, dtype=xp.float64)
         self.weight = weight
@@ -161,7 +186,9 @@ class Accumulator:
         #: float64 values held per input vector while it is processed
         self.row_values = max([cols, *(p * f for p, _ in plan.partitions)])
         self.slice_weights = {  # W_a, (p, width, f) per partition
-            p: backend.asarray(np.ascontiguousarray(weight.reshape(f, p, -1).transpose(1, 2, 0)))
+            p: backend.asarray(
+                np.ascontiguousarray(weight.reshape(f, p, -1).transpose(1, 2, 0)), dtype
+            )
             for p, _ in plan.partitions
         }
         groups = plan.output_groups
@@ -176,13 +203,13 @@ class Accumulator:
         self.projection: Any = None
         if 1 not in groups and plan.blocks == 1:  # ‖W y‖² as ‖y Wᵀ‖² or yᵀ(WᵀW)y
             matrix = weight.T if f <= cols else weight.T @ weight
-            self.projection = backend.asarray(np.ascontiguousarray(matrix))
+            self.projection = backend.asarray(np.ascontiguousarray(matrix), dtype)
 
     def fork(self) -> Accumulator:
         """An empty accumulator with this one's pilot mean, whose sums ``merge`` adds here
         (one per worker: they share no state while they run)."""
-        other = Accumulator(self.layer, self.weight, self.plan, self.backend)
-        other.pilot = self.pilot
+        other = Accumulator(self.layer, self.weight, self.plan, self.backend, self.dtype)
+        other.pilot, other.pilot_work = self.pilot, self.pilot_work
         other.projection = self.projection
         return other
 
@@ -203,14 +230,17 @@ class Accumulator:
             self.use_counts[use] = self.use_counts.get(use, 0) + other.use_counts[use]
 
     def add(self, vectors: np.ndarray, use: str | None = None) -> None:
-        """Add a chunk of input vectors ``(n, c·κ)`` (overwritten on NumPy)."""
+        """Add a chunk of input vectors ``(n, c·κ)`` (overwritten on NumPy when of the
+        accumulator's ``dtype``)."""
         backend, xp = self.backend, self.backend.xp
         n, f = len(vectors), self.layer.out_channels
-        shifted = backend.asarray(vectors)  # NumPy: ``vectors`` itself, shifted in place
+        shifted = backend.asarray(vectors, self.dtype)  # NumPy: ``vectors``, shifted in place
         if self.pilot is None:
-            self.pilot = xp.mean(shifted, axis=0)
-        shifted -= self.pilot
-        sums = xp.sum(shifted, axis=0)
+            pilot = xp.mean(xp.astype(shifted, xp.float64), axis=0)
+            self.pilot_work = xp.astype(pilot, self.work_dtype)
+            self.pilot = xp.astype(self.pilot_work, xp.float64)
+        shifted -= self.pilot_work
+        sums = backend.sum_rows(shifted)
         if use is not None:
             self.use_sums[use] = self.use_sums.get(use, 0.0) + sums + n * self.pilot
             self.use_counts[use] = self.use_counts.get(use, 0) + n
@@ -219,7 +249,7 @@ class Accumulator:
         self.squares += backend.sum_squares(shifted)  # only the damping scale reads it
         if self.outer is not None:
             if self.plan.blocks == 1:
-                self.outer += xp.matrix_transpose(shifted) @ shifted
+                backend.add_into(self.outer, xp.matrix_transpose(shifted) @ shifted)
                 if self.projection is not None and self.count <= self.few:
                     z = shifted @ self.projection
                     narrow = self.layer.out_channels <= self.layer.cols  # z = W y, or (WᵀW) y
@@ -236,16 +266,17 @@ class Accumulator:
                     finer = min(h for h in done if h % g == 0)
                     done[g] = xp.sum(xp.reshape(done[finer], (g, finer // g, n, f)), axis=1)
                 z = done[g]
-                self.partial_total[g] += xp.sum(z, axis=1)
+                self.partial_total[g] += xp.sum(z, axis=1, dtype=xp.float64)
                 backend.add_bmm(self.partial_outer[g], xp.matrix_transpose(z), z)
                 if g == 1 and self.count <= self.few:
                     self._add_moments(xp.sum(z[0, ...] * z[0, ...], axis=1), z[0, ...])
 
     def _add_moments(self, norms: Any, vectors: Any) -> None:
         """``Σ a²`` and ``Σ a·v`` of the squared output norms ``a = ‖z‖²`` of a chunk."""
-        numpy = self.backend.to_numpy
-        self.fourth += float(numpy(self.backend.xp.sum(norms * norms)))
-        self.cubic += numpy(norms @ vectors)
+        numpy, xp = self.backend.to_numpy, self.backend.xp
+        norms = xp.astype(norms, xp.float64)
+        self.fourth += float(numpy(xp.sum(norms * norms)))
+        self.cubic += numpy(norms @ xp.astype(vectors, xp.float64))
 
     def statistics(self) -> LayerStatistics:
         numpy = self.backend.to_numpy

@@ -144,10 +144,14 @@ class _ConvGeometry:
 
 
 def layer_vectors(
-    layer: Layer, node: onnx.NodeProto, activation: np.ndarray, chunk_bytes: int = CHUNK_BYTES
+    layer: Layer,
+    node: onnx.NodeProto,
+    activation: np.ndarray,
+    chunk_bytes: int = CHUNK_BYTES,
+    dtype: type[np.floating] = np.float64,
 ) -> Iterator[np.ndarray]:
-    """The layer's input vectors in float64 chunks ``(n, c·κ)`` of at most ``chunk_bytes``,
-    each a new array (the caller may overwrite it).
+    """The layer's input vectors in chunks ``(n, c·κ)`` of ``dtype``, of at most
+    ``chunk_bytes`` (counted in float64), each a new array (the caller may overwrite it).
 
     A Conv's vectors are its im2col patches: for every sample and output position, the input
     values the kernel reads (with the node's strides, pads or ``auto_pad``, and dilations),
@@ -156,17 +160,19 @@ def layer_vectors(
     """
     rows = max(1, chunk_bytes // (8 * layer.cols))
     if layer.op_type == "Conv":
-        yield from _patches(activation, _ConvGeometry.of(node, layer.kernel_shape), rows)
+        yield from _patches(activation, _ConvGeometry.of(node, layer.kernel_shape), rows, dtype)
         return
     if layer.op_type == "Gemm" and attribute(node, "transA", 0):
         matrix = activation.T
     else:
         matrix = activation.reshape(-1, layer.in_channels)
     for start in range(0, matrix.shape[0], rows):
-        yield np.array(matrix[start : start + rows], dtype=np.float64)  # a copy, always
+        yield np.array(matrix[start : start + rows], dtype=dtype)  # a copy, always
 
 
-def _patches(x: np.ndarray, geometry: _ConvGeometry, rows: int) -> Iterator[np.ndarray]:
+def _patches(
+    x: np.ndarray, geometry: _ConvGeometry, rows: int, dtype: type[np.floating]
+) -> Iterator[np.ndarray]:
     spatial_rank = len(geometry.kernel)
     batch, channels = x.shape[:2]
     axes = tuple(range(2, 2 + spatial_rank))
@@ -184,19 +190,19 @@ def _patches(x: np.ndarray, geometry: _ConvGeometry, rows: int) -> Iterator[np.n
     if positions <= rows:
         step = max(1, rows // positions)
         for start in range(0, batch, step):
-            yield _float64(view[start : start + step], cols)
+            yield _gather(view[start : start + step], cols, dtype)
         return
     per_line = positions // out[0]
     lines = max(1, rows // per_line)
     for sample in range(batch):
         for start in range(0, out[0], lines):
-            yield _float64(view[sample, start : start + lines], cols)
+            yield _gather(view[sample, start : start + lines], cols, dtype)
 
 
-def _float64(view: np.ndarray, cols: int) -> np.ndarray:
+def _gather(view: np.ndarray, cols: int, dtype: type[np.floating]) -> np.ndarray:
     # Gathering the strided view in its own dtype first is several times faster than
-    # converting while gathering.
-    return np.ascontiguousarray(view).reshape(-1, cols).astype(np.float64)
+    # converting while gathering; np.array copies even a view that is contiguous already.
+    return np.array(view, order="C").reshape(-1, cols).astype(dtype, copy=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,6 +222,7 @@ def collect_statistics(
     chunk_bytes: int = CHUNK_BYTES,
     row_floor: float = ROW_FLOOR,
     head_floor: float = HEAD_FLOOR,
+    dtype: type[np.floating] | None = None,
 ) -> dict[str, LayerStatistics]:
     """Run the calibration set through ONNX Runtime and accumulate every layer's statistics.
 
@@ -236,6 +243,9 @@ def collect_statistics(
             ``MIN_CHUNK_ROWS`` vectors).
         row_floor: ``ρ`` of the row weights of embedding tables (1: none).
         head_floor: ``ρ`` of the row weights of classifier heads (1: none).
+        dtype: of the products within a chunk, for every layer (the sums are float64);
+            None: float32 for the layers whose plan costs at least
+            ``accumulate.FLOAT32_COST`` multiply-adds per vector, float64 for the others.
     """
     backend = backend or numpy_backend()
     model = discovery.model
@@ -255,7 +265,7 @@ def collect_statistics(
         counts = (groups or {}).get(layer.name) or group_counts(layer, max_groups)
         plan = plan_statistics(layer, [1, *counts], (sides or {}).get(layer.name))
         weight = discovery.weight(layer)  # output partitions, and the shrinkage (accumulate.py)
-        accumulators[layer.name] = Accumulator(layer, weight, plan, backend)
+        accumulators[layer.name] = Accumulator(layer, weight, plan, backend, dtype)
         head = None if index is None else score_output(discovery, layer, index)
         if head is not None:
             heads[layer.name] = head
@@ -288,7 +298,7 @@ def collect_statistics(
             node = graph.node[use.node_index]
             label = use.name if layer.tied else None
             activation = _sample_part(activations[node.input[0]], use, node, part, parts)
-            for vectors in layer_vectors(use, node, activation, limit):
+            for vectors in layer_vectors(use, node, activation, limit, accumulator.dtype):
                 accumulator.add(vectors, label)
 
     # Each task owns one accumulator: the layers are independent, and once a layer has its

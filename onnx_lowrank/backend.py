@@ -69,9 +69,10 @@ class Backend:
     xp: ModuleType
     workers: int = 1
 
-    def asarray(self, array: np.ndarray) -> Any:
-        """Move a NumPy array onto the backend as float64."""
-        return self.xp.asarray(np.asarray(array, dtype=np.float64))
+    def asarray(self, array: np.ndarray, dtype: Any = np.float64) -> Any:
+        """Move a NumPy array onto the backend as ``dtype`` (float64, or float32 where a
+        caller runs its products in single precision; NumPy: no copy when it already is)."""
+        return self.xp.asarray(np.asarray(array, dtype=dtype))
 
     def to_numpy(self, array: Any) -> np.ndarray:
         """Bring a backend array back to NumPy (a device-to-host copy for CuPy)."""
@@ -98,19 +99,31 @@ class Backend:
         return result
 
     def add_bmm(self, target: Any, first: Any, second: Any) -> None:
-        """``target[i] += first[i] @ second[i]`` in place (an accumulation of Gram matrices)."""
+        """``target[i] += first[i] @ second[i]`` in place (an accumulation of Gram matrices;
+        the products in the factors' dtype, the sum in the target's)."""
         if self.name != "numpy":
-            target += self.xp.matmul(first, second)
+            self.add_into(target, self.xp.matmul(first, second))
             return
         for index, (a, b) in enumerate(zip(first, second, strict=True)):
             target[index] += a @ b
 
+    def add_into(self, target: Any, value: Any) -> None:
+        """``target += value`` in the target's dtype (float32 products into float64 sums;
+        NumPy casts on the fly, without a float64 copy of ``value``)."""
+        if self.name != "numpy" and value.dtype != target.dtype:
+            value = self.xp.astype(value, target.dtype)
+        target += value
+
+    def sum_rows(self, matrix: Any) -> Any:
+        """Column sums of a 2-D array, accumulated in float64 whatever its dtype."""
+        return self.xp.sum(matrix, axis=0, dtype=self.xp.float64)
+
     def sum_squares(self, matrix: Any) -> Any:
-        """Column sums of squares of a 2-D array, ``Σ_n x_nk²`` (NumPy: without a temporary
-        of the matrix's size)."""
+        """Column sums of squares of a 2-D array, ``Σ_n x_nk²``, in float64 (NumPy: without
+        a temporary of the matrix's size)."""
         if self.name == "numpy":
-            return np.einsum("nk,nk->k", matrix, matrix)
-        return self.xp.sum(matrix * matrix, axis=0)
+            return np.einsum("nk,nk->k", matrix, matrix, dtype=np.float64)
+        return self.xp.sum(matrix * matrix, axis=0, dtype=self.xp.float64)
 
     def free(self) -> None:
         """Release cached device memory between layers (a no-op on the CPU)."""
