@@ -15,7 +15,7 @@ from onnx_lowrank.choices import recipe_config
 from onnx_lowrank.cli import main
 from onnx_lowrank.errors import ConfigError
 from onnx_lowrank.pipeline import analyze, candidate_tables, choose, realize
-from onnx_lowrank.refit import levels, refit_layers
+from onnx_lowrank.refit import MAX_BYTES, RIDGE, _Sums, levels, refit_layers
 from onnx_lowrank.report import format_summary
 from onnx_lowrank.whiten import factorize_layers
 
@@ -197,3 +197,45 @@ def test_recipes_and_config_files_keep_the_refit_choice(tmp_path):
     args += [str(reports["free"]), "--calibration", str(path), "--no-validate"]
     assert main([*args, "--report", str(again), "-q"]) == 0
     assert json.loads(again.read_text())["calibration"]["refit"] is True
+
+
+def _direct_solution(sums, original, compressed):
+    """``(T Zₐᵀ + λ P₀)(Zₐ Zₐᵀ + λ I)⁻¹`` formed explicitly (refit.py's formula)."""
+    blocks = compressed.reshape(len(compressed), sums.groups, -1)
+    z = np.concatenate(
+        [blocks[:, group] @ sums.first[group].T for group in range(sums.groups)], axis=1
+    )
+    z = np.concatenate([z, np.ones((len(z), 1))], axis=1).T  # Zₐ, (d, n)
+    target = sums.weight @ original.T  # T, (f, n)
+    gram = z @ z.T
+    size = len(gram)
+    shrink = np.trace(gram) / z.shape[1] + RIDGE * np.trace(gram) / size
+    return (target @ z.T + shrink * sums.prior) @ np.linalg.inv(gram + shrink * np.eye(size))
+
+
+@pytest.mark.parametrize(("vectors", "form"), [(5, "dual"), (300, "primal"), (300, "thinned")])
+def test_dual_primal_and_thinned_systems_solve_the_refit_least_squares(tmp_path, vectors, form):
+    """Fewer vectors than unknowns (d = g·r + 1 = 9): the n × n dual system; more: the d × d
+    Gram matrix; with ``max_bytes`` one byte short of the Gram matrix and its copy (16·9²),
+    the dual system on every stride-th vector. Each equals the explicit formula on the
+    vectors it used."""
+    model = two_layer_model()
+    path = _calibration(tmp_path, {"x": random_feed((64, 16), 1)})
+    analysis = analyze(model, CompressionConfig(params=1.0, calibration=str(path), validate=False))
+    first = analysis.discovery.layers[0]
+    calibrated = factorize_layers(analysis.calibration, analysis.discovery, [(first, 2, 4)])
+    weight = analysis.discovery.weight(first)
+    max_bytes = MAX_BYTES if form != "thinned" else 16 * 9 * 9 - 1
+    sums = _Sums(first, weight, calibrated[first.name], 1.0, max_bytes=max_bytes)
+    rng = np.random.default_rng(3)
+    original = rng.standard_normal((vectors, 16))
+    compressed = original + 0.1 * rng.standard_normal((vectors, 16))
+    for start in range(0, vectors, 7):  # in chunks, as refit_layers feeds them
+        sums.add(original[start : start + 7], compressed[start : start + 7])
+    solution = sums.solve()
+    assert (sums.gram is not None) == (form == "primal")
+    used = slice(None, None, sums.stride)
+    assert (sums.stride > 1) == (form == "thinned")
+    assert sums.count == len(original[used])
+    expected = _direct_solution(sums, original[used], compressed[used])
+    np.testing.assert_allclose(solution, expected, rtol=1e-8, atol=1e-10)
