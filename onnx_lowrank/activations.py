@@ -151,7 +151,9 @@ def layer_vectors(
     dtype: type[np.floating] = np.float64,
 ) -> Iterator[np.ndarray]:
     """The layer's input vectors in chunks ``(n, c·κ)`` of ``dtype``, of at most
-    ``chunk_bytes`` (counted in float64), each a new array (the caller may overwrite it).
+    ``chunk_bytes`` (counted in float64). The caller may overwrite a chunk; it is valid until
+    the next one is drawn (the chunks of one call share a buffer: a fresh 32 MiB array per
+    chunk costs as much again in page faults as gathering it).
 
     A Conv's vectors are its im2col patches: for every sample and output position, the input
     values the kernel reads (with the node's strides, pads or ``auto_pad``, and dilations),
@@ -159,22 +161,49 @@ def layer_vectors(
     ``A`` (columns with ``transA``); a MatMul's the last-axis vectors of its input.
     """
     rows = max(1, chunk_bytes // (8 * layer.cols))
+    gather = _Gather(layer.cols, dtype)
     if layer.op_type == "Conv":
-        yield from _patches(activation, _ConvGeometry.of(node, layer.kernel_shape), rows, dtype)
+        yield from _patches(activation, _ConvGeometry.of(node, layer.kernel_shape), rows, gather)
         return
     if layer.op_type == "Gemm" and attribute(node, "transA", 0):
         matrix = activation.T
     else:
         matrix = activation.reshape(-1, layer.in_channels)
     for start in range(0, matrix.shape[0], rows):
-        yield np.array(matrix[start : start + rows], dtype=dtype)  # a copy, always
+        yield gather(matrix[start : start + rows])  # a copy, always
+
+
+class _Gather:
+    """Copies views of vectors into ``(n, cols)`` chunks of ``dtype``, in buffers reused from
+    chunk to chunk. Gathering a strided view in its own dtype first is several times faster
+    than converting while gathering, so a view of another dtype is gathered, then converted."""
+
+    def __init__(self, cols: int, dtype: type[np.floating]):
+        self.cols, self.dtype = cols, np.dtype(dtype)
+        self.buffers: dict[np.dtype, np.ndarray] = {}
+
+    def _buffer(self, dtype: np.dtype, count: int) -> np.ndarray:
+        buffer = self.buffers.get(dtype)
+        if buffer is None or len(buffer) < count:
+            buffer = self.buffers[dtype] = np.empty((count, self.cols), dtype)
+        return buffer[:count]
+
+    def __call__(self, view: np.ndarray) -> np.ndarray:
+        count = view.size // self.cols
+        gathered = self._buffer(view.dtype, count)
+        np.copyto(gathered.reshape(view.shape), view)
+        if view.dtype == self.dtype:
+            return gathered
+        converted = self._buffer(self.dtype, count)
+        np.copyto(converted, gathered)
+        return converted
 
 
 def _patches(
-    x: np.ndarray, geometry: _ConvGeometry, rows: int, dtype: type[np.floating]
+    x: np.ndarray, geometry: _ConvGeometry, rows: int, gather: _Gather
 ) -> Iterator[np.ndarray]:
     spatial_rank = len(geometry.kernel)
-    batch, channels = x.shape[:2]
+    batch = x.shape[0]
     axes = tuple(range(2, 2 + spatial_rank))
     padded = np.pad(x, [(0, 0), (0, 0), *geometry.padding(x.shape[2:])])
     spans = [(k - 1) * d + 1 for k, d in zip(geometry.kernel, geometry.dilations, strict=True)]
@@ -183,26 +212,19 @@ def _patches(
     view = view[(slice(None), slice(None), *steps)]  # (b, c, *out, *kernel)
     view = np.moveaxis(view, 1, 1 + spatial_rank)  # (b, *out, c, *kernel)
     out = view.shape[1 : 1 + spatial_rank]
-    cols = channels * math.prod(geometry.kernel)
     positions = math.prod(out)
     if positions == 0:
         return
     if positions <= rows:
         step = max(1, rows // positions)
         for start in range(0, batch, step):
-            yield _gather(view[start : start + step], cols, dtype)
+            yield gather(view[start : start + step])
         return
     per_line = positions // out[0]
     lines = max(1, rows // per_line)
     for sample in range(batch):
         for start in range(0, out[0], lines):
-            yield _gather(view[sample, start : start + lines], cols, dtype)
-
-
-def _gather(view: np.ndarray, cols: int, dtype: type[np.floating]) -> np.ndarray:
-    # Gathering the strided view in its own dtype first is several times faster than
-    # converting while gathering; np.array copies even a view that is contiguous already.
-    return np.array(view, order="C").reshape(-1, cols).astype(dtype, copy=False)
+            yield gather(view[sample, start : start + lines])
 
 
 # --------------------------------------------------------------------------------------------
