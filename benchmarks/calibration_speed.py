@@ -1,7 +1,7 @@
 """What calibration costs against running the model over the calibration set (issue 12, item 4).
 
     python benchmarks/calibration_speed.py [--models crepe,crepe-full,mnist,efficientnet,ppocr]
-        [--repeats 2] [--profile MODEL] [--markdown]
+        [--repeats 2] [--samples N] [--realize PARAMS] [--profile MODEL] [--markdown]
 
 For every model, interleaved ``--repeats`` times in one process:
 
@@ -20,6 +20,10 @@ benchmarks/quality.py): MNIST 1000 training images, EfficientNet-Lite0 random cr
 calibration images (``--crops`` per image), CREPE tiny and CREPE full 256 synthetic tone frames
 (seed 1), the PP-OCR classifier 256 synthetic text lines (seed 1). CREPE full is exported once
 into the model cache by benchmarks/crepe_full.py (needs torch; ``TORCH_PYTHON``).
+
+With ``--realize PARAMS`` the same analysis is then compressed to that fraction of the
+parameters (``choose`` and ``realize``, refit on, no validation), and the wall and CPU seconds
+of ``realize`` and its ``refit`` stage are printed too.
 
 ``uptime``'s load averages are printed with every timing: the machine is shared, so compare only
 numbers taken in one run. ``--profile MODEL`` prints the top of a cProfile of one ``analyze``.
@@ -44,7 +48,7 @@ import crepe_full
 import quality
 
 from onnx_lowrank import CompressionConfig
-from onnx_lowrank.pipeline import analyze
+from onnx_lowrank.pipeline import analyze, candidate_tables, choose, realize
 from onnx_lowrank.sessions import make_session
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,16 +102,31 @@ def forward_seconds(path: Path, feeds: dict[str, np.ndarray]) -> float:
     return time.perf_counter() - began
 
 
-def calibrate_timings(path: Path, data: Path, name: str) -> dict[str, float]:
+def calibrate_timings(
+    path: Path, data: Path, name: str, params: float | None = None
+) -> dict[str, float]:
+    """``analyze``'s stage timings, its wall and CPU seconds; with ``params``, also those of
+    ``realize`` at that budget (``realize``, ``realize_cpu``, and its ``factorize`` and
+    ``refit`` stages), the calibrated default (refit on)."""
     shapes = quality.task_shapes.get(name.split("-")[0], {})
     config = CompressionConfig(
-        params=0.5, calibration=str(data), validate=False, input_shapes=shapes
+        params=params or 0.5, calibration=str(data), validate=False, input_shapes=shapes
     )
     began, cpu = time.perf_counter(), time.process_time()
     analysis = analyze(str(path), config)
     timings = dict(analysis.timings)
     timings["analyze"] = time.perf_counter() - began
     timings["cpu"] = time.process_time() - cpu
+    if params is not None:
+        tables = candidate_tables(analysis, config)
+        choices = choose(analysis, tables, config)
+        began, cpu = time.perf_counter(), time.process_time()
+        result = realize(analysis, tables, choices, config)
+        timings["realize"] = time.perf_counter() - began
+        timings["realize_cpu"] = time.process_time() - cpu
+        for stage in ("factorize", "refit"):
+            timings[stage] = result.report.timings.get(stage, 0.0)
+        timings["refitted"] = result.report.calibration.get("refitted_layers", 0)
     return timings
 
 
@@ -117,7 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--crops", type=int, default=16, help="EfficientNet crops per image")
     parser.add_argument("--samples", type=int, help="only the first N calibration samples")
-    parser.add_argument("--profile", help="cProfile one analyze of this model")
+    parser.add_argument("--profile", help="cProfile one analyze (and realize) of this model")
+    parser.add_argument(
+        "--realize", type=float, metavar="PARAMS", help="also realize at this --params (refit on)"
+    )
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
     rows = []
@@ -131,13 +153,14 @@ def main(argv: list[str] | None = None) -> int:
             samples = len(next(iter(feeds.values())))
             if args.profile == name:
                 profile = cProfile.Profile()
-                profile.runcall(calibrate_timings, path, data, name)
+                profile.runcall(calibrate_timings, path, data, name, args.realize)
                 pstats.Stats(profile).sort_stats("cumulative").print_stats(40)
+                pstats.Stats(profile).sort_stats("tottime").print_stats(20)
                 continue
             for repeat in range(args.repeats):
                 before = load()
                 forward = forward_seconds(path, feeds)
-                timings = calibrate_timings(path, data, name)
+                timings = calibrate_timings(path, data, name, args.realize)
                 row = dict(
                     model=name,
                     samples=samples,
@@ -147,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
                     spectra=timings.get("spectra", 0.0),
                     analyze=timings["analyze"],
                     cpu=timings["cpu"],
+                    realize=timings.get("realize", float("nan")),
+                    realize_cpu=timings.get("realize_cpu", float("nan")),
+                    refit=timings.get("refit", float("nan")),
                     load=f"{before} -> {load()}",
                 )
                 rows.append(row)
@@ -155,20 +181,27 @@ def main(argv: list[str] | None = None) -> int:
                     f"{row['calibrate']:7.2f} s ({row['calibrate'] / forward:5.1f}x)  spectra "
                     f"{row['spectra']:6.2f} s  analyze {row['analyze']:7.2f} s "
                     f"(CPU {row['cpu']:7.2f} s)  "
-                    f"load {row['load']}",
+                    + (
+                        f"realize {row['realize']:7.2f} s (CPU {row['realize_cpu']:7.2f} s, "
+                        f"refit {row['refit']:7.2f} s, {timings['refitted']} layers)  "
+                        if args.realize
+                        else ""
+                    )
+                    + f"load {row['load']}",
                     flush=True,
                 )
     if args.markdown and rows:
         print(
             "\n| model | samples | forward (s) | calibrate (s) | × forward | analyze (s) |", end=""
         )
-        print(" analyze CPU (s) | load |")
-        print("|---|---:|---:|---:|---:|---:|---:|---|")
+        print(" analyze CPU (s) | realize (s) | realize CPU (s) | refit (s) | load |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
         for row in rows:
             print(
                 f"| {row['model']} | {row['samples']} | {row['forward']:.2f} | "
                 f"{row['calibrate']:.2f} | {row['calibrate'] / row['forward']:.1f} | "
-                f"{row['analyze']:.2f} | {row['cpu']:.2f} | {row['load']} |"
+                f"{row['analyze']:.2f} | {row['cpu']:.2f} | {row['realize']:.2f} | "
+                f"{row['realize_cpu']:.2f} | {row['refit']:.2f} | {row['load']} |"
             )
     return 0
 
