@@ -57,7 +57,7 @@ readable constant keep their calibrated factors.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -265,11 +265,86 @@ def _truncated(model: onnx.ModelProto, outputs: Mapping[str, int]) -> onnx.Model
     return surgery.export()
 
 
+def _counter(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> tuple[str, int]:
+    """A graph input fed by the calibration data, and its element type: fetched with each
+    batch, it tells how many samples the batch holds."""
+    types = {info.name: info.type.tensor_type.elem_type for info in model.graph.input}
+    name = next(name for name in feeds if name in types)
+    return name, types[name]
+
+
+def _original_inputs(
+    model: onnx.ModelProto,
+    wanted: Mapping[str, int],
+    calibration: Calibration,
+    progress: Progress | None,
+    data_dir: str | None,
+) -> dict[str, np.ndarray] | None:
+    """Every level's inputs in the original model, over the whole calibration set, from one
+    pass (``"refit: original inputs"``), so that each level then runs only the compressed
+    model. None, and each level runs both models, when they hold more than ``MAX_BYTES`` or a
+    tensor's first axis is not the samples'."""
+    counter, elem_type = _counter(model, calibration.feeds)
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in wanted}
+    held = 0
+    for values, _ in run_batches(
+        _truncated(model, wanted),
+        {**wanted, counter: elem_type},
+        calibration.feeds,
+        calibration.providers,
+        progress,
+        stage="refit: original inputs",
+        data_dir=data_dir,
+    ):
+        samples = len(values[counter])
+        for name in wanted:
+            if values[name].ndim == 0 or values[name].shape[0] != samples:
+                return None
+            parts[name].append(values[name])
+            held += values[name].nbytes
+        if 2 * held > MAX_BYTES:  # the parts and their concatenation
+            return None
+    return {name: np.concatenate(arrays) for name, arrays in parts.items()}
+
+
+def _with_cached(
+    cached: Mapping[str, np.ndarray],
+    compressed: onnx.ModelProto,
+    wanted: Mapping[str, int],
+    calibration: Calibration,
+    progress: Progress | None,
+    stage: str,
+    data_dir: str | None,
+) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    """``run_batches``' pairs (original inputs, compressed inputs) of one level, the original
+    ones sliced from ``cached`` by the samples of each batch of the compressed model."""
+    counter, elem_type = _counter(compressed, calibration.feeds)
+    start = 0
+    for values, _ in run_batches(
+        compressed,
+        {**wanted, counter: elem_type},
+        calibration.feeds,
+        calibration.providers,
+        progress,
+        stage=stage,
+        data_dir=data_dir,
+    ):
+        samples = len(values[counter])
+        originals = {
+            name: cached[name][start : start + samples] if name in cached else values[name]
+            for name in wanted
+        }
+        start += samples
+        yield originals, values
+
+
 def refit_layers(
     discovery: Discovery,
     calibration: Calibration,
     calibrated: Mapping[str, CalibratedLayer],
     progress: Progress | None = None,
+    *,
+    reuse_originals: bool = True,
 ) -> dict[str, CalibratedLayer]:
     """The calibrated layers with their left factors and biases refitted in topological order.
 
@@ -278,7 +353,10 @@ def refit_layers(
         calibration: the calibration data (its ``feeds``) and providers.
         calibrated: the whitened factors and bias corrections of the chosen layers.
         progress: callback ``(stage, done, total)``; stage ``"refit L/N"`` for pass ``L`` of
-            ``N`` (samples done).
+            ``N`` (samples done), after ``"refit: original inputs"`` when they are reused.
+        reuse_originals: with more than one level, compute every level's original inputs in
+            one pass when they fit ``MAX_BYTES`` (``_original_inputs``); False: each level
+            runs the original model too.
     """
     model, graph = discovery.model, discovery.model.graph
     result = dict(calibrated)
@@ -294,6 +372,16 @@ def refit_layers(
         return result
     level_of = levels(discovery, eligible)
     count = max(level_of.values()) + 1
+    inputs = {info.name for info in graph.input}
+    every = {}  # the inputs of every level's layers, that the original model computes
+    for name in eligible:
+        layer = discovery.layer(name)
+        source = graph.node[layer.node_index].input[0]
+        if source not in inputs:
+            every[source] = layer.weight_dtype
+    cached = None
+    if reuse_originals and count > 1 and every:
+        cached = _original_inputs(model, every, calibration, progress, discovery.data_dir)
     for level in range(count):
         names = [name for name in eligible if level_of[name] == level]
         compressed = rewrite(
@@ -308,25 +396,34 @@ def refit_layers(
             alphas[name] = float(attribute(node, "alpha", 1.0)) if layer.op_type == "Gemm" else 1.0
             sums[name] = _Sums(layer, discovery.weight(layer), result[name], alphas[name])
             wanted[node.input[0]] = layer.weight_dtype
-        inputs = {info.name for info in graph.input}
-        fetched = [name for name in wanted if name not in inputs]
-        batches = run_batches(
-            _truncated(model, {name: wanted[name] for name in fetched}),
-            wanted,
-            calibration.feeds,
-            calibration.providers,
-            progress,
-            stage=f"refit {level + 1}/{count}",  # one progress bar per pass
-            # inputs of the model need no second run
-            other=_truncated(compressed, {name: wanted[name] for name in fetched})
-            if fetched
-            else None,
-            other_wanted=fetched,
-            # a lazily loaded model's weights, and the compressed model's untouched ones,
-            # are still in the original's external files
-            data_dir=discovery.data_dir,
-            other_data_dir=discovery.data_dir,
-        )
+        fetched = {name: wanted[name] for name in wanted if name not in inputs}
+        stage = f"refit {level + 1}/{count}"  # one progress bar per pass
+        if cached is not None and fetched:
+            batches = _with_cached(
+                cached,
+                _truncated(compressed, fetched),
+                wanted,
+                calibration,
+                progress,
+                stage,
+                discovery.data_dir,
+            )
+        else:
+            batches = run_batches(
+                _truncated(model, fetched),
+                wanted,
+                calibration.feeds,
+                calibration.providers,
+                progress,
+                stage=stage,
+                # inputs of the model need no second run
+                other=_truncated(compressed, fetched) if fetched else None,
+                other_wanted=list(fetched),
+                # a lazily loaded model's weights, and the compressed model's untouched ones,
+                # are still in the original's external files
+                data_dir=discovery.data_dir,
+                other_data_dir=discovery.data_dir,
+            )
         for originals, compressed_inputs in batches:
             for name in names:
                 layer = discovery.layer(name)
