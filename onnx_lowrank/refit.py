@@ -47,11 +47,12 @@ rests on an evenly spread subset of the vectors (every ``2^k``-th), the most tha
 
 **Passes by topological level.** A layer's level is one more than the highest level of the
 compressed layers upstream of it. All layers of one level are refitted from one pass of the
-calibration set through the original and the compressed model (ONNX Runtime, batch by batch,
-exposing the layers' inputs), so the cost is one pass of both models per level; each pass runs
-only the nodes the level's inputs need (``_truncated``), so the early levels of a chain cost a
-fraction of a pass. Layers with a tied weight, inside subgraphs, or whose bias is not a
-readable constant keep their calibrated factors.
+calibration set through the compressed model (ONNX Runtime, batch by batch, exposing the
+layers' inputs), which runs only the nodes the level's inputs need (``_truncated``), so the
+early levels of a chain cost a fraction of a pass. The original model's inputs of every level
+come from one pass before the first (``_original_inputs``) when they fit ``MAX_BYTES``;
+otherwise each level runs the original model as well. Layers with a tied weight, inside
+subgraphs, or whose bias is not a readable constant keep their calibrated factors.
 """
 
 from __future__ import annotations
