@@ -103,7 +103,7 @@ def forward_seconds(path: Path, feeds: dict[str, np.ndarray]) -> float:
 
 
 def calibrate_timings(
-    path: Path, data: Path, name: str, params: float | None = None
+    path: Path, data: Path, name: str, params: float | None = None, error: str | None = None
 ) -> dict[str, float]:
     """``analyze``'s stage timings, its wall and CPU seconds; with ``params``, also those of
     ``realize`` at that budget (``realize``, ``realize_cpu``, and its ``factorize`` and
@@ -112,6 +112,8 @@ def calibrate_timings(
     config = CompressionConfig(
         params=params or 0.5, calibration=str(data), validate=False, input_shapes=shapes
     )
+    if error is not None:
+        config = config.replace(error=error)
     began, cpu = time.perf_counter(), time.process_time()
     analysis = analyze(str(path), config)
     timings = dict(analysis.timings)
@@ -140,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--realize", type=float, metavar="PARAMS", help="also realize at this --params (refit on)"
     )
+    parser.add_argument("--error", help="the error measure of --realize (default: the default)")
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
     rows = []
@@ -153,14 +156,14 @@ def main(argv: list[str] | None = None) -> int:
             samples = len(next(iter(feeds.values())))
             if args.profile == name:
                 profile = cProfile.Profile()
-                profile.runcall(calibrate_timings, path, data, name, args.realize)
+                profile.runcall(calibrate_timings, path, data, name, args.realize, args.error)
                 pstats.Stats(profile).sort_stats("cumulative").print_stats(40)
                 pstats.Stats(profile).sort_stats("tottime").print_stats(20)
                 continue
             for repeat in range(args.repeats):
                 before = load()
                 forward = forward_seconds(path, feeds)
-                timings = calibrate_timings(path, data, name, args.realize)
+                timings = calibrate_timings(path, data, name, args.realize, args.error)
                 row = dict(
                     model=name,
                     samples=samples,
