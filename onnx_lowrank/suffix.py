@@ -19,8 +19,9 @@ of as many consecutive layers as fit in ``CUT_BYTES`` with one run of the model 
 them (``sessions.exposed``), and yields per layer a runner that feeds them, batch by batch, to
 the layer's suffix session; a layer's cut tensors are released as soon as no later layer of the
 group reads them. A layer falls back to the full probe (``None``, with the reason logged and
-kept in ``fallbacks``) when it has tied uses, when a cut tensor's shape or element type is
-unknown (``discovery.shapes``), when its cut tensors alone exceed ``CUT_BYTES``, or when no
+kept in ``fallbacks``) when it has tied uses, when a cut tensor's element type is unknown
+(``discovery.shapes``; a shape that inference could not reach is measured by one run of the
+model on one held-out sample), when its cut tensors alone exceed ``CUT_BYTES``, or when no
 model output depends on it. It is also measured there when that is cheaper: once a layer's
 suffix has been built and run, a later round (the refinement measures about one candidate per
 layer) uses the suffix only if its measured build and run times beat as many passes of the
@@ -180,13 +181,17 @@ class SuffixProbes:
         self.probe, self.model, self.shapes = probe, discovery.model, discovery.shapes
         self.data_dir = discovery.data_dir  # weights of a lazily loaded model (load.py)
         self.overridable = set(overridable_initializers(discovery.model))
-        batch = fixed_batch(discovery.model)
+        batch = self.batch = fixed_batch(discovery.model)
         self.batches = [dict(b) for b in batches]
         self.reference = list(reference)
         self.outputs = [info.name for info in probe.graph.output]
         self.providers = list(providers)
         self.samples = sum(int(next(iter(b.values())).shape[0]) for b in self.batches)
-        self.per_shape = self.samples / (batch or 1)  # shapes are at batch `batch` (or 1)
+        # discovery.shapes are at the model's fixed batch, else at the batch of the concrete
+        # input shapes (--input-shape), else at batch 1
+        given = {shape[0] for name, shape in discovery.shapes.input_shapes.items() if shape}
+        given_batch = given.pop() if len(given) == 1 else 1
+        self.per_shape = self.samples / (batch or given_batch)
         self.cut_bytes = cut_bytes
         self.fallbacks: dict[str, str] = {}
         self.seconds = {"cut": 0.0, "build": 0.0}
@@ -197,13 +202,21 @@ class SuffixProbes:
         self.full_seconds: float | None = None
         #: key -> (seconds to build its suffix session, seconds of its last suffix pass)
         self.costs: dict[str, tuple[float, float]] = {}
+        #: shapes of cut tensors that shape inference could not reach, measured by running the
+        #: model on one sample, or one batch when the model fixes it (``_measure_cuts``)
+        self.measured: dict[str, tuple[int, ...]] = {}
 
     def _bytes(self, name: str) -> int | None:
-        shape, elem_type = self.shapes.get(name), self.shapes.types.get(name)
+        per_shape = self.per_shape
+        if name in self.measured:  # measured on one sample, or one fixed batch
+            shape, per_shape = self.measured[name], self.samples / (self.batch or 1)
+        else:
+            shape = self.shapes.get(name)
+        elem_type = self.shapes.types.get(name)
         if shape is None or elem_type is None or any(d is None for d in shape):
             return None
         itemsize = onnx.helper.tensor_dtype_to_np_dtype(elem_type).itemsize
-        return int(math.prod(shape) * itemsize * self.per_shape)
+        return int(math.prod(shape) * itemsize * per_shape)
 
     def _plan(self, key: str, start: set[str], uses: int):
         """``(nodes, cut, outputs, bytes)`` of a layer's suffix, or the reason it has none."""
@@ -232,6 +245,7 @@ class SuffixProbes:
         order: ``(key, runner)``, or ``(key, None)`` where the layer is measured on the full
         probe (the reason in ``fallbacks``, unless the suffix would cost more: see
         ``_cheaper_in_full``). The pairs may come in another order."""
+        self._measure_cuts(layers)
         group: list[tuple[str, _Plan]] = []
         held: dict[str, int] = {}
         for key, start, uses, count in layers:
@@ -252,6 +266,41 @@ class SuffixProbes:
             group.append((key, plan))
             held.update(adding)
         yield from self._group(group)
+
+    def _measure_cuts(self, layers: Sequence[tuple[str, set[str], int, int]]) -> None:
+        """Measure the shapes of the layers' cut tensors that shape inference could not reach
+        (computed from data, as the attention masks of a BERT export), by one run of the model
+        that exposes them on the first held-out sample (the first batch when the model fixes
+        its batch size). Their element types must be known; a run that fails leaves them
+        unknown (those layers run on the full probe)."""
+        if self.cut_bytes <= 0:
+            return
+        names: set[str] = set()
+        for _, start, uses, _ in layers:
+            if uses == 1:
+                _, cut, outputs = downstream(self.probe.graph, start)
+                if outputs:
+                    names.update(n for n in cut if self._bytes(n) is None)
+        wanted = {n: self.shapes.types[n] for n in sorted(names) if n in self.shapes.types}
+        if not wanted:
+            return
+        first = self.batches[0]
+        if self.batch is None:  # shapes are at batch 1
+            first = {name: value[:1] for name, value in first.items()}
+        started = time.perf_counter()
+        try:
+            session = make_session(
+                exposed(self.model, wanted), self.providers, log_level=3, data_dir=self.data_dir
+            )
+            inputs = {info.name for info in session.get_inputs()}
+            values = session.run(list(wanted), {k: v for k, v in first.items() if k in inputs})
+        except Exception as exc:  # custom ops, ...: the full probe still works
+            log.info("could not measure the shapes of %d cut tensors: %s", len(wanted), exc)
+            return
+        finally:
+            self.seconds["cut"] += time.perf_counter() - started
+        for name, value in zip(wanted, values, strict=True):
+            self.measured[name] = tuple(int(d) for d in value.shape)
 
     def _cheaper_in_full(self, key: str, count: int) -> bool:
         """Whether ``count`` candidates of a layer measured on a suffix before would cost

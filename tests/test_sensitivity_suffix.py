@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytest
 from builders import MNIST, MODELS, check_model, make_model, mnist_calibration, random_feed
 from onnx import TensorProto, helper
@@ -212,3 +213,57 @@ def test_suffix_errors_equal_the_full_probe_on_mtcnn_onet():
     _assert_same(network, full, wanted)
     assert network.suffixes.fallbacks == {}
     assert network.suffixes.suffix_layers == len(network.layers) == 8
+
+
+def _data_shaped_model():
+    """``y = (x W1) W2 + t``, where ``t`` is ``x`` sliced to a width computed from the data
+    (8 × max |sign(x)|): shape inference cannot reach ``t``'s shape, which is in l2's cut."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h1"], name="l1"),
+        helper.make_node("MatMul", ["h1", "W2"], ["h2"], name="l2"),
+        helper.make_node("Sign", ["x"], ["sg"]),
+        helper.make_node("Abs", ["sg"], ["ab"]),
+        helper.make_node("ReduceMax", ["ab"], ["mx"], keepdims=1),
+        helper.make_node("Mul", ["mx", "eight"], ["w"]),
+        helper.make_node("Cast", ["w"], ["wi"], to=TensorProto.INT64),
+        helper.make_node("Reshape", ["wi", "one"], ["end"]),
+        helper.make_node("Slice", ["x", "zero", "end", "axis"], ["t"]),
+        helper.make_node("Add", ["h2", "t"], ["y"], name="join"),
+    ]
+    weights = {"W1": random_feed((8, 8), 1), "W2": random_feed((8, 8), 2)}
+    weights["eight"] = np.array(8.0, np.float32)
+    for name, value in {"one": [1], "zero": [0], "axis": [1]}.items():
+        weights[name] = np.array(value, np.int64)
+    return make_model(nodes, [("x", ["N", 8])], [("y", None)], weights)
+
+
+def test_a_cut_tensor_shaped_by_data_is_measured_and_the_suffix_used():
+    model = _data_shaped_model()
+    analysis = analyze(model, CompressionConfig(validate=False, input_shapes={"x": (1, 8)}))
+    shape = analysis.discovery.shapes.get("t")
+    assert shape is None or None in shape  # inference cannot tell
+    feeds = {"x": random_feed((12, 8), 3)}
+    analysis, suffix, full = _pair(model, feeds)
+    _assert_same(suffix, full, _every_rank(analysis, ranks=(1, 3)))
+    assert suffix.suffixes.fallbacks == {}  # before: "the shape or type of 't' is unknown"
+    assert suffix.suffixes.measured["t"] == (1, 8)  # one sample, the convention of shapes
+    assert suffix.suffixes.suffix_layers == 2
+
+
+def test_cut_bytes_count_the_held_out_samples_at_the_batch_of_the_given_shapes():
+    """With --input-shape x:20,16 the inferred shapes are at batch 20: l2's cut (h1 and r1,
+    20 samples x 16 floats each) is 2560 bytes, not 20 times that, and fits a 3000-byte cap."""
+    model = _residual_model()
+    feeds = {"x": random_feed((20, 16), 5)}
+    config = CompressionConfig(validate=False, input_shapes={"x": (20, 16)})
+    analysis = analyze(model, config)
+    assert analysis.discovery.shapes.get("h1") == (20, 16)
+    from onnx_lowrank.factorize import factorize
+
+    def approximation(layer, groups, rank):
+        return factorize(analysis.discovery.weight(layer), groups, rank, analysis.backend), {}
+
+    suffix = NetworkErrors(analysis.discovery, feeds, approximation, cut_bytes=3000)
+    full = NetworkErrors(analysis.discovery, feeds, approximation, cut_bytes=0)
+    _assert_same(suffix, full, _every_rank(analysis))
+    assert suffix.suffixes.fallbacks == {}
