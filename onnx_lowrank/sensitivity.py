@@ -302,7 +302,6 @@ class NetworkErrors:
         assert self.suffixes is not None and self._reference is not None
         started = time.perf_counter()
         done = 0
-        graph = self.discovery.model.graph
         layers = {layer.name: layer for layer in self.layers if todo.get(layer.name)}
         # a layer's suffix starts at the nodes that read its probe weight and shift
         requests = [
@@ -312,12 +311,13 @@ class NetworkErrors:
         ]  # fmt: skip
         for name, runner in self.suffixes.runners(requests):
             layer, run = layers[name], runner or self._run
+            holder = graph_at(self.discovery.model.graph, layer.graph_path)  # its node's graph
             for groups, rank in todo[layer.name]:
                 factors, shifts = self.approximation(layer, groups, rank)
                 approximate = reconstruct(factors)
                 overrides = {}
                 for use in layer.uses():
-                    stored, _ = node_weight(use, graph.node[use.node_index], approximate)
+                    stored, _ = node_weight(use, holder.node[use.node_index], approximate)
                     overrides[self._weights[use.name]] = stored
                     shift = shifts.get(use.name)
                     if shift is not None and np.any(shift):

@@ -13,6 +13,7 @@ from builders import (
     check_model,
     gemm_model,
     if_model,
+    make_model,
     matmul_model,
     mnist_calibration,
     mnist_images,
@@ -23,9 +24,11 @@ from builders import (
 from onnx_lowrank import CompressionConfig
 from onnx_lowrank.allocate import allocate
 from onnx_lowrank.cli import main
+from onnx_lowrank.factorize import factorize
 from onnx_lowrank.pipeline import analyze, candidate_tables, choose, realize
 from onnx_lowrank.sensitivity import (
     TIE_BREAK,
+    NetworkErrors,
     degradation,
     holdout_indices,
     interpolated,
@@ -312,3 +315,45 @@ def test_a_calibration_file_too_small_to_hold_samples_out(tmp_path, capsys):
     assert err.count("\n") == 1 and "has only 1" in err and "--error output" in err
     assert not out.exists()
     assert main([*args, "--no-validate", "-q", "--error", "output"]) == 0 and out.is_file()
+
+
+def test_network_errors_of_a_gemm_with_trans_b_inside_a_branch():
+    """A Gemm with transB = 1 inside an If branch: its candidates are fed in the layout of its
+    own node (the branch's node 0), not of the main graph's node at the same position (a
+    Constant, without transB), which would transpose the 12 × 16 weight and fail to run."""
+    from onnx import TensorProto, helper
+
+    then_branch = helper.make_graph(
+        [helper.make_node("Gemm", ["h", "W2"], ["t"], transB=1, name="inner")],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)],
+    )
+    else_branch = helper.make_graph(
+        [helper.make_node("Identity", ["k"], ["e"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)],
+    )
+    nodes = [
+        helper.make_node(
+            "Constant", [], ["cond"], value=helper.make_tensor("v", TensorProto.BOOL, [], [True])
+        ),
+        helper.make_node("MatMul", ["x", "W1"], ["h"], name="outer"),
+        helper.make_node("MatMul", ["h", "K"], ["k"], name="side"),
+        helper.make_node("If", ["cond"], ["y"], then_branch=then_branch, else_branch=else_branch),
+    ]
+    weights = {"W1": random_feed((16, 16), 1), "W2": random_feed((12, 16), 2)}
+    weights["K"] = random_feed((16, 12), 3)
+    model = make_model(nodes, [("x", ["N", 16])], [("y", None)], weights)
+    analysis = analyze(model, CompressionConfig(validate=False))
+    inner = analysis.discovery.layer("inner")
+    assert inner.graph_path and inner.node_index == 0
+    network = NetworkErrors(
+        analysis.discovery,
+        {"x": random_feed((8, 16), 4)},
+        lambda layer, g, r: (factorize(analysis.discovery.weight(layer), g, r), {}),
+    )
+    network.measure({"inner": [(1, 2), (1, 12)]})
+    assert network.measured["inner"][(1, 2)] > 1e-3
+    assert network.measured["inner"][(1, 12)] == pytest.approx(0.0, abs=1e-5)  # full rank
