@@ -205,6 +205,14 @@ class SuffixProbes:
         #: shapes of cut tensors that shape inference could not reach, measured by running the
         #: model on one sample, or one batch when the model fixes it (``_measure_cuts``)
         self.measured: dict[str, tuple[int, ...]] = {}
+        self._flows: dict[str, tuple[list[int], list[str], list[str]]] = {}
+
+    def _downstream(self, key: str, start: set[str]) -> tuple[list[int], list[str], list[str]]:
+        """``downstream`` of a layer's start names, computed once per layer (every measurement
+        round plans the same layers again)."""
+        if key not in self._flows:
+            self._flows[key] = downstream(self.probe.graph, start)
+        return self._flows[key]
 
     def _bytes(self, name: str) -> int | None:
         per_shape = self.per_shape
@@ -226,7 +234,7 @@ class SuffixProbes:
             return "its weight is tied (several nodes read it)"
         if not start & {name for node in self.probe.graph.node for name in node.input}:
             return "it sits inside a subgraph (an If branch, a Loop or Scan body)"
-        nodes, cut, outputs = downstream(self.probe.graph, start)
+        nodes, cut, outputs = self._downstream(key, start)
         if not outputs:
             return "no model output depends on it"
         sizes = {name: self._bytes(name) for name in cut}
@@ -276,9 +284,9 @@ class SuffixProbes:
         if self.cut_bytes <= 0:
             return
         names: set[str] = set()
-        for _, start, uses, _ in layers:
+        for key, start, uses, _ in layers:
             if uses == 1:
-                _, cut, outputs = downstream(self.probe.graph, start)
+                _, cut, outputs = self._downstream(key, start)
                 if outputs:
                     names.update(n for n in cut if self._bytes(n) is None)
         wanted = {n: self.shapes.types[n] for n in sorted(names) if n in self.shapes.types}
@@ -289,18 +297,31 @@ class SuffixProbes:
             first = {name: value[:1] for name, value in first.items()}
         started = time.perf_counter()
         try:
-            session = make_session(
-                exposed(self.model, wanted), self.providers, log_level=3, data_dir=self.data_dir
-            )
-            inputs = {info.name for info in session.get_inputs()}
-            values = session.run(list(wanted), {k: v for k, v in first.items() if k in inputs})
+            values = self._expose(wanted, [first])
         except Exception as exc:  # custom ops, ...: the full probe still works
             log.info("could not measure the shapes of %d cut tensors: %s", len(wanted), exc)
             return
         finally:
             self.seconds["cut"] += time.perf_counter() - started
-        for name, value in zip(wanted, values, strict=True):
+        for name, (value,) in values.items():
             self.measured[name] = tuple(int(d) for d in value.shape)
+
+    def _expose(
+        self, wanted: Mapping[str, int], batches: Sequence[Mapping[str, np.ndarray]]
+    ) -> dict[str, list[np.ndarray]]:
+        """The ``wanted`` tensors (name -> element type) of every batch, from one session of
+        the model that exposes them as outputs."""
+        session = make_session(
+            exposed(self.model, wanted), self.providers, log_level=3, data_dir=self.data_dir
+        )
+        names = list(wanted)
+        inputs = {info.name for info in session.get_inputs()}
+        values: dict[str, list[np.ndarray]] = {name: [] for name in names}
+        for batch in batches:
+            feed = {name: value for name, value in batch.items() if name in inputs}
+            for name, value in zip(names, session.run(names, feed), strict=True):
+                values[name].append(value)
+        return values
 
     def _cheaper_in_full(self, key: str, count: int) -> bool:
         """Whether ``count`` candidates of a layer measured on a suffix before would cost
@@ -316,18 +337,9 @@ class SuffixProbes:
             return
         started = time.perf_counter()
         wanted = {name: self.shapes.types[name] for _, plan in group for name in plan.cut}
-        values: dict[str, list[np.ndarray]] = {name: [] for name in wanted}
+        values: dict[str, list[np.ndarray]] = {}
         if wanted:
-            session = make_session(
-                exposed(self.model, wanted), self.providers, log_level=3, data_dir=self.data_dir
-            )
-            names = list(wanted)
-            inputs = {info.name for info in session.get_inputs()}
-            for batch in self.batches:
-                feed = {name: value for name, value in batch.items() if name in inputs}
-                for name, value in zip(names, session.run(names, feed), strict=True):
-                    values[name].append(value)
-            del session
+            values = self._expose(wanted, self.batches)
             self.cut_runs += 1
         self.seconds["cut"] += time.perf_counter() - started
         last = {name: position for position, (_, plan) in enumerate(group) for name in plan.cut}
