@@ -5,7 +5,8 @@
         [--json OUT.json] [--plot OUT.png] [--markdown]
 
 Every mode is one ``CompressionConfig`` (``MODES``): data-free with the ``bound``,
-``max-group``, ``frobenius`` or ``network`` error (the network one measured on random inputs),
+``max-group``, ``frobenius`` or ``network`` error (the network one measured on the tool's
+synthetic inputs, or on white noise in ``df-network-white``),
 and calibrated with the ``output`` or ``network`` error, each with the ``alds`` (min-max) or
 ``sum`` (additive) solver; the calibrated modes refit (``refit=True``, the default with
 calibration) only where their name ends in ``-refit``. Data-free candidates that are not options
@@ -66,6 +67,8 @@ MODES: dict[str, tuple[bool, dict]] = {
     "df-frobenius-sum": (False, {"error": "frobenius", "method": "sum"}),
     "df-network": (False, {"error": "network"}),
     "df-network-sum": (False, {"error": "network", "method": "sum"}),
+    "df-network-alds": (False, {"error": "network", "method": "alds"}),
+    "df-network-white": (False, {"error": "network", "synthetic": "white"}),
     "cal-output": (True, {"error": "output", "refit": False}),
     "cal-output-sum": (True, {"error": "output", "method": "sum", "refit": False}),
     "cal-network": (True, {"error": "network", "refit": False}),
@@ -120,6 +123,18 @@ def data_free_tables(
     if squares:
         tables = [dataclasses.replace(table, errors=table.errors**2) for table in tables]
     return tables
+
+
+def white_inputs(model: onnx.ModelProto, shapes: dict, count: int) -> dict[str, np.ndarray]:
+    """``count`` samples of white noise per float input, one ``random_inputs`` seed per batch
+    (what the data-free ``--error network`` measured on before its synthetic inputs): the
+    ``df-network-white`` modes."""
+    from onnx_lowrank.feeds import random_inputs
+
+    parts = [random_inputs(model, shapes, 0)]
+    while len(next(iter(parts[-1].values()))) * len(parts) < count:
+        parts.append(random_inputs(model, shapes, len(parts)))
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
 
 def text_lines(count: int, seed: int) -> np.ndarray:
@@ -236,6 +251,13 @@ def run_task(
         calibrated, fields = MODES[mode]
         fields = dict(fields)
         combine, squares = fields.pop("combine", None), fields.pop("squares", False)
+        if fields.pop("synthetic", None) == "white":
+            inputs = folder / f"{task.name}_white.npz"
+            np.savez(
+                inputs,
+                **white_inputs(onnx.load(str(task.model)), task_shapes.get(task.name, {}), samples),
+            )
+            fields["inputs"] = str(inputs)
         base = CompressionConfig(
             params=1.0,
             validate=False,

@@ -24,6 +24,7 @@ __all__ = [
     "declared",
     "graph_inputs",
     "latency_feeds",
+    "natural_noise",
     "random_inputs",
     "unknown_dimensions",
 ]
@@ -62,12 +63,46 @@ def declared(info: onnx.ValueInfoProto) -> tuple[np.dtype, list[int | None]]:
     return np.dtype(dtype), dims
 
 
+#: Axes of a float input longer than this carry ``natural_noise``'s 1/f spectrum (an image's
+#: height and width, a signal's time); shorter ones (channels) are left independent.
+SHORT_AXIS = 4
+
+
+def natural_noise(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Random samples (axis 0) with the spectrum of natural signals, in float64.
+
+    Images and sounds have amplitude spectra falling about as 1/f; white noise has a flat one
+    and drives a network far from what it was trained on. Here each sample is white noise
+    filtered to a 1/f amplitude over its axes longer than ``SHORT_AXIS`` (other axes keep
+    independent values), then standardized to mean 0 and variance 1. A shape without such an
+    axis gets standard normal noise.
+    """
+    noise = rng.standard_normal(shape)
+    axes = tuple(axis for axis in range(1, len(shape)) if shape[axis] > SHORT_AXIS)
+    if not axes:
+        return noise
+    grids = np.meshgrid(*(np.fft.fftfreq(shape[axis]) for axis in axes), indexing="ij")
+    frequency = np.sqrt(sum(grid**2 for grid in grids))
+    frequency.flat[0] = 1.0  # the mean's component, removed below
+    frequency = frequency.reshape(
+        [shape[axis] if axis in axes else 1 for axis in range(len(shape))]
+    )
+    noise = np.real(np.fft.ifftn(np.fft.fftn(noise, axes=axes) / frequency, axes=axes))
+    rest = tuple(range(1, len(shape)))
+    noise -= noise.mean(axis=rest, keepdims=True)
+    return noise / np.maximum(noise.std(axis=rest, keepdims=True), np.finfo(np.float64).tiny)
+
+
 def random_inputs(
-    model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]], seed: int = 0
+    model: onnx.ModelProto,
+    input_shapes: Mapping[str, tuple[int, ...]],
+    seed: int = 0,
+    natural: bool = False,
 ) -> dict[str, np.ndarray]:
     """Random inputs for every graph input.
 
-    Float inputs are standard normal, integer inputs uniform in [0, 10), booleans fair coins.
+    Float inputs are standard normal (with ``natural``, ``natural_noise``: the data-free
+    ``--error network`` measures on it), integer inputs uniform in [0, 10), booleans fair coins.
     A dynamic leading dimension becomes ``RANDOM_BATCH``; other dynamic dimensions need
     ``input_shapes``.
 
@@ -102,7 +137,8 @@ def random_inputs(
                 f"--input-shape {info.name}:D1,D2,... or real inputs with --inputs FILE.npz"
             )
         if np.issubdtype(dtype, np.floating) or dtype.kind == "V":
-            feeds[info.name] = rng.standard_normal(shape).astype(dtype)
+            values = natural_noise(shape, rng) if natural else rng.standard_normal(shape)
+            feeds[info.name] = values.astype(dtype)
         elif dtype == np.bool_:
             feeds[info.name] = rng.integers(0, 2, shape).astype(bool)
         else:

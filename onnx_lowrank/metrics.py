@@ -21,6 +21,7 @@ __all__ = [
     "compare_output",
     "degradation",
     "has_class_axis",
+    "is_scores",
     "names_output",
 ]
 
@@ -204,7 +205,8 @@ def _distribution(scores: np.ndarray, probabilities: bool) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-def _is_scores(reference: np.ndarray) -> bool:
+def is_scores(reference: np.ndarray) -> bool:
+    """Whether an output holds scores: floating point, samples × classes (two or more)."""
     return (
         reference.ndim == 2
         and reference.shape[1] >= 2
@@ -226,7 +228,7 @@ def degradation(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]
         if not np.issubdtype(ref.dtype, np.floating):
             total += float(np.mean(ref != out))
             continue
-        if _is_scores(ref):
+        if is_scores(ref):
             probabilities = bool(np.all((ref >= 0) & (ref <= 1)))
             p = _distribution(ref, probabilities)
             q = _distribution(out, probabilities)

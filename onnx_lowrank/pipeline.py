@@ -234,7 +234,9 @@ def analyze(
             spectra = compute_spectra(discovery, group_limit(config, discovery), backend, progress)
     calibration, held_out = None, None
     if config.error == "network":  # held-out samples, never used for the layer statistics
-        feeds, held_out = sensitivity.feeds_for(loaded.model, feeds, config)
+        feeds, held_out = sensitivity.feeds_for(
+            loaded.model, feeds, config, providers_for(config.device), discovery.data_dir
+        )
     if feeds is not None:
         limit = group_limit(config, discovery)
         if fixed:  # whitened spectra only of the pinned group counts (output error estimates)

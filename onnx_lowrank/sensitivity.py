@@ -56,7 +56,7 @@ from .config import CompressionConfig
 from .data import load_npz
 from .errors import CalibrationError, ConfigError
 from .factorize import factorize, reconstruct
-from .feeds import check_feeds, random_inputs
+from .feeds import check_feeds
 from .graphs import FreshNames, overridable_initializers
 from .index import GraphIndex
 from .metrics import TIE_BREAK, degradation
@@ -64,6 +64,7 @@ from .output_errors import node_weight
 from .records import Calibration
 from .sessions import fixed_batch, make_session
 from .suffix import CUT_BYTES, SuffixProbes
+from .synthetic import synthetic_inputs
 from .types import CandidateTable, Discovery, Factors, GraphPath, Layer, Progress
 from .walk import graph_at
 from .whiten import factorize_layers
@@ -524,13 +525,19 @@ def network_errors(
 
 
 def feeds_for(
-    model: onnx.ModelProto, feeds: Mapping[str, np.ndarray] | None, config: CompressionConfig
+    model: onnx.ModelProto,
+    feeds: Mapping[str, np.ndarray] | None,
+    config: CompressionConfig,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    data_dir: str | None = None,
 ) -> tuple[dict[str, np.ndarray] | None, dict[str, np.ndarray]]:
     """``(statistics feeds, held-out feeds)`` for ``--error network``.
 
     With calibration data, ``config.sensitivity_samples`` of its samples are held out
     (``split_feeds``). Without, the network errors are measured on ``config.inputs``, else on
-    random inputs (``feeds.random_inputs``, one seed per batch), and nothing is held out.
+    synthetic inputs (``synthetic.synthetic_inputs``: 1/f noise covering the classes the model
+    predicts, run with ``providers``; ``data_dir``: the folder of a lazily loaded model's
+    external data), and nothing is held out.
 
     Raises:
         CalibrationError: the calibration file has too few samples to hold some out.
@@ -550,13 +557,8 @@ def feeds_for(
         given = load_npz(config.inputs)
         check_feeds(model, given, str(config.inputs))
         return None, given
-    parts, count, seed = [], 0, config.seed
-    while count < wanted:
-        part = random_inputs(model, config.input_shapes, seed)
-        parts.append(part)
-        count += int(next(iter(part.values())).shape[0])
-        seed += 1
-    return None, {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    made = synthetic_inputs(model, config.input_shapes, wanted, config.seed, providers, data_dir)
+    return None, made
 
 
 def network_tables(
