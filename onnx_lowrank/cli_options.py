@@ -243,7 +243,8 @@ def _add_run_options(run: argparse.ArgumentParser, *, sweep: bool) -> None:
         default=CompressionConfig.sensitivity_samples,
         metavar="N",
         help="with --error network: samples the degradations are measured on, held out from "
-        f"--calibration (default: {CompressionConfig.sensitivity_samples})",
+        "--calibration; without it, taken from --inputs or made synthetic "
+        f"(default: {CompressionConfig.sensitivity_samples})",
     )
     method.add_argument(
         "--max-groups",

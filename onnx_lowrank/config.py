@@ -102,14 +102,15 @@ class CompressionConfig:
             latency), 1 by default: the most repeatable timing (docs/performance.md); None
             uses every CPU this process may run on. Both models always get the same count,
             and the report records it.
-        seed: seed of the random validation inputs and of randomized solvers.
+        seed: seed of the random validation inputs, of the synthetic inputs of a data-free
+            ``--error network``, and of randomized solvers.
         force: go on with a model that fails the ONNX checker.
         calibration: real model inputs, batch first, in any format of ``inputs``. When
             given, every layer is factorized to minimize its output error on these activations
             (whitened SVD with bias correction; see whiten.py).
         sensitivity_samples: with ``error="network"``, the number of samples the network
             degradations are measured on: held out from the calibration file (not used for the
-            layer statistics), else taken from ``inputs`` or random (sensitivity.py).
+            layer statistics), else taken from ``inputs`` or synthetic (synthetic.py).
         calibration_samples: use only this many evenly spaced samples of the calibration
             file (deterministic); None uses all.
         refit: with ``calibration``, refit every factorized layer's left factor and bias in

@@ -21,6 +21,7 @@ __all__ = [
     "RANDOM_BATCH",
     "batch_rows",
     "check_feeds",
+    "common_rows",
     "declared",
     "graph_inputs",
     "latency_feeds",
@@ -219,6 +220,14 @@ def batch_rows(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> int |
         return None
     rows = leading.pop()
     return rows if rows >= 1 else None
+
+
+def common_rows(feeds: Mapping[str, np.ndarray]) -> int | None:
+    """The number of rows when every array has a leading axis of the same size, so the feeds
+    can be cut into samples; None when one is a scalar or the leading sizes differ (silero-vad's
+    sample-rate scalar beside its audio)."""
+    sizes = {int(array.shape[0]) if array.ndim else None for array in feeds.values()}
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def latency_feeds(

@@ -56,7 +56,7 @@ from .config import CompressionConfig
 from .data import load_npz
 from .errors import CalibrationError, ConfigError
 from .factorize import factorize, reconstruct
-from .feeds import check_feeds
+from .feeds import check_feeds, common_rows
 from .graphs import FreshNames, overridable_initializers
 from .index import GraphIndex
 from .metrics import TIE_BREAK, degradation
@@ -230,7 +230,9 @@ class NetworkErrors:
         self.approximation = approximation
         self.providers = list(providers)
         self.batch = batch
-        self.samples = int(next(iter(feeds.values())).shape[0])
+        # feeds that cannot be cut into samples (a scalar input) run whole, as one sample
+        self._rows = common_rows(self.feeds)
+        self.samples = self._rows or 1
         self.layers = list(discovery.layers)
         self.measured: dict[str, dict[tuple[int, int], float]] = {
             layer.name: {} for layer in self.layers
@@ -268,6 +270,8 @@ class NetworkErrors:
         self.seconds += time.perf_counter() - started
 
     def _batches(self) -> list[dict[str, np.ndarray]]:
+        if self._rows is None:
+            return [dict(self.feeds)]
         size = self.batch or MAX_BATCH
         return [
             {name: array[start : start + size] for name, array in self.feeds.items()}

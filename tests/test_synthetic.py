@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from builders import MNIST, SAMPLES, gemm_model, make_model, random_feed, run
+from builders import MNIST, MODELS, SAMPLES, gemm_model, make_model, random_feed, run
 from onnx import TensorProto, helper
 
 from onnx_lowrank import CompressionConfig, compress
+from onnx_lowrank.cli import main
 from onnx_lowrank.feeds import natural_noise, random_inputs
 from onnx_lowrank.synthetic import POOL, synthetic_inputs
 
@@ -143,3 +144,59 @@ def test_natural_noise_of_channels_last_images():
     low, high = _radial_power(np.moveaxis(noise, -1, 1))
     assert low > 30 * high
     assert abs(np.corrcoef(noise[..., 0].ravel(), noise[..., 2].ravel())[0, 1]) < 0.1
+
+
+def test_inputs_that_cannot_be_cut_into_samples_run_whole(tmp_path):
+    """silero-vad's inputs are audio (1, samples), a state (2, 1, 128) and a scalar sample
+    rate: they have no shared batch axis. Synthetic inputs are then one draw, and the network
+    errors run given inputs whole (both raised IndexError before)."""
+    model = make_model(
+        [helper.make_node("Gemm", ["x", "W"], ["y"])],
+        [("x", ["N", 6])],
+        [("y", None)],
+        {"W": random_feed((6, 4), 1)},
+    )
+    scalar = helper.make_tensor_value_info("s", TensorProto.INT64, [])
+    model.graph.input.append(scalar)
+    made = synthetic_inputs(model, {}, 32)
+    assert made["x"].shape == (8, 6) and made["s"].shape == ()
+    path = MODELS / "silero_vad.onnx"
+    rng = np.random.default_rng(0)
+    feeds = {
+        "input": (0.1 * rng.standard_normal((1, 576))).astype(np.float32),
+        "state": np.zeros((2, 1, 128), np.float32),
+        "sr": np.array(16000, dtype=np.int64),
+    }
+    np.savez(tmp_path / "inputs.npz", **feeds)
+    config = CompressionConfig(
+        params=0.8, error="network", inputs=str(tmp_path / "inputs.npz"), latency_runs=1
+    )
+    result = compress(path, config)
+    assert result.report.validation.passed
+    # the 16 kHz branch's five layers; the 8 kHz branch never ran and stays dense
+    assert len(result.report.compressed_layers) == 5
+    assert any("kept dense" in note for note in result.report.notes)
+
+
+def test_a_model_onnx_runtime_cannot_run_is_a_one_line_error(tmp_path, capsys):
+    nodes = [
+        helper.make_node("Gemm", ["x", "W"], ["h"]),
+        helper.make_node("Mystery", ["h"], ["y"], domain="example.custom"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 12])],
+        [onnx.numpy_helper.from_array(random_feed((16, 12), 1), "W")],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("example.custom", 1)]
+    path = tmp_path / "custom.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=opsets), path)
+    out = str(tmp_path / "out.onnx")
+    options = ["--params", "0.6", "--error", "network", "--no-validate", "--no-latency-check"]
+    code = main(["compress", str(path), "-o", out, *options])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 or code == 1
+    assert len(err.splitlines()) == 1 and "ONNX Runtime cannot run it" in err, err
+    assert "--error bound" in err
