@@ -1,6 +1,7 @@
 """Error measures and solvers at real budgets: task quality and compress time per option.
 
-    python benchmarks/quality.py [--models mnist,efficientnet,crepe,ppocr,crepe-full,minilm]
+    python benchmarks/quality.py [--models mnist,efficientnet,crepe,ppocr,crepe-full,minilm,
+        ppocr-rec]
         [--modes df-bound,df-max-group,...|df-weights] [--budgets 0.9,0.8,0.7,0.5,0.3]
         [--json OUT.json] [--plot OUT.png] [--markdown]
 
@@ -26,6 +27,9 @@ image crops, CREPE tiny raw pitch accuracy on synthetic tones), plus:
   agreement of the predicted direction with the original model.
 * **CREPE full** (``crepe-full``; ``benchmarks/crepe_full.py`` exports it into the model
   cache): the full-size model of CREPE tiny's package, on the same tones.
+* **PP-OCRv4 recognizer** (``ppocr-rec``; ``tests/models/fetch_models.py --only ppocr_rec``):
+  the rendered lines and greedy CTC decoding of ``benchmarks/ocr_heads.py``; headline the
+  character accuracy against the rendered text.
 * **all-MiniLM-L6-v2** (``minilm``; ``tests/models/fetch_models.py --only minilm_l6``): the
   sentence-embedding model and data of ``benchmarks/sentence_embeddings.py``; paraphrase
   retrieval (headline) and mean cosine to the original's embeddings.
@@ -215,6 +219,35 @@ def minilm_task(models_dir: Path) -> tasks.Task:
     )
 
 
+def ppocr_rec_task(models_dir: Path) -> tasks.Task:
+    """The PP-OCRv4 recognizer (``benchmarks/ocr_heads.py``'s ``rec``): rendered text lines,
+    greedy CTC decoding; headline the character accuracy against the rendered text."""
+    import ocr_heads as ocr
+
+    model = models_dir / "ch_PP-OCRv4_rec_infer.onnx"
+    if not model.exists():
+        raise SystemExit(f"{model} is missing: run tests/models/fetch_models.py --only ppocr_rec")
+    calibration_texts = ocr.lines(ocr.CALIBRATION)
+    seen = set(calibration_texts)
+    texts = [t for t in ocr.lines([s for pair in ocr.PARAPHRASES for s in pair]) if t not in seen]
+    inputs = ocr.batch([ocr.render(t) for t in texts], 320)
+    classes = ocr.characters(model)
+    reference = ocr.decode(ocr.session(model).run(None, {"x": inputs})[0], classes)
+    data = (inputs, texts, reference, classes)
+    task_shapes["ppocr-rec"] = {"x": (1, 3, 48, 320)}
+    return tasks.Task(
+        name="ppocr-rec",
+        model=model,
+        calibration={"x": ocr.batch([ocr.render(t) for t in calibration_texts], 320)},
+        metrics=lambda compressed: ocr.evaluate("rec", compressed, data),
+        headline="char_accuracy",
+        notes=(
+            f"calibration: {len(calibration_texts)} rendered lines; evaluation: {len(texts)} "
+            "others (benchmarks/ocr_heads.py)"
+        ),
+    )
+
+
 def make_task(name: str, args: argparse.Namespace) -> tasks.Task:
     if name == "mnist":
         return tasks.mnist_task()
@@ -232,6 +265,8 @@ def make_task(name: str, args: argparse.Namespace) -> tasks.Task:
         return ppocr_task(args.lines, args.eval_lines)
     if name == "minilm":
         return minilm_task(args.models_dir)
+    if name == "ppocr-rec":
+        return ppocr_rec_task(args.models_dir)
     raise SystemExit(f"quality.py: error: unknown model {name!r}")
 
 
