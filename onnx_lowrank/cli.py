@@ -74,7 +74,8 @@ class _ProgressBars:
 
         bar = self.bars.get(stage)
         if bar is None:
-            by_sample = stage in ("calibrate", "output-error") or stage.startswith("refit")
+            by_sample = stage in ("calibrate", "output-error", "synthetic")
+            by_sample = by_sample or stage.startswith("refit")
             unit = "sample" if by_sample else "layer"
             bar = self.bars[stage] = tqdm(
                 total=total, desc=stage, unit=unit, leave=False, file=sys.stderr, disable=None

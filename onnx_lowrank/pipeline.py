@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from . import calibrate, output_errors, refit, sensitivity, whiten
+from . import calibrate, output_errors, refit, sensitivity, synthetic, whiten
 from .allocate import build_table, with_block
 from .backend import get_backend, numpy_backend
 from .budgets import (
@@ -235,8 +235,10 @@ def analyze(
     calibration, held_out = None, None
     if config.error == "network":  # held-out samples, never used for the layer statistics
         feeds, held_out = sensitivity.feeds_for(
-            loaded.model, feeds, config, providers_for(config.device), discovery.data_dir
+            loaded.model, feeds, config, providers_for(config.device), discovery.data_dir, progress
         )
+        if feeds is None:  # data-free: say what the network errors were measured on
+            notes.append(synthetic.measured_on(held_out, config.inputs))
     if feeds is not None:
         limit = group_limit(config, discovery)
         if fixed:  # whitened spectra only of the pinned group counts (output error estimates)

@@ -534,6 +534,7 @@ def feeds_for(
     config: CompressionConfig,
     providers: Sequence[str] = ("CPUExecutionProvider",),
     data_dir: str | None = None,
+    progress: Progress | None = None,
 ) -> tuple[dict[str, np.ndarray] | None, dict[str, np.ndarray]]:
     """``(statistics feeds, held-out feeds)`` for ``--error network``.
 
@@ -561,7 +562,9 @@ def feeds_for(
         given = load_npz(config.inputs)
         check_feeds(model, given, str(config.inputs))
         return None, given
-    made = synthetic_inputs(model, config.input_shapes, wanted, config.seed, providers, data_dir)
+    made = synthetic_inputs(
+        model, config.input_shapes, wanted, config.seed, providers, data_dir, progress
+    )
     return None, made
 
 

@@ -23,8 +23,9 @@ from .errors import OnnxLowRankError, UnsupportedModelError
 from .feeds import common_rows, random_inputs
 from .metrics import is_scores
 from .sessions import fixed_batch, make_session
+from .types import Progress
 
-__all__ = ["POOL", "synthetic_inputs"]
+__all__ = ["POOL", "measured_on", "synthetic_inputs"]
 
 #: Pool samples drawn per sample kept.
 POOL = 32
@@ -37,6 +38,7 @@ def synthetic_inputs(
     seed: int = 0,
     providers: Sequence[str] = ("CPUExecutionProvider",),
     data_dir: str | os.PathLike | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, np.ndarray]:
     """At least ``wanted`` synthetic samples for every graph input (whole batches of a fixed
     batch size).
@@ -52,6 +54,7 @@ def synthetic_inputs(
 
     Args:
         data_dir: the folder of a model loaded lazily, whose weights are in external files.
+        progress: called as ``progress("synthetic", samples_done, samples)`` over the pool.
     """
 
     def draw(index: int) -> dict[str, np.ndarray]:
@@ -73,8 +76,11 @@ def synthetic_inputs(
         if not is_scores(scores):
             return _join([first, *(draw(index) for index in range(1, draws))])
         pool = [scores]
-        for index in range(1, -(-POOL * wanted // rows)):
+        total = -(-POOL * wanted // rows)
+        for index in range(1, total):
             pool.append(session.run([output], draw(index))[0])
+            if progress is not None:
+                progress("synthetic", (index + 1) * rows, total * rows)
     except OnnxLowRankError:
         raise
     except Exception as exc:  # ONNX Runtime's errors have no common base class
@@ -100,6 +106,18 @@ def synthetic_inputs(
         name: np.stack([parts[sample // rows][name][sample % rows] for sample in chosen])
         for name in first
     }
+
+
+def measured_on(feeds: Mapping[str, np.ndarray], inputs: str | None) -> str:
+    """The report's note on what a data-free ``--error network`` measured on: ``feeds``, taken
+    from the ``inputs`` file or made by ``synthetic_inputs``."""
+    samples = common_rows(feeds) or 1
+    if inputs is not None:
+        return f"network errors measured on {samples} sample(s) of {inputs}"
+    return (
+        f"network errors measured on {samples} synthetic sample(s): 1/f noise covering the "
+        "classes the model predicts (docs/methods.md, 'Data-free network errors')"
+    )
 
 
 def _join(parts: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:

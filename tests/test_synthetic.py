@@ -82,7 +82,10 @@ def _classes(model, feeds) -> np.ndarray:
 
 def test_synthetic_inputs_cover_the_predicted_classes():
     model = _classifier()
-    made = synthetic_inputs(model, {}, 12, seed=3)
+    calls = []
+    made = synthetic_inputs(model, {}, 12, seed=3, progress=lambda *call: calls.append(call))
+    assert calls[-1] == ("synthetic", POOL * 12, POOL * 12)  # the pool, by sample
+    assert [done for _, done, _ in calls] == sorted(done for _, done, _ in calls)
     assert made["x"].shape == (12, 20) and made["x"].dtype == np.float32
     chosen = _classes(model, made)
     pool = np.concatenate([random_inputs(model, {}, 3 + i, natural=True)["x"] for i in range(48)])
@@ -130,6 +133,11 @@ def test_data_free_network_errors_on_the_mnist_cnn(mnist_test, tmp_path):
         return float(np.mean(_classes(result.model, {"input": images}) == labels))
 
     network = accuracy(error="network")
+    config = CompressionConfig(params=0.1, error="network", validate=False, latency_check=False)
+    notes = compress(MNIST, config).report.notes
+    assert any(
+        note.startswith("network errors measured on 32 synthetic sample(s)") for note in notes
+    )
     assert network > 0.965
     assert network > accuracy(error="bound") + 0.01
     white = tmp_path / "white.npz"
@@ -176,6 +184,9 @@ def test_inputs_that_cannot_be_cut_into_samples_run_whole(tmp_path):
     # the 16 kHz branch's five layers; the 8 kHz branch never ran and stays dense
     assert len(result.report.compressed_layers) == 5
     assert any("kept dense" in note for note in result.report.notes)
+    assert f"network errors measured on 1 sample(s) of {tmp_path / 'inputs.npz'}" in (
+        result.report.notes
+    )
 
 
 def test_a_model_onnx_runtime_cannot_run_is_a_one_line_error(tmp_path, capsys):
