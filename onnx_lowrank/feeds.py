@@ -213,13 +213,8 @@ def batch_rows(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> int |
     infos = graph_inputs(model)
     if not infos or not all(declared(info)[1][:1] == [None] for info in infos):
         return None
-    if not all(feeds[info.name].ndim for info in infos):
-        return None
-    leading = {int(feeds[info.name].shape[0]) for info in infos}
-    if len(leading) != 1:
-        return None
-    rows = leading.pop()
-    return rows if rows >= 1 else None
+    rows = common_rows({info.name: feeds[info.name] for info in infos})
+    return rows if rows is not None and rows >= 1 else None
 
 
 def common_rows(feeds: Mapping[str, np.ndarray]) -> int | None:

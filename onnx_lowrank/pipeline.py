@@ -237,8 +237,6 @@ def analyze(
         feeds, held_out = sensitivity.feeds_for(
             loaded.model, feeds, config, providers_for(config.device), discovery.data_dir, progress
         )
-        if feeds is None:  # data-free: say what the network errors were measured on
-            notes.append(synthetic.measured_on(held_out, config.inputs))
     if feeds is not None:
         limit = group_limit(config, discovery)
         if fixed:  # whitened spectra only of the pinned group counts (output error estimates)
@@ -262,6 +260,8 @@ def analyze(
         network = sensitivity.network_errors(
             discovery, held_out, calibration, backend, providers_for(config.device)
         )
+        if calibration is None:  # data-free: say what the network errors were measured on
+            notes.append(synthetic.measured_on(network.samples, config.inputs))
     return Analysis(
         source=label,
         model=model,

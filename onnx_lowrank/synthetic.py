@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx
 
-from .errors import OnnxLowRankError, UnsupportedModelError
+from .errors import OnnxLowRankError, UnsupportedModelError, reason
 from .feeds import common_rows, random_inputs
 from .metrics import is_scores
 from .sessions import fixed_batch, make_session
@@ -64,9 +64,13 @@ def synthetic_inputs(
     rows = common_rows(first)
     if rows is None:  # a scalar input, or no shared batch axis: one draw, run whole
         return first
-    draws = -(-wanted // rows)
+
+    def first_draws() -> dict[str, np.ndarray]:
+        parts = [first, *(draw(index) for index in range(1, -(-wanted // rows)))]
+        return {name: np.concatenate([part[name] for part in parts]) for name in first}
+
     if (fixed_batch(model) or 1) > 1:
-        return _join([first, *(draw(index) for index in range(1, draws))])
+        return first_draws()
     copy = onnx.ModelProto()
     copy.CopyFrom(model)  # make_session may drop unused external initializers from it
     try:
@@ -74,7 +78,7 @@ def synthetic_inputs(
         output = session.get_outputs()[0].name
         scores = session.run([output], first)[0]
         if not is_scores(scores):
-            return _join([first, *(draw(index) for index in range(1, draws))])
+            return first_draws()
         pool = [scores]
         total = -(-POOL * wanted // rows)
         for index in range(1, total):
@@ -84,10 +88,9 @@ def synthetic_inputs(
     except OnnxLowRankError:
         raise
     except Exception as exc:  # ONNX Runtime's errors have no common base class
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UnsupportedModelError(
             f"--error network runs the model, but ONNX Runtime cannot run it on synthetic "
-            f"inputs ({first_line}); pass inputs it runs on with --inputs, or use --error bound"
+            f"inputs ({reason(exc)}); pass inputs it runs on with --inputs, or use --error bound"
         ) from exc
     values = np.concatenate(pool)
     classes, confidence = values.argmax(axis=1), values.max(axis=1)
@@ -108,17 +111,12 @@ def synthetic_inputs(
     }
 
 
-def measured_on(feeds: Mapping[str, np.ndarray], inputs: str | None) -> str:
-    """The report's note on what a data-free ``--error network`` measured on: ``feeds``, taken
+def measured_on(samples: int, inputs: str | None) -> str:
+    """The report's note on what a data-free ``--error network`` measured on: ``samples`` taken
     from the ``inputs`` file or made by ``synthetic_inputs``."""
-    samples = common_rows(feeds) or 1
     if inputs is not None:
         return f"network errors measured on {samples} sample(s) of {inputs}"
     return (
         f"network errors measured on {samples} synthetic sample(s): 1/f noise covering the "
         "classes the model predicts (docs/methods.md, 'Data-free network errors')"
     )
-
-
-def _join(parts: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}

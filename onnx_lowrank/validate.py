@@ -48,6 +48,7 @@ from .config import ALL_OUTPUTS, TOLERANCES, CompressionConfig
 from .errors import (
     ConfigError,
     UnsupportedModelError,
+    reason,
 )
 from .feeds import batch_rows, check_feeds, graph_inputs, latency_feeds, random_inputs
 from .metrics import OutputMetrics, has_class_axis, names_output
@@ -279,7 +280,7 @@ def validate(
         return ValidationReport(
             provider,
             label,
-            failures=(f"ONNX Runtime cannot load the compressed model: {_first_line(exc)}",),
+            failures=(f"ONNX Runtime cannot load the compressed model: {reason(exc)}",),
             **common,
         )
     names = [output.name for output in reference_session.get_outputs()]
@@ -330,7 +331,7 @@ class _CompressedFails(Exception):
 
 def _original_fails(exc: BaseException) -> UnsupportedModelError:
     return UnsupportedModelError(
-        f"the original model does not run in ONNX Runtime ({_first_line(exc)}); "
+        f"the original model does not run in ONNX Runtime ({reason(exc)}); "
         "pass valid --inputs or use --no-validate"
     )
 
@@ -393,7 +394,7 @@ def _compare_one(session, feeds, reference, metrics: list[OutputMetrics], rows) 
     try:
         outputs = session.run(None, dict(feeds))
     except Exception as exc:
-        raise _CompressedFails(_first_line(exc)) from exc
+        raise _CompressedFails(reason(exc)) from exc
     for item, ref, out in zip(metrics, reference, outputs, strict=True):
         item.add(np.asarray(ref), np.asarray(out), rows)
 
@@ -440,8 +441,3 @@ def _latencies(
             spent += elapsed
         pairs += 1
     return LatencyStats.of(times[0]), LatencyStats.of(times[1]), pairs
-
-
-def _first_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text[:300]
